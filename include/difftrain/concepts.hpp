@@ -1,0 +1,87 @@
+#pragma once
+// The C++20 concepts that compose a training step. Any type satisfying a concept plugs into
+// DiffusionTrainStep: the reference models are one choice, a user's own GPU UNet wrapper,
+// an identity encoder or a custom weighting are others. Static polymorphism, no virtual calls.
+
+#include <concepts>
+#include <cstdint>
+#include <span>
+
+#include "difftrain/core/prediction_type.hpp"
+#include "difftrain/core/random.hpp"
+#include "difftrain/core/tensor.hpp"
+
+namespace difftrain {
+
+/// Token ids [B, L] (int64, as transformers' tokenizers return them).
+using TokenIds = Tensor<std::int64_t, 2>;
+
+/// A noise schedule on the training side: T discrete timesteps t ∈ [0, T), with
+/// sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and SNR(t) = ᾱ_t / (1 − ᾱ_t), and the prediction type the model
+/// is trained for. Admits DdpmScheduler; a flow-matching schedule would satisfy it with its own
+/// coefficients.
+template <class S>
+concept Scheduler = requires(const S& s, std::int64_t t) {
+  { s.num_train_timesteps() } -> std::convertible_to<std::int64_t>;
+  { s.sqrt_alpha_prod(t) } -> std::convertible_to<double>;
+  { s.sqrt_one_minus_alpha_prod(t) } -> std::convertible_to<double>;
+  { s.snr(t) } -> std::convertible_to<double>;
+  { s.prediction_type() } -> std::same_as<PredictionType>;
+};
+
+/// A trainable network predicting eps, v or x0 from (x_t [B,C,H,W], timesteps [B], context
+/// [B,L,D]). `backward(dL/dpred)` accumulates gradients into its trainable parameters (and keeps
+/// what it needs from the last forward). Admits the reference UNet and any user wrapper.
+template <class D>
+concept Denoiser = requires(D& d, const Tensor4<float>& x_t, std::span<const std::int64_t> t,
+                            const Tensor3<float>& context, const Tensor4<float>& grad_pred) {
+  { d.forward(x_t, t, context) } -> std::convertible_to<Tensor4<float>>;
+  d.backward(grad_pred);
+};
+
+/// A frozen map from In to Out: `encode(in)`. Declares `input_type` and `output_type`.
+template <class E, class In, class Out>
+concept EncoderOf = requires(E& e, const In& in) {
+  typename E::input_type;
+  typename E::output_type;
+  { e.encode(in) } -> std::convertible_to<Out>;
+};
+
+/// Any frozen encoder declaring its input and output types.
+template <class E>
+concept Encoder = requires {
+  typename E::input_type;
+  typename E::output_type;
+} && EncoderOf<E, typename E::input_type, typename E::output_type>;
+
+/// Images [B,3,H,W] in [-1, 1] (or pixels for pixel-space diffusion) → latents x0 [B,C,h,w],
+/// already multiplied by the VAE scaling factor. Admits the VAE encoder and IdentityEncoder.
+template <class E>
+concept LatentEncoder = EncoderOf<E, Tensor4<float>, Tensor4<float>>;
+
+/// Token ids [B,L] → context [B,L,D]. Admits the CLIP text encoder and fixed embeddings.
+template <class E>
+concept TextEncoder = EncoderOf<E, TokenIds, Tensor3<float>>;
+
+/// Per-sample loss weight w(SNR(t), prediction type), multiplied into that sample's mean
+/// loss. Must be finite for every SNR in [0, ∞) (zero terminal SNR gives SNR = 0).
+template <class W>
+concept LossWeighting = requires(const W& w, double snr, PredictionType type) {
+  { w.weight(snr, type) } -> std::convertible_to<double>;
+};
+
+/// Fills B timesteps from a random stream: `sample(out, stream)`; deterministic in the stream.
+template <class S>
+concept TimestepSampler = requires(const S& s, std::span<std::int64_t> out, RandomStream rs) {
+  s.sample(out, rs);
+};
+
+/// Draws the training noise eps [B,C,H,W] for latents x0 (same shape) from a random stream:
+/// `sample(noise, x0, stream)`. x0 is given for schemes that adapt to it.
+template <class N>
+concept NoiseSampler = requires(const N& n, Tensor4<float>& noise, const Tensor4<float>& x0,
+                                RandomStream rs) {
+  n.sample(noise, x0, rs);
+};
+
+}  // namespace difftrain
