@@ -44,7 +44,8 @@ CloseReport compare_close(const A& actual, const E& expected, double rtol, doubl
     const double x = static_cast<double>(*a), y = static_cast<double>(*e);
     double err;
     if (std::isfinite(x) && std::isfinite(y)) {
-      err = std::abs(x - y) / (atol + rtol * std::abs(y));
+      const double diff = std::abs(x - y);
+      err = diff == 0 ? 0.0 : diff / (atol + rtol * std::abs(y));
     } else {
       const bool same = (std::isnan(x) && std::isnan(y)) || x == y;  // both NaN, or equal Inf
       err = same ? 0.0 : INFINITY;

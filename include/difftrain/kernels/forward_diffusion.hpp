@@ -1,0 +1,185 @@
+#pragma once
+// Forward diffusion and training targets, fused with noise generation: one pass reads x0 and
+// writes x_t and the target; eps is drawn in registers from the counter-based generator.
+// Dims: B batch, C channels, P = H·W plane size, N = B·C·P. Tensors NCHW, float32, contiguous.
+//
+//   eps    = n_i + offset[b,c]                       (n_i = normal number i of the noise stream)
+//   x_t    = a_b·x0 + s_b·(eps + γ·ξ_i)              (γ: input perturbation, ξ_i its own stream)
+//   target = ce_b·eps + cx_b·x0                      ((1,0) eps, (a,−s) v, (0,1) x0)
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include <xsimd/xsimd.hpp>
+
+#include "difftrain/core/error.hpp"
+#include "difftrain/core/prediction_type.hpp"
+#include "difftrain/core/random.hpp"
+#include "difftrain/core/tensor.hpp"
+
+namespace difftrain::kernels {
+
+/// Per-sample coefficients: x_t = a·x0 + s·eps (a = sqrt(ᾱ_t), s = sqrt(1 − ᾱ_t)) and
+/// target = target_eps·eps + target_x0·x0.
+struct DiffusionCoefficients {
+  std::vector<float> a, s, target_eps, target_x0;
+
+  DiffusionCoefficients() = default;
+  /// From per-sample sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and the prediction type.
+  DiffusionCoefficients(std::span<const float> sqrt_alpha_prod,
+                        std::span<const float> sqrt_one_minus_alpha_prod, PredictionType type)
+      : a(sqrt_alpha_prod.begin(), sqrt_alpha_prod.end()),
+        s(sqrt_one_minus_alpha_prod.begin(), sqrt_one_minus_alpha_prod.end()) {
+    require(a.size() == s.size(), "DiffusionCoefficients", "sqrt_one_minus_alpha_prod has ",
+            s.size(), " entries, expected ", a.size());
+    target_eps.resize(a.size());
+    target_x0.resize(a.size());
+    for (std::size_t b = 0; b < a.size(); ++b) {
+      switch (type) {
+        case PredictionType::epsilon: target_eps[b] = 1, target_x0[b] = 0; break;
+        case PredictionType::v_prediction: target_eps[b] = a[b], target_x0[b] = -s[b]; break;
+        case PredictionType::sample: target_eps[b] = 0, target_x0[b] = 1; break;
+      }
+    }
+  }
+  std::size_t batch() const { return a.size(); }
+};
+
+/// Where eps comes from in the fused pass.
+struct FusedNoise {
+  RandomStream noise;                  // n_i
+  std::span<const float> offset;       // [B·C] per (sample, channel), or empty for none
+  float input_perturbation = 0;        // γ; 0 disables ξ
+  RandomStream perturbation;           // ξ_i
+};
+
+namespace detail {
+// One run [lo, hi) of flat indices inside a group, all in sample b with offset `off`.
+template <class Arch>
+inline void diffuse_run(const float* x0, const float* n, const float* xi, std::size_t lo,
+                        std::size_t hi, std::size_t group_begin, float a, float s, float ce,
+                        float cx, float off, float gamma, float* x_t, float* target,
+                        float* noise_out) {
+  using F = xsimd::batch<float, Arch>;
+  constexpr std::size_t W = F::size;
+  std::size_t i = lo;
+  const F va(a), vs(s), vce(ce), vcx(cx), voff(off), vg(gamma);
+  for (; i + W <= hi; i += W) {
+    const std::size_t j = i - group_begin;
+    const F x = F::load_unaligned(x0 + i);
+    const F eps = F::load_unaligned(n + j) + voff;
+    const F model_eps = xi ? xsimd::fma(vg, F::load_unaligned(xi + j), eps) : eps;
+    xsimd::fma(va, x, vs * model_eps).store_unaligned(x_t + i);
+    xsimd::fma(vce, eps, vcx * x).store_unaligned(target + i);
+    if (noise_out) eps.store_unaligned(noise_out + i);
+  }
+  for (; i < hi; ++i) {
+    const std::size_t j = i - group_begin;
+    const float eps = n[j] + off;
+    const float model_eps = xi ? std::fma(gamma, xi[j], eps) : eps;
+    x_t[i] = std::fma(a, x0[i], s * model_eps);
+    target[i] = std::fma(ce, eps, cx * x0[i]);
+    if (noise_out) noise_out[i] = eps;
+  }
+}
+}  // namespace detail
+
+/// The fused pass on raw NCHW buffers of N = batch·channels·plane floats. `noise_out` (optional)
+/// receives eps. Element i of every output depends only on the inputs at i and the random streams,
+/// so the result is the same for any thread count.
+template <class Arch = xsimd::default_arch>
+void fused_noise_forward_target(const float* x0, std::size_t batch, std::size_t channels,
+                                std::size_t plane, const DiffusionCoefficients& k,
+                                const FusedNoise& noise, float* x_t, float* target,
+                                float* noise_out = nullptr) {
+  constexpr const char* fn = "fused_noise_forward_target";
+  require(k.batch() == batch, fn, "coefficients for ", k.batch(), " samples, expected ", batch);
+  require(noise.offset.empty() || noise.offset.size() == batch * channels, fn, "offset has ",
+          noise.offset.size(), " entries, expected ", batch * channels, " (B·C) or 0");
+  const std::size_t per_sample = channels * plane;
+  const std::size_t total = batch * per_sample;
+  if (total == 0) return;
+  const auto groups = static_cast<std::int64_t>((total + kRandomGroup - 1) / kRandomGroup);
+  const bool perturb = noise.input_perturbation != 0.0f;
+#pragma omp parallel for schedule(static) if (groups > 64)
+  for (std::int64_t g = 0; g < groups; ++g) {
+    alignas(64) float n[kRandomGroup];
+    alignas(64) float xi[kRandomGroup];
+    normal_group<Arch>(noise.noise, static_cast<std::uint64_t>(g), n);
+    if (perturb) normal_group<Arch>(noise.perturbation, static_cast<std::uint64_t>(g), xi);
+    const std::size_t begin = static_cast<std::size_t>(g) * kRandomGroup;
+    const std::size_t end = std::min(begin + kRandomGroup, total);
+    // Split the group into runs of one (sample, channel) plane: coefficients are constant on each.
+    for (std::size_t lo = begin; lo < end;) {
+      const std::size_t bc = lo / plane;
+      const std::size_t hi = std::min(end, (bc + 1) * plane);
+      const std::size_t b = bc / channels;
+      const float off = noise.offset.empty() ? 0.0f : noise.offset[bc];
+      detail::diffuse_run<Arch>(x0, n, perturb ? xi : nullptr, lo, hi, begin, k.a[b], k.s[b],
+                                k.target_eps[b], k.target_x0[b], off, noise.input_perturbation,
+                                x_t, target, noise_out);
+      lo = hi;
+    }
+  }
+}
+
+/// The same on tensors: x0 [B,C,H,W] → x_t, target (resized to x0's shape).
+template <class Arch = xsimd::default_arch>
+void fused_noise_forward_target(const Tensor4<float>& x0, const DiffusionCoefficients& k,
+                                const FusedNoise& noise, Tensor4<float>& x_t,
+                                Tensor4<float>& target, Tensor4<float>* noise_out = nullptr) {
+  const auto& sh = x0.shape();
+  x_t.resize(sh);
+  target.resize(sh);
+  if (noise_out) noise_out->resize(sh);
+  fused_noise_forward_target<Arch>(x0.data(), sh[0], sh[1], sh[2] * sh[3], k, noise, x_t.data(),
+                                   target.data(), noise_out ? noise_out->data() : nullptr);
+}
+
+/// Forward diffusion with a given noise tensor (diffusers' add_noise / get_velocity, when eps
+/// comes from elsewhere, e.g. pyramid noise): x_t = a_b·x0 + s_b·(eps + γ·ξ); target as above.
+/// `perturbation` (optional, same shape) is ξ already scaled by γ.
+template <class Arch = xsimd::default_arch>
+void forward_target(const Tensor4<float>& x0, const Tensor4<float>& eps,
+                    const DiffusionCoefficients& k, Tensor4<float>& x_t, Tensor4<float>& target,
+                    const Tensor4<float>* perturbation = nullptr) {
+  constexpr const char* fn = "forward_target";
+  const auto& sh = x0.shape();
+  check_same_shape(fn, "noise", eps.shape(), sh);
+  if (perturbation) check_same_shape(fn, "perturbation", perturbation->shape(), sh);
+  require(k.batch() == sh[0], fn, "coefficients for ", k.batch(), " samples, expected ", sh[0]);
+  x_t.resize(sh);
+  target.resize(sh);
+  using F = xsimd::batch<float, Arch>;
+  constexpr std::size_t W = F::size;
+  const std::size_t per_sample = sh[1] * sh[2] * sh[3];
+  const auto batch = static_cast<std::int64_t>(sh[0]);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::size_t o = static_cast<std::size_t>(b) * per_sample;
+    const float* x = x0.data() + o;
+    const float* e = eps.data() + o;
+    const float* p = perturbation ? perturbation->data() + o : nullptr;
+    float* xt = x_t.data() + o;
+    float* tg = target.data() + o;
+    const float a = k.a[b], s = k.s[b], ce = k.target_eps[b], cx = k.target_x0[b];
+    std::size_t i = 0;
+    for (; i + W <= per_sample; i += W) {
+      const F vx = F::load_unaligned(x + i), ve = F::load_unaligned(e + i);
+      const F model_eps = p ? ve + F::load_unaligned(p + i) : ve;
+      xsimd::fma(F(a), vx, F(s) * model_eps).store_unaligned(xt + i);
+      xsimd::fma(F(ce), ve, F(cx) * vx).store_unaligned(tg + i);
+    }
+    for (; i < per_sample; ++i) {
+      const float model_eps = p ? e[i] + p[i] : e[i];
+      xt[i] = std::fma(a, x[i], s * model_eps);
+      tg[i] = std::fma(ce, e[i], cx * x[i]);
+    }
+  }
+}
+
+}  // namespace difftrain::kernels

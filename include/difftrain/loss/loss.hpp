@@ -1,0 +1,5 @@
+#pragma once
+// Loss weightings and loss types.
+#include "difftrain/kernels/loss.hpp"
+#include "difftrain/loss/huber_schedule.hpp"
+#include "difftrain/loss/weighting.hpp"

@@ -1,0 +1,344 @@
+#pragma once
+// Multi-head attention as diffusers' `Attention` (the UNet's attn1 / attn2): self-attention, or
+// cross-attention over a context (the text encoder's states), with projections to_q, to_k, to_v
+// (no bias) and to_out.0 (with bias); to_out.1 is a dropout (identity in this reference layer).
+//
+// Dims legend: B batch, L query tokens, Lc context tokens (= L for self-attention),
+// Dq query_dim, Dc cross_attention_dim (= Dq for self-attention), Hn heads, Hd dim_head,
+// I = Hn·Hd inner dim. Heads split the inner dim: q [B, L, I] is viewed as [B, L, Hn, Hd].
+//
+//   q = x Wqᵀ, k = c Wkᵀ, v = c Wvᵀ                     (c = x for self-attention)
+//   per (b, h): S = q_bh k_bhᵀ / √Hd [L, Lc], P = softmax_rows(S), o_bh = P v_bh [L, Hd]
+//   y = o Woᵀ + bo                                       [B, L, Dq]
+//
+// The core runs batched GEMMs with Eigen on strided row-major views of q, k, v (no head
+// transposes), in OpenMP over B·Hn, and on blocks of kQueryBlock query rows, so that only a
+// [kQueryBlock, Lc] score block per thread is ever held. Forward saves q, k, v (and each Linear
+// its input); backward recomputes P block by block from q and k instead of keeping the
+// [B, Hn, L, Lc] probabilities (memory O(B·L·I) rather than O(B·Hn·L·Lc); one extra GEMM).
+// Frozen projections get no gradient, and it is not computed (Linear skips it).
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "difftrain/core/error.hpp"
+#include "difftrain/core/tensor.hpp"
+#include "difftrain/nn/linear.hpp"
+#include "difftrain/nn/parameter.hpp"
+#include "difftrain/nn/softmax.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace difftrain::nn {
+
+/// Query rows per score block of the attention core.
+inline constexpr std::size_t kQueryBlock = 128;
+
+/// Sizes of one scaled-dot-product attention call over head-interleaved buffers.
+struct AttentionShape {
+  std::size_t batch = 0;    // B
+  std::size_t queries = 0;  // L
+  std::size_t keys = 0;     // Lc
+  std::size_t heads = 0;    // Hn
+  std::size_t head_dim = 0; // Hd
+  std::size_t inner() const { return heads * head_dim; }
+};
+
+namespace detail {
+template <class T>
+using StridedMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using ConstStridedMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
+inline int attention_thread_count() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int attention_thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// The [rows, Hd] slice of head h of sample b in a [B, rows, I] buffer.
+template <class T>
+ConstStridedMap<T> head_view(const T* data, const AttentionShape& s, std::size_t rows,
+                             std::size_t b, std::size_t h) {
+  const std::size_t I = s.inner();
+  return ConstStridedMap<T>(data + b * rows * I + h * s.head_dim, rows, s.head_dim,
+                            Eigen::OuterStride<>(I));
+}
+template <class T>
+StridedMap<T> head_view(T* data, const AttentionShape& s, std::size_t rows, std::size_t b,
+                        std::size_t h) {
+  const std::size_t I = s.inner();
+  return StridedMap<T>(data + b * rows * I + h * s.head_dim, rows, s.head_dim,
+                       Eigen::OuterStride<>(I));
+}
+}  // namespace detail
+
+/// Per-thread score buffers of the attention core (reused across calls).
+template <class T>
+struct AttentionWorkspace {
+  std::vector<RowMatrix<T>> scores, grad_scores;
+  // At least `rows` × exactly `cols` per thread; grows only (no reallocation in steady state).
+  void reserve(std::size_t rows, std::size_t cols, bool backward) {
+    const auto threads = static_cast<std::size_t>(detail::attention_thread_count());
+    if (scores.size() < threads) scores.resize(threads);
+    if (backward && grad_scores.size() < threads) grad_scores.resize(threads);
+    auto fit = [&](RowMatrix<T>& m) {
+      if (m.rows() < static_cast<Eigen::Index>(rows) || m.cols() != static_cast<Eigen::Index>(cols))
+        m.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols));
+    };
+    for (auto& m : scores) fit(m);
+    if (backward)
+      for (auto& m : grad_scores) fit(m);
+  }
+};
+
+// o_bh = softmax(q_bh k_bhᵀ · scale) v_bh for every (b, h); q, o [B, L, I]; k, v [B, Lc, I].
+template <class T>
+void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T* o,
+                                          const AttentionShape& s, T scale,
+                                          AttentionWorkspace<T>& ws) {
+  const std::size_t L = s.queries, Lc = s.keys;
+  ws.reserve(std::min(kQueryBlock, L), Lc, false);
+  const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t job = 0; job < jobs; ++job) {
+    const std::size_t b = static_cast<std::size_t>(job) / s.heads;
+    const std::size_t h = static_cast<std::size_t>(job) % s.heads;
+    auto Q = detail::head_view(q, s, L, b, h);
+    auto K = detail::head_view(k, s, Lc, b, h);
+    auto V = detail::head_view(v, s, Lc, b, h);
+    auto O = detail::head_view(o, s, L, b, h);
+    RowMatrix<T>& buffer = ws.scores[detail::attention_thread_id()];
+    for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {
+      const std::size_t n = std::min(kQueryBlock, L - r0);
+      auto P = buffer.topRows(n);
+      P.noalias() = scale * (Q.middleRows(r0, n) * K.transpose());
+      for (std::size_t i = 0; i < n; ++i) softmax_row(&P(i, 0), &P(i, 0), Lc);
+      O.middleRows(r0, n).noalias() = P * V;
+    }
+  }
+}
+
+// Backward of the core, P recomputed from q and k:
+// dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS K, dK = scale·dSᵀ Q.
+// dq, dk, dv are overwritten.
+template <class T>
+void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, const T* d_o,
+                                           T* dq, T* dk, T* dv, const AttentionShape& s,
+                                           T scale, AttentionWorkspace<T>& ws) {
+  const std::size_t L = s.queries, Lc = s.keys;
+  ws.reserve(std::min(kQueryBlock, L), Lc, true);
+  const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
+#pragma omp parallel for schedule(static)
+  for (std::ptrdiff_t job = 0; job < jobs; ++job) {
+    const std::size_t b = static_cast<std::size_t>(job) / s.heads;
+    const std::size_t h = static_cast<std::size_t>(job) % s.heads;
+    auto Q = detail::head_view(q, s, L, b, h);
+    auto K = detail::head_view(k, s, Lc, b, h);
+    auto V = detail::head_view(v, s, Lc, b, h);
+    auto dO = detail::head_view(d_o, s, L, b, h);
+    auto dQ = detail::head_view(dq, s, L, b, h);
+    auto dK = detail::head_view(dk, s, Lc, b, h);
+    auto dV = detail::head_view(dv, s, Lc, b, h);
+    dK.setZero();
+    dV.setZero();
+    const int thread = detail::attention_thread_id();
+    RowMatrix<T>& p_buffer = ws.scores[thread];
+    RowMatrix<T>& g_buffer = ws.grad_scores[thread];
+    for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {
+      const std::size_t n = std::min(kQueryBlock, L - r0);
+      auto P = p_buffer.topRows(n);
+      auto dS = g_buffer.topRows(n);
+      P.noalias() = scale * (Q.middleRows(r0, n) * K.transpose());
+      for (std::size_t i = 0; i < n; ++i) softmax_row(&P(i, 0), &P(i, 0), Lc);
+      dV.noalias() += P.transpose() * dO.middleRows(r0, n);
+      dS.noalias() = dO.middleRows(r0, n) * V.transpose();
+      for (std::size_t i = 0; i < n; ++i) softmax_row_backward(&P(i, 0), &dS(i, 0), &dS(i, 0), Lc);
+      dQ.middleRows(r0, n).noalias() = scale * (dS * K);
+      dK.noalias() += scale * (dS.transpose() * Q.middleRows(r0, n));
+    }
+  }
+}
+
+struct AttentionConfig {
+  std::size_t query_dim = 0;            // Dq
+  std::size_t cross_attention_dim = 0;  // Dc; 0: self-attention (Dc = Dq)
+  std::size_t heads = 8;                // Hn (diffusers' default)
+  std::size_t dim_head = 64;            // Hd (diffusers' default)
+  bool bias = false;                    // to_q, to_k, to_v bias (diffusers: False)
+  bool out_bias = true;                 // to_out.0 bias (diffusers: True)
+};
+
+/// Gradients of Attention::backward: dx [B, L, Dq] and dcontext [B, Lc, Dc] (empty for a
+/// self-attention forward, whose context gradients are folded into dx, or when not requested).
+template <class T>
+struct AttentionGrads {
+  Tensor3<T> x;
+  Tensor3<T> context;
+};
+
+template <class T = float>
+class Attention {
+ public:
+  using Scalar = T;
+
+  AttentionConfig config;
+  Linear<T> to_q, to_k, to_v;  // module names "to_q", "to_k", "to_v"
+  Linear<T> to_out;            // module name "to_out.0" (diffusers' ModuleList index 0)
+
+  Attention() = default;
+  explicit Attention(const AttentionConfig& c)
+      : config(checked(c)),
+        to_q(c.query_dim, c.heads * c.dim_head, c.bias),
+        to_k(context_dim(c), c.heads * c.dim_head, c.bias),
+        to_v(context_dim(c), c.heads * c.dim_head, c.bias),
+        to_out(c.heads * c.dim_head, c.query_dim, c.out_bias) {}
+
+  std::size_t inner_dim() const { return config.heads * config.dim_head; }
+  std::size_t context_dim() const { return context_dim(config); }
+  bool is_cross_attention() const { return config.cross_attention_dim != 0; }
+  // 1/√Hd (diffusers: scale_qk, dim_head**-0.5)
+  T scale() const { return T(1) / std::sqrt(static_cast<T>(config.dim_head)); }
+
+  /// Visits to_q, to_k, to_v, to_out.0 as (full module name, Linear&), the names a LoRA
+  /// injection matches ("…attn1.to_q", "…attn2.to_out.0").
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) {
+    visit(join_name(prefix, "to_q"), to_q);
+    visit(join_name(prefix, "to_k"), to_k);
+    visit(join_name(prefix, "to_v"), to_v);
+    visit(join_name(prefix, "to_out.0"), to_out);
+  }
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) const {
+    visit(join_name(prefix, "to_q"), to_q);
+    visit(join_name(prefix, "to_k"), to_k);
+    visit(join_name(prefix, "to_v"), to_v);
+    visit(join_name(prefix, "to_out.0"), to_out);
+  }
+
+  /// to_q.weight, to_k.weight, to_v.weight, to_out.0.weight, to_out.0.bias (diffusers order).
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) {
+    for_each_linear(prefix, [&](const std::string& name, Linear<T>& lin) {
+      lin.for_each_parameter(name, visit);
+    });
+  }
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) const {
+    for_each_linear(prefix, [&](const std::string& name, const Linear<T>& lin) {
+      lin.for_each_parameter(name, visit);
+    });
+  }
+
+  /// Self-attention (context = x; needs Dc = Dq): x [B, L, Dq] → [B, L, Dq], saving for backward.
+  Tensor3<T> forward(const Tensor3<T>& x) { return run(x, x, true, true); }
+  /// Cross-attention: x [B, L, Dq], context [B, Lc, Dc] → [B, L, Dq], saving for backward.
+  Tensor3<T> forward(const Tensor3<T>& x, const Tensor3<T>& context) {
+    return run(x, context, false, true);
+  }
+  /// The same without saving anything (validation, sampling, gradient checks).
+  Tensor3<T> forward_inference(const Tensor3<T>& x) { return run(x, x, true, false); }
+  Tensor3<T> forward_inference(const Tensor3<T>& x, const Tensor3<T>& context) {
+    return run(x, context, false, false);
+  }
+
+  /// dy [B, L, Dq] → dx (and dcontext for a cross forward when context_grad); accumulates (+=)
+  /// the gradients of every trainable projection parameter.
+  AttentionGrads<T> backward(const Tensor3<T>& dy, bool context_grad = true) {
+    require(saved_, "Attention::backward", "no saved forward (call forward first)");
+    check_shape("Attention::backward", "dy", dy.shape(),
+                {shape_.batch, shape_.queries, config.query_dim});
+    AttentionGrads<T> grads;
+    const Tensor3<T> d_o = to_out.backward(dy);
+    Tensor3<T> dq(q_.shape()), dk(k_.shape()), dv(v_.shape());
+    scaled_dot_product_attention_backward(q_.data(), k_.data(), v_.data(), d_o.data(), dq.data(),
+                                          dk.data(), dv.data(), shape_, scale(), workspace_);
+    grads.x = to_q.backward(dq);
+    const bool need_context = self_ || context_grad;
+    Tensor3<T> dc = to_k.backward(dk, need_context);
+    Tensor3<T> dc_v = to_v.backward(dv, need_context);
+    if (need_context) dc += dc_v;
+    if (self_) {
+      grads.x += dc;
+    } else if (context_grad) {
+      grads.context = std::move(dc);
+    }
+    return grads;
+  }
+
+  /// Frees the saved forward state (here and in the projections).
+  void clear_saved() {
+    q_ = k_ = v_ = Tensor3<T>();
+    saved_ = false;
+    for_each_linear("", [](const std::string&, Linear<T>& lin) { lin.clear_saved(); });
+  }
+
+ private:
+  static std::size_t context_dim(const AttentionConfig& c) {
+    return c.cross_attention_dim != 0 ? c.cross_attention_dim : c.query_dim;
+  }
+  static const AttentionConfig& checked(const AttentionConfig& c) {
+    require(c.query_dim > 0 && c.heads > 0 && c.dim_head > 0, "Attention",
+            "query_dim, heads and dim_head must be positive, got ", c.query_dim, ", ", c.heads,
+            " and ", c.dim_head);
+    return c;
+  }
+
+  Tensor3<T> run(const Tensor3<T>& x, const Tensor3<T>& context, bool self, bool save) {
+    constexpr const char* fn = "Attention::forward";
+    const std::size_t B = x.shape()[0], L = x.shape()[1];
+    check_shape(fn, "x", x.shape(), {B, L, config.query_dim});
+    require(L > 0, fn, "x has shape ", shape_string(x.shape()), ", expected at least one token");
+    if (self) {
+      require(context_dim() == config.query_dim, fn, "no context given, but cross_attention_dim ",
+              config.cross_attention_dim, " differs from query_dim ", config.query_dim);
+    }
+    const std::size_t Lc = context.shape()[1];
+    check_shape(fn, "context", context.shape(), {B, Lc, context_dim()});
+    require(Lc > 0, fn, "context has shape ", shape_string(context.shape()),
+            ", expected at least one token");
+    const AttentionShape s{B, L, Lc, config.heads, config.dim_head};
+
+    Tensor3<T> q = save ? to_q.forward(x) : to_q.forward_inference(x);
+    Tensor3<T> k = save ? to_k.forward(context) : to_k.forward_inference(context);
+    Tensor3<T> v = save ? to_v.forward(context) : to_v.forward_inference(context);
+    Tensor3<T> o(std::array<std::size_t, 3>{B, L, inner_dim()});
+    scaled_dot_product_attention_forward(q.data(), k.data(), v.data(), o.data(), s, scale(),
+                                         workspace_);
+    Tensor3<T> y = save ? to_out.forward(o) : to_out.forward_inference(o);
+    if (save) {
+      q_ = std::move(q);
+      k_ = std::move(k);
+      v_ = std::move(v);
+      shape_ = s;
+      self_ = self;
+      saved_ = true;
+    }
+    return y;
+  }
+
+  Tensor3<T> q_, k_, v_;  // saved projections
+  AttentionShape shape_{};
+  bool self_ = false;
+  bool saved_ = false;
+  AttentionWorkspace<T> workspace_;
+};
+
+}  // namespace difftrain::nn

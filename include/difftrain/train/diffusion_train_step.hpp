@@ -1,0 +1,207 @@
+#pragma once
+// DiffusionTrainStep: one training step of a latent diffusion model, composed from concepts.
+//
+//   x0     = LatentEncoder(images)                 (or given latents)
+//   ctx    = TextEncoder(token ids)                (or given context)
+//   t[b]   ~ TimestepSampler
+//   eps    = NoiseSampler (fused with the next two lines for StandardNoise without pyramid noise)
+//   x_t    = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·(eps + γ·ξ)
+//   target = eps | v = sqrt(ᾱ_t)·eps − sqrt(1−ᾱ_t)·x0 | x0
+//   pred   = Denoiser.forward(x_t, t, ctx)
+//   L      = mean_b w_b·mean_chw ℓ(pred − target),  w_b = LossWeighting(SNR(t_b)) · sample_weight_b
+//   Denoiser.backward(dL/dpred)
+//
+// Randomness: every draw of step s comes from RandomStream{seed}.derive(s, purpose), so a step
+// depends only on (seed, s, inputs) — a resumed run repeats the uninterrupted one.
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "difftrain/concepts.hpp"
+#include "difftrain/kernels/forward_diffusion.hpp"
+#include "difftrain/kernels/loss.hpp"
+#include "difftrain/kernels/noise.hpp"
+#include "difftrain/loss/huber_schedule.hpp"
+#include "difftrain/loss/weighting.hpp"
+#include "difftrain/schedule/timestep_sampler.hpp"
+
+namespace difftrain {
+
+struct TrainStepOptions {
+  std::optional<PredictionType> prediction_type;  // overrides the scheduler's (diffusers flag)
+  kernels::NoiseOptions noise;  // also configures StandardNoise; γ applies to any NoiseSampler
+  kernels::LossType loss_type = kernels::LossType::l2;
+  loss::HuberOptions huber;  // for huber / smooth_l1
+  std::uint64_t seed = 0;
+};
+
+/// Per-batch extras: per-sample weights (DreamBooth prior preservation: λ on class images, kohya's
+/// prior_loss_weight) and a loss mask ([B,1,H,W] or [B,C,H,W] at latent resolution).
+struct BatchExtras {
+  std::vector<float> sample_weights;  // [B] or empty (all 1)
+  const Tensor4<float>* mask = nullptr;
+};
+
+struct TrainStepResult {
+  double loss = 0;
+  std::vector<double> per_sample_loss;  // mean_chw ℓ per sample, before weights
+  std::vector<double> weights;          // w_b
+  std::vector<std::int64_t> timesteps;  // t_b
+};
+
+/// Purposes of the step's random sub-streams.
+enum class StepStream : std::uint32_t { timesteps = 16, noise = 17 };
+
+template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
+          TextEncoder TextEncoderT, LossWeighting WeightingT = loss::Uniform,
+          TimestepSampler SamplerT = UniformTimesteps,
+          NoiseSampler NoiseT = kernels::StandardNoise>
+class DiffusionTrainStep {
+ public:
+  /// The denoiser and the encoders are held by reference (the caller owns the models and their
+  /// optimizer); the scheduler, weighting and samplers by value.
+  DiffusionTrainStep(SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
+                     TextEncoderT& text_encoder, WeightingT weighting = {},
+                     std::optional<SamplerT> timestep_sampler = std::nullopt,
+                     NoiseT noise_sampler = {}, TrainStepOptions options = {})
+      : scheduler_(std::move(scheduler)),
+        denoiser_(denoiser),
+        latent_encoder_(latent_encoder),
+        text_encoder_(text_encoder),
+        weighting_(std::move(weighting)),
+        sampler_(timestep_sampler ? std::move(*timestep_sampler)
+                                  : default_sampler(scheduler_.num_train_timesteps())),
+        noise_(std::move(noise_sampler)),
+        options_(std::move(options)) {
+    options_.noise.validate();
+    // StandardNoise takes its options from TrainStepOptions::noise (one source of truth).
+    if constexpr (std::is_same_v<NoiseT, kernels::StandardNoise>) noise_.options = options_.noise;
+    if (options_.loss_type != kernels::LossType::l2) options_.huber.validate();
+  }
+
+  /// Encodes images and token ids, then runs the step.
+  TrainStepResult step(const Tensor4<float>& images, const TokenIds& token_ids,
+                       std::uint64_t step_index, const BatchExtras& extras = {}) {
+    const Tensor4<float> latents = latent_encoder_.encode(images);
+    const Tensor3<float> context = text_encoder_.encode(token_ids);
+    return step_latents(latents, context, step_index, extras);
+  }
+
+  /// The step from precomputed latents x0 [B,C,H,W] and context [B,L,D].
+  TrainStepResult step_latents(const Tensor4<float>& x0, const Tensor3<float>& context,
+                               std::uint64_t step_index, const BatchExtras& extras = {}) {
+    constexpr const char* fn = "DiffusionTrainStep::step";
+    const std::size_t batch = x0.shape()[0];
+    require(batch > 0, fn, "latents have shape ", shape_string(x0.shape()),
+            ", expected a batch of at least one sample");
+    require(context.shape()[0] == batch, fn, "context has shape ", shape_string(context.shape()),
+            ", expected batch ", batch, " as the latents ", shape_string(x0.shape()));
+    require(extras.sample_weights.empty() || extras.sample_weights.size() == batch, fn,
+            "sample_weights has ", extras.sample_weights.size(), " entries, expected ", batch);
+    const PredictionType type = prediction_type();
+    const RandomStream step_stream = RandomStream{options_.seed, 0}.derive(step_index, 0);
+
+    TrainStepResult result;
+    result.timesteps.resize(batch);
+    sampler_.sample(result.timesteps,
+                    step_stream.derive(0, static_cast<std::uint32_t>(StepStream::timesteps)));
+    const std::int64_t T = scheduler_.num_train_timesteps();
+    std::vector<float> a(batch), s(batch), huber_c(batch), weights(batch);
+    result.weights.resize(batch);
+    for (std::size_t b = 0; b < batch; ++b) {
+      const std::int64_t t = result.timesteps[b];
+      require(0 <= t && t < T, fn, "timestep sampler gave t = ", t, ", expected [0, ", T, ")");
+      a[b] = static_cast<float>(scheduler_.sqrt_alpha_prod(t));
+      s[b] = static_cast<float>(scheduler_.sqrt_one_minus_alpha_prod(t));
+      double w = weighting_.weight(scheduler_.snr(t), type);
+      if (!extras.sample_weights.empty()) w *= extras.sample_weights[b];
+      require(std::isfinite(w), fn, "loss weight of sample ", b, " (t = ", t, ") is ", w,
+              ", expected a finite value");
+      result.weights[b] = w;
+      weights[b] = static_cast<float>(w);
+      if (options_.loss_type != kernels::LossType::l2)
+        huber_c[b] = static_cast<float>(loss::huber_c(options_.huber, scheduler_, t));
+    }
+
+    const kernels::DiffusionCoefficients k(a, s, type);
+    const RandomStream noise_stream =
+        step_stream.derive(0, static_cast<std::uint32_t>(StepStream::noise));
+    make_noisy_input(x0, k, noise_stream);
+
+    const Tensor4<float> pred = denoiser_.forward(x_t_, result.timesteps, context);
+    check_same_shape(fn, "prediction", pred.shape(), x0.shape());
+    const std::span<const float> c = options_.loss_type == kernels::LossType::l2
+                                          ? std::span<const float>()
+                                          : std::span<const float>(huber_c);
+    const kernels::LossResult l = kernels::loss_and_grad(pred, target_, options_.loss_type,
+                                                         weights, c, extras.mask, &grad_);
+    require(std::isfinite(l.loss), fn, "loss is ", l.loss, " at step ", step_index,
+            " (the prediction holds NaN or Inf)");
+    denoiser_.backward(grad_);
+    result.loss = l.loss;
+    result.per_sample_loss = l.per_sample;
+    return result;
+  }
+
+  PredictionType prediction_type() const {
+    return options_.prediction_type.value_or(scheduler_.prediction_type());
+  }
+  const SchedulerT& scheduler() const { return scheduler_; }
+  const TrainStepOptions& options() const { return options_; }
+  /// The last step's model input and target (for inspection and tests).
+  const Tensor4<float>& noisy_latents() const { return x_t_; }
+  const Tensor4<float>& target() const { return target_; }
+
+ private:
+  static SamplerT default_sampler(std::int64_t T) {
+    if constexpr (std::is_constructible_v<SamplerT, std::int64_t>) {
+      return SamplerT(T);
+    } else {
+      return SamplerT{};
+    }
+  }
+
+  // x_t_ and target_: fused with the noise draw for StandardNoise without pyramid noise.
+  void make_noisy_input(const Tensor4<float>& x0, const kernels::DiffusionCoefficients& k,
+                        RandomStream noise_stream) {
+    const kernels::NoiseOptions& noise_options = options_.noise;
+    const float gamma = kernels::input_perturbation_strength(noise_options, noise_stream);
+    const RandomStream xi_stream =
+        kernels::noise_stream(noise_stream, kernels::NoiseStream::perturbation);
+    constexpr bool standard = std::is_same_v<NoiseT, kernels::StandardNoise>;
+    if (standard && noise_options.multires_noise_iterations == 0) {
+      const std::vector<float> offset = kernels::noise_offsets(noise_options, x0, noise_stream);
+      const kernels::FusedNoise fused{
+          kernels::noise_stream(noise_stream, kernels::NoiseStream::noise), offset, gamma,
+          xi_stream};
+      kernels::fused_noise_forward_target(x0, k, fused, x_t_, target_);
+      return;
+    }
+    noise_.sample(eps_, x0, noise_stream);
+    check_same_shape("DiffusionTrainStep::step", "noise", eps_.shape(), x0.shape());
+    const Tensor4<float>* perturbation = nullptr;
+    if (gamma != 0) {
+      xi_.resize(x0.shape());
+      fill_normal(std::span<float>(xi_.data(), xi_.size()), xi_stream);
+      xi_ *= gamma;
+      perturbation = &xi_;
+    }
+    kernels::forward_target(x0, eps_, k, x_t_, target_, perturbation);
+  }
+
+  SchedulerT scheduler_;
+  DenoiserT& denoiser_;
+  LatentEncoderT& latent_encoder_;
+  TextEncoderT& text_encoder_;
+  WeightingT weighting_;
+  SamplerT sampler_;
+  NoiseT noise_;
+  TrainStepOptions options_;
+  Tensor4<float> x_t_, target_, grad_, eps_, xi_;  // workspace reused across steps
+};
+
+}  // namespace difftrain

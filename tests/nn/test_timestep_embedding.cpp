@@ -1,0 +1,105 @@
+// Sinusoidal timestep embedding (diffusers get_timestep_embedding): t = 0 gives sin 0 / cos 1,
+// hand-computed frequencies at known t, [sin, cos] vs flipped order, odd dims, frequency shift,
+// double-precision arguments at t = 999, errors. TimestepEmbedding (linear_1 → SiLU → linear_2):
+// gradient checks, names, frozen parameters, float vs double.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "difftrain/nn/gradcheck.hpp"
+#include "difftrain/nn/timestep_embedding.hpp"
+#include "support/tensor_match.hpp"
+
+using namespace difftrain;
+using namespace difftrain::nn;
+
+TEMPLATE_TEST_CASE("timestep embedding at t = 0 is sin 0 and cos 1", "[nn][timestep]", float,
+                   double) {
+  const std::vector<std::int64_t> t = {0, 0};
+  for (bool flip : {false, true}) {
+    auto emb = get_timestep_embedding<TestType>(t, 10, flip, 1.0);
+    REQUIRE(emb.shape() == std::array<std::size_t, 2>{2, 10});
+    for (std::size_t b = 0; b < 2; ++b)
+      for (std::size_t k = 0; k < 5; ++k) {
+        REQUIRE(emb(b, (flip ? 5 : 0) + k) == TestType(0));  // sin
+        REQUIRE(emb(b, (flip ? 0 : 5) + k) == TestType(1));  // cos
+      }
+  }
+}
+
+TEST_CASE("timestep embedding matches hand-computed frequencies", "[nn][timestep]") {
+  // dim 8, shift 0: f_k = 10000^(−k/4) = 1, 0.1, 0.01, 0.001; at t = 10 the angles are
+  // 10, 1, 0.1, 0.01. Values of sin/cos from a table (not from std::sin).
+  const std::vector<double> t = {10.0};
+  auto emb = get_timestep_embedding<double>(t, 8, false, 0.0);
+  const std::vector<double> expected = {-0.5440211108893698,  0.8414709848078965,
+                                        0.09983341664682815,  0.009999833334166664,
+                                        -0.8390715290764524,  0.5403023058681398,
+                                        0.9950041652780258,   0.9999500004166653};
+  REQUIRE_CLOSE(emb, expected, 1e-14, 1e-15);
+  // flip_sin_to_cos swaps the halves
+  auto flipped = get_timestep_embedding<double>(t, 8, true, 0.0);
+  for (std::size_t k = 0; k < 4; ++k) {
+    REQUIRE(flipped(0, k) == emb(0, 4 + k));
+    REQUIRE(flipped(0, 4 + k) == emb(0, k));
+  }
+  // scale multiplies the angle: scale 2 at t = 5 equals t = 10
+  const std::vector<double> five = {5.0};
+  REQUIRE_CLOSE(get_timestep_embedding<double>(five, 8, false, 0.0, 2.0), emb, 1e-14, 1e-15);
+}
+
+TEST_CASE("timestep embedding of the SD1.x UNet (dim 320, [cos, sin], shift 0)",
+          "[nn][timestep]") {
+  // half = 160, f_k = exp(−ln(10000)·k/160); f_80 = 10000^(−1/2) = 0.01, so t = 500 gives the
+  // angle 5 at k = 80: emb[80] = cos 5, emb[240] = sin 5.
+  Timesteps time_proj{TimestepsConfig{320, true, 0.0, 1.0}};
+  const std::vector<std::int64_t> t = {500, 999};
+  auto emb = time_proj.forward<float>(t);
+  REQUIRE(emb.shape() == std::array<std::size_t, 2>{2, 320});
+  REQUIRE(emb(0, 80) == Approx(0.28366218546322625).margin(1e-7));   // cos 5
+  REQUIRE(emb(0, 240) == Approx(-0.9589242746631385).margin(1e-7));  // sin 5
+  REQUIRE(emb(0, 0) == Approx(std::cos(500.0)).margin(1e-7));        // f_0 = 1
+  // Every (cos, sin) pair lies on the unit circle.
+  for (std::size_t b = 0; b < 2; ++b)
+    for (std::size_t k = 0; k < 160; ++k) {
+      const double c = emb(b, k), s = emb(b, 160 + k);
+      REQUIRE(c * c + s * s == Approx(1.0).margin(1e-6));
+    }
+}
+
+TEST_CASE("timestep embedding is computed in double and rounded once", "[nn][timestep]") {
+  // At t = 999 the float result is exactly the float rounding of the double one: the argument
+  // t·f_k is not formed in float (one float ulp at 999 is 6e-5).
+  const std::vector<std::int64_t> t = {999, 1, 123};
+  auto ef = get_timestep_embedding<float>(t, 320, true, 0.0);
+  auto ed = get_timestep_embedding<double>(t, 320, true, 0.0);
+  for (std::size_t i = 0; i < ef.size(); ++i) REQUIRE(ef.data()[i] == float(ed.data()[i]));
+  // and the double result is accurate: sin/cos of the angle 999 · f_k formed in long double
+  for (std::size_t k : {0, 1, 37, 159}) {
+    const long double f = std::exp(-std::log(10000.0L) * k / 160.0L);
+    REQUIRE(ed(0, k) == Approx(double(std::cos(999.0L * f))).margin(1e-12));
+    REQUIRE(ed(0, 160 + k) == Approx(double(std::sin(999.0L * f))).margin(1e-12));
+  }
+}
+
+TEST_CASE("timestep embedding shift, odd dims, float timesteps and errors", "[nn][timestep]") {
+  // downscale_freq_shift 1 (diffusers' default): f_k = 10000^(−k/(half − 1)); dim 7 → half 3,
+  // f = 1, 0.01, 0.0001; the 7th column is zero padding.
+  const std::vector<float> t = {2.5f};
+  auto emb = get_timestep_embedding<double>(t, 7);
+  const std::vector<double> expected = {std::sin(2.5), std::sin(0.025), std::sin(0.00025),
+                                        std::cos(2.5), std::cos(0.025), std::cos(0.00025), 0.0};
+  REQUIRE_CLOSE(emb, expected, 1e-13, 1e-16);
+  auto one = get_timestep_embedding<double>(t, 1);  // half 0: only the padding
+  REQUIRE(one.shape() == std::array<std::size_t, 2>{1, 1});
+  REQUIRE(one(0, 0) == 0.0);
+
+  REQUIRE_THROWS_WITH(get_timestep_embedding<float>(t, 0), Catch::Contains("embedding_dim is 0"));
+  REQUIRE_THROWS_WITH(get_timestep_embedding<float>(t, 2, false, 1.0),
+                      Catch::Contains("downscale_freq_shift is 1"));
+  const std::vector<double> bad = {1.0, std::nan("")};
+  REQUIRE_THROWS_WITH(get_timestep_embedding<float>(bad, 4),
+                      Catch::Contains("timestep 1 is nan"));
+}
