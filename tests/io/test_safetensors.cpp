@@ -434,7 +434,8 @@ TEST_CASE("open: header that is not a JSON object") {
   CHECK_THAT(open_error(dir, file_bytes("\"text\"", "")), Contains("not a JSON object"));
   CHECK_THAT(open_error(dir, file_bytes("{\"a\":", "")), Contains("not valid JSON"));
   CHECK_THAT(open_error(dir, file_bytes("{} {}", "")), Contains("not valid JSON"));
-  CHECK_THAT(open_error(dir, file_bytes("{}\0\0\0"s, "")), Contains("not valid JSON"));
+  CHECK_THAT(open_error(dir, file_bytes("{}\0\0\0"s, "")), Contains("NUL byte at offset 2"));
+  CHECK_THAT(open_error(dir, file_bytes("{}\0{\"x\":1}"s, "")), Contains("NUL byte"));
   CHECK_THAT(open_error(dir, file_bytes("{\"\xff\":{}}", "")), Contains("not valid JSON"));
   CHECK_THAT(open_error(dir, file_bytes("{/*c*/}", "")), Contains("not valid JSON"));
 }

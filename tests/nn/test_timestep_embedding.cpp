@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "difftrain/nn/gradcheck.hpp"
@@ -102,4 +104,96 @@ TEST_CASE("timestep embedding shift, odd dims, float timesteps and errors", "[nn
   const std::vector<double> bad = {1.0, std::nan("")};
   REQUIRE_THROWS_WITH(get_timestep_embedding<float>(bad, 4),
                       Catch::Contains("timestep 1 is nan"));
+}
+
+namespace {
+template <class T>
+void randomize(TimestepEmbedding<T>& te, std::uint64_t seed) {
+  std::uint64_t stream = 0;
+  te.for_each_parameter("", [&](const std::string&, Parameter<T>& p) {
+    fill_random_normal(p.value, RandomStream{seed, stream++}, 0.5);
+  });
+}
+}  // namespace
+
+static_assert(Module<TimestepEmbedding<float>>);
+
+TEST_CASE("TimestepEmbedding computes linear_2(silu(linear_1(x))) by hand", "[nn][timestep]") {
+  TimestepEmbedding<double> te(TimestepEmbeddingConfig{2, 2, 1});
+  te.linear_1.weight.value = {{1, 0}, {0.5, -1}};
+  te.linear_1.bias.value = {0, 1};
+  te.linear_2.weight.value = {{2, -3}};
+  te.linear_2.bias.value = {0.25};
+  Tensor<double, 2> x = {{1, 2}};
+  // h = [1, 0.5 − 2 + 1] = [1, −0.5]; y = 2·silu(1) − 3·silu(−0.5) + 0.25
+  const double silu1 = 1 / (1 + std::exp(-1.0)), silu_m = -0.5 / (1 + std::exp(0.5));
+  auto y = te.forward(x);
+  REQUIRE(y.shape() == std::array<std::size_t, 2>{1, 1});
+  REQUIRE(y(0, 0) == Approx(2 * silu1 - 3 * silu_m + 0.25).epsilon(1e-14));
+}
+
+TEST_CASE("TimestepEmbedding gradients pass central-difference checks", "[nn][timestep]") {
+  for (std::size_t out_dim : {0, 5}) {
+    TimestepEmbedding<double> te(TimestepEmbeddingConfig{6, 7, out_dim});
+    randomize(te, 91 + out_dim);
+    const std::vector<std::int64_t> t = {3, 250, 999};
+    Tensor<double, 2> x = get_timestep_embedding<double>(t, 6, true, 0.0);
+    auto y = te.forward(x);
+    REQUIRE(y.shape() == std::array<std::size_t, 2>{3, out_dim ? out_dim : 7});
+    Tensor<double, 2> w(y.shape());
+    fill_random_normal(w, RandomStream{92, out_dim});
+    auto dx = te.backward(w);
+    auto loss = [&] { return weighted_sum(te.forward_inference(x), w); };
+    auto rx = check_gradient(x, dx, loss);
+    INFO(rx.message);
+    REQUIRE(rx.max_error <= 1e-6);
+    te.for_each_parameter("time_embedding", [&](const std::string& name, Parameter<double>& p) {
+      auto r = check_gradient(p, loss);
+      INFO(name << ": " << r.message);
+      REQUIRE(r.max_error <= 1e-6);
+    });
+    REQUIRE(te.backward(w, false).size() == 0);  // no input gradient requested
+  }
+}
+
+TEST_CASE("TimestepEmbedding names, frozen parameters, float vs double and errors",
+          "[nn][timestep]") {
+  TimestepEmbedding<double> te(TimestepEmbeddingConfig{4, 8});
+  randomize(te, 93);
+  std::vector<std::string> names;
+  std::vector<std::vector<std::size_t>> shapes;
+  te.for_each_parameter("time_embedding", [&](const std::string& n, Parameter<double>& p) {
+    names.push_back(n);
+    shapes.emplace_back(p.value.shape().begin(), p.value.shape().end());
+  });
+  REQUIRE(names == std::vector<std::string>{
+                       "time_embedding.linear_1.weight", "time_embedding.linear_1.bias",
+                       "time_embedding.linear_2.weight", "time_embedding.linear_2.bias"});
+  using S = std::vector<std::size_t>;
+  REQUIRE(shapes == std::vector<S>{S{8, 4}, S{8}, S{8, 8}, S{8}});
+
+  te.linear_1.weight.set_trainable(false);
+  Tensor<double, 2> x({2, 4}), w({2, 8});
+  fill_random_normal(x, RandomStream{94, 0});
+  fill_random_normal(w, RandomStream{94, 1});
+  te.forward(x);
+  auto dx = te.backward(w);
+  REQUIRE(te.linear_1.weight.grad.dimension() == 0);
+  auto r = check_gradient(te.linear_1.bias, [&] { return weighted_sum(te.forward_inference(x), w); });
+  INFO(r.message);
+  REQUIRE(r.max_error <= 1e-6);
+
+  // float vs double: two small GEMMs and a SiLU, relative 1e-5 of the largest magnitude
+  TimestepEmbedding<float> tf(TimestepEmbeddingConfig{4, 8});
+  std::map<std::string, xt::xarray<float>> state;
+  for (auto& [name, value] : state_dict<double>(te)) state[name] = xt::cast<float>(value);
+  load_state_dict<float>(tf, state);
+  Tensor<float, 2> xf = xt::cast<float>(x);
+  auto yd = te.forward_inference(x);
+  auto yf = tf.forward_inference(xf);
+  REQUIRE_CLOSE(yf, yd, 1e-5, 1e-5 * xt::amax(xt::abs(yd))());
+
+  Tensor<double, 2> bad({2, 5});
+  REQUIRE_THROWS_WITH(te.forward(bad), Catch::Contains("TimestepEmbedding::forward: sample has "
+                                                       "shape [2,5], expected [2,4]"));
 }

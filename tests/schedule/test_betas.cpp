@@ -153,10 +153,13 @@ TEST_CASE("make_betas refuses bad arguments", "[schedule][betas]") {
                       Contains("beta_end"));
   REQUIRE_THROWS_WITH(make_betas(BetaSchedule::sigmoid, T, 1e-4, INFINITY), Contains("beta_end"));
   // β beyond 1: named with the schedule, the index and the value.
+  // β beyond 1, named with the schedule, the first bad index and its value: linear 0.5..1.5
+  // passes 1 after i = 999/2; scaled_linear 0.5..2 when √0.5 + (√2 − √0.5)·i/999 > 1, i.e.
+  // i > 999·(√2 − 1) ≈ 413.8.
   REQUIRE_THROWS_WITH(make_betas(BetaSchedule::linear, T, 0.5, 1.5),
-                      Contains("linear betas[") && Contains("(0, 1]"));
+                      Contains("linear betas[500] = 1.0005") && Contains("(0, 1]"));
   REQUIRE_THROWS_WITH(make_betas(BetaSchedule::scaled_linear, T, 0.5, 2.0),
-                      Contains("scaled_linear betas[999] = 2"));
+                      Contains("scaled_linear betas[414] = 1.000"));
   REQUIRE_THROWS_AS(make_betas(static_cast<BetaSchedule>(17), T, 1e-4, 0.02), Error);
 }
 

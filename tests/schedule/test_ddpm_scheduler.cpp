@@ -259,8 +259,9 @@ TEST_CASE("DdpmScheduler defaults, presets and trained_betas", "[schedule][ddpm]
   DdpmSchedulerConfig trained;
   trained.trained_betas = make_betas(BetaSchedule::scaled_linear, T, 0.00085, 0.012);
   trained.beta_schedule = BetaSchedule::squaredcos_cap_v2;  // ignored
-  CHECK(std::vector<double>(DdpmScheduler(trained).alphas_cumprod().begin(),
-                            DdpmScheduler(trained).alphas_cumprod().end()) ==
+  const DdpmScheduler from_trained(trained);
+  CHECK(std::vector<double>(from_trained.alphas_cumprod().begin(),
+                            from_trained.alphas_cumprod().end()) ==
         std::vector<double>(sd.alphas_cumprod().begin(), sd.alphas_cumprod().end()));
   trained.rescale_betas_zero_snr = true;
   CHECK(DdpmScheduler(trained).alphas_cumprod()[999] == 0.0);

@@ -27,7 +27,7 @@ std::string concat(Parts&&... parts) {
 /// Throws Error(function + ": " + parts...) unless `condition` holds.
 template <class... Parts>
 void require(bool condition, std::string_view function, Parts&&... parts) {
-  if (!condition) throw Error(detail::concat(function, ": ", std::forward<Parts>(parts)...));
+  if (!condition) throw Error(difftrain::detail::concat(function, ": ", std::forward<Parts>(parts)...));
 }
 
 }  // namespace difftrain

@@ -29,7 +29,7 @@ inline PredictionType parse_prediction_type(std::string_view name) {
   if (name == "epsilon") return PredictionType::epsilon;
   if (name == "v_prediction") return PredictionType::v_prediction;
   if (name == "sample") return PredictionType::sample;
-  throw Error(detail::concat("prediction_type: unknown value '", name,
+  throw Error(difftrain::detail::concat("prediction_type: unknown value '", name,
                              "', expected epsilon, v_prediction or sample"));
 }
 

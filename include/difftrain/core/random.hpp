@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <numbers>
 #include <span>
+#include <utility>
 
 #include <xsimd/xsimd.hpp>
 
@@ -63,6 +64,35 @@ inline xsimd::batch<float, Arch> to_unit_interval(xsimd::batch<std::uint32_t, Ar
   return xsimd::batch_cast<float>(top) * xsimd::batch<float, Arch>(kTwoPow24Inv);
 }
 
+// (sin 2πu, cos 2πu) for u = k·2^-24 in [0, 1). The angle is split exactly into a quadrant
+// q = round(4u) and φ = (4u − q)·π/2 ∈ [−π/4, π/4], where short minimax polynomials (Cephes'
+// sinf/cosf coefficients, ≤ 1 ulp) suffice; no general range reduction is needed.
+template <class Arch>
+inline std::pair<xsimd::batch<float, Arch>, xsimd::batch<float, Arch>> sincos_two_pi(
+    xsimd::batch<float, Arch> u) {
+  using F = xsimd::batch<float, Arch>;
+  using I = xsimd::batch<std::int32_t, Arch>;
+  const F x = u * F(4.0f);
+  const F q = xsimd::nearbyint(x);
+  const F phi = (x - q) * F(std::numbers::pi_v<float> / 2);
+  const F z = phi * phi;
+  F sin_phi = xsimd::fma(z, F(-1.9515295891e-4f), F(8.3321608736e-3f));
+  sin_phi = xsimd::fma(sin_phi, z, F(-1.6666654611e-1f));
+  sin_phi = xsimd::fma(sin_phi * z, phi, phi);
+  F cos_phi = xsimd::fma(z, F(2.443315711809948e-5f), F(-1.388731625493765e-3f));
+  cos_phi = xsimd::fma(cos_phi, z, F(4.166664568298827e-2f));
+  cos_phi = xsimd::fma(cos_phi * z, z, xsimd::fnma(F(0.5f), z, F(1.0f)));
+  // Rotate by q quarter turns: odd q swaps sin and cos, then the quadrant sets the signs
+  // (sign bits XORed in: bit 1 of q for sin, bit 1 of q + 1 for cos).
+  const I quadrant = xsimd::batch_cast<std::int32_t>(q);
+  const auto odd = xsimd::batch_cast<float>(quadrant & I(1)) != F(0.0f);
+  const F s = xsimd::select(odd, cos_phi, sin_phi);
+  const F c = xsimd::select(odd, sin_phi, cos_phi);
+  const F sin_sign = xsimd::bitwise_cast<F>((quadrant & I(2)) << 30);
+  const F cos_sign = xsimd::bitwise_cast<F>(((quadrant + I(1)) & I(2)) << 30);
+  return {s ^ sin_sign, c ^ cos_sign};
+}
+
 // Box–Muller: r = sqrt(-2 ln u1) with u1 in (0, 1], θ = 2π u2 with u2 in [0, 1).
 template <class Arch>
 inline void box_muller(xsimd::batch<std::uint32_t, Arch> radius_bits,
@@ -71,8 +101,7 @@ inline void box_muller(xsimd::batch<std::uint32_t, Arch> radius_bits,
   using F = xsimd::batch<float, Arch>;
   const F u1 = F(1.0f) - to_unit_interval(radius_bits);
   const F radius = xsimd::sqrt(F(-2.0f) * xsimd::log(u1));
-  const auto [sin_theta, cos_theta] =
-      xsimd::sincos(to_unit_interval(angle_bits) * F(2.0f * std::numbers::pi_v<float>));
+  const auto [sin_theta, cos_theta] = sincos_two_pi(to_unit_interval(angle_bits));
   (radius * cos_theta).store_unaligned(cos_out);
   (radius * sin_theta).store_unaligned(sin_out);
 }

@@ -41,7 +41,7 @@ inline LossType parse_loss_type(std::string_view name) {
   if (name == "l2") return LossType::l2;
   if (name == "huber") return LossType::huber;
   if (name == "smooth_l1") return LossType::smooth_l1;
-  throw Error(detail::concat("loss_type: unknown value '", name,
+  throw Error(difftrain::detail::concat("loss_type: unknown value '", name,
                              "', expected l2, huber or smooth_l1"));
 }
 

@@ -17,7 +17,7 @@ inline HuberSchedule parse_huber_schedule(std::string_view name) {
   if (name == "constant") return HuberSchedule::constant;
   if (name == "exponential") return HuberSchedule::exponential;
   if (name == "snr") return HuberSchedule::snr;
-  throw Error(detail::concat("huber_schedule: unknown value '", name,
+  throw Error(difftrain::detail::concat("huber_schedule: unknown value '", name,
                              "', expected constant, exponential or snr"));
 }
 

@@ -40,6 +40,9 @@ namespace difftrain::nn {
 
 /// Query rows per score block of the attention core.
 inline constexpr std::size_t kQueryBlock = 128;
+/// Multiply-adds below which the core runs on one thread: an OpenMP region costs microseconds
+/// (far more on a busy machine), which dwarfs tiny attentions such as gradient-check shapes.
+inline constexpr std::size_t kAttentionParallelWork = std::size_t(1) << 16;
 
 /// Sizes of one scaled-dot-product attention call over head-interleaved buffers.
 struct AttentionShape {
@@ -49,6 +52,8 @@ struct AttentionShape {
   std::size_t heads = 0;    // Hn
   std::size_t head_dim = 0; // Hd
   std::size_t inner() const { return heads * head_dim; }
+  // multiply-adds of S = QKᵀ and O = PV
+  std::size_t work() const { return 2 * batch * heads * queries * keys * head_dim; }
 };
 
 namespace detail {
@@ -116,7 +121,7 @@ void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T*
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, false);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.work() >= kAttentionParallelWork)
   for (std::ptrdiff_t job = 0; job < jobs; ++job) {
     const std::size_t b = static_cast<std::size_t>(job) / s.heads;
     const std::size_t h = static_cast<std::size_t>(job) % s.heads;
@@ -145,7 +150,7 @@ void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, c
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, true);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (s.work() >= kAttentionParallelWork)
   for (std::ptrdiff_t job = 0; job < jobs; ++job) {
     const std::size_t b = static_cast<std::size_t>(job) / s.heads;
     const std::size_t h = static_cast<std::size_t>(job) % s.heads;

@@ -21,6 +21,9 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/nn/activations.hpp"
+#include "difftrain/nn/linear.hpp"
+#include "difftrain/nn/parameter.hpp"
 
 namespace difftrain::nn {
 
@@ -79,6 +82,82 @@ struct Timesteps {
   Tensor<T, 2> forward(const R& timesteps) const {
     return get_timestep_embedding<T>(timesteps, config.num_channels, config.flip_sin_to_cos,
                                      config.downscale_freq_shift, config.scale);
+  }
+};
+
+struct TimestepEmbeddingConfig {
+  std::size_t in_channels = 320;      // D (the sinusoid width)
+  std::size_t time_embed_dim = 1280;  // E (SD1.x: 4 · block_out_channels[0])
+  std::size_t out_dim = 0;            // 0: time_embed_dim (diffusers' out_dim=None)
+  bool sample_proj_bias = true;       // biases of linear_1 and linear_2
+};
+
+/// diffusers' TimestepEmbedding with act_fn "silu" (the UNet's `time_embedding`):
+/// y = linear_2(silu(linear_1(sample))), sample [B, D] → [B, out_dim or E].
+template <class T = float>
+class TimestepEmbedding {
+ public:
+  using Scalar = T;
+
+  TimestepEmbeddingConfig config;
+  Linear<T> linear_1;  // D → E
+  SiLU<T> act;
+  Linear<T> linear_2;  // E → out_dim or E
+
+  TimestepEmbedding() = default;
+  explicit TimestepEmbedding(const TimestepEmbeddingConfig& c)
+      : config(c),
+        linear_1(c.in_channels, c.time_embed_dim, c.sample_proj_bias),
+        linear_2(c.time_embed_dim, c.out_dim != 0 ? c.out_dim : c.time_embed_dim,
+                 c.sample_proj_bias) {}
+
+  std::size_t out_features() const { return linear_2.out_features(); }
+
+  /// Visits linear_1 and linear_2 as (full module name, Linear&).
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) {
+    visit(join_name(prefix, "linear_1"), linear_1);
+    visit(join_name(prefix, "linear_2"), linear_2);
+  }
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) const {
+    visit(join_name(prefix, "linear_1"), linear_1);
+    visit(join_name(prefix, "linear_2"), linear_2);
+  }
+
+  /// linear_1.weight, linear_1.bias, linear_2.weight, linear_2.bias.
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) {
+    linear_1.for_each_parameter(join_name(prefix, "linear_1"), visit);
+    linear_2.for_each_parameter(join_name(prefix, "linear_2"), visit);
+  }
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) const {
+    linear_1.for_each_parameter(join_name(prefix, "linear_1"), visit);
+    linear_2.for_each_parameter(join_name(prefix, "linear_2"), visit);
+  }
+
+  // y = W2 · silu(W1 · sample + b1) + b2, saving what backward needs.
+  Tensor<T, 2> forward(const Tensor<T, 2>& sample) {
+    check_input(sample);
+    return linear_2.forward(act.forward(linear_1.forward(sample)));
+  }
+  /// The same without saving anything.
+  Tensor<T, 2> forward_inference(const Tensor<T, 2>& sample) const {
+    check_input(sample);
+    return linear_2.forward_inference(act.forward_inference(linear_1.forward_inference(sample)));
+  }
+
+  /// dy [B, out] → d sample [B, D] (empty when !input_grad: the sinusoids need none);
+  /// accumulates (+=) the gradients of the trainable linear_1 / linear_2 parameters.
+  Tensor<T, 2> backward(const Tensor<T, 2>& dy, bool input_grad = true) {
+    return linear_1.backward(act.backward(linear_2.backward(dy)), input_grad);
+  }
+
+ private:
+  void check_input(const Tensor<T, 2>& sample) const {
+    check_shape("TimestepEmbedding::forward", "sample", sample.shape(),
+                {sample.shape()[0], config.in_channels});
   }
 };
 

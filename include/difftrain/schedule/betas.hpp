@@ -44,7 +44,7 @@ inline BetaSchedule parse_beta_schedule(std::string_view name) {
   if (name == "scaled_linear") return BetaSchedule::scaled_linear;
   if (name == "squaredcos_cap_v2") return BetaSchedule::squaredcos_cap_v2;
   if (name == "sigmoid") return BetaSchedule::sigmoid;
-  throw Error(detail::concat("beta_schedule: unknown value '", name,
+  throw Error(difftrain::detail::concat("beta_schedule: unknown value '", name,
                              "', expected linear, scaled_linear, squaredcos_cap_v2 or sigmoid"));
 }
 
@@ -121,10 +121,10 @@ inline std::vector<double> make_betas(BetaSchedule schedule, std::int64_t num_tr
       }
       default:
         throw Error(
-            detail::concat(fn, ": unknown BetaSchedule value ", static_cast<int>(schedule)));
+            difftrain::detail::concat(fn, ": unknown BetaSchedule value ", static_cast<int>(schedule)));
     }
   }
-  detail::check_betas_range(fn, detail::concat(to_string(schedule), " betas"), betas);
+  detail::check_betas_range(fn, difftrain::detail::concat(to_string(schedule), " betas"), betas);
   return betas;
 }
 

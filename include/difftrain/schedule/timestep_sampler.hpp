@@ -42,7 +42,7 @@ inline TimestepBiasStrategy parse_timestep_bias_strategy(std::string_view name) 
   if (name == "earlier") return TimestepBiasStrategy::earlier;
   if (name == "later") return TimestepBiasStrategy::later;
   if (name == "range") return TimestepBiasStrategy::range;
-  throw Error(detail::concat("timestep_bias_strategy: unknown value '", name,
+  throw Error(difftrain::detail::concat("timestep_bias_strategy: unknown value '", name,
                              "', expected none, earlier, later or range"));
 }
 

@@ -63,18 +63,23 @@ template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT
 class DiffusionTrainStep {
  public:
   /// The denoiser and the encoders are held by reference (the caller owns the models and their
-  /// optimizer); the scheduler, weighting and samplers by value.
+  /// optimizer); the scheduler, weighting and samplers by value. Timesteps uniform on [0, T).
   DiffusionTrainStep(SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
                      TextEncoderT& text_encoder, WeightingT weighting = {},
-                     std::optional<SamplerT> timestep_sampler = std::nullopt,
-                     NoiseT noise_sampler = {}, TrainStepOptions options = {})
+                     TrainStepOptions options = {})
+      : DiffusionTrainStep(scheduler, denoiser, latent_encoder, text_encoder, std::move(weighting),
+                           std::move(options), default_sampler(scheduler.num_train_timesteps())) {}
+
+  /// The same with a given timestep sampler and noise sampler.
+  DiffusionTrainStep(SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
+                     TextEncoderT& text_encoder, WeightingT weighting, TrainStepOptions options,
+                     SamplerT timestep_sampler, NoiseT noise_sampler = {})
       : scheduler_(std::move(scheduler)),
         denoiser_(denoiser),
         latent_encoder_(latent_encoder),
         text_encoder_(text_encoder),
         weighting_(std::move(weighting)),
-        sampler_(timestep_sampler ? std::move(*timestep_sampler)
-                                  : default_sampler(scheduler_.num_train_timesteps())),
+        sampler_(std::move(timestep_sampler)),
         noise_(std::move(noise_sampler)),
         options_(std::move(options)) {
     options_.noise.validate();
