@@ -114,7 +114,7 @@ void check_all_gradients(Attention<double>& attn, const Tensor3<double>& x0,
 
 TEST_CASE("Attention forward matches a naive per-element reference", "[nn][attention]") {
   for (const Sizes s : {Sizes{2, 7, 4, 6, 4, 3, 5}, Sizes{1, 5, 5, 8, 0, 2, 4},
-                        Sizes{2, 131, 3, 4, 5, 2, 3}, Sizes{1, 1, 1, 3, 2, 1, 1}}) {
+                        Sizes{2, 131, 33, 4, 5, 2, 3}, Sizes{1, 1, 1, 3, 2, 1, 1}}) {
     INFO("B " << s.B << " L " << s.L << " Lc " << s.Lc << " heads " << s.heads << "x"
               << s.dim_head);
     Attention<double> attn(AttentionConfig{s.Dq, s.Dc, s.heads, s.dim_head});
@@ -167,15 +167,18 @@ TEST_CASE("Attention gradients pass central-difference checks (self)", "[nn][att
   check_all_gradients(attn, x, x, true, 66);
 }
 
-TEST_CASE("Attention gradients span several query blocks", "[nn][attention]") {
-  // L = 131 > kQueryBlock: dK and dV accumulate over two blocks. A strided subset is checked.
+TEST_CASE("Attention gradients span several query blocks and threads", "[nn][attention]") {
+  // L = 131 > kQueryBlock: dK and dV accumulate over two blocks; the work is above the OpenMP
+  // threshold, so (b, h) jobs run on several threads. A strided subset is checked.
   static_assert(kQueryBlock < 131);
-  Attention<double> attn(AttentionConfig{4, 3, 2, 3});
+  const AttentionShape shape{2, 131, 33, 2, 4};
+  REQUIRE(shape.work() >= kAttentionParallelWork);
+  Attention<double> attn(AttentionConfig{8, 6, 2, 4});
   randomize(attn, 67);
-  Tensor3<double> x({1, 131, 4}), c({1, 5, 3});
+  Tensor3<double> x({2, 131, 8}), c({2, 33, 6});
   fill_random_normal(x, RandomStream{68, 0});
   fill_random_normal(c, RandomStream{68, 1});
-  check_all_gradients(attn, x, c, false, 69, 40);
+  check_all_gradients(attn, x, c, false, 69, 12);
 }
 
 TEST_CASE("Attention skips frozen projections and accumulates into trainable ones",

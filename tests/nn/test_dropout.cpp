@@ -16,11 +16,11 @@ TEST_CASE("Dropout with p = 0 or in eval mode is the identity", "[nn][dropout]")
   Tensor<double, 2> x({4, 9});
   fill_random_normal(x, RandomStream{1, 0});
   Dropout<double> none(0.0);
-  REQUIRE(none.forward(x, RandomStream{1, 1}) == x);
+  REQUIRE((none.forward(x, RandomStream{1, 1}) == x));
   Dropout<double> eval(0.5);
   eval.training = false;
-  REQUIRE(eval.forward(x, RandomStream{1, 1}) == x);
-  REQUIRE(eval.backward(x) == x);
+  REQUIRE((eval.forward(x, RandomStream{1, 1}) == x));
+  REQUIRE((eval.backward(x) == x));
   REQUIRE(eval.mask().empty());
 }
 
@@ -38,12 +38,12 @@ TEST_CASE("Dropout keeps element i iff uniform(i) >= p, scaled by 1/(1-p)", "[nn
   }
   // deterministic: same stream, same mask; a smaller tensor sees a prefix of the same mask
   Dropout<double> again(p);
-  REQUIRE(again.forward(x, rs) == y);
+  REQUIRE((again.forward(x, rs) == y));
   Tensor<double, 1> small = xt::ones<double>({10});
   auto ys = again.forward(small, rs);
   for (std::size_t i = 0; i < 10; ++i) REQUIRE(ys(i) == y.data()[i]);
   // another stream gives another mask
-  REQUIRE(again.forward(x, rs.derive(1, 0)) != y);
+  REQUIRE((again.forward(x, rs.derive(1, 0)) != y));
 }
 
 TEST_CASE("Dropout keep rate is 1-p and the expectation is preserved", "[nn][dropout]") {

@@ -10,7 +10,7 @@
 //
 // Error measure: |numeric − analytic| / max(|numeric|, |analytic|, floor), so large gradients are
 // compared relatively and tiny ones absolutely (to `floor`). The default stencil is the
-// fourth-order central difference (−L(x+2h) + 8L(x+h) − 8L(x−h) + L(x−2h)) / 12h: with h = 1e-4
+// fourth-order central difference (−L(x+2h) + 8L(x+h) − 8L(x−h) + L(x−2h)) / 12h: with h = 1e-3
 // its truncation error (~h⁴) and rounding error (~1e-16·|L| / h) both stay far below 1e-6.
 
 #include <algorithm>
@@ -28,7 +28,7 @@
 namespace difftrain::nn {
 
 struct GradCheckOptions {
-  double step = 1e-4;          // h
+  double step = 1e-3;          // h
   double floor = 1e-6;         // smallest denominator of the relative error
   bool fourth_order = true;    // false: the plain (L(x+h) − L(x−h)) / 2h
   std::size_t max_checks = 0;  // 0: every element; else an evenly strided subset of this size
