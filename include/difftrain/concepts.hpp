@@ -39,11 +39,13 @@ concept Denoiser = requires(D& d, const Tensor4<float>& x_t, std::span<const std
   d.backward(grad_pred);
 };
 
-/// A frozen map from In to Out: `encode(in)`. Declares `input_type` and `output_type`.
+/// A frozen map from In to Out: `encode(in)`. Declares `input_type` and `output_type`, which
+/// must be exactly In and Out (xtensor converts between tensor types implicitly, so
+/// convertibility alone would admit an image encoder as a text encoder).
 template <class E, class In, class Out>
 concept EncoderOf = requires(E& e, const In& in) {
-  typename E::input_type;
-  typename E::output_type;
+  requires std::same_as<typename E::input_type, In>;
+  requires std::same_as<typename E::output_type, Out>;
   { e.encode(in) } -> std::convertible_to<Out>;
 };
 

@@ -178,3 +178,26 @@ TEST_CASE("float_to_bf16 is the nearest bf16 (ties to even), by brute force over
             (static_cast<std::uint32_t>(expected) << 16));
   }
 }
+
+TEST_CASE("float8 decoding: E4M3FN and E5M2 hand-computed patterns") {
+  CHECK(f8_e4m3_to_float(0x38) == 1.0f);                  // 0.0111.000
+  CHECK(f8_e4m3_to_float(0xC0) == -2.0f);                 // 1.1000.000
+  CHECK(f8_e4m3_to_float(0x7E) == 448.0f);                // largest finite 1.75 · 2^8
+  CHECK(f8_e4m3_to_float(0x08) == std::ldexp(1.0f, -6));  // smallest normal
+  CHECK(f8_e4m3_to_float(0x01) == std::ldexp(1.0f, -9));  // smallest subnormal
+  CHECK(f8_e4m3_to_float(0x07) == std::ldexp(7.0f, -9));  // largest subnormal
+  CHECK(f8_e4m3_to_float(0x78) == 256.0f);                // exponent 15 is finite in FN
+  CHECK(std::isnan(f8_e4m3_to_float(0x7F)));
+  CHECK(std::isnan(f8_e4m3_to_float(0xFF)));
+  CHECK(std::signbit(f8_e4m3_to_float(0x80)));
+  CHECK(f8_e5m2_to_float(0x3C) == 1.0f);
+  CHECK(f8_e5m2_to_float(0x7B) == 57344.0f);               // largest finite 1.75 · 2^15
+  CHECK(f8_e5m2_to_float(0x01) == std::ldexp(1.0f, -16));  // smallest subnormal
+  CHECK(f8_e5m2_to_float(0xFC) == -std::numeric_limits<float>::infinity());
+  CHECK(std::isnan(f8_e5m2_to_float(0x7D)));
+  // Every E4M3 pattern is monotone in its magnitude bits (a structural check of the decoder).
+  for (int b = 1; b < 0x7F; ++b) {
+    REQUIRE(f8_e4m3_to_float(static_cast<std::uint8_t>(b)) >
+            f8_e4m3_to_float(static_cast<std::uint8_t>(b - 1)));
+  }
+}

@@ -276,17 +276,26 @@ TEST_CASE("F64, small integer dtypes and BOOL convert as documented") {
                       Contains("has 1 values, expected 2"));
 }
 
-TEST_CASE("a BOOL byte other than 0 or 1 and an unconverted dtype are read errors") {
+TEST_CASE("a BOOL byte other than 0 or 1 and an unconverted dtype are read errors; F8 decodes") {
   TempDir dir;
   const std::string path = dir.file("b.safetensors");
   const std::string header = R"({"b":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]},)"
-                             R"("f8":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[3,5]}})";
-  write_bytes(path, file_bytes(header, std::string("\x01\x00\x02\x38\x40", 5)));
+                             R"("f8":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[3,5]},)"
+                             R"("e5":{"dtype":"F8_E5M2","shape":[2],"data_offsets":[5,7]},)"
+                             R"("c":{"dtype":"C64","shape":[1],"data_offsets":[7,15]}})";
+  write_bytes(path, file_bytes(header, std::string("\x01\x00\x02\x38\xC0\x3C\x7C", 7) +
+                                           std::string(8, '\0')));
   const auto file = SafetensorsFile::open(path);
   REQUIRE_THROWS_WITH(file.read<float>("b"), Contains("byte 2 at element 2"));
-  REQUIRE_THROWS_WITH(file.read<float>("f8"), Contains("F8_E4M3") && Contains("raw()"));
-  CHECK(file.raw("f8").size() == 2);
-  CHECK(std::to_integer<int>(file.raw("f8")[1]) == 0x40);
+  // E4M3: 0x38 = 0.0111.000 = 1.0, 0xC0 = 1.1000.000 = -2.0; E5M2: 0x3C = 1.0, 0x7C = inf.
+  CHECK(file.read<float>("f8") == std::vector<float>{1.0f, -2.0f});
+  const auto e5 = file.read<double>("e5");
+  CHECK(e5[0] == 1.0);
+  CHECK(std::isinf(e5[1]));
+  REQUIRE_THROWS_WITH(file.read<int>("f8"), Contains("integer type I32"));
+  REQUIRE_THROWS_WITH(file.read<float>("c"), Contains("C64") && Contains("raw()"));
+  CHECK(file.raw("c").size() == 8);
+  CHECK(std::to_integer<int>(file.raw("f8")[1]) == 0xC0);
 }
 
 TEST_CASE("rank-0 and empty tensors round trip") {
@@ -588,6 +597,9 @@ TEST_CASE("reads the golden unet_tiny inputs written by safetensors' own writer"
   CHECK(file.info("timestep").shape == std::vector<std::size_t>{2});
   CHECK(file.read<std::int64_t>("timestep") == std::vector<std::int64_t>{877, 469});
   CHECK(file.read<float>("timestep") == std::vector<float>{877.0f, 469.0f});
+  // safetensors' writer pads the header to 8 bytes: zero-copy views work on its files too.
+  CHECK(file.view<std::int64_t>("timestep")[1] == 469);
+  CHECK(file.view<float>("sample").size() == 2 * 4 * 16 * 16);
   CHECK(file.metadata().at("generator") == "make_unet_case.py");
   CHECK(file.metadata().at("compute_dtype") == "float64");
 

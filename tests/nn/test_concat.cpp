@@ -9,8 +9,7 @@
 using namespace difftrain;
 using namespace difftrain::nn;
 
-TEMPLATE_TEST_CASE("concat_channels puts a's channels before b's", "[nn][concat]", float,
-                   double) {
+TEMPLATE_TEST_CASE("concat_channels puts a's channels before b's", "[nn][concat]", float, double) {
   Tensor4<TestType> a({2, 1, 1, 2}), b({2, 2, 1, 2});
   a = {{{{1, 2}}}, {{{3, 4}}}};
   b = {{{{10, 11}}, {{12, 13}}}, {{{20, 21}}, {{22, 23}}}};
@@ -44,8 +43,7 @@ TEST_CASE("concat_channels backward splits dy exactly and passes a gradient chec
   REQUIRE(rb.max_error <= 1e-6);
 }
 
-TEST_CASE("concat_channels handles an empty part and rejects mismatched shapes",
-          "[nn][concat]") {
+TEST_CASE("concat_channels handles an empty part and rejects mismatched shapes", "[nn][concat]") {
   Tensor4<float> a({1, 2, 3, 3}), empty({1, 0, 3, 3});
   a.fill(1.5f);
   auto y = concat_channels_forward(a, empty);

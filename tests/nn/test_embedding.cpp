@@ -1,7 +1,6 @@
 // Token and position embeddings: gather forward by hand, scatter-add backward with repeated ids,
 // gradient checks in double, accumulation, frozen weight, parameter names, range errors.
 #include <catch2/catch.hpp>
-
 #include <map>
 #include <string>
 
@@ -51,8 +50,7 @@ TEST_CASE("Embedding weight gradient passes a central-difference check", "[nn][e
   REQUIRE(r.max_error <= 1e-6);
 }
 
-TEST_CASE("Embedding names its weight, loads state, and skips a frozen weight",
-          "[nn][embedding]") {
+TEST_CASE("Embedding names its weight, loads state, and skips a frozen weight", "[nn][embedding]") {
   Embedding<float> emb(EmbeddingConfig{5, 2});
   auto named = named_parameters<float>(emb);
   REQUIRE(named.size() == 1);

@@ -1,7 +1,6 @@
 // Softmax over the last dim: closed forms (uniform, hand-computed ratios), numerical stability at
 // huge logits, shift invariance, gradient check in double, float vs double, shape errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <vector>
 
@@ -25,8 +24,8 @@ TEMPLATE_TEST_CASE("softmax of equal logits is uniform", "[nn][softmax]", float,
   }
 }
 
-TEMPLATE_TEST_CASE("softmax matches hand-computed ratios and survives huge logits",
-                   "[nn][softmax]", float, double) {
+TEMPLATE_TEST_CASE("softmax matches hand-computed ratios and survives huge logits", "[nn][softmax]",
+                   float, double) {
   // exp(0) : exp(ln 2) : exp(ln 3) = 1 : 2 : 3; the same ratios shifted by ±1000 (exp overflows
   // or underflows without the max subtraction).
   const double l2 = std::log(2.0), l3 = std::log(3.0);
@@ -93,7 +92,7 @@ TEST_CASE("softmax_backward rejects mismatched shapes", "[nn][softmax]") {
   y.fill(1.0 / 3);
   dy.fill(0);
   REQUIRE_THROWS_AS(softmax_backward(y, dy), Error);
-  REQUIRE_THROWS_WITH(softmax_backward(y, dy),
-                      Catch::Contains("softmax_backward") && Catch::Contains("[2,4]") &&
-                          Catch::Contains("[2,3]"));
+  REQUIRE_THROWS_WITH(softmax_backward(y, dy), Catch::Contains("softmax_backward") &&
+                                                   Catch::Contains("[2,4]") &&
+                                                   Catch::Contains("[2,3]"));
 }

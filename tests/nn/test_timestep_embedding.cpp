@@ -3,7 +3,6 @@
 // double-precision arguments at t = 999, errors. TimestepEmbedding (linear_1 → SiLU → linear_2):
 // gradient checks, names, frozen parameters, float vs double.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -36,10 +35,9 @@ TEST_CASE("timestep embedding matches hand-computed frequencies", "[nn][timestep
   // 10, 1, 0.1, 0.01. Values of sin/cos from a table (not from std::sin).
   const std::vector<double> t = {10.0};
   auto emb = get_timestep_embedding<double>(t, 8, false, 0.0);
-  const std::vector<double> expected = {-0.5440211108893698,  0.8414709848078965,
-                                        0.09983341664682815,  0.009999833334166664,
-                                        -0.8390715290764524,  0.5403023058681398,
-                                        0.9950041652780258,   0.9999500004166653};
+  const std::vector<double> expected = {
+      -0.5440211108893698, 0.8414709848078965, 0.09983341664682815, 0.009999833334166664,
+      -0.8390715290764524, 0.5403023058681398, 0.9950041652780258,  0.9999500004166653};
   REQUIRE_CLOSE(emb, expected, 1e-14, 1e-15);
   // flip_sin_to_cos swaps the halves
   auto flipped = get_timestep_embedding<double>(t, 8, true, 0.0);
@@ -52,8 +50,7 @@ TEST_CASE("timestep embedding matches hand-computed frequencies", "[nn][timestep
   REQUIRE_CLOSE(get_timestep_embedding<double>(five, 8, false, 0.0, 2.0), emb, 1e-14, 1e-15);
 }
 
-TEST_CASE("timestep embedding of the SD1.x UNet (dim 320, [cos, sin], shift 0)",
-          "[nn][timestep]") {
+TEST_CASE("timestep embedding of the SD1.x UNet (dim 320, [cos, sin], shift 0)", "[nn][timestep]") {
   // half = 160, f_k = exp(−ln(10000)·k/160); f_80 = 10000^(−1/2) = 0.01, so t = 500 gives the
   // angle 5 at k = 80: emb[80] = cos 5, emb[240] = sin 5.
   Timesteps time_proj{TimestepsConfig{320, true, 0.0, 1.0}};
@@ -91,8 +88,13 @@ TEST_CASE("timestep embedding shift, odd dims, float timesteps and errors", "[nn
   // f = 1, 0.01, 0.0001; the 7th column is zero padding.
   const std::vector<float> t = {2.5f};
   auto emb = get_timestep_embedding<double>(t, 7);
-  const std::vector<double> expected = {std::sin(2.5), std::sin(0.025), std::sin(0.00025),
-                                        std::cos(2.5), std::cos(0.025), std::cos(0.00025), 0.0};
+  const std::vector<double> expected = {std::sin(2.5),
+                                        std::sin(0.025),
+                                        std::sin(0.00025),
+                                        std::cos(2.5),
+                                        std::cos(0.025),
+                                        std::cos(0.00025),
+                                        0.0};
   REQUIRE_CLOSE(emb, expected, 1e-13, 1e-16);
   auto one = get_timestep_embedding<double>(t, 1);  // half 0: only the padding
   REQUIRE(one.shape() == std::array<std::size_t, 2>{1, 1});
@@ -102,8 +104,7 @@ TEST_CASE("timestep embedding shift, odd dims, float timesteps and errors", "[nn
   REQUIRE_THROWS_WITH(get_timestep_embedding<float>(t, 2, false, 1.0),
                       Catch::Contains("downscale_freq_shift is 1"));
   const std::vector<double> bad = {1.0, std::nan("")};
-  REQUIRE_THROWS_WITH(get_timestep_embedding<float>(bad, 4),
-                      Catch::Contains("timestep 1 is nan"));
+  REQUIRE_THROWS_WITH(get_timestep_embedding<float>(bad, 4), Catch::Contains("timestep 1 is nan"));
 }
 
 namespace {
@@ -179,7 +180,8 @@ TEST_CASE("TimestepEmbedding names, frozen parameters, float vs double and error
   te.forward(x);
   auto dx = te.backward(w);
   REQUIRE(te.linear_1.weight.grad.dimension() == 0);
-  auto r = check_gradient(te.linear_1.bias, [&] { return weighted_sum(te.forward_inference(x), w); });
+  auto r =
+      check_gradient(te.linear_1.bias, [&] { return weighted_sum(te.forward_inference(x), w); });
   INFO(r.message);
   REQUIRE(r.max_error <= 1e-6);
 

@@ -9,7 +9,8 @@ using namespace difftrain;
 
 namespace {
 // Pearson's chi-square of counts against expected probabilities.
-double chi_square(const std::vector<std::size_t>& counts, const std::vector<double>& p, std::size_t n) {
+double chi_square(const std::vector<std::size_t>& counts, const std::vector<double>& p,
+                  std::size_t n) {
   double chi = 0;
   for (std::size_t i = 0; i < counts.size(); ++i) {
     const double e = p[i] * double(n);
@@ -44,7 +45,8 @@ TEST_CASE("UniformTimesteps: inside [min, max), uniform, deterministic in the st
   REQUIRE_THROWS_AS(UniformTimesteps(1000, -1, 10), Error);
 }
 
-TEST_CASE("BiasedTimesteps: diffusers' weights for later/earlier/range, and sampling follows them") {
+TEST_CASE(
+    "BiasedTimesteps: diffusers' weights for later/earlier/range, and sampling follows them") {
   TimestepBiasOptions later;
   later.strategy = TimestepBiasStrategy::later;
   later.multiplier = 2.0;

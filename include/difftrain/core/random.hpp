@@ -18,9 +18,21 @@
 
 #include <xsimd/xsimd.hpp>
 
+#include "difftrain/core/error.hpp"
 #include "difftrain/core/philox.hpp"
 
 namespace difftrain {
+
+namespace random_detail {
+// SplitMix64's finalizer: a bijection on 64-bit words that mixes every input bit into every
+// output bit.
+constexpr std::uint64_t mix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace random_detail
 
 /// An independent random sequence: the seed is the Philox key, the stream the upper half of
 /// the counter. Use `derive` for sub-streams (a training step, a purpose).
@@ -28,9 +40,12 @@ struct RandomStream {
   std::uint64_t seed = 0;
   std::uint64_t stream = 0;
 
-  /// A different, independent stream: (step, purpose) packed into the stream number.
+  /// A sub-stream for (step, purpose): the stream number is hashed with each in turn. For a fixed
+  /// parent, different steps (or purposes) give different streams (each hash is a bijection);
+  /// across other combinations a coincidence has probability 2^-64.
   [[nodiscard]] constexpr RandomStream derive(std::uint64_t step, std::uint32_t purpose) const {
-    return {seed, (stream << 40) ^ (step << 8) ^ purpose};
+    using random_detail::mix64;
+    return {seed, mix64(mix64(mix64(stream) ^ step) ^ purpose)};
   }
 };
 
@@ -144,9 +159,11 @@ inline std::uint32_t random_bits(RandomStream rs, std::uint64_t index) {
 }
 
 /// A uniform integer in [low, high) from element i's word (multiply-shift; its bias is at most
-/// (high - low) / 2^32, below 3e-7 for 1000 timesteps).
+/// (high - low) / 2^32, below 3e-7 for 1000 timesteps). The range must hold 1 to 2^32 values.
 inline std::int64_t uniform_int(RandomStream rs, std::uint64_t index, std::int64_t low,
                                 std::int64_t high) {
+  require(low < high && static_cast<std::uint64_t>(high - low) <= (std::uint64_t{1} << 32),
+          "uniform_int", "range [", low, ", ", high, ") must hold 1 to 2^32 values");
   const auto range = static_cast<std::uint64_t>(high - low);
   return low + static_cast<std::int64_t>((std::uint64_t{random_bits(rs, index)} * range) >> 32);
 }

@@ -1,9 +1,10 @@
 #pragma once
 // 16-bit floats as stored in safetensors files: IEEE binary16 ("F16": 1 sign, 5 exponent,
-// 10 mantissa bits, bias 15) and bfloat16 ("BF16": the upper half of a binary32). Widening to
-// float is exact for every bit pattern (subnormals, ±inf, NaN payloads). Narrowing rounds to
-// nearest, ties to even, in one step from the exact input (no double rounding through float
-// when the input is a double); overflow gives ±inf, NaN stays a quiet NaN of the same sign.
+// 10 mantissa bits, bias 15) and bfloat16 ("BF16": the upper half of a binary32); also the
+// decoding (only) of the two OCP float8 formats found in fp8 checkpoints (F8_E4M3, F8_E5M2).
+// Widening to float is exact for every bit pattern (subnormals, ±inf, NaN payloads). Narrowing
+// rounds to nearest, ties to even, in one step from the exact input (no double rounding through
+// float when the input is a double); overflow gives ±inf, NaN stays a quiet NaN of the same sign.
 
 #include <bit>
 #include <cmath>
@@ -84,6 +85,25 @@ constexpr float f16_to_float(std::uint16_t h) {
 /// bfloat16 bits → float, exact: the bits are the upper half of the binary32.
 constexpr float bf16_to_float(std::uint16_t b) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
+}
+
+/// OCP float8 E4M3FN bits → float, exact (read-only: fp8 checkpoints). Bias 7, no infinities,
+/// S.1111.111 is NaN: subnormal m·2^-9, normal (1 + m/8)·2^(e − 7), largest 448.
+constexpr float f8_e4m3_to_float(std::uint8_t b) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(b & 0x80u) << 24;
+  const std::uint32_t exp = (b >> 3) & 0xFu;
+  const std::uint32_t mantissa = b & 0x7u;
+  if (exp == 0xF && mantissa == 0x7) return std::bit_cast<float>(sign | 0x7FC00000u);
+  if (exp == 0) {
+    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;  // m · 2^-9, exact
+    return sign ? -magnitude : magnitude;
+  }
+  return std::bit_cast<float>(sign | ((exp - 7 + 127) << 23) | (mantissa << 20));
+}
+
+/// OCP float8 E5M2 bits → float, exact: the upper byte of a binary16 (inf and NaN included).
+constexpr float f8_e5m2_to_float(std::uint8_t b) {
+  return f16_to_float(static_cast<std::uint16_t>(static_cast<std::uint16_t>(b) << 8));
 }
 
 /// double → binary16 bits, round to nearest even; |x| >= 65520 → ±inf; NaN → quiet NaN.

@@ -8,12 +8,13 @@
 //
 // Reading converts between element types as follows (read<T>, read_into, read_tensor):
 //   T floating (float, double): from F16, BF16, F32, F64 (F64 → float rounds to nearest),
+//     from F8_E4M3 and F8_E5M2 (OCP float8, exact),
 //     from every integer dtype (static_cast; I64 timesteps read as float), from BOOL as 0 / 1.
 //   T integral (int8_t ... uint64_t, not bool): from integer dtypes when every value fits in T
 //     (otherwise Error naming the element), from BOOL as 0 / 1. Floating dtypes are refused:
 //     a float → integer conversion would have to pick a rounding, so the caller does it.
-//   BOOL bytes must be 0 or 1. F4, F6_*, F8_* and C64 are validated and reachable via raw() but
-//   not converted.
+//   BOOL bytes must be 0 or 1. F4, F6_*, F8_E8M0, the FNUZ float8 variants and C64 are validated
+//   and reachable via raw() but not converted.
 // Writing (TensorToWrite::from_span / from_tensor) converts the same way in the other direction;
 // float → F16 / BF16 rounds to nearest even (see half.hpp).
 //
@@ -691,6 +692,12 @@ void SafetensorsFile::read_into(std::string_view name, std::span<T> out) const {
     case Dtype::BF16:
       floating([](std::uint16_t b) { return bf16_to_float(b); }, std::uint16_t{});
       break;
+    case Dtype::F8_E4M3:
+      floating([](std::uint8_t b) { return f8_e4m3_to_float(b); }, std::uint8_t{});
+      break;
+    case Dtype::F8_E5M2:
+      floating([](std::uint8_t b) { return f8_e5m2_to_float(b); }, std::uint8_t{});
+      break;
     case Dtype::I8:
       convert(std::int8_t{}, same);
       break;
@@ -916,6 +923,7 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   constexpr std::string_view kFunction = "save_safetensors";
   using safetensors_detail::errno_text;
 
+  require(!path.empty(), kFunction, "the path is empty");
   std::vector<const TensorToWrite*> order;
   order.reserve(tensors.size());
   for (const TensorToWrite& t : tensors) {
@@ -963,10 +971,15 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   const std::uint64_t header_size = text.size();
 
   // Unique temporary name in the target's folder, so that rename() is atomic.
+  // O_EXCL never reuses a leftover file; a stale one (same pid, crashed run) is skipped.
   static std::atomic<std::uint64_t> counter{0};
-  const std::string temporary =
-      difftrain::detail::concat(path, ".tmp.", ::getpid(), ".", counter++);
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  std::string temporary;
+  int fd = -1;
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    temporary = difftrain::detail::concat(path, ".tmp.", ::getpid(), ".", counter++);
+    fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) break;
+  }
   if (fd < 0) {
     throw Error(difftrain::detail::concat(kFunction, ": cannot create '", temporary, "' to write '",
                                           path, "': ", errno_text(errno)));

@@ -18,13 +18,13 @@
 // [B, Hn, L, Lc] probabilities (memory O(B·L·I) rather than O(B·Hn·L·Lc); one extra GEMM).
 // Frozen projections get no gradient, and it is not computed (Linear skips it).
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
-
-#include <Eigen/Core>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
@@ -46,11 +46,11 @@ inline constexpr std::size_t kAttentionParallelWork = std::size_t(1) << 16;
 
 /// Sizes of one scaled-dot-product attention call over head-interleaved buffers.
 struct AttentionShape {
-  std::size_t batch = 0;    // B
-  std::size_t queries = 0;  // L
-  std::size_t keys = 0;     // Lc
-  std::size_t heads = 0;    // Hn
-  std::size_t head_dim = 0; // Hd
+  std::size_t batch = 0;     // B
+  std::size_t queries = 0;   // L
+  std::size_t keys = 0;      // Lc
+  std::size_t heads = 0;     // Hn
+  std::size_t head_dim = 0;  // Hd
   std::size_t inner() const { return heads * head_dim; }
   // multiply-adds of S = QKᵀ and O = PV
   std::size_t work() const { return 2 * batch * heads * queries * keys * head_dim; }
@@ -144,9 +144,9 @@ void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T*
 // dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS K, dK = scale·dSᵀ Q.
 // dq, dk, dv are overwritten.
 template <class T>
-void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, const T* d_o,
-                                           T* dq, T* dk, T* dv, const AttentionShape& s,
-                                           T scale, AttentionWorkspace<T>& ws) {
+void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, const T* d_o, T* dq,
+                                           T* dk, T* dv, const AttentionShape& s, T scale,
+                                           AttentionWorkspace<T>& ws) {
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, true);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
@@ -198,22 +198,26 @@ struct AttentionGrads {
   Tensor3<T> context;
 };
 
-template <class T = float>
+/// Projection is the type of the four projections: Linear<T>, or any wrapper constructible from
+/// a Linear<T> with the same tensor API (forward, forward_inference, backward(dy, input_grad),
+/// for_each_parameter), e.g. a LoRA slot (lora::LinearSlot<T>), so a model can hold adaptable
+/// attentions without nn depending on lora.
+template <class T = float, class Projection = Linear<T>>
 class Attention {
  public:
   using Scalar = T;
 
   AttentionConfig config;
-  Linear<T> to_q, to_k, to_v;  // module names "to_q", "to_k", "to_v"
-  Linear<T> to_out;            // module name "to_out.0" (diffusers' ModuleList index 0)
+  Projection to_q, to_k, to_v;  // module names "to_q", "to_k", "to_v"
+  Projection to_out;            // module name "to_out.0" (diffusers' ModuleList index 0)
 
   Attention() = default;
   explicit Attention(const AttentionConfig& c)
       : config(checked(c)),
-        to_q(c.query_dim, c.heads * c.dim_head, c.bias),
-        to_k(context_dim(c), c.heads * c.dim_head, c.bias),
-        to_v(context_dim(c), c.heads * c.dim_head, c.bias),
-        to_out(c.heads * c.dim_head, c.query_dim, c.out_bias) {}
+        to_q(Linear<T>(c.query_dim, c.heads * c.dim_head, c.bias)),
+        to_k(Linear<T>(context_dim(c), c.heads * c.dim_head, c.bias)),
+        to_v(Linear<T>(context_dim(c), c.heads * c.dim_head, c.bias)),
+        to_out(Linear<T>(c.heads * c.dim_head, c.query_dim, c.out_bias)) {}
 
   std::size_t inner_dim() const { return config.heads * config.dim_head; }
   std::size_t context_dim() const { return context_dim(config); }
@@ -221,34 +225,55 @@ class Attention {
   // 1/√Hd (diffusers: scale_qk, dim_head**-0.5)
   T scale() const { return T(1) / std::sqrt(static_cast<T>(config.dim_head)); }
 
-  /// Visits to_q, to_k, to_v, to_out.0 as (full module name, Linear&), the names a LoRA
+  /// Visits to_q, to_k, to_v, to_out.0 as (full module name, Projection&), the names a LoRA
   /// injection matches ("…attn1.to_q", "…attn2.to_out.0").
   template <class F>
-  void for_each_linear(const std::string& prefix, F&& visit) {
+  void for_each_projection(const std::string& prefix, F&& visit) {
     visit(join_name(prefix, "to_q"), to_q);
     visit(join_name(prefix, "to_k"), to_k);
     visit(join_name(prefix, "to_v"), to_v);
     visit(join_name(prefix, "to_out.0"), to_out);
   }
   template <class F>
-  void for_each_linear(const std::string& prefix, F&& visit) const {
+  void for_each_projection(const std::string& prefix, F&& visit) const {
     visit(join_name(prefix, "to_q"), to_q);
     visit(join_name(prefix, "to_k"), to_k);
     visit(join_name(prefix, "to_v"), to_v);
     visit(join_name(prefix, "to_out.0"), to_out);
   }
 
+  /// The same as (name, Linear<T>&): the projection itself, or the Linear a wrapper exposes as
+  /// base().
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) {
+    for_each_projection(prefix,
+                        [&](const std::string& name, Projection& p) { visit(name, linear_of(p)); });
+  }
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& visit) const {
+    for_each_projection(
+        prefix, [&](const std::string& name, const Projection& p) { visit(name, linear_of(p)); });
+  }
+
+  /// LoRA slots (lora::HasLoraSlots), when the projections are slots: forwards to each
+  /// projection's for_each_slot under its module name.
+  template <class F>
+  requires requires(Projection& p, const std::string& name, F& f) { p.for_each_slot(name, f); }
+  void for_each_slot(const std::string& prefix, F&& visit) {
+    for_each_projection(
+        prefix, [&](const std::string& name, Projection& p) { p.for_each_slot(name, visit); });
+  }
+
   /// to_q.weight, to_k.weight, to_v.weight, to_out.0.weight, to_out.0.bias (diffusers order).
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& visit) {
-    for_each_linear(prefix, [&](const std::string& name, Linear<T>& lin) {
-      lin.for_each_parameter(name, visit);
-    });
+    for_each_projection(
+        prefix, [&](const std::string& name, Projection& p) { p.for_each_parameter(name, visit); });
   }
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& visit) const {
-    for_each_linear(prefix, [&](const std::string& name, const Linear<T>& lin) {
-      lin.for_each_parameter(name, visit);
+    for_each_projection(prefix, [&](const std::string& name, const Projection& p) {
+      p.for_each_parameter(name, visit);
     });
   }
 
@@ -292,10 +317,19 @@ class Attention {
   void clear_saved() {
     q_ = k_ = v_ = Tensor3<T>();
     saved_ = false;
-    for_each_linear("", [](const std::string&, Linear<T>& lin) { lin.clear_saved(); });
+    for_each_projection("", [](const std::string&, Projection& p) {
+      if constexpr (requires { p.clear_saved(); }) p.clear_saved();
+    });
   }
 
  private:
+  static Linear<T>& linear_of(Linear<T>& p) { return p; }
+  static const Linear<T>& linear_of(const Linear<T>& p) { return p; }
+  template <class P>
+  requires(!std::is_same_v<std::remove_cv_t<P>, Linear<T>>) static auto& linear_of(P& p) {
+    return p.base();
+  }
+
   static std::size_t context_dim(const AttentionConfig& c) {
     return c.cross_attention_dim != 0 ? c.cross_attention_dim : c.query_dim;
   }

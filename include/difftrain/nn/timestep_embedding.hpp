@@ -32,9 +32,8 @@ namespace difftrain::nn {
 // numbers (int64 or floating), one per sample → [B, D]. Defaults are diffusers'.
 template <class T, std::ranges::forward_range R>
 Tensor<T, 2> get_timestep_embedding(const R& timesteps, std::size_t embedding_dim,
-                                    bool flip_sin_to_cos = false,
-                                    double downscale_freq_shift = 1.0, double scale = 1.0,
-                                    double max_period = 10000.0) {
+                                    bool flip_sin_to_cos = false, double downscale_freq_shift = 1.0,
+                                    double scale = 1.0, double max_period = 10000.0) {
   constexpr const char* fn = "get_timestep_embedding";
   const std::size_t dim = embedding_dim, half = dim / 2;
   require(dim > 0, fn, "embedding_dim is 0, expected at least 1");

@@ -153,7 +153,7 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       }
       if (!value.is_number_integer() || steps < 2 || steps > max_train_timesteps) {
         detail::throw_bad_config_value(
-            key, value, difftrain::detail::concat("an integer in [2, ", max_train_timesteps, "]"));
+            key, value, detail::concat("an integer in [2, ", max_train_timesteps, "]"));
       }
       config.num_train_timesteps = steps;
     } else if (key == "beta_start") {
@@ -168,7 +168,7 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       try {
         config.beta_schedule = parse_beta_schedule(value.get<std::string>());
       } catch (const Error& e) {
-        throw Error(difftrain::detail::concat(fn, ": ", e.what()));
+        throw Error(detail::concat(fn, ": ", e.what()));
       }
     } else if (key == "prediction_type") {
       if (!value.is_string()) {
@@ -177,7 +177,7 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       try {
         config.prediction_type = parse_prediction_type(value.get<std::string>());
       } catch (const Error& e) {
-        throw Error(difftrain::detail::concat(fn, ": ", e.what()));
+        throw Error(detail::concat(fn, ": ", e.what()));
       }
     } else if (key == "rescale_betas_zero_snr") {
       if (!value.is_boolean()) detail::throw_bad_config_value(key, value, "true or false");
@@ -195,14 +195,14 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       for (std::size_t i = 0; i < value.size(); ++i) {
         const auto& beta = value[i];
         if (!beta.is_number() || !(beta.get<double>() > 0.0 && beta.get<double>() <= 1.0)) {
-          throw Error(difftrain::detail::concat(fn, ": key 'trained_betas' has value ", beta.dump(),
+          throw Error(detail::concat(fn, ": key 'trained_betas' has value ", beta.dump(),
                                      " at index ", i, ", expected a number in (0, 1]"));
         }
         config.trained_betas.push_back(beta.get<double>());
       }
     } else if (!(value.is_null() || (value.is_boolean() && !value.get<bool>()))) {
       throw Error(
-          difftrain::detail::concat(fn, ": unknown key '", key, "' with value ", value.dump(),
+          detail::concat(fn, ": unknown key '", key, "' with value ", value.dump(),
                          " (neither a DDPM training key nor an inference-only key; an unknown key "
                          "is accepted only as null or false)"));
     }
@@ -222,12 +222,12 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_file(const std::string& pat
   try {
     json = nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", path, "' is not valid JSON: ", e.what()));
+    throw Error(detail::concat(fn, ": '", path, "' is not valid JSON: ", e.what()));
   }
   try {
     return from_json(json);
   } catch (const Error& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", path, "': ", e.what()));
+    throw Error(detail::concat(fn, ": '", path, "': ", e.what()));
   }
 }
 

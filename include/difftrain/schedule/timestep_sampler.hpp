@@ -43,7 +43,7 @@ inline TimestepBiasStrategy parse_timestep_bias_strategy(std::string_view name) 
   if (name == "later") return TimestepBiasStrategy::later;
   if (name == "range") return TimestepBiasStrategy::range;
   throw Error(difftrain::detail::concat("timestep_bias_strategy: unknown value '", name,
-                             "', expected none, earlier, later or range"));
+                                        "', expected none, earlier, later or range"));
 }
 
 struct TimestepBiasOptions {

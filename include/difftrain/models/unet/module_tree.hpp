@@ -1,0 +1,153 @@
+#pragma once
+// A model as a tree of named nn layers, walked once per block; shapes without allocation.
+//
+// Every UNet block describes its structure in one place, a static `walk(self, prefix, f)` that
+// calls f(full_name, layer, layer_config) for each nn layer it owns (nn::Linear, nn::Conv2d,
+// nn::GroupNorm, nn::LayerNorm, nn::Attention, nn::GEGLU, nn::TimestepEmbedding), in diffusers'
+// order, and forwards f to the walks of its child blocks. CompositeModule<Derived> derives from
+// that single walk:
+//   for_each_parameter(prefix, visit(name, Parameter&))     the nn::Module interface
+//   for_each_parameter_shape(prefix, visit(name, shape))    from the layer configs only
+//   for_each_linear(prefix, f(name, nn::Linear&))           LoRA targets by module name
+//   for_each_conv2d(prefix, f(name, nn::Conv2d&))
+// A block built with Allocation::shapes_only keeps its layer configs but default-constructs
+// its layers (no parameter storage), so the 860M-parameter SD 1.5 UNet can be enumerated with
+// names and shapes for a few kilobytes; such a model refuses forward.
+//
+// parameter_shapes(layer_config, prefix, visit) restates, for each nn layer, the names and
+// shapes its constructor creates; the tests compare both enumerations on allocated models.
+
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "difftrain/nn/activations.hpp"
+#include "difftrain/nn/attention.hpp"
+#include "difftrain/nn/conv2d.hpp"
+#include "difftrain/nn/group_norm.hpp"
+#include "difftrain/nn/layer_norm.hpp"
+#include "difftrain/nn/linear.hpp"
+#include "difftrain/nn/parameter.hpp"
+#include "difftrain/nn/timestep_embedding.hpp"
+
+namespace difftrain::models {
+
+/// Whether a model allocates its parameters or only records their shapes.
+enum class Allocation { parameters, shapes_only };
+
+using ParameterShape = std::vector<std::size_t>;
+
+// ---- names and shapes each nn layer creates, from its config ----
+
+template <class V>
+void parameter_shapes(const nn::LinearConfig& c, const std::string& prefix, V&& visit) {
+  visit(nn::join_name(prefix, "weight"), ParameterShape{c.out_features, c.in_features});
+  if (c.bias) visit(nn::join_name(prefix, "bias"), ParameterShape{c.out_features});
+}
+template <class V>
+void parameter_shapes(const nn::Conv2dConfig& c, const std::string& prefix, V&& visit) {
+  visit(nn::join_name(prefix, "weight"),
+        ParameterShape{c.out_channels, c.in_channels, c.kernel_size, c.kernel_size});
+  if (c.bias) visit(nn::join_name(prefix, "bias"), ParameterShape{c.out_channels});
+}
+template <class V>
+void parameter_shapes(const nn::GroupNormConfig& c, const std::string& prefix, V&& visit) {
+  if (!c.affine) return;
+  visit(nn::join_name(prefix, "weight"), ParameterShape{c.num_channels});
+  visit(nn::join_name(prefix, "bias"), ParameterShape{c.num_channels});
+}
+template <class V>
+void parameter_shapes(const nn::LayerNormConfig& c, const std::string& prefix, V&& visit) {
+  if (!c.elementwise_affine) return;
+  visit(nn::join_name(prefix, "weight"), ParameterShape{c.normalized_shape});
+  visit(nn::join_name(prefix, "bias"), ParameterShape{c.normalized_shape});
+}
+template <class V>
+void parameter_shapes(const nn::AttentionConfig& c, const std::string& prefix, V&& visit) {
+  const std::size_t inner = c.heads * c.dim_head;
+  const std::size_t context = c.cross_attention_dim != 0 ? c.cross_attention_dim : c.query_dim;
+  parameter_shapes(nn::LinearConfig{c.query_dim, inner, c.bias}, nn::join_name(prefix, "to_q"),
+                   visit);
+  parameter_shapes(nn::LinearConfig{context, inner, c.bias}, nn::join_name(prefix, "to_k"), visit);
+  parameter_shapes(nn::LinearConfig{context, inner, c.bias}, nn::join_name(prefix, "to_v"), visit);
+  parameter_shapes(nn::LinearConfig{inner, c.query_dim, c.out_bias},
+                   nn::join_name(prefix, "to_out.0"), visit);
+}
+template <class V>
+void parameter_shapes(const nn::GEGLUConfig& c, const std::string& prefix, V&& visit) {
+  parameter_shapes(nn::LinearConfig{c.dim_in, 2 * c.dim_out, c.bias},
+                   nn::join_name(prefix, "proj"), visit);
+}
+template <class V>
+void parameter_shapes(const nn::TimestepEmbeddingConfig& c, const std::string& prefix,
+                      V&& visit) {
+  const std::size_t out = c.out_dim != 0 ? c.out_dim : c.time_embed_dim;
+  parameter_shapes(nn::LinearConfig{c.in_channels, c.time_embed_dim, c.sample_proj_bias},
+                   nn::join_name(prefix, "linear_1"), visit);
+  parameter_shapes(nn::LinearConfig{c.time_embed_dim, out, c.sample_proj_bias},
+                   nn::join_name(prefix, "linear_2"), visit);
+}
+
+/// A layer built from its config, or left default-constructed (no storage) when shapes_only.
+template <class Layer, class Config>
+Layer make_layer(const Config& config, Allocation allocation) {
+  return allocation == Allocation::parameters ? Layer(config) : Layer();
+}
+
+/// The interfaces derived from Derived::walk (see the header comment).
+template <class Derived>
+class CompositeModule {
+ public:
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& visit) {
+    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+      layer.for_each_parameter(name, visit);
+    });
+  }
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& visit) const {
+    Derived::walk(self(), prefix, [&](const std::string& name, const auto& layer, const auto&) {
+      layer.for_each_parameter(name, visit);
+    });
+  }
+  /// visit(name, std::vector<std::size_t> shape) for every parameter, allocated or not.
+  template <class V>
+  void for_each_parameter_shape(const std::string& prefix, V&& visit) const {
+    Derived::walk(self(), prefix, [&](const std::string& name, const auto&, const auto& config) {
+      parameter_shapes(config, name, visit);
+    });
+  }
+  /// f(module name, nn::Linear<T>&) for every Linear, inside attentions and GEGLUs too.
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& f) {
+    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+      using Layer = std::remove_cvref_t<decltype(layer)>;
+      using T = typename Derived::Scalar;
+      if constexpr (std::is_same_v<Layer, nn::Linear<T>>) {
+        f(name, layer);
+      } else if constexpr (std::is_same_v<Layer, nn::GEGLU<T>>) {
+        f(nn::join_name(name, "proj"), layer.proj);
+      } else if constexpr (requires { layer.for_each_linear(name, f); }) {
+        layer.for_each_linear(name, f);
+      }
+    });
+  }
+  /// f(module name, nn::Conv2d<T>&) for every Conv2d.
+  template <class F>
+  void for_each_conv2d(const std::string& prefix, F&& f) {
+    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+      using Layer = std::remove_cvref_t<decltype(layer)>;
+      if constexpr (std::is_same_v<Layer, nn::Conv2d<typename Derived::Scalar>>) f(name, layer);
+    });
+  }
+
+ protected:
+  CompositeModule() = default;
+
+ private:
+  Derived& self() { return static_cast<Derived&>(*this); }
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+
+}  // namespace difftrain::models
