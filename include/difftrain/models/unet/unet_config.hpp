@@ -207,6 +207,9 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   UNet2DConditionConfig c;
   auto has = [&](const char* key) { return json.contains(key) && !json.at(key).is_null(); };
   auto at = [&](const char* key) -> const nlohmann::json& { return json.at(key); };
+  auto value_or = [&](const char* key, int fallback) {
+    return has(key) ? at(key) : nlohmann::json(fallback);
+  };
 
   // keys that must keep the value that disables a feature we do not implement
   auto require_value = [&](const char* key, const nlohmann::json& allowed) {
@@ -269,19 +272,19 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
 
   // --- per-block lists ---
   c.layers_per_block = per_block("layers_per_block",
-                                 has("layers_per_block") ? at("layers_per_block") : 2, n);
+                                 value_or("layers_per_block", 2), n);
   c.cross_attention_dim = per_block(
-      "cross_attention_dim", has("cross_attention_dim") ? at("cross_attention_dim") : 1280, n);
+      "cross_attention_dim", value_or("cross_attention_dim", 1280), n);
   c.transformer_layers_per_block =
       per_block("transformer_layers_per_block",
-                has("transformer_layers_per_block") ? at("transformer_layers_per_block") : 1, n);
+                value_or("transformer_layers_per_block", 1), n);
   require_null("reverse_transformer_layers_per_block");
   if (has("num_attention_heads"))
     unsupported("num_attention_heads", at("num_attention_heads"),
                 "null; diffusers' UNet2DConditionModel takes the head count from "
                 "attention_head_dim");
   c.num_attention_heads = per_block(
-      "attention_head_dim", has("attention_head_dim") ? at("attention_head_dim") : 8, n);
+      "attention_head_dim", value_or("attention_head_dim", 8), n);
 
   // --- scalars ---
   if (has("sample_size")) {

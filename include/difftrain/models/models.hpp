@@ -1,0 +1,10 @@
+#pragma once
+// difftrain/models: reference models built from nn layers (UNet2DConditionModel, ...).
+#include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/unet/module_tree.hpp"
+#include "difftrain/models/unet/resample.hpp"
+#include "difftrain/models/unet/resnet_block.hpp"
+#include "difftrain/models/unet/transformer_2d.hpp"
+#include "difftrain/models/unet/unet2d_condition.hpp"
+#include "difftrain/models/unet/unet_blocks.hpp"
+#include "difftrain/models/unet/unet_config.hpp"

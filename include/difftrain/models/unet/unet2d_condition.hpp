@@ -1,0 +1,307 @@
+#pragma once
+// UNet2DConditionModel (diffusers), the reference CPU denoiser: forward and backward.
+//
+// Dims legend: B batch, Cin/Cout in/out channels, H×W latent size, L context tokens,
+// Dc cross_attention_dim, C0 = block_out_channels[0], E = time embedding width (4·C0).
+//   x   = 2·sample − 1 if center_input_sample else sample           [B, Cin, H, W]
+//   emb = time_embedding(time_proj(t))                              [B, E]
+//   h   = conv_in(x);                      res = [h]
+//   for each down block: states = block(h, emb, ctx); res += states; h = states.back()
+//   h   = mid_block(h, emb, ctx)
+//   for each up block: h = block(h, pop the block's skips from res, emb, ctx,
+//                                upsample to the size of the next skip)
+//   out = conv_out(silu(conv_norm_out(h)))                          [B, Cout, H, W]
+// time_proj (no parameters) is computed in float32 exactly as diffusers does it, whatever T is:
+// f_k = exp(−ln(10000)·k / (C0/2 − freq_shift)), emb = [cos(t·f), sin(t·f)] (flip_sin_to_cos).
+// At t ≈ 900 one float ulp of t·f is ~6e-5, so a double time_proj would not be diffusers' model.
+//
+// backward(grad_output) back-propagates the last forward: grad_sample() [B, Cin, H, W] and
+// grad_encoder_hidden_states() [B, L, Dc] are overwritten; trainable parameter gradients are
+// accumulated (+=). Parameters carry diffusers' names (for_each_parameter); the nn layers can be
+// reached by module name for LoRA (for_each_linear, for_each_conv2d). Allocation::shapes_only
+// builds the structure without parameter storage (for_each_parameter_shape only).
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "difftrain/concepts.hpp"
+#include "difftrain/core/error.hpp"
+#include "difftrain/core/tensor.hpp"
+#include "difftrain/models/unet/module_tree.hpp"
+#include "difftrain/models/unet/unet_blocks.hpp"
+#include "difftrain/models/unet/unet_config.hpp"
+#include "difftrain/nn/activations.hpp"
+#include "difftrain/nn/conv2d.hpp"
+#include "difftrain/nn/group_norm.hpp"
+#include "difftrain/nn/timestep_embedding.hpp"
+
+namespace difftrain::models {
+
+// emb[b] = [cos(t_b·f), sin(t_b·f)] (or [sin, cos]), f_k = exp(−ln(10000)·k/(half − shift)),
+// every step rounded to float32 as torch does; zero-padded when dim is odd.
+template <class T>
+Tensor<T, 2> unet_time_proj(std::span<const float> timesteps, std::size_t dim,
+                            bool flip_sin_to_cos, double freq_shift) {
+  const std::size_t B = timesteps.size(), half = dim / 2;
+  require(static_cast<double>(half) != freq_shift, "unet_time_proj", "freq_shift ", freq_shift,
+          " equals embedding_dim / 2 = ", half);
+  Tensor<T, 2> emb = xt::zeros<T>(std::array<std::size_t, 2>{B, dim});
+  const float log_period = static_cast<float>(-std::log(10000.0));
+  const float denominator = static_cast<float>(static_cast<double>(half) - freq_shift);
+  std::vector<float> frequency(half);
+  for (std::size_t k = 0; k < half; ++k)
+    frequency[k] = std::exp(static_cast<float>(k) * log_period / denominator);
+  const std::size_t cos_offset = flip_sin_to_cos ? 0 : half, sin_offset = half - cos_offset;
+  for (std::size_t b = 0; b < B; ++b) {
+    require(std::isfinite(timesteps[b]), "unet_time_proj", "timestep ", b, " is ", timesteps[b]);
+    T* row = emb.data() + b * dim;
+    for (std::size_t k = 0; k < half; ++k) {
+      const float angle = timesteps[b] * frequency[k];
+      row[sin_offset + k] = static_cast<T>(std::sin(angle));
+      row[cos_offset + k] = static_cast<T>(std::cos(angle));
+    }
+  }
+  return emb;
+}
+
+template <class T = float>
+class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
+ public:
+  using Scalar = T;
+
+  nn::Conv2d<T> conv_in;
+  nn::TimestepEmbedding<T> time_embedding;
+  std::vector<UNetDownBlock2D<T>> down_blocks;
+  std::vector<UNetMidBlock2DCrossAttn<T>> mid_block;  // 0 or 1 (mid_block_type null: none)
+  std::vector<UNetUpBlock2D<T>> up_blocks;
+  nn::GroupNorm<T> conv_norm_out;
+  nn::Conv2d<T> conv_out;
+
+  explicit UNet2DConditionModel(const UNet2DConditionConfig& config,
+                                Allocation allocation = Allocation::parameters)
+      : config_(checked(config)), allocation_(allocation) {
+    const auto& c = config_;
+    const std::size_t n = c.num_blocks(), E = c.time_embed_dim(), c0 = c.block_out_channels[0];
+    conv_in = make_layer<nn::Conv2d<T>>(conv_in_config(), allocation);
+    time_embedding = make_layer<nn::TimestepEmbedding<T>>(time_embedding_config(), allocation);
+    std::size_t output = c0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t input = output;
+      output = c.block_out_channels[i];
+      UNetDownBlock2DConfig d;
+      d.type = c.down_block_types[i];
+      d.in_channels = input;
+      d.out_channels = output;
+      d.temb_channels = E;
+      d.num_layers = c.layers_per_block[i];
+      d.groups = c.norm_num_groups;
+      d.eps = c.norm_eps;
+      d.add_downsample = i + 1 < n;
+      d.downsample_padding = c.downsample_padding;
+      d.attention = {c.num_attention_heads[i], c.transformer_layers_per_block[i],
+                     c.cross_attention_dim[i], c.use_linear_projection};
+      down_blocks.emplace_back(d, allocation);
+    }
+    if (c.has_mid_block) {
+      UNetMidBlock2DCrossAttnConfig m;
+      m.channels = c.block_out_channels.back();
+      m.temb_channels = E;
+      m.num_layers = 1;
+      m.groups = c.norm_num_groups;
+      m.eps = c.norm_eps;
+      m.output_scale_factor = c.mid_block_scale_factor;
+      m.attention = {c.num_attention_heads.back(), c.transformer_layers_per_block.back(),
+                     c.cross_attention_dim.back(), c.use_linear_projection};
+      mid_block.emplace_back(m, allocation);
+    }
+    output = c.block_out_channels.back();
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t previous = output;
+      output = UNet2DConditionConfig::reversed_at(c.block_out_channels, i);
+      UNetUpBlock2DConfig u;
+      u.type = c.up_block_types[i];
+      u.in_channels = UNet2DConditionConfig::reversed_at(c.block_out_channels, std::min(i + 1, n - 1));
+      u.prev_output_channels = previous;
+      u.out_channels = output;
+      u.temb_channels = E;
+      u.num_layers = UNet2DConditionConfig::reversed_at(c.layers_per_block, i) + 1;
+      u.groups = c.norm_num_groups;
+      u.eps = c.norm_eps;
+      u.add_upsample = i + 1 < n;
+      u.attention = {UNet2DConditionConfig::reversed_at(c.num_attention_heads, i),
+                     UNet2DConditionConfig::reversed_at(c.transformer_layers_per_block, i),
+                     UNet2DConditionConfig::reversed_at(c.cross_attention_dim, i),
+                     c.use_linear_projection};
+      up_blocks.emplace_back(u, allocation);
+    }
+    conv_norm_out = make_layer<nn::GroupNorm<T>>(conv_norm_out_config(), allocation);
+    conv_out = make_layer<nn::Conv2d<T>>(conv_out_config(), allocation);
+    std::size_t produced = 1, consumed = 0;
+    for (const auto& d : down_blocks) produced += d.num_states();
+    for (const auto& u : up_blocks) consumed += u.num_skips();
+    require(produced == consumed, "UNet2DConditionModel", "the down blocks produce ", produced,
+            " skip connections but the up blocks consume ", consumed,
+            " (layers_per_block must be consistent)");
+  }
+
+  const UNet2DConditionConfig& config() const { return config_; }
+  Allocation allocation() const { return allocation_; }
+
+  nn::Conv2dConfig conv_in_config() const {
+    const std::size_t k = config_.conv_in_kernel;
+    return {config_.in_channels, config_.block_out_channels[0], k, 1,
+            nn::Padding2d::same((k - 1) / 2), true};
+  }
+  nn::TimestepEmbeddingConfig time_embedding_config() const {
+    return {config_.block_out_channels[0], config_.time_embed_dim(), 0, true};
+  }
+  nn::GroupNormConfig conv_norm_out_config() const {
+    return {config_.norm_num_groups, config_.block_out_channels[0], config_.norm_eps, true};
+  }
+  nn::Conv2dConfig conv_out_config() const {
+    const std::size_t k = config_.conv_out_kernel;
+    return {config_.block_out_channels[0], config_.out_channels, k, 1,
+            nn::Padding2d::same((k - 1) / 2), true};
+  }
+
+  /// Every nn layer with its diffusers module name and config, in forward order.
+  template <class Self, class F>
+  static void walk(Self& self, const std::string& prefix, F&& f) {
+    auto name = [&](const std::string& n) { return nn::join_name(prefix, n); };
+    f(name("conv_in"), self.conv_in, self.conv_in_config());
+    f(name("time_embedding"), self.time_embedding, self.time_embedding_config());
+    for (std::size_t i = 0; i < self.down_blocks.size(); ++i)
+      UNetDownBlock2D<T>::walk(self.down_blocks[i], name("down_blocks." + std::to_string(i)), f);
+    for (auto& mid : self.mid_block) UNetMidBlock2DCrossAttn<T>::walk(mid, name("mid_block"), f);
+    for (std::size_t i = 0; i < self.up_blocks.size(); ++i)
+      UNetUpBlock2D<T>::walk(self.up_blocks[i], name("up_blocks." + std::to_string(i)), f);
+    f(name("conv_norm_out"), self.conv_norm_out, self.conv_norm_out_config());
+    f(name("conv_out"), self.conv_out, self.conv_out_config());
+  }
+
+  /// sample [B, Cin, H, W], timesteps [B] (integers), encoder_hidden_states [B, L, Dc].
+  Tensor4<T> forward(const Tensor4<T>& sample, std::span<const std::int64_t> timesteps,
+                     const Tensor3<T>& encoder_hidden_states) {
+    std::vector<float> t(timesteps.size());
+    for (std::size_t b = 0; b < t.size(); ++b) t[b] = static_cast<float>(timesteps[b]);
+    return forward(sample, std::span<const float>(t), encoder_hidden_states);
+  }
+
+  /// The same with float32 timesteps (diffusers converts integer timesteps to float32 first).
+  Tensor4<T> forward(const Tensor4<T>& sample, std::span<const float> timesteps,
+                     const Tensor3<T>& encoder_hidden_states) {
+    constexpr const char* fn = "UNet2DConditionModel::forward";
+    require(allocation_ == Allocation::parameters, fn,
+            "the model was built with Allocation::shapes_only and has no parameters");
+    const auto& c = config_;
+    const std::size_t B = sample.shape()[0];
+    require(B > 0 && sample.shape()[2] > 0 && sample.shape()[3] > 0, fn, "sample has shape ",
+            shape_string(sample.shape()), ", expected a non-empty [B,", c.in_channels, ",H,W]");
+    check_shape(fn, "sample", sample.shape(), {B, c.in_channels, sample.shape()[2],
+                                               sample.shape()[3]});
+    require(timesteps.size() == B, fn, "timesteps has ", timesteps.size(),
+            " entries, expected one per sample (", B, ")");
+    const std::size_t L = encoder_hidden_states.shape()[1];
+    require(L > 0, fn, "encoder_hidden_states has shape ",
+            shape_string(encoder_hidden_states.shape()), ", expected at least one token");
+    check_shape(fn, "encoder_hidden_states", encoder_hidden_states.shape(),
+                {B, L, c.cross_attention_dim[0]});
+
+    const Tensor<T, 2> t_emb = unet_time_proj<T>(timesteps, c.block_out_channels[0],
+                                                 c.flip_sin_to_cos, c.freq_shift);
+    const Tensor<T, 2> emb = time_embedding.forward(t_emb);
+
+    Tensor4<T> h = c.center_input_sample ? Tensor4<T>(T(2) * sample - T(1)) : sample;
+    h = conv_in.forward(h);
+    std::vector<Tensor4<T>> res;
+    res.push_back(h);
+    for (auto& block : down_blocks) {
+      std::vector<Tensor4<T>> states = block.forward(h, emb, encoder_hidden_states);
+      h = states.back();
+      for (auto& s : states) res.push_back(std::move(s));
+    }
+    for (auto& mid : mid_block) h = mid.forward(h, emb, encoder_hidden_states);
+    up_skip_begin_.clear();
+    for (auto& block : up_blocks) {
+      const std::size_t begin = res.size() - block.num_skips();
+      up_skip_begin_.push_back(begin);
+      std::optional<std::pair<std::size_t, std::size_t>> size;
+      if (begin > 0) size = std::pair{res[begin - 1].shape()[2], res[begin - 1].shape()[3]};
+      h = block.forward(h, std::span<const Tensor4<T>>(res.data() + begin, block.num_skips()),
+                        emb, encoder_hidden_states, size);
+      res.resize(begin);  // the skips are not needed by backward
+    }
+    Tensor4<T> out = conv_out.forward(conv_act_.forward(conv_norm_out.forward(h)));
+    batch_ = B;
+    context_shape_ = encoder_hidden_states.shape();
+    output_shape_ = out.shape();
+    has_forward_ = true;
+    return out;
+  }
+
+  /// Back-propagates grad_output (dL/d output) through the last forward.
+  void backward(const Tensor4<T>& grad_output) {
+    constexpr const char* fn = "UNet2DConditionModel::backward";
+    require(has_forward_, fn, "no saved forward (call forward first)");
+    check_same_shape(fn, "grad_output", grad_output.shape(), output_shape_);
+    Tensor4<T> dh = conv_norm_out.backward(conv_act_.backward(conv_out.backward(grad_output)));
+    Tensor<T, 2> dtemb = xt::zeros<T>(std::array<std::size_t, 2>{batch_, config_.time_embed_dim()});
+    Tensor3<T> dcontext = xt::zeros<T>(context_shape_);
+    std::size_t total = 1;
+    for (const auto& d : down_blocks) total += d.num_states();
+    std::vector<Tensor4<T>> d_res(total);
+    for (std::size_t i = up_blocks.size(); i-- > 0;) {
+      UpBlockGrads<T> g = up_blocks[i].backward(dh, dtemb, dcontext);
+      for (std::size_t k = 0; k < g.skips.size(); ++k)
+        d_res[up_skip_begin_[i] + k] = std::move(g.skips[k]);
+      dh = std::move(g.x);
+    }
+    for (auto& mid : mid_block) dh = mid.backward(dh, dtemb, dcontext);
+    std::size_t end = total;
+    for (std::size_t i = down_blocks.size(); i-- > 0;) {
+      const std::size_t m = down_blocks[i].num_states();
+      end -= m;
+      d_res[end + m - 1] += dh;
+      dh = down_blocks[i].backward(std::span<const Tensor4<T>>(d_res.data() + end, m), dtemb,
+                                   dcontext);
+    }
+    dh += d_res[0];
+    grad_sample_ = conv_in.backward(dh);
+    if (config_.center_input_sample) grad_sample_ *= T(2);
+    time_embedding.backward(dtemb, false);
+    grad_encoder_hidden_states_ = std::move(dcontext);
+  }
+
+  /// d⟨output, grad_output⟩ / d sample of the last backward.
+  const Tensor4<T>& grad_sample() const { return grad_sample_; }
+  /// d⟨output, grad_output⟩ / d encoder_hidden_states of the last backward.
+  const Tensor3<T>& grad_encoder_hidden_states() const { return grad_encoder_hidden_states_; }
+
+ private:
+  static const UNet2DConditionConfig& checked(const UNet2DConditionConfig& c) {
+    c.validate();
+    return c;
+  }
+
+  UNet2DConditionConfig config_;
+  Allocation allocation_ = Allocation::parameters;
+  nn::SiLU<T> conv_act_;
+  // forward bookkeeping for backward
+  bool has_forward_ = false;
+  std::size_t batch_ = 0;
+  std::array<std::size_t, 3> context_shape_{};
+  std::array<std::size_t, 4> output_shape_{};
+  std::vector<std::size_t> up_skip_begin_;  // index in res of each up block's first skip
+  Tensor4<T> grad_sample_;
+  Tensor3<T> grad_encoder_hidden_states_;
+};
+
+static_assert(Denoiser<UNet2DConditionModel<float>>);
+
+}  // namespace difftrain::models
