@@ -2,7 +2,6 @@
 // base/adapter parameter views with strict loading, name-derived init, merge/remove, and a
 // gradient check through a small model of slots.
 #include <catch2/catch.hpp>
-
 #include <map>
 #include <string>
 #include <vector>
@@ -33,9 +32,8 @@ struct ToyAttention {
   }
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& f) {
-    for_each_slot(prefix, [&](const std::string& name, auto& slot) {
-      slot.for_each_parameter(name, f);
-    });
+    for_each_slot(prefix,
+                  [&](const std::string& name, auto& slot) { slot.for_each_parameter(name, f); });
   }
   Tensor<T, 3> forward(const Tensor<T, 3>& x) {
     Tensor<T, 3> s = to_q.forward(x) + to_k.forward(x) + to_v.forward(x);
@@ -65,9 +63,8 @@ struct ToyModel {
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& f) {
     f(nn::join_name(prefix, "pos_embedding"), pos_embedding);
-    for_each_slot(prefix, [&](const std::string& name, auto& slot) {
-      slot.for_each_parameter(name, f);
-    });
+    for_each_slot(prefix,
+                  [&](const std::string& name, auto& slot) { slot.for_each_parameter(name, f); });
   }
   // y = attn2(attn1(x)) (proj_in and decoy are only there for naming)
   Tensor<T, 3> forward(const Tensor<T, 3>& x) { return attn2.forward(attn1.forward(x)); }
@@ -101,18 +98,20 @@ TEST_CASE("inject_lora adapts the targets and leaves only adapters trainable", "
   fill_random_normal(x, RandomStream{1, 100});
   const auto before = model.forward(x);
 
-  const auto names = inject_lora(model, {"to_q", "to_k", "to_v", "to_out.0"},
-                                 LoraConfig{.rank = 2}, RandomStream{7, 0});
-  REQUIRE(names == std::vector<std::string>{
-                       "blocks.0.attn1.to_q", "blocks.0.attn1.to_k", "blocks.0.attn1.to_v",
-                       "blocks.0.attn1.to_out.0", "blocks.0.attn2.to_q", "blocks.0.attn2.to_k",
-                       "blocks.0.attn2.to_v", "blocks.0.attn2.to_out.0"});
+  const auto names = inject_lora(model, {"to_q", "to_k", "to_v", "to_out.0"}, LoraConfig{.rank = 2},
+                                 RandomStream{7, 0});
+  REQUIRE(names == std::vector<std::string>{"blocks.0.attn1.to_q", "blocks.0.attn1.to_k",
+                                            "blocks.0.attn1.to_v", "blocks.0.attn1.to_out.0",
+                                            "blocks.0.attn2.to_q", "blocks.0.attn2.to_k",
+                                            "blocks.0.attn2.to_v", "blocks.0.attn2.to_out.0"});
   REQUIRE_FALSE(model.proj_in.has_adapter());
   REQUIRE_FALSE(model.decoy.has_adapter());
   std::vector<std::string> trainable;
   model.for_each_parameter("", [&](const std::string& n, nn::Parameter<double>& p) {
-    if (p.trainable) trainable.push_back(n);
-    else REQUIRE(p.grad.dimension() == 0);
+    if (p.trainable)
+      trainable.push_back(n);
+    else
+      REQUIRE(p.grad.dimension() == 0);
   });
   REQUIRE(trainable.size() == 16);
   for (const auto& n : trainable) REQUIRE(is_adapter_parameter(n));
@@ -123,8 +122,9 @@ TEST_CASE("inject_lora adapts the targets and leaves only adapters trainable", "
   REQUIRE_THROWS_WITH(inject_lora(model, {"to_q"}, LoraConfig{}, RandomStream{}),
                       "inject_lora: module blocks.0.attn1.to_q already has an adapter");
   ToyModel<double> fresh;
-  REQUIRE_THROWS_WITH(inject_lora(fresh, {"to_q", "ff.net.2", "conv9"}, LoraConfig{}, RandomStream{}),
-                      "inject_lora: target modules not found in the model: ff.net.2, conv9");
+  REQUIRE_THROWS_WITH(
+      inject_lora(fresh, {"to_q", "ff.net.2", "conv9"}, LoraConfig{}, RandomStream{}),
+      "inject_lora: target modules not found in the model: ff.net.2, conv9");
 }
 
 TEST_CASE("Adapter init depends on the module name, not on the other targets", "[lora][inject]") {
@@ -136,7 +136,8 @@ TEST_CASE("Adapter init depends on the module name, not on the other targets", "
   REQUIRE((all.attn1.to_q.adapter().lora_A.weight.value !=
            all.attn2.to_q.adapter().lora_A.weight.value));
   REQUIRE(all.proj_in.has_adapter());
-  REQUIRE(all.proj_in.adapter().lora_A.weight.value.shape() == std::vector<std::size_t>{2, 2, 1, 1});
+  REQUIRE(all.proj_in.adapter().lora_A.weight.value.shape() ==
+          std::vector<std::size_t>{2, 2, 1, 1});
 }
 
 TEST_CASE("Base and adapter parameter views load strictly", "[lora][inject]") {

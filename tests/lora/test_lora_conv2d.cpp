@@ -2,7 +2,6 @@
 // two convs, gradient checks in double (odd shapes, stride 2, asymmetric padding, dropouts),
 // merged == unmerged, rank mask broadcast over pixels.
 #include <catch2/catch.hpp>
-
 #include <string>
 #include <vector>
 
@@ -40,9 +39,8 @@ TEST_CASE("LoraConv2d shapes, names, B = 0 equals the base", "[lora][conv]") {
   // kaiming-uniform bound 1/√(C·k·k)
   REQUIRE(xt::amax(xt::abs(l.lora_A.weight.value))() <= 1 / std::sqrt(27.0));
   std::vector<std::string> names;
-  l.for_each_parameter("proj_in", [&](const std::string& n, nn::Parameter<double>&) {
-    names.push_back(n);
-  });
+  l.for_each_parameter("proj_in",
+                       [&](const std::string& n, nn::Parameter<double>&) { names.push_back(n); });
   REQUIRE(names == std::vector<std::string>{"proj_in.weight", "proj_in.bias",
                                             "proj_in.lora_A.weight", "proj_in.lora_B.weight"});
   Tensor4<double> x({2, 3, 5, 7});
@@ -68,11 +66,14 @@ TEST_CASE("LoraConv2d gradients pass central-difference checks", "[lora][conv]")
     LoraConfig config;
   };
   const std::vector<Case> cases = {
-      {"3 channels, 5x7, stride 2, padding 1", {3, 4, 3, 2, Padding2d::same(1), true},
+      {"3 channels, 5x7, stride 2, padding 1",
+       {3, 4, 3, 2, Padding2d::same(1), true},
        LoraConfig{.rank = 2, .alpha = 3}},
-      {"1x1 with dropout and rank dropout", {3, 2, 1, 1, Padding2d{}, true},
+      {"1x1 with dropout and rank dropout",
+       {3, 2, 1, 1, Padding2d{}, true},
        LoraConfig{.rank = 3, .dropout = 0.25, .rank_dropout = 0.5}},
-      {"asymmetric padding, stride 2, rank dropout", {2, 3, 3, 2, Padding2d{0, 1, 0, 1}, false},
+      {"asymmetric padding, stride 2, rank dropout",
+       {2, 3, 3, 2, Padding2d{0, 1, 0, 1}, false},
        LoraConfig{.rank = 2, .alpha = 4, .use_rslora = true, .rank_dropout = 0.3}},
   };
   for (const auto& c : cases) {
@@ -122,7 +123,8 @@ TEST_CASE("LoraConv2d rank mask is [B, r] broadcast over pixels", "[lora][conv]"
   const double p = 0.5;
   LoraConv2d<double> l(nn::Conv2d<double>(c, c, 1, 1, 0, false),
                        LoraConfig{.rank = c, .rank_dropout = p}, RandomStream{6, 6});
-  l.lora_A.weight.value = xt::reshape_view(xt::eye<double>(c), std::vector<std::size_t>{c, c, 1, 1});
+  l.lora_A.weight.value =
+      xt::reshape_view(xt::eye<double>(c), std::vector<std::size_t>{c, c, 1, 1});
   l.lora_B.weight.value = l.lora_A.weight.value;
   Tensor4<double> x = xt::ones<double>({std::size_t{2}, c, std::size_t{3}, std::size_t{4}});
   l.set_step(1);

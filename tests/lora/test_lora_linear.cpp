@@ -2,7 +2,6 @@
 // (with dropout and rank dropout), frozen base, merge/unmerge, rank and module dropout
 // determinism and expectation, multiplier, strict loading, float vs double.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <map>
 #include <string>
@@ -58,8 +57,8 @@ TEST_CASE("LoRA inits: kaiming-uniform and gaussian A, zero B, deterministic", "
   REQUIRE(std::abs(xt::mean(a)()) < 5 * bound / std::sqrt(3 * n));
   REQUIRE(std::abs(xt::mean(a * a)() - bound * bound / 3) < 5 * 0.3 * bound * bound / std::sqrt(n));
 
-  LoraLinear<double> g(nn::Linear<double>(in, 8),
-                       LoraConfig{.rank = r, .init = LoraInit::gaussian}, RandomStream{1, 2});
+  LoraLinear<double> g(nn::Linear<double>(in, 8), LoraConfig{.rank = r, .init = LoraInit::gaussian},
+                       RandomStream{1, 2});
   const auto& ga = g.lora_A.weight.value;
   const double var = 1.0 / (r * r);  // N(0, 1/r²): variance of the variance estimate 2var²/n
   REQUIRE(std::abs(xt::mean(ga * ga)() - var) < 5 * var * std::sqrt(2 / n));
@@ -87,7 +86,8 @@ TEST_CASE("LoraLinear with B = 0 equals the base; names and trainable flags", "[
     trainable.push_back(p.trainable);
   });
   REQUIRE(names == std::vector<std::string>{"attn1.to_q.weight", "attn1.to_q.bias",
-                                            "attn1.to_q.lora_A.weight", "attn1.to_q.lora_B.weight"});
+                                            "attn1.to_q.lora_A.weight",
+                                            "attn1.to_q.lora_B.weight"});
   REQUIRE(trainable == std::vector<bool>{false, false, true, true});
   REQUIRE(l.base.weight.grad.dimension() == 0);
 }

@@ -1,7 +1,6 @@
 // SiLU, GELU (erf and tanh), GEGLU: values at known points, gradient checks in double, float vs
 // double.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "difftrain/nn/activations.hpp"
@@ -65,9 +64,8 @@ TEST_CASE("GEGLU: value · gelu(gate) with the first half the value", "[nn][acti
   Tensor<double, 2> expected = {{3 * gelu(1.0)}, {-1 * gelu(-1.0)}};
   REQUIRE_CLOSE(geglu.forward(x), expected, 1e-15, 1e-15);
   std::vector<std::string> names;
-  geglu.for_each_parameter("ff.net.0", [&](const std::string& n, Parameter<double>&) {
-    names.push_back(n);
-  });
+  geglu.for_each_parameter("ff.net.0",
+                           [&](const std::string& n, Parameter<double>&) { names.push_back(n); });
   REQUIRE(names == std::vector<std::string>{"ff.net.0.proj.weight", "ff.net.0.proj.bias"});
 }
 

@@ -16,6 +16,10 @@ using namespace difftrain::nn;
 
 static_assert(Module<Attention<float>>);
 static_assert(Module<Attention<double>>);
+// Plain Linear projections are not LoRA slots; a wrapper that is one makes the attention one.
+static_assert(!requires(Attention<float>& a) {
+  a.for_each_slot(std::string{}, [](const std::string&, auto&) {});
+});
 
 namespace {
 

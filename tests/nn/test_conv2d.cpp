@@ -2,9 +2,9 @@
 // (odd shapes, stride 2, symmetric and asymmetric padding), frozen parameters, float vs double,
 // shape errors, strict state loading.
 #include <catch2/catch.hpp>
-
 #include <map>
 #include <string>
+#include <xtensor/xview.hpp>
 
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/gradcheck.hpp"
@@ -60,16 +60,18 @@ TEST_CASE("Conv2d forward matches a hand-computed 3x3 case", "[nn][conv2d]") {
   // stride 2, no padding, all-ones 2x2 kernel on a 4x5 input: sums of 2x2 blocks; Wo = 2.
   Conv2d<double> pool(1, 1, 2, 2, 0, false);
   pool.weight.value.fill(1.0);
-  Tensor4<double> z = xt::reshape_view(xt::arange<double>(20), std::vector<std::size_t>{1, 1, 4, 5});
+  Tensor4<double> z =
+      xt::reshape_view(xt::arange<double>(20), std::vector<std::size_t>{1, 1, 4, 5});
   auto p = pool.forward(z);
-  Tensor4<double> expected_p = {{{{0 + 1 + 5 + 6, 2 + 3 + 7 + 8}, {10 + 11 + 15 + 16, 12 + 13 + 17 + 18}}}};
+  Tensor4<double> expected_p = {
+      {{{0 + 1 + 5 + 6, 2 + 3 + 7 + 8}, {10 + 11 + 15 + 16, 12 + 13 + 17 + 18}}}};
   REQUIRE_CLOSE(p, expected_p, 0, 1e-14);
 }
 
 TEST_CASE("Conv2d GEMM path equals the naive reference", "[nn][conv2d]") {
   const std::vector<Conv2dConfig> configs = {
-      {3, 4, 3, 1, Padding2d::same(1), true},  {3, 5, 3, 2, Padding2d::same(1), true},
-      {2, 3, 1, 1, Padding2d{}, true},         {4, 2, 3, 2, Padding2d{0, 1, 0, 1}, false},
+      {3, 4, 3, 1, Padding2d::same(1), true},    {3, 5, 3, 2, Padding2d::same(1), true},
+      {2, 3, 1, 1, Padding2d{}, true},           {4, 2, 3, 2, Padding2d{0, 1, 0, 1}, false},
       {3, 2, 2, 1, Padding2d{2, 0, 1, 3}, true}, {2, 2, 5, 3, Padding2d::same(2), true}};
   std::uint64_t seed = 10;
   for (const auto& config : configs) {
@@ -149,6 +151,33 @@ TEST_CASE("Conv2d float path agrees with double within 1e-5", "[nn][conv2d]") {
   REQUIRE_CLOSE(cf.backward(wf), cd.backward(wd), 1e-5, 1e-5);
   REQUIRE_CLOSE(cf.weight.grad, cd.weight.grad, 1e-5, 1e-5);
   REQUIRE_CLOSE(cf.bias.grad, cd.bias.grad, 1e-5, 1e-5);
+}
+
+TEST_CASE("Conv2d batch-parallel path equals per-sample results", "[nn][conv2d]") {
+  // 4 samples of 16·144·256 multiply-adds each: large enough for the OpenMP batch loop (with
+  // per-thread dW/db partials), while each single sample runs serially.
+  Conv2d<double> conv(16, 16, 3, 1, 1);
+  randomize(conv, 50);
+  Tensor4<double> x({4, 16, 16, 16});
+  fill_random_normal(x, RandomStream{50, 1});
+  auto y = conv.forward(x);
+  REQUIRE_CLOSE(y, reference::conv2d(x, conv), 1e-12, 1e-12);
+  Tensor4<double> w(y.shape());
+  fill_random_normal(w, RandomStream{50, 2});
+  auto dx = conv.backward(w);
+  const xt::xarray<double> dW = conv.weight.grad, db = conv.bias.grad;
+
+  zero_grad<double>(conv);
+  for (std::size_t b = 0; b < 4; ++b) {
+    Tensor4<double> xb = xt::view(x, xt::range(b, b + 1));
+    Tensor4<double> wb = xt::view(w, xt::range(b, b + 1));
+    conv.forward(xb);
+    Tensor4<double> dxb = conv.backward(wb);
+    Tensor4<double> expected = xt::view(dx, xt::range(b, b + 1));
+    REQUIRE_CLOSE(dxb, expected, 1e-12, 1e-12);
+  }
+  REQUIRE_CLOSE(conv.weight.grad, dW, 1e-12, 1e-12);
+  REQUIRE_CLOSE(conv.bias.grad, db, 1e-12, 1e-12);
 }
 
 TEST_CASE("Conv2d rejects bad input with a named Error", "[nn][conv2d]") {

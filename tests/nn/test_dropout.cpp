@@ -1,7 +1,6 @@
 // Dropout: identity cases, determinism in the stream, the keep rule u_i >= p, mask values,
 // keep rate and expectation, gradient check, errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <vector>
 

@@ -1,7 +1,6 @@
 // GroupNorm: constant input, a hand-computed group, per-group moments, gradient checks in double
 // (NCHW and [B, C, L], with and without affine), frozen parameters, float vs double, errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "difftrain/nn/gradcheck.hpp"
@@ -82,9 +81,15 @@ TEST_CASE("GroupNorm gradients pass central-difference checks", "[nn][group_norm
       REQUIRE(rb.max_error <= 1e-6);
     }
   };
-  SECTION("NCHW, 3 groups of 2 channels, 3x5") { run(Tensor4<double>({2, 6, 3, 5}), GroupNorm<double>(3, 6), 1); }
-  SECTION("[B, C, L], odd sizes") { run(Tensor<double, 3>({3, 5, 7}), GroupNorm<double>(5, 5, 1e-6), 2); }
-  SECTION("one group, no affine") { run(Tensor4<double>({1, 4, 3, 3}), GroupNorm<double>(1, 4, 1e-5, false), 3); }
+  SECTION("NCHW, 3 groups of 2 channels, 3x5") {
+    run(Tensor4<double>({2, 6, 3, 5}), GroupNorm<double>(3, 6), 1);
+  }
+  SECTION("[B, C, L], odd sizes") {
+    run(Tensor<double, 3>({3, 5, 7}), GroupNorm<double>(5, 5, 1e-6), 2);
+  }
+  SECTION("one group, no affine") {
+    run(Tensor4<double>({1, 4, 3, 3}), GroupNorm<double>(1, 4, 1e-5, false), 3);
+  }
 }
 
 TEST_CASE("GroupNorm frozen parameters get no gradient, float agrees with double",
@@ -116,7 +121,8 @@ TEST_CASE("GroupNorm frozen parameters get no gradient, float agrees with double
 }
 
 TEST_CASE("GroupNorm rejects bad configuration and input", "[nn][group_norm]") {
-  REQUIRE_THROWS_WITH(GroupNorm<float>(3, 8), "GroupNorm: num_channels 8 is not divisible by num_groups 3");
+  REQUIRE_THROWS_WITH(GroupNorm<float>(3, 8),
+                      "GroupNorm: num_channels 8 is not divisible by num_groups 3");
   GroupNorm<float> gn(2, 4);
   REQUIRE_THROWS_WITH(gn.forward(Tensor4<float>(xt::zeros<float>({1, 3, 2, 2}))),
                       "GroupNorm::forward: x has shape [1,3,2,2], expected [B,4,...]");

@@ -1,7 +1,6 @@
 // LayerNorm: a known vector, gradient checks in double (affine and not), frozen parameters, float
 // vs double, errors.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "difftrain/nn/gradcheck.hpp"

@@ -1,7 +1,6 @@
 // Linear: forward against hand-computed values, gradient checks (input, weight, bias) in double,
 // frozen parameters, float vs double, shape errors, strict state loading.
 #include <catch2/catch.hpp>
-
 #include <map>
 #include <string>
 

@@ -127,9 +127,8 @@ inline bool matches_target(std::string_view name, std::string_view target) {
 /// Adapts every slot matching a target (all parameters but the adapters are frozen) and returns
 /// the adapted names. Throws if a target matches nothing or a matching slot is already adapted.
 template <class M>
-  requires HasLoraSlots<M> && nn::Module<M>
-std::vector<std::string> inject_lora(M& model, const std::vector<std::string>& targets,
-                                     const LoraConfig& config, RandomStream rs) {
+requires HasLoraSlots<M> && nn::Module<M> std::vector<std::string> inject_lora(
+    M& model, const std::vector<std::string>& targets, const LoraConfig& config, RandomStream rs) {
   config.validate("inject_lora");
   require(!targets.empty(), "inject_lora", "no target modules given");
   model.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });

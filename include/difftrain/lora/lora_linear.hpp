@@ -31,7 +31,6 @@
 #include <span>
 #include <string>
 #include <vector>
-
 #include <xtensor/xarray.hpp>
 
 #include "difftrain/core/error.hpp"
@@ -47,8 +46,8 @@ enum class LoraInit { kaiming_uniform, gaussian };
 
 struct LoraConfig {
   std::size_t rank = 4;
-  double alpha = 0;          // lora_alpha; 0 means alpha = rank (scale 1), as kohya and diffusers
-  bool use_rslora = false;   // s = alpha/√r instead of alpha/r
+  double alpha = 0;         // lora_alpha; 0 means alpha = rank (scale 1), as kohya and diffusers
+  bool use_rslora = false;  // s = alpha/√r instead of alpha/r
   LoraInit init = LoraInit::kaiming_uniform;
   double dropout = 0;         // PEFT lora_dropout on the adapter input
   double rank_dropout = 0;    // kohya rank_dropout
@@ -149,9 +148,8 @@ class LoraLayer {
     config.validate(Traits::name);
     lora_A = Traits::make_down(base, config.rank);
     lora_B = Traits::make_up(base, config.rank);
-    base.for_each_parameter("", [](const std::string&, nn::Parameter<T>& p) {
-      p.set_trainable(false);
-    });
+    base.for_each_parameter(
+        "", [](const std::string&, nn::Parameter<T>& p) { p.set_trainable(false); });
     const RandomStream init = lora_detail::substream(stream_, 0, lora_detail::kInit);
     if (config.init == LoraInit::kaiming_uniform) {
       kaiming_uniform(lora_A.weight.value, Traits::fan_in(base), init);

@@ -20,11 +20,15 @@
 // bos..eos.
 //
 // Choices and limits:
+// - Step 0 uses every special token string, as transformers' added tokens do: with SD 2's
+//   pad token "!" each "!" in a text becomes the pad id, exactly as upstream.
 // - Invalid UTF-8 input throws difftrain::Error (Python strings cannot hold it; no replacement).
 // - Unicode data (categories, NFC, lower-casing) comes from unicode_tables.hpp, generated from
 //   Python's unicodedata (see there for the version); ftfy's text fixing is not reproduced (with
 //   ftfy installed transformers gives different ids, e.g. CJK runs stay one word).
-// - `'s` also matches `'ſ` (U+017F), which the `regex` module's case-insensitive match folds to s.
+// - The pattern is matched case-insensitively, as transformers does with the `regex` module:
+//   `'s` also matches `'ſ` (U+017F, folds to s), and U+0345 matches no alternative and is
+//   skipped (see kUnmatched).
 // - BPE results are cached per piece (thread-safe; the cache is cleared when it reaches
 //   kMaxCacheEntries pieces, so memory stays bounded over millions of captions).
 
@@ -201,8 +205,8 @@ class ClipTokenizer {
     try {
       return nlohmann::json::parse(read_file(path));
     } catch (const nlohmann::json::exception& e) {
-      throw Error("ClipTokenizer::from_folder: " + path.string() + " is not valid JSON: " +
-                  e.what());
+      throw Error("ClipTokenizer::from_folder: " + path.string() +
+                  " is not valid JSON: " + e.what());
     }
   }
 
@@ -346,8 +350,8 @@ class ClipTokenizer {
     cleaned.reserve(text.size());
     for (char32_t c : text) {
       const auto cls = unicode::char_class(c);
-      const bool white = c == U' ' || c == U'\t' || c == U'\n' || c == U'\r' ||
-                         cls == CharClass::kSpaceSeparator;
+      const bool white =
+          c == U' ' || c == U'\t' || c == U'\n' || c == U'\r' || cls == CharClass::kSpaceSeparator;
       if (white) {
         cleaned.push_back(U' ');
       } else if (c == 0 || c == 0xFFFD || cls == CharClass::kControl) {
@@ -374,12 +378,21 @@ class ClipTokenizer {
     }
   }
 
+  // U+0345 COMBINING GREEK YPOGEGRAMMENI (Mn) case-folds to a letter (iota), so under the
+  // pattern's IGNORECASE the `regex` module matches it with neither [\p{L}] nor
+  // [^\s\p{L}\p{N}]: no alternative matches there and findall skips it. It is the only such
+  // code point (checked over all of Unicode against regex 2026.5.9).
+  static constexpr char32_t kUnmatched = 0x345;
+
   // Step 5 on one lower-cased word (which holds no whitespace).
   template <class F>
   static void split_word(std::u32string_view w, F& f) {
     using unicode::CharClass;
     static constexpr std::u32string_view kStart = U"<|startoftext|>", kEnd = U"<|endoftext|>";
     const auto cls = [&](std::size_t k) { return unicode::char_class(w[k]); };
+    const auto other = [&](std::size_t k) {
+      return cls(k) != CharClass::kLetter && cls(k) != CharClass::kNumber && w[k] != kUnmatched;
+    };
     for (std::size_t i = 0; i < w.size();) {
       std::size_t j = i + 1;
       if (starts_with(w, i, kStart)) {
@@ -388,10 +401,13 @@ class ClipTokenizer {
         j = i + kEnd.size();
       } else if (const std::size_t n = contraction_length(w, i); n != 0) {
         j = i + n;
+      } else if (w[i] == kUnmatched) {
+        i = j;
+        continue;
       } else if (cls(i) == CharClass::kLetter) {
         while (j < w.size() && cls(j) == CharClass::kLetter) ++j;
       } else if (cls(i) != CharClass::kNumber) {
-        while (j < w.size() && cls(j) != CharClass::kLetter && cls(j) != CharClass::kNumber) ++j;
+        while (j < w.size() && other(j)) ++j;
       }
       f(unicode::encode_utf8(w.substr(i, j - i)), false);
       i = j;

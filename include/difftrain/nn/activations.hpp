@@ -18,7 +18,6 @@
 #include <numbers>
 #include <string>
 #include <vector>
-
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
@@ -48,8 +47,8 @@ enum class GeluApproximation { none, tanh };
 namespace activation_detail {
 inline constexpr double kGeluTanhCoefficient = 0.044715;
 inline constexpr double kSqrtTwoOverPi = 0.7978845608028654;  // √(2/π)
-inline constexpr double kInvSqrtTwo = 0.7071067811865476;      // 1/√2
-inline constexpr double kInvSqrtTwoPi = 0.3989422804014327;    // 1/√(2π)
+inline constexpr double kInvSqrtTwo = 0.7071067811865476;     // 1/√2
+inline constexpr double kInvSqrtTwoPi = 0.3989422804014327;   // 1/√(2π)
 }  // namespace activation_detail
 
 // gelu(x) = ½x(1 + erf(x/√2))  or  ½x(1 + tanh(√(2/π)(x + 0.044715x³)))

@@ -278,15 +278,16 @@ class Attention {
   }
 
   /// Self-attention (context = x; needs Dc = Dq): x [B, L, Dq] → [B, L, Dq], saving for backward.
-  Tensor3<T> forward(const Tensor3<T>& x) { return run(x, x, true, true); }
+  Tensor3<T> forward(const Tensor3<T>& x) { return run(x, x, true); }
   /// Cross-attention: x [B, L, Dq], context [B, Lc, Dc] → [B, L, Dq], saving for backward.
   Tensor3<T> forward(const Tensor3<T>& x, const Tensor3<T>& context) {
-    return run(x, context, false, true);
+    return run(x, context, false);
   }
-  /// The same without saving anything (validation, sampling, gradient checks).
-  Tensor3<T> forward_inference(const Tensor3<T>& x) { return run(x, x, true, false); }
-  Tensor3<T> forward_inference(const Tensor3<T>& x, const Tensor3<T>& context) {
-    return run(x, context, false, false);
+  /// The same without saving anything (validation, sampling, gradient checks). Const, but it
+  /// uses the object's score workspace: one object must not run two calls at the same time.
+  Tensor3<T> forward_inference(const Tensor3<T>& x) const { return infer(x, x, true); }
+  Tensor3<T> forward_inference(const Tensor3<T>& x, const Tensor3<T>& context) const {
+    return infer(x, context, false);
   }
 
   /// dy [B, L, Dq] → dx (and dcontext for a cross forward when context_grad); accumulates (+=)
@@ -340,7 +341,8 @@ class Attention {
     return c;
   }
 
-  Tensor3<T> run(const Tensor3<T>& x, const Tensor3<T>& context, bool self, bool save) {
+  // Checks x [B, L, Dq] and context [B, Lc, Dc] and returns the core's sizes.
+  AttentionShape check_inputs(const Tensor3<T>& x, const Tensor3<T>& context, bool self) const {
     constexpr const char* fn = "Attention::forward";
     const std::size_t B = x.shape()[0], L = x.shape()[1];
     check_shape(fn, "x", x.shape(), {B, L, config.query_dim});
@@ -353,31 +355,41 @@ class Attention {
     check_shape(fn, "context", context.shape(), {B, Lc, context_dim()});
     require(Lc > 0, fn, "context has shape ", shape_string(context.shape()),
             ", expected at least one token");
-    const AttentionShape s{B, L, Lc, config.heads, config.dim_head};
+    return AttentionShape{B, L, Lc, config.heads, config.dim_head};
+  }
 
-    Tensor3<T> q = save ? to_q.forward(x) : to_q.forward_inference(x);
-    Tensor3<T> k = save ? to_k.forward(context) : to_k.forward_inference(context);
-    Tensor3<T> v = save ? to_v.forward(context) : to_v.forward_inference(context);
-    Tensor3<T> o(std::array<std::size_t, 3>{B, L, inner_dim()});
+  Tensor3<T> core(const Tensor3<T>& q, const Tensor3<T>& k, const Tensor3<T>& v,
+                  const AttentionShape& s) const {
+    Tensor3<T> o(std::array<std::size_t, 3>{s.batch, s.queries, inner_dim()});
     scaled_dot_product_attention_forward(q.data(), k.data(), v.data(), o.data(), s, scale(),
                                          workspace_);
-    Tensor3<T> y = save ? to_out.forward(o) : to_out.forward_inference(o);
-    if (save) {
-      q_ = std::move(q);
-      k_ = std::move(k);
-      v_ = std::move(v);
-      shape_ = s;
-      self_ = self;
-      saved_ = true;
-    }
+    return o;
+  }
+
+  Tensor3<T> run(const Tensor3<T>& x, const Tensor3<T>& context, bool self) {
+    const AttentionShape s = check_inputs(x, context, self);
+    saved_ = false;  // until the whole forward has succeeded
+    q_ = to_q.forward(x);
+    k_ = to_k.forward(context);
+    v_ = to_v.forward(context);
+    Tensor3<T> y = to_out.forward(core(q_, k_, v_, s));
+    shape_ = s;
+    self_ = self;
+    saved_ = true;
     return y;
+  }
+
+  Tensor3<T> infer(const Tensor3<T>& x, const Tensor3<T>& context, bool self) const {
+    const AttentionShape s = check_inputs(x, context, self);
+    return to_out.forward_inference(core(to_q.forward_inference(x), to_k.forward_inference(context),
+                                         to_v.forward_inference(context), s));
   }
 
   Tensor3<T> q_, k_, v_;  // saved projections
   AttentionShape shape_{};
   bool self_ = false;
   bool saved_ = false;
-  AttentionWorkspace<T> workspace_;
+  mutable AttentionWorkspace<T> workspace_;  // scratch only, no state between calls
 };
 
 }  // namespace difftrain::nn

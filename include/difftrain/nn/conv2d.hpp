@@ -12,14 +12,15 @@
 //   dW += dy_b · colᵀ;  db += Σ_P dy_b;  dx_b = col2im(Wᵀ · dy_b)
 // A 1×1, stride-1, unpadded conv uses x_b itself as col. Asymmetric padding covers the VAE's
 // pad (0,1,0,1) + stride-2 downsample in one layer. forward saves a copy of x; one context is kept.
+// The per-thread column buffers are a reused member workspace: one layer object must not run two
+// forwards/backwards concurrently (different layers may).
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <Eigen/Core>
 #include <xtensor/xtensor.hpp>
 
 #ifdef _OPENMP
@@ -69,16 +70,16 @@ void im2col(const T* x, const Geometry& g, T* col) {
       for (std::size_t j = 0; j < g.k; ++j) {
         T* dst = col + ((c * g.k + i) * g.k + j) * g.P();
         for (std::size_t oh = 0; oh < g.Ho; ++oh, dst += g.Wo) {
-          const auto ih = static_cast<std::ptrdiff_t>(oh * g.s + i) -
-                          static_cast<std::ptrdiff_t>(g.pad.top);
+          const auto ih =
+              static_cast<std::ptrdiff_t>(oh * g.s + i) - static_cast<std::ptrdiff_t>(g.pad.top);
           if (ih < 0 || ih >= H) {
             std::fill(dst, dst + g.Wo, T(0));
             continue;
           }
           const T* row = xc + ih * W;
           for (std::size_t ow = 0; ow < g.Wo; ++ow) {
-            const auto iw = static_cast<std::ptrdiff_t>(ow * g.s + j) -
-                            static_cast<std::ptrdiff_t>(g.pad.left);
+            const auto iw =
+                static_cast<std::ptrdiff_t>(ow * g.s + j) - static_cast<std::ptrdiff_t>(g.pad.left);
             dst[ow] = (iw >= 0 && iw < W) ? row[iw] : T(0);
           }
         }
@@ -98,13 +99,13 @@ void col2im(const T* col, const Geometry& g, T* dx) {
       for (std::size_t j = 0; j < g.k; ++j) {
         const T* src = col + ((c * g.k + i) * g.k + j) * g.P();
         for (std::size_t oh = 0; oh < g.Ho; ++oh, src += g.Wo) {
-          const auto ih = static_cast<std::ptrdiff_t>(oh * g.s + i) -
-                          static_cast<std::ptrdiff_t>(g.pad.top);
+          const auto ih =
+              static_cast<std::ptrdiff_t>(oh * g.s + i) - static_cast<std::ptrdiff_t>(g.pad.top);
           if (ih < 0 || ih >= H) continue;
           T* row = dxc + ih * W;
           for (std::size_t ow = 0; ow < g.Wo; ++ow) {
-            const auto iw = static_cast<std::ptrdiff_t>(ow * g.s + j) -
-                            static_cast<std::ptrdiff_t>(g.pad.left);
+            const auto iw =
+                static_cast<std::ptrdiff_t>(ow * g.s + j) - static_cast<std::ptrdiff_t>(g.pad.left);
             if (iw >= 0 && iw < W) row[iw] += src[ow];
           }
         }
@@ -113,12 +114,18 @@ void col2im(const T* col, const Geometry& g, T* dx) {
   }
 }
 
-inline int thread_count(std::size_t work_items) {
+// Threads for a loop over `work_items` samples of `flops_per_item` multiply-adds each: one when
+// the whole job is small (a parallel region costs more than it saves, and far more on a loaded
+// machine where a descheduled thread stalls the barrier).
+inline int thread_count(std::size_t work_items, std::size_t flops_per_item) {
+  constexpr std::size_t kMinParallelFlops = std::size_t{1} << 20;
 #ifdef _OPENMP
+  if (work_items * flops_per_item < kMinParallelFlops) return 1;
   return static_cast<int>(std::max<std::size_t>(
       1, std::min<std::size_t>(static_cast<std::size_t>(omp_get_max_threads()), work_items)));
 #else
   (void)work_items;
+  (void)flops_per_item;
   return 1;
 #endif
 }
@@ -197,7 +204,7 @@ class Conv2d {
     const auto g = geometry("Conv2d::forward", x.shape());
     const std::size_t B = x.shape()[0], O = out_channels(), K = g.K(), P = g.P();
     Tensor4<T> y({B, O, g.Ho, g.Wo});
-    const int threads = conv_detail::thread_count(B);
+    const int threads = conv_detail::thread_count(B, O * K * P);
     ensure_workspace(threads, g.identity_columns() ? 0 : K * P);
     ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
     const auto batch = static_cast<std::int64_t>(B);
@@ -230,7 +237,7 @@ class Conv2d {
     if (input_grad) dx = Tensor4<T>(x.shape());
     if (!input_grad && !weight_grad && !bias_grad) return dx;
 
-    const int threads = conv_detail::thread_count(B);
+    const int threads = conv_detail::thread_count(B, O * K * P);
     // buffer per thread: col (unless identity) then dcol (when the input gradient is needed)
     const std::size_t col_size = g.identity_columns() ? 0 : K * P;
     ensure_workspace(threads, col_size + (input_grad ? K * P : 0));
@@ -291,15 +298,15 @@ class Conv2d {
  private:
   template <class Shape>
   conv_detail::Geometry geometry(std::string_view function, const Shape& shape) const {
-    require(shape.size() == 4, function, "x has shape ", shape_string(shape),
-            ", expected [B,", in_channels(), ",H,W]");
+    require(shape.size() == 4, function, "x has shape ", shape_string(shape), ", expected [B,",
+            in_channels(), ",H,W]");
     require(shape[1] == in_channels(), function, "x has shape ", shape_string(shape),
             ", expected [B,", in_channels(), ",H,W]");
     const auto& p = config_.padding;
     const std::size_t k = kernel_size(), s = config_.stride;
     const std::size_t hp = shape[2] + p.top + p.bottom, wp = shape[3] + p.left + p.right;
-    require(hp >= k && wp >= k, function, "x has shape ", shape_string(shape),
-            ", padded to ", hp, "x", wp, ", smaller than the ", k, "x", k, " kernel");
+    require(hp >= k && wp >= k, function, "x has shape ", shape_string(shape), ", padded to ", hp,
+            "x", wp, ", smaller than the ", k, "x", k, " kernel");
     return {in_channels(), shape[2], shape[3], k, s, (hp - k) / s + 1, (wp - k) / s + 1, p};
   }
 

@@ -13,7 +13,6 @@
 #include <span>
 #include <string>
 #include <vector>
-
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"

@@ -11,9 +11,10 @@
 // Error measure: |numeric − analytic| / max(|numeric|, |analytic|, floor), so large gradients are
 // compared relatively and tiny ones absolutely: the default floor 1e-5 sits above the rounding
 // noise of the difference quotient (~1.5e-13·|L| for h = 1e-3), so an exactly-zero gradient (a
-// dropped unit) passes for |L| up to ~50 while a wrong gradient of 1e-10 or more is still caught. The default stencil is the
-// fourth-order central difference (−L(x+2h) + 8L(x+h) − 8L(x−h) + L(x−2h)) / 12h: with h = 1e-3
-// its truncation error (~h⁴) and rounding error (~1e-16·|L| / h) both stay far below 1e-6.
+// dropped unit) passes for |L| up to ~50 while a wrong gradient of 1e-10 or more is still caught.
+// The default stencil is the fourth-order central difference (−L(x+2h) + 8L(x+h) − 8L(x−h) +
+// L(x−2h)) / 12h: with h = 1e-3 its truncation error (~h⁴) and rounding error (~1e-16·|L| / h) both
+// stay far below 1e-6.
 
 #include <algorithm>
 #include <cmath>
@@ -98,11 +99,11 @@ GradCheckReport check_gradient(std::span<T> values, std::span<const T> analytic,
 
 /// Same, over xtensor containers (values perturbed in place, analytic of the same size).
 template <class Values, class Analytic, class Loss>
-  requires requires(Values& v, const Analytic& a) {
-    v.data();
-    a.data();
-    v.size();
-  }
+requires requires(Values& v, const Analytic& a) {
+  v.data();
+  a.data();
+  v.size();
+}
 GradCheckReport check_gradient(Values& values, const Analytic& analytic, Loss&& loss,
                                const GradCheckOptions& options = {}) {
   using T = typename Values::value_type;
@@ -117,8 +118,8 @@ GradCheckReport check_gradient(Parameter<T>& p, Loss&& loss, const GradCheckOpti
   require(p.trainable && p.grad.size() == p.value.size(), "check_gradient",
           "parameter has no gradient (frozen?)");
   return check_gradient(std::span<T>(p.value.data(), p.value.size()),
-                        std::span<const T>(p.grad.data(), p.grad.size()),
-                        std::forward<Loss>(loss), options);
+                        std::span<const T>(p.grad.data(), p.grad.size()), std::forward<Loss>(loss),
+                        options);
 }
 
 // L = Σ_i w_i y_i  (dL/dy = w): the scalar probe loss of gradient checks

@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <string>
 #include <vector>
-
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
@@ -53,8 +52,7 @@ class GroupNorm {
     require(config.eps > 0, "GroupNorm", "eps must be positive, got ", config.eps);
     weight.value.fill(T(1));
   }
-  GroupNorm(std::size_t num_groups, std::size_t num_channels, double eps = 1e-5,
-            bool affine = true)
+  GroupNorm(std::size_t num_groups, std::size_t num_channels, double eps = 1e-5, bool affine = true)
       : GroupNorm(GroupNormConfig{num_groups, num_channels, eps, affine}) {}
 
   const GroupNormConfig& config() const { return config_; }

@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <string>
 #include <vector>
-
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
@@ -52,9 +51,8 @@ void normalize_row_backward(G&& g, const T* x_hat, std::size_t n, T rstd, T* dx)
   }
   const double mean_g = sum_g / static_cast<double>(n), mean_gx = sum_gx / static_cast<double>(n);
   for (std::size_t i = 0; i < n; ++i)
-    dx[i] = static_cast<T>(static_cast<double>(rstd) *
-                           (static_cast<double>(g(i)) - mean_g -
-                            static_cast<double>(x_hat[i]) * mean_gx));
+    dx[i] = static_cast<T>(static_cast<double>(rstd) * (static_cast<double>(g(i)) - mean_g -
+                                                        static_cast<double>(x_hat[i]) * mean_gx));
 }
 
 }  // namespace norm_detail
@@ -130,8 +128,8 @@ class LayerNorm {
       const T* dyr = dy.data() + r * D;
       const T* gamma = affine ? weight.value.data() : nullptr;
       norm_detail::normalize_row_backward(
-          [&](std::size_t i) { return gamma ? dyr[i] * gamma[i] : dyr[i]; },
-          x_hat_.data() + r * D, D, rstd_[r], dx.data() + r * D);
+          [&](std::size_t i) { return gamma ? dyr[i] * gamma[i] : dyr[i]; }, x_hat_.data() + r * D,
+          D, rstd_[r], dx.data() + r * D);
     }
     if (affine) accumulate_affine_grads(dy.data(), rows);
     return dx;
@@ -171,7 +169,8 @@ class LayerNorm {
 
   void accumulate_affine_grads(const T* dy, std::size_t rows) {
     const std::size_t D = dim();
-    if (weight.trainable) check_shape("LayerNorm::backward", "weight.grad", weight.grad.shape(), {D});
+    if (weight.trainable)
+      check_shape("LayerNorm::backward", "weight.grad", weight.grad.shape(), {D});
     if (bias.trainable) check_shape("LayerNorm::backward", "bias.grad", bias.grad.shape(), {D});
     const auto Dn = static_cast<std::int64_t>(D);
 #pragma omp parallel for schedule(static) if (rows * D > 32768)

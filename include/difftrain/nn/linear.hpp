@@ -10,12 +10,11 @@
 // dW and db. A frozen parameter (trainable == false) has an empty grad and its GEMM is skipped.
 // One forward context is kept: a second forward before backward overwrites it.
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <cstddef>
 #include <string>
 #include <vector>
-
-#include <Eigen/Core>
 #include <xtensor/xadapt.hpp>
 #include <xtensor/xtensor.hpp>
 
@@ -142,8 +141,8 @@ class Linear {
   /// dx for the saved input (empty tensor of the same rank when !input_grad); accumulates dW, db.
   template <std::size_t N>
   Tensor<T, N> backward(const Tensor<T, N>& dy, bool input_grad = true) {
-    require(saved_shape_.size() == N, "Linear::backward",
-            "no saved forward of rank ", N, " (call forward first)");
+    require(saved_shape_.size() == N, "Linear::backward", "no saved forward of rank ", N,
+            " (call forward first)");
     auto expected = dy.shape();
     std::copy(saved_shape_.begin(), saved_shape_.end(), expected.begin());
     expected[N - 1] = out_features();
@@ -168,11 +167,12 @@ class Linear {
  private:
   void check_parameters(std::string_view function, bool grads) const {
     check_shape(function, "weight", weight.value.shape(), {out_features(), in_features()});
-    if (grads && weight.trainable) check_shape(function, "weight.grad", weight.grad.shape(),
-                                      {out_features(), in_features()});
+    if (grads && weight.trainable)
+      check_shape(function, "weight.grad", weight.grad.shape(), {out_features(), in_features()});
     if (config_.bias) {
       check_shape(function, "bias", bias.value.shape(), {out_features()});
-      if (grads && bias.trainable) check_shape(function, "bias.grad", bias.grad.shape(), {out_features()});
+      if (grads && bias.trainable)
+        check_shape(function, "bias.grad", bias.grad.shape(), {out_features()});
     }
   }
 

@@ -30,8 +30,8 @@ inline double global_grad_norm(const std::vector<nn::Parameter<float>*>& params)
   for (const nn::Parameter<float>* p : params) {
     require(p != nullptr, "global_grad_norm", "a parameter pointer is null");
     if (!p->trainable || p->grad.size() == 0) continue;
-    require(p->grad.size() == p->value.size(), "global_grad_norm", "gradient has ",
-            p->grad.size(), " elements, expected ", p->value.size(), " as the value");
+    require(p->grad.size() == p->value.size(), "global_grad_norm", "gradient has ", p->grad.size(),
+            " elements, expected ", p->value.size(), " as the value");
     for (std::size_t o = 0; o < p->grad.size(); o += detail::kNormChunk)
       chunks.push_back({p->grad.data() + o, std::min(detail::kNormChunk, p->grad.size() - o)});
   }

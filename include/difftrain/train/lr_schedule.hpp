@@ -33,12 +33,18 @@ enum class LrSchedulerType : std::uint8_t {
 
 inline std::string_view to_string(LrSchedulerType type) {
   switch (type) {
-    case LrSchedulerType::constant: return "constant";
-    case LrSchedulerType::constant_with_warmup: return "constant_with_warmup";
-    case LrSchedulerType::linear: return "linear";
-    case LrSchedulerType::cosine: return "cosine";
-    case LrSchedulerType::cosine_with_restarts: return "cosine_with_restarts";
-    case LrSchedulerType::polynomial: return "polynomial";
+    case LrSchedulerType::constant:
+      return "constant";
+    case LrSchedulerType::constant_with_warmup:
+      return "constant_with_warmup";
+    case LrSchedulerType::linear:
+      return "linear";
+    case LrSchedulerType::cosine:
+      return "cosine";
+    case LrSchedulerType::cosine_with_restarts:
+      return "cosine_with_restarts";
+    case LrSchedulerType::polynomial:
+      return "polynomial";
   }
   return "?";
 }
@@ -76,8 +82,8 @@ class LrSchedule {
     constexpr const char* fn = "LrSchedule";
     require(o_.num_warmup_steps >= 0, fn, "num_warmup_steps is ", o_.num_warmup_steps,
             ", expected >= 0");
-    const bool needs_total = type_ != LrSchedulerType::constant &&
-                             type_ != LrSchedulerType::constant_with_warmup;
+    const bool needs_total =
+        type_ != LrSchedulerType::constant && type_ != LrSchedulerType::constant_with_warmup;
     require(!needs_total || o_.num_training_steps > 0, fn, to_string(type_),
             " needs num_training_steps > 0, got ", o_.num_training_steps);
     if (o_.num_cycles < 0)
@@ -106,7 +112,8 @@ class LrSchedule {
     const double p = double(s - w) / double(std::max<std::int64_t>(1, n - w));
     switch (type_) {
       case LrSchedulerType::constant:
-      case LrSchedulerType::constant_with_warmup: return 1.0;
+      case LrSchedulerType::constant_with_warmup:
+        return 1.0;
       case LrSchedulerType::linear:
         return std::max(0.0, double(n - s) / double(std::max<std::int64_t>(1, n - w)));
       case LrSchedulerType::cosine:
@@ -137,8 +144,8 @@ inline LrSchedule get_scheduler(std::string_view name, LrScheduleOptions options
 /// diffusers --scale_lr: lr · gradient_accumulation_steps · train_batch_size · num_processes.
 inline double scale_lr(double learning_rate, std::int64_t gradient_accumulation_steps,
                        std::int64_t train_batch_size, std::int64_t num_processes = 1) {
-  require(gradient_accumulation_steps > 0 && train_batch_size > 0 && num_processes > 0,
-          "scale_lr", "gradient_accumulation_steps, train_batch_size and num_processes are ",
+  require(gradient_accumulation_steps > 0 && train_batch_size > 0 && num_processes > 0, "scale_lr",
+          "gradient_accumulation_steps, train_batch_size and num_processes are ",
           gradient_accumulation_steps, ", ", train_batch_size, ", ", num_processes,
           ", expected all > 0");
   return learning_rate * double(gradient_accumulation_steps) * double(train_batch_size) *

@@ -20,7 +20,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
 #include <xsimd/xsimd.hpp>
 #include <xtensor/xadapt.hpp>
 #include <xtensor/xarray.hpp>
@@ -252,7 +251,7 @@ inline void finish_import(std::string_view fn, const std::map<std::string, xt::x
 
 /// AdamW (Loshchilov & Hutter; PyTorch torch.optim.AdamW, amsgrad off). Per update t = 1, 2, …
 /// with the group's lr scaled by lr_scale (the LR schedule's multiplier):
-// p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  p ← p − (lr/(1−β1^t))·m/(√v/√(1−β2^t) + ε)
+// p ← p(1−lr·wd); m ← β1m + (1−β1)g; v ← β2v + (1−β2)g²; p ← p − lr/(1−β1^t)·m/(√v/√(1−β2^t) + ε)
 class AdamW {
  public:
   static constexpr std::string_view kName = "adamw";
@@ -277,9 +276,14 @@ class AdamW {
       const ParamGroup& g = groups_[gi];
       const double lr = g.lr * lr_scale, t = double(step_count_);
       const double bc1 = 1.0 - std::pow(g.betas[0], t), bc2 = 1.0 - std::pow(g.betas[1], t);
-      k[gi] = {float(1.0 - lr * g.weight_decay), float(g.betas[0]), float(1.0 - g.betas[0]),
-               float(g.betas[1]),                float(1.0 - g.betas[1]), float(lr / bc1),
-               float(std::sqrt(bc2)),            float(g.eps)};
+      k[gi] = {float(1.0 - lr * g.weight_decay),
+               float(g.betas[0]),
+               float(1.0 - g.betas[0]),
+               float(g.betas[1]),
+               float(1.0 - g.betas[1]),
+               float(lr / bc1),
+               float(std::sqrt(bc2)),
+               float(g.eps)};
     }
     const std::vector<nn::Parameter<float>*> params = flat_params();
     const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
@@ -334,20 +338,13 @@ class AdamW {
     return out;
   }
   void check_shapes() const {
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i) {
-        detail::check_gradient(*g.params[i], g.names[i], "AdamW::step");
-        require(g.params[i]->value.size() == exp_avg_[slot_of(g, i)].size(), "AdamW::step",
-                "parameter '", g.names[i], "' changed size since the optimizer was built");
-      }
-  }
-  std::size_t slot_of(const ParamGroup& group, std::size_t i) const {
     std::size_t slot = 0;
-    for (const ParamGroup& g : groups_) {
-      if (&g == &group) return slot + i;
-      slot += g.params.size();
-    }
-    return slot;
+    for (const ParamGroup& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
+        detail::check_gradient(*g.params[i], g.names[i], "AdamW::step");
+        require(g.params[i]->value.size() == exp_avg_[slot].size(), "AdamW::step", "parameter '",
+                g.names[i], "' changed size since the optimizer was built");
+      }
   }
 
   std::vector<ParamGroup> groups_;
@@ -391,10 +388,9 @@ class Sgd {
     for (std::ptrdiff_t c = 0; c < n; ++c) {
       const detail::UpdateChunk& ch = chunks_[std::size_t(c)];
       nn::Parameter<float>& p = *params[ch.slot];
-      detail::sgd_kernel<xsimd::default_arch>(p.value.data() + ch.offset,
-                                              p.grad.data() + ch.offset,
-                                              momentum_buffer_[ch.slot].data() + ch.offset,
-                                              ch.size, k[ch.group]);
+      detail::sgd_kernel<xsimd::default_arch>(p.value.data() + ch.offset, p.grad.data() + ch.offset,
+                                              momentum_buffer_[ch.slot].data() + ch.offset, ch.size,
+                                              k[ch.group]);
     }
     ++step_count_;
   }

@@ -1,0 +1,531 @@
+#pragma once
+// Trainer: the loop around a training step (diffusers' train_*.py loop with accelerate).
+//
+// One call of train_step() is one optimizer step ("global step"):
+//   zero the gradients
+//   for k in [0, gradient_accumulation_steps): micro-batch m = micro_batch_index + k
+//       batch = data(m);  step.step(images, token_ids, m, {weights w_b / accum})  (backward +=)
+//   ‖g‖ = global grad norm (before clipping); clip to max_grad_norm
+//   a NaN/Inf loss or ‖g‖ → skip (gradients dropped, counted) or Error naming the step
+//   else optimizer.step(lr · λ(scheduler_step)); scheduler_step += 1; EMA update
+//
+// Accumulation convention: each micro-batch's loss is divided by gradient_accumulation_steps
+// (through its per-sample weights), as accelerate's backward() does, so the accumulated gradient
+// is the gradient of the mean loss over the micro-batches — the same as one batch of
+// accum × micro-batch samples — and learning rates keep their meaning when accum changes.
+// The optimizer, the LR schedule and the EMA advance only on these boundaries.
+//
+// Prior preservation (DreamBooth): the batch is the instance examples, then the class examples;
+// L = L_instance + λ·L_prior, each the weighted mean (Min-SNR etc. with the sample's own
+// timestep) over its half. The step computes (1/B)·Σ_b w_b·W(t_b)·L_b over all B = B_i + B_c
+// rows, so the trainer passes sample weights w_b = B/B_i for instance rows and λ·B/B_c for class
+// rows (times any user weight, over accum).
+//
+// Randomness: micro-batch m is step index m of the DiffusionTrainStep (its noise and timesteps
+// depend only on (seed, m)), and data(m) must depend only on m. A checkpoint stores m, so a
+// resumed run repeats the uninterrupted one bit for bit.
+
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+#include <xtensor/xbuilder.hpp>
+
+#include "difftrain/core/error.hpp"
+#include "difftrain/core/prediction_type.hpp"
+#include "difftrain/nn/parameter.hpp"
+#include "difftrain/train/checkpoint.hpp"
+#include "difftrain/train/diffusion_train_step.hpp"
+#include "difftrain/train/ema.hpp"
+#include "difftrain/train/grad_clip.hpp"
+#include "difftrain/train/lr_schedule.hpp"
+#include "difftrain/train/optimizer.hpp"
+
+namespace difftrain::train {
+
+/// What to do when a micro-batch's loss or the gradient norm is NaN/Inf. Either way the weights,
+/// the optimizer state, the LR schedule and the EMA are left untouched.
+enum class NonFinitePolicy : std::uint8_t {
+  skip,   // drop the gradients, count the step as skipped, go on with the next batch
+  error,  // throw difftrain::Error naming the global step and the micro-batch
+};
+
+/// The loop's settings, named after diffusers' training-script arguments where they exist.
+struct TrainerOptions {
+  // Optimizer: "adamw" (diffusers' default) or "sgd" (with momentum).
+  std::string optimizer = "adamw";
+  double learning_rate = 1e-4;
+  bool scale_lr = false;              // lr ← lr · accum · train_batch_size (one process)
+  std::int64_t train_batch_size = 1;  // only used by scale_lr
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_weight_decay = 1e-2;
+  double adam_epsilon = 1e-8;
+  double sgd_momentum = 0.9;
+  bool sgd_nesterov = false;
+  double sgd_weight_decay = 0.0;
+  double loraplus_lr_ratio = 1.0;  // kohya: lr of lora_B / lora_up parameters × ratio
+
+  // Learning-rate schedule (lr_schedule.hpp).
+  std::string lr_scheduler = "constant";
+  std::int64_t lr_warmup_steps = 500;
+  double lr_num_cycles = -1;  // < 0: the schedule's default (cosine 0.5, restarts 1)
+  double lr_power = 1.0;
+  double lr_end = 1e-7;
+
+  // Loop.
+  std::int64_t max_train_steps = 1000;
+  std::int64_t gradient_accumulation_steps = 1;
+  double max_grad_norm = 1.0;  // <= 0: no clipping (the norm is still computed and logged)
+  NonFinitePolicy non_finite = NonFinitePolicy::skip;
+
+  // EMA of the trainable parameters.
+  bool use_ema = false;
+  EmaOptions ema;
+
+  // Loss composition. Prior preservation is done by the trainer; the other settings configure the
+  // DiffusionTrainStep (see train_step_options(); snr_gamma selects loss::MinSnr{snr_gamma} as the
+  // step's LossWeighting, which the caller instantiates).
+  bool with_prior_preservation = false;
+  double prior_loss_weight = 1.0;
+  std::optional<double> snr_gamma;
+  float noise_offset = 0;
+  float input_perturbation = 0;
+  std::optional<PredictionType> prediction_type;
+  std::uint64_t seed = 0;
+
+  // Checkpoints (fit() saves every checkpointing_steps global steps when output_dir is set).
+  std::string output_dir;
+  std::int64_t checkpointing_steps = 500;
+  std::optional<std::int64_t> checkpoints_total_limit;
+  std::string resume_from_checkpoint;  // "", "latest" or a checkpoint folder; used by fit()
+};
+
+/// The DiffusionTrainStep options that TrainerOptions carries (diffusers keeps them together).
+inline TrainStepOptions train_step_options(const TrainerOptions& o) {
+  TrainStepOptions s;
+  s.prediction_type = o.prediction_type;
+  s.noise.noise_offset = o.noise_offset;
+  s.noise.input_perturbation = o.input_perturbation;
+  s.seed = o.seed;
+  return s;
+}
+
+/// One micro-batch. With prior preservation, class_images / class_token_ids hold the class
+/// examples (appended after the instance ones). sample_weights (optional) and mask (optional)
+/// cover all rows, instance then class.
+struct TrainBatch {
+  Tensor4<float> images;
+  TokenIds token_ids;
+  Tensor4<float> class_images;
+  TokenIds class_token_ids;
+  std::vector<float> sample_weights;
+  std::optional<Tensor4<float>> mask;
+};
+
+/// A source of micro-batches: data(m) is micro-batch m, a function of m only (resume relies on it).
+template <class D>
+concept TrainDataSource = requires(D& d, std::uint64_t m) {
+  { d(m) } -> std::convertible_to<TrainBatch>;
+};
+
+/// What the callback receives after every global step.
+struct StepLog {
+  std::int64_t step = 0;  // global step just completed (1-based)
+  double loss = 0;        // mean over micro-batches of the step's loss (L_inst + λ·L_prior)
+  std::vector<double> per_sample_loss;  // mean_chw ℓ of every row of every micro-batch, in order
+  std::vector<double> weights;  // the step's w_b for those rows (all factors, incl. 1/accum)
+  std::vector<std::int64_t> timesteps;  // their timesteps
+  double lr = 0;                        // learning rate of the first group used for this update
+  double grad_norm = 0;                 // global gradient norm before clipping
+  double it_per_s = 0;                  // global steps per second (this step)
+  bool skipped = false;                 // non-finite loss or gradient: no update
+  std::int64_t skipped_steps = 0;       // total so far
+};
+
+/// The batch handed to the step: instance rows then class rows, with per-sample weights.
+struct ComposedBatch {
+  Tensor4<float> images;
+  TokenIds token_ids;
+  std::vector<float> sample_weights;  // empty when all are 1
+  std::size_t num_instance = 0;
+};
+
+/// Rows and weights for one micro-batch (see the top of the file for the weights).
+inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_preservation,
+                                   double prior_loss_weight, std::int64_t accumulation_steps) {
+  constexpr const char* fn = "compose_batch";
+  require(batch.images.dimension() == 4 && batch.images.shape()[0] > 0, fn, "images have shape ",
+          shape_string(batch.images.shape()), ", expected [B,C,H,W] with B > 0");
+  require(batch.token_ids.shape()[0] == batch.images.shape()[0], fn, "token_ids have shape ",
+          shape_string(batch.token_ids.shape()), ", expected ", batch.images.shape()[0], " rows");
+  ComposedBatch out;
+  const std::size_t bi = batch.images.shape()[0];
+  std::size_t bc = 0;
+  if (with_prior_preservation) {
+    bc = batch.class_images.shape()[0];
+    require(batch.class_images.size() > 0 && bc > 0, fn,
+            "with_prior_preservation needs class_images, got shape ",
+            shape_string(batch.class_images.shape()));
+    require(std::equal(batch.class_images.shape().begin() + 1, batch.class_images.shape().end(),
+                       batch.images.shape().begin() + 1),
+            fn, "class_images have shape ", shape_string(batch.class_images.shape()),
+            ", expected [", bc, ",", batch.images.shape()[1], ",", batch.images.shape()[2], ",",
+            batch.images.shape()[3], "] like the instance images");
+    require(batch.class_token_ids.shape()[0] == bc &&
+                batch.class_token_ids.shape()[1] == batch.token_ids.shape()[1],
+            fn, "class_token_ids have shape ", shape_string(batch.class_token_ids.shape()),
+            ", expected [", bc, ",", batch.token_ids.shape()[1], "]");
+    require(std::isfinite(prior_loss_weight) && prior_loss_weight >= 0, fn, "prior_loss_weight is ",
+            prior_loss_weight, ", expected a finite value >= 0");
+    out.images = xt::concatenate(xt::xtuple(batch.images, batch.class_images), 0);
+    out.token_ids = xt::concatenate(xt::xtuple(batch.token_ids, batch.class_token_ids), 0);
+  } else {
+    out.images = batch.images;
+    out.token_ids = batch.token_ids;
+  }
+  const std::size_t b = bi + bc;
+  out.num_instance = bi;
+  require(batch.sample_weights.empty() || batch.sample_weights.size() == b, fn,
+          "sample_weights has ", batch.sample_weights.size(), " entries, expected ", b,
+          " (instance then class rows)");
+  if (!with_prior_preservation && accumulation_steps == 1) {
+    out.sample_weights = batch.sample_weights;
+    return out;
+  }
+  out.sample_weights.resize(b);
+  const double accum = double(accumulation_steps);
+  for (std::size_t r = 0; r < b; ++r) {
+    double w = batch.sample_weights.empty() ? 1.0 : double(batch.sample_weights[r]);
+    if (with_prior_preservation)
+      w *= r < bi ? double(b) / double(bi) : prior_loss_weight * double(b) / double(bc);
+    out.sample_weights[r] = static_cast<float>(w / accum);
+  }
+  return out;
+}
+
+/// True for the Error DiffusionTrainStep throws when the loss is NaN/Inf (the prediction held
+/// one), which the trainer treats as a non-finite step rather than as bad input.
+inline bool is_non_finite_loss_error(const Error& e) {
+  return std::string_view(e.what()).find("the prediction holds NaN or Inf") !=
+         std::string_view::npos;
+}
+
+/// The loop around a step type StepT (DiffusionTrainStep or any type with
+/// `TrainStepResult step(images, token_ids, step_index, BatchExtras)`) training the trainable
+/// parameters of ModelT. Both are held by reference.
+template <class StepT, nn::Module ModelT>
+class Trainer {
+ public:
+  using Callback = std::function<void(const StepLog&)>;
+
+  Trainer(StepT& step, ModelT& model, TrainerOptions options)
+      : step_(step), model_(model), options_(std::move(options)) {
+    constexpr const char* fn = "Trainer";
+    const TrainerOptions& o = options_;
+    require(o.gradient_accumulation_steps >= 1, fn, "gradient_accumulation_steps is ",
+            o.gradient_accumulation_steps, ", expected >= 1");
+    require(o.max_train_steps >= 1, fn, "max_train_steps is ", o.max_train_steps,
+            ", expected >= 1");
+    require(!std::isnan(o.max_grad_norm), fn, "max_grad_norm is NaN");
+    require(o.checkpointing_steps >= 0, fn, "checkpointing_steps is ", o.checkpointing_steps,
+            ", expected >= 0");
+    require(!o.checkpoints_total_limit || *o.checkpoints_total_limit >= 1, fn,
+            "checkpoints_total_limit is ", o.checkpoints_total_limit.value_or(0),
+            ", expected >= 1");
+    require(o.optimizer == AdamW::kName || o.optimizer == Sgd::kName, fn, "optimizer is '",
+            o.optimizer, "', expected adamw or sgd");
+    double lr = o.learning_rate;
+    if (o.scale_lr) lr = train::scale_lr(lr, o.gradient_accumulation_steps, o.train_batch_size);
+    require(std::isfinite(lr) && lr >= 0, fn, "learning_rate is ", lr,
+            ", expected a finite value >= 0");
+    base_lr_ = lr;
+    if constexpr (requires { step.options().seed; })
+      require(step.options().seed == o.seed, fn, "the step's seed is ", step.options().seed,
+              ", expected TrainerOptions::seed ", o.seed, " (see train_step_options())");
+
+    for (auto& [name, p] : nn::named_parameters<float>(model_))
+      if (p->trainable) {
+        trainable_.emplace_back(name, p);
+        params_.push_back(p);
+      }
+    require(!params_.empty(), fn, "the model has no trainable parameters");
+
+    ParamGroup hyper;
+    hyper.lr = lr;
+    if (o.optimizer == AdamW::kName) {
+      hyper.weight_decay = o.adam_weight_decay;
+      hyper.betas = {o.adam_beta1, o.adam_beta2};
+      hyper.eps = o.adam_epsilon;
+      optimizer_.template emplace<AdamW>(make_param_groups(model_, hyper, o.loraplus_lr_ratio));
+    } else {
+      hyper.weight_decay = o.sgd_weight_decay;
+      hyper.momentum = o.sgd_momentum;
+      hyper.nesterov = o.sgd_nesterov;
+      optimizer_.template emplace<Sgd>(make_param_groups(model_, hyper, o.loraplus_lr_ratio));
+    }
+    LrScheduleOptions so;
+    so.num_warmup_steps = o.lr_warmup_steps;
+    so.num_training_steps = o.max_train_steps;
+    so.num_cycles = o.lr_num_cycles;
+    so.power = o.lr_power;
+    so.lr_end = o.lr_end;
+    so.lr_init = lr > 0 ? lr : 1.0;
+    schedule_ = get_scheduler(o.lr_scheduler, so);
+    if (o.use_ema) ema_.emplace(trainable_, o.ema);
+  }
+
+  /// One global step from gradient_accumulation_steps micro-batches of `data`.
+  template <TrainDataSource D>
+  StepLog train_step(D&& data) {
+    const auto start = std::chrono::steady_clock::now();
+    const std::int64_t accum = options_.gradient_accumulation_steps;
+    StepLog log;
+    log.step = global_step_ + 1;
+    nn::zero_grad<float>(model_);
+    std::optional<std::string> non_finite;
+    try {
+      for (std::int64_t k = 0; k < accum && !non_finite; ++k) {
+        const std::uint64_t m = micro_batch_index_ + std::uint64_t(k);
+        const TrainBatch batch = data(m);
+        const ComposedBatch c = compose_batch(batch, options_.with_prior_preservation,
+                                              options_.prior_loss_weight, accum);
+        BatchExtras extras;
+        extras.sample_weights = c.sample_weights;
+        if (batch.mask) extras.mask = &*batch.mask;
+        TrainStepResult r;
+        try {
+          r = step_.step(c.images, c.token_ids, m, extras);
+        } catch (const Error& e) {
+          if (!is_non_finite_loss_error(e)) throw;
+          non_finite = difftrain::detail::concat("micro-batch ", m, ": ", e.what());
+          break;
+        }
+        if (!std::isfinite(r.loss)) {
+          non_finite = difftrain::detail::concat("micro-batch ", m, ": loss is ", r.loss);
+          break;
+        }
+        log.loss += r.loss;
+        log.per_sample_loss.insert(log.per_sample_loss.end(), r.per_sample_loss.begin(),
+                                   r.per_sample_loss.end());
+        log.weights.insert(log.weights.end(), r.weights.begin(), r.weights.end());
+        log.timesteps.insert(log.timesteps.end(), r.timesteps.begin(), r.timesteps.end());
+      }
+    } catch (...) {
+      nn::zero_grad<float>(model_);  // bad input: no partial gradients left behind
+      throw;
+    }
+    if (!non_finite) {
+      log.grad_norm = clip_grad_norm(params_, options_.max_grad_norm);
+      if (!std::isfinite(log.grad_norm))
+        non_finite = difftrain::detail::concat("gradient norm is ", log.grad_norm);
+    }
+    const double multiplier = schedule_.multiplier(scheduler_step_);
+    log.lr = first_group_lr() * multiplier;
+    if (non_finite) {
+      nn::zero_grad<float>(model_);
+      require(options_.non_finite != NonFinitePolicy::error, "Trainer::train_step",
+              "non-finite value at global step ", log.step, " (", *non_finite,
+              "); the weights were not updated");
+      ++skipped_steps_;
+      log.skipped = true;
+    } else {
+      std::visit([&](auto& opt) { opt.step(multiplier); }, optimizer_);
+      ++scheduler_step_;
+      if (ema_) ema_->step();
+      nn::zero_grad<float>(model_);
+    }
+    micro_batch_index_ += std::uint64_t(accum);
+    ++global_step_;
+    log.skipped_steps = skipped_steps_;
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    log.it_per_s = seconds > 0 ? 1.0 / seconds : 0.0;
+    return log;
+  }
+
+  /// Resumes from options.resume_from_checkpoint if set ("latest" with no checkpoint yet starts
+  /// fresh, as diffusers does), then runs global steps until max_train_steps, saving a
+  /// checkpoint every checkpointing_steps steps when output_dir is set.
+  template <TrainDataSource D>
+  void fit(D&& data, const Callback& callback = {}) {
+    const std::string& from = options_.resume_from_checkpoint;
+    if (!from.empty() && global_step_ == 0 &&
+        !(from == "latest" && list_checkpoints(options_.output_dir).empty()))
+      resume(from);
+    while (global_step_ < options_.max_train_steps) {
+      const StepLog log = train_step(data);
+      if (callback) callback(log);
+      if (!options_.output_dir.empty() && options_.checkpointing_steps > 0 &&
+          global_step_ % options_.checkpointing_steps == 0)
+        save_checkpoint();
+    }
+  }
+
+  /// Writes output_dir/checkpoint-<global_step> (model.safetensors: trainable parameters;
+  /// optimizer.safetensors; ema.safetensors; trainer_state.json) and prunes to
+  /// checkpoints_total_limit. Returns the folder.
+  std::filesystem::path save_checkpoint() {
+    require(!options_.output_dir.empty(), "Trainer::save_checkpoint", "output_dir is empty");
+    CheckpointContents c;
+    TensorMap& model = c.tensor_files["model.safetensors"];
+    for (const auto& [name, p] : trainable_) model.emplace(name, p->value);
+    c.tensor_files["optimizer.safetensors"] =
+        std::visit([](const auto& opt) { return opt.state_dict(); }, optimizer_);
+    if (ema_) c.tensor_files["ema.safetensors"] = ema_->state_dict();
+    c.manifest = {
+        {"format", "difftrain.checkpoint"},
+        {"version", 1},
+        {"global_step", global_step_},
+        {"scheduler_step", scheduler_step_},
+        {"optimizer_step", optimizer_step()},
+        {"micro_batch_index", micro_batch_index_},
+        {"skipped_steps", skipped_steps_},
+        {"ema_optimization_step", ema_ ? ema_->optimization_step() : 0},
+        {"optimizer", options_.optimizer},
+        {"seed", options_.seed},
+        {"gradient_accumulation_steps", options_.gradient_accumulation_steps},
+        {"lr_scheduler", options_.lr_scheduler},
+        {"learning_rate", base_lr_},
+        {"use_ema", ema_.has_value()},
+    };
+    const std::filesystem::path path =
+        write_checkpoint(options_.output_dir, global_step_, c, before_rename_);
+    if (options_.checkpoints_total_limit)
+      prune_checkpoints(options_.output_dir, *options_.checkpoints_total_limit);
+    return path;
+  }
+
+  /// Loads a checkpoint folder, or the newest in output_dir for "latest": parameters, optimizer
+  /// state, EMA, counters and data position. Settings that would change the continuation (seed,
+  /// optimizer, accumulation, EMA on/off) must match the checkpoint's.
+  void resume(const std::string& dir_or_latest) {
+    constexpr const char* fn = "Trainer::resume";
+    const std::filesystem::path folder = resolve_checkpoint(options_.output_dir, dir_or_latest);
+    const CheckpointContents c = read_checkpoint(folder);
+    const nlohmann::json& m = c.manifest;
+    const std::string where = folder.string();
+    auto field = [&]<class T>(const char* key, T) -> T {
+      require(m.contains(key), fn, "'", where, "/", kManifestName, "' has no \"", key, "\"");
+      try {
+        return m.at(key).get<T>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(
+            difftrain::detail::concat(fn, ": '", where, "' field \"", key, "\": ", e.what()));
+      }
+    };
+    require(field("format", std::string{}) == "difftrain.checkpoint", fn, "'", where,
+            "' is not a difftrain checkpoint");
+    auto same = [&]<class T>(const char* key, const T& expected) {
+      const T actual = field(key, T{});
+      require(actual == expected, fn, "checkpoint '", where, "' has ", key, " = ", actual,
+              ", expected ", expected, " (TrainerOptions)");
+    };
+    same("optimizer", options_.optimizer);
+    same("seed", options_.seed);
+    same("gradient_accumulation_steps", options_.gradient_accumulation_steps);
+    same("use_ema", ema_.has_value());
+    auto file = [&](const std::string& name) -> const TensorMap& {
+      auto it = c.tensor_files.find(name);
+      require(it != c.tensor_files.end(), fn, "checkpoint '", where, "' has no ", name);
+      return it->second;
+    };
+    // Validate everything before changing any state.
+    const TensorMap& model = file("model.safetensors");
+    std::vector<std::string> problems;
+    for (const auto& [name, p] : trainable_) {
+      auto it = model.find(name);
+      if (it == model.end())
+        problems.push_back("missing " + name);
+      else if (it->second.shape() != p->value.shape())
+        problems.push_back(name + " has shape " + shape_string(it->second.shape()) + ", expected " +
+                           shape_string(p->value.shape()));
+    }
+    if (model.size() != trainable_.size())
+      for (const auto& [name, v] : model)
+        if (std::none_of(trainable_.begin(), trainable_.end(),
+                         [&](const auto& t) { return t.first == name; }))
+          problems.push_back("unexpected " + name);
+    if (!problems.empty()) {
+      std::string message = std::string(fn) + ": '" + where +
+                            "/model.safetensors' does not match the trainable parameters: ";
+      for (std::size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + problems[i];
+      throw Error(message);
+    }
+    // Load into copies and commit only when everything has loaded.
+    const std::int64_t optimizer_steps = field("optimizer_step", std::int64_t{});
+    const std::int64_t global_step = field("global_step", std::int64_t{});
+    const std::int64_t scheduler_step = field("scheduler_step", std::int64_t{});
+    const std::uint64_t micro_batch_index = field("micro_batch_index", std::uint64_t{});
+    const std::int64_t skipped_steps = field("skipped_steps", std::int64_t{});
+    require(global_step >= 0 && scheduler_step >= 0 && scheduler_step <= global_step &&
+                skipped_steps >= 0,
+            fn, "checkpoint '", where, "' has inconsistent counters: global_step ", global_step,
+            ", scheduler_step ", scheduler_step, ", skipped_steps ", skipped_steps);
+    auto optimizer = optimizer_;
+    std::visit(
+        [&](auto& opt) { opt.load_state_dict(file("optimizer.safetensors"), optimizer_steps); },
+        optimizer);
+    std::optional<EmaModel> ema = ema_;
+    if (ema)
+      ema->load_state_dict(file("ema.safetensors"), field("ema_optimization_step", std::int64_t{}));
+    optimizer_ = std::move(optimizer);
+    ema_ = std::move(ema);
+    for (const auto& [name, p] : trainable_) {
+      const auto& v = model.at(name);
+      std::copy(v.begin(), v.end(), p->value.begin());
+    }
+    global_step_ = global_step;
+    scheduler_step_ = scheduler_step;
+    micro_batch_index_ = micro_batch_index;
+    skipped_steps_ = skipped_steps;
+  }
+
+  std::int64_t global_step() const { return global_step_; }
+  std::int64_t scheduler_step() const { return scheduler_step_; }
+  std::int64_t optimizer_step() const {
+    return std::visit([](const auto& opt) { return opt.step_count(); }, optimizer_);
+  }
+  std::uint64_t micro_batch_index() const { return micro_batch_index_; }
+  std::int64_t skipped_steps() const { return skipped_steps_; }
+  /// The learning rate of the first group at the next update.
+  double current_lr() const { return first_group_lr() * schedule_.multiplier(scheduler_step_); }
+  const LrSchedule& lr_schedule() const { return schedule_; }
+  const TrainerOptions& options() const { return options_; }
+  std::variant<AdamW, Sgd>& optimizer() { return optimizer_; }
+  EmaModel* ema() { return ema_ ? &*ema_ : nullptr; }
+  const std::vector<std::pair<std::string, nn::Parameter<float>*>>& trainable_parameters() const {
+    return trainable_;
+  }
+  /// Test hook: called before a checkpoint's temporary folder is renamed into place.
+  void set_checkpoint_hook(CheckpointHook hook) { before_rename_ = std::move(hook); }
+
+ private:
+  double first_group_lr() const {
+    return std::visit([](const auto& opt) { return opt.param_groups().front().lr; }, optimizer_);
+  }
+
+  StepT& step_;
+  ModelT& model_;
+  TrainerOptions options_;
+  double base_lr_ = 0;
+  std::vector<std::pair<std::string, nn::Parameter<float>*>> trainable_;
+  std::vector<nn::Parameter<float>*> params_;
+  std::variant<AdamW, Sgd> optimizer_{std::in_place_type<Sgd>, std::vector<ParamGroup>{}};
+  LrSchedule schedule_;
+  std::optional<EmaModel> ema_;
+  std::int64_t global_step_ = 0, scheduler_step_ = 0, skipped_steps_ = 0;
+  std::uint64_t micro_batch_index_ = 0;
+  CheckpointHook before_rename_;
+};
+
+}  // namespace difftrain::train
