@@ -216,6 +216,9 @@ TEST_CASE("Gradient check through a model of slots; merge, remove, step, trainin
   set_lora_multiplier(model, 1.0);
   remove_lora(model, true);
   REQUIRE_FALSE(model.attn1.to_q.has_adapter());
+  model.proj_in.clear_saved();  // plain slot
+  model.attn1.to_q.clear_saved();
+  REQUIRE_THROWS_WITH(model.attn1.to_q.backward(w), Catch::Contains("call forward first"));
   REQUIRE_CLOSE(model.forward(x), adapted, 1e-12, 1e-12);
   REQUIRE(nn::state_dict<double>(model).size() == 1 + 2 * 5 + 2 + 2);  // no lora keys left
   REQUIRE_CLOSE(base_only, plain, 1e-14, 1e-14);

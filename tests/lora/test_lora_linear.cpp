@@ -178,6 +178,9 @@ TEST_CASE("LoraLinear merged forward equals unmerged; unmerge restores W", "[lor
   REQUIRE_CLOSE(l.base.weight.value, w0, 1e-14, 1e-14);
   REQUIRE_CLOSE(l.forward(x), unmerged, 1e-12, 1e-12);
   REQUIRE_THROWS_WITH(l.unmerge(), "LoraLinear: unmerge: not merged");
+  l.clear_saved();
+  REQUIRE_THROWS_WITH(l.backward(Tensor<double, 2>(xt::zeros<double>({5, 6}))),
+                      Catch::Contains("call forward first"));
 }
 
 TEST_CASE("Rank dropout: mask [B, r] broadcast over tokens, deterministic per step", "[lora]") {

@@ -14,6 +14,10 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "difftrain/models/models.hpp"
 #include "difftrain/nn/gradcheck.hpp"
 
@@ -22,6 +26,16 @@ using models::UNet2DConditionConfig;
 using models::UNet2DConditionModel;
 
 namespace {
+
+// Runs the scope on one OpenMP thread: the check makes thousands of forwards of a tiny model,
+// where parallel regions only cost time (the gradients do not depend on the thread count).
+struct SingleThreaded {
+#ifdef _OPENMP
+  int saved = omp_get_max_threads();
+  SingleThreaded() { omp_set_num_threads(1); }
+  ~SingleThreaded() { omp_set_num_threads(saved); }
+#endif
+};
 
 template <class Tensor>
 void fill_normal(Tensor& t, std::mt19937_64& rng, double stddev) {
@@ -36,8 +50,12 @@ double weighted_sum(const Tensor4<double>& y, const Tensor4<double>& w) {
   return s;
 }
 
+// Checks a few entries of the sample and the context, and one entry of every parameter for which
+// selected(index, name) holds.
+template <class Selected>
 void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std::size_t W,
-                           std::size_t checks_per_parameter) {
+                           Selected&& selected) {
+  const SingleThreaded single_threaded;
   const auto config = UNet2DConditionConfig::from_json(config_json);
   UNet2DConditionModel<double> model(config);
   std::mt19937_64 rng(1234);
@@ -68,9 +86,12 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
   const Tensor3<double> grad_context = model.grad_encoder_hidden_states();
   auto loss = [&] { return weighted_sum(model.forward(sample, ts, context), w); };
 
+  // the UNet is strongly curved in its early weights (every GroupNorm downstream): with h = 1e-3
+  // the fourth-order stencil's truncation error reaches 4e-5; with h = 1e-4 it is ~1e-9
   nn::GradCheckOptions options;
+  options.step = 1e-4;
   options.floor = 1e-5;
-  options.max_checks = 24;
+  options.max_checks = 8;
   {
     const auto r = nn::check_gradient(sample, grad_sample, loss, options);
     INFO("sample: " << r.message);
@@ -81,11 +102,12 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
     INFO("encoder_hidden_states: " << r.message);
     CHECK(r.max_error <= 1e-6);
   }
-  options.max_checks = checks_per_parameter;
-  std::size_t checked = 0;
+  options.max_checks = 1;
+  std::size_t checked = 0, index = 0;
   double worst = 0;
   std::string worst_name;
   model.for_each_parameter("", [&](const std::string& name, nn::Parameter<double>& p) {
+    if (!selected(index++, name)) return;
     const auto r = nn::check_gradient(p, loss, options);
     INFO(name << ": " << r.message);
     CHECK(r.max_error <= 1e-6);
@@ -96,7 +118,7 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
     ++checked;
   });
   INFO("worst parameter " << worst_name << ": " << worst);
-  CHECK(checked > 100);
+  CHECK(checked >= 60);
 }
 
 nlohmann::json base_config() {
@@ -115,7 +137,7 @@ nlohmann::json base_config() {
 
 TEST_CASE("UNet2DConditionModel gradients match central differences (conv projections)",
           "[models][unet][gradcheck]") {
-  check_model_gradients(base_config(), 8, 8, 2);
+  check_model_gradients(base_config(), 8, 8, [](std::size_t, const std::string&) { return true; });
 }
 
 TEST_CASE("UNet2DConditionModel gradients match central differences (linear projections, odd "
@@ -131,5 +153,11 @@ TEST_CASE("UNet2DConditionModel gradients match central differences (linear proj
   j["mid_block_scale_factor"] = 1.5;
   j["center_input_sample"] = true;
   j["attention_head_dim"] = {2, 4};
-  check_model_gradients(j, 7, 9, 1);
+  // every third parameter, and all of those this configuration adds
+  check_model_gradients(j, 7, 9, [](std::size_t index, const std::string& name) {
+    for (const char* part : {"proj_in", "proj_out", "transformer_blocks.1", "downsamplers",
+                             "upsamplers", "mid_block.resnets", "conv_shortcut"})
+      if (name.find(part) != std::string::npos) return true;
+    return index % 3 == 0;
+  });
 }

@@ -16,10 +16,13 @@ using namespace difftrain::nn;
 
 static_assert(Module<Attention<float>>);
 static_assert(Module<Attention<double>>);
-// Plain Linear projections are not LoRA slots; a wrapper that is one makes the attention one.
-static_assert(!requires(Attention<float>& a) {
-  a.for_each_slot(std::string{}, [](const std::string&, auto&) {});
-});
+// What lora::HasLoraSlots asks of a model (restated: nn tests do not include lora).
+template <class M>
+concept HasSlots = requires(M& m) {
+  m.for_each_slot(std::string{}, [](const std::string&, auto&) {});
+};
+// Plain Linear projections are not LoRA slots.
+static_assert(!HasSlots<Attention<float>>);
 
 namespace {
 
@@ -117,6 +120,9 @@ class WrappedLinear {
  private:
   Linear<T> layer_;
 };
+
+// Slot-like projections make the attention expose its slots.
+static_assert(HasSlots<Attention<float, WrappedLinear<float>>>);
 
 struct Sizes {
   std::size_t B, L, Lc, Dq, Dc, heads, dim_head;

@@ -447,6 +447,13 @@ TEST_CASE("resume: N steps, save, resume, M steps == N + M uninterrupted, bitwis
   other.seed = 6;
   Setup mismatched(other);
   REQUIRE_THROWS_WITH(mismatched.trainer.resume("latest"), Catch::Contains("seed = 5, expected 6"));
+  // So is one whose parameters do not fit the model; nothing is changed by the failed resume.
+  Setup narrow(o, 3, /*hidden=*/8);
+  const std::vector<float> narrow_before = flat(narrow.model);
+  REQUIRE_THROWS_WITH(narrow.trainer.resume("latest"),
+                      Catch::Contains("mlp.0.weight has shape [16,10], expected [8,10]"));
+  REQUIRE(flat(narrow.model) == narrow_before);
+  REQUIRE(narrow.trainer.global_step() == 0);
 }
 
 TEST_CASE("an interrupted checkpoint write leaves the previous one loadable; total limit") {
@@ -526,6 +533,15 @@ TEST_CASE("trainer option and batch errors") {
                       Catch::Contains("with_prior_preservation needs class_images"));
   REQUIRE(s.trainer.global_step() == 0);
   REQUIRE_THROWS_WITH(s.trainer.resume("latest"), Catch::Contains("no checkpoint"));
+  // The step must draw from the trainer's seed (a resumed run relies on it).
+  TinyDenoiser m(4, 8, 1);
+  IdentityEncoder vae;
+  ZeroText text;
+  Step step(DdpmScheduler::sd15(), m, vae, text, loss::MinSnr(5.0), TrainStepOptions{});
+  o = {};
+  o.seed = 5;
+  REQUIRE_THROWS_WITH((Trainer<Step, TinyDenoiser>(step, m, o)),
+                      Catch::Contains("the step's seed is 0, expected TrainerOptions::seed 5"));
   TrainBatch b = Plain{}(0);
   b.sample_weights = {1, 2};
   REQUIRE_THROWS_WITH(compose_batch(b, false, 1.0, 1),

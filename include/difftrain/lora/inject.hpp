@@ -96,6 +96,10 @@ class LoraSlot {
   void for_each_parameter(const std::string& prefix, Visitor&& visit) const {
     std::visit([&](const auto& layer) { layer.for_each_parameter(prefix, visit); }, impl_);
   }
+  void clear_saved() {
+    std::visit([](auto& layer) { layer.clear_saved(); }, impl_);
+  }
+
   template <class Visitor>
   void for_each_slot(const std::string& prefix, Visitor&& visit) {
     visit(prefix, *this);

@@ -5,13 +5,15 @@
 //   y = base(x) + m·s·B(A(dropout(x)) ⊙ rank_mask),   s = alpha/r (alpha/√r with use_rslora),
 //   m = user multiplier. Linear: A [r, I] (`lora_A.weight`), B [O, r] (`lora_B.weight`), no biases.
 // Options (training only, deterministic from the adapter's RandomStream and the current step):
-//   dropout        PEFT lora_dropout: elementwise dropout of the adapter's input x.
+//   dropout        PEFT lora_dropout: elementwise dropout of the adapter's input x (kohya's
+//                  `dropout` instead drops A·x; not offered here).
 //   rank_dropout   kohya: mask [B, r], keep with prob 1−p (u ≥ p), scaled 1/(1−p), broadcast over
 //                  tokens (Linear) or pixels (Conv2d).
 //   module_dropout kohya: with prob p the whole adapter is skipped for this step.
-// All draws of step s come from streams derived from (adapter stream, s, purpose): every forward
-// of the same step (gradient accumulation micro-batches aside, or recomputation) sees the same
-// masks. Call set_step(s) before each step (inject.hpp's set_lora_step does it for a module).
+// The draws depend only on (adapter stream, step, purpose): set_step(s) selects them
+// (inject.hpp's set_lora_step does it for a whole model). Re-running a forward with the same step
+// (gradient checkpointing, gradient checks) replays the same masks; give each forward that needs
+// fresh masks (each step, or each micro-batch under gradient accumulation) its own counter.
 // Inits (B = 0 in both, so an injected model starts equal to the base):
 //   kaiming_uniform  A ~ U(−1/√fan_in, 1/√fan_in)  (kaiming-uniform with a = √5; PEFT, kohya)
 //   gaussian         A ~ N(0, 1/r²)                  (diffusers training scripts)
@@ -253,6 +255,15 @@ class LoraLayer {
     if (dropout_used_) du = input_dropout_.backward(du);
     add_scaled(dx, du, T(1));
     return dx;
+  }
+
+  /// Drops the saved forward contexts (frees their memory).
+  void clear_saved() {
+    base.clear_saved();
+    lora_A.clear_saved();
+    lora_B.clear_saved();
+    rank_mask_.clear();
+    active_ = false;
   }
 
   /// W ← W + m·s·B·A (the base then computes the adapted layer alone).

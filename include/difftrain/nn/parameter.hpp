@@ -22,24 +22,28 @@ namespace difftrain::nn {
 template <class T>
 struct Parameter {
   xt::xarray<T> value;
-  xt::xarray<T> grad;  // same shape as value when trainable, empty when frozen
+  xt::xarray<T> grad;  // same shape as value when trainable, shape [0] (no element) when frozen
   bool trainable = true;
 
   Parameter() = default;
   explicit Parameter(std::vector<std::size_t> shape, bool is_trainable = true)
-      : value(xt::zeros<T>(shape)), trainable(is_trainable) {
+      : value(xt::zeros<T>(shape)), grad(no_grad()), trainable(is_trainable) {
     if (trainable) grad = xt::zeros<T>(shape);
   }
 
   void set_trainable(bool on) {
     trainable = on;
     if (on && grad.shape() != value.shape()) grad = xt::zeros<T>(value.shape());
-    if (!on) grad = xt::xarray<T>();
+    if (!on) grad = no_grad();
   }
   void zero_grad() {
     if (trainable) grad.fill(T(0));
   }
   std::size_t size() const { return value.size(); }
+
+ private:
+  // A default xarray is 0-dimensional with one element; a frozen gradient has none.
+  static xt::xarray<T> no_grad() { return xt::xarray<T>::from_shape({0}); }
 };
 
 /// A type that names its parameters: for_each_parameter(prefix, visitor) with
