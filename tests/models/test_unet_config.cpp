@@ -1,11 +1,10 @@
 // UNet2DConditionConfig: parsing diffusers' config.json, per-block lists, presets, and the
 // errors for unsupported or unknown settings (each naming the key and the value).
 
-#include <fstream>
-#include <string>
-
 #include <catch2/catch.hpp>
+#include <fstream>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "difftrain/models/unet/unet_config.hpp"
 #include "support/tensor_match.hpp"
@@ -111,9 +110,11 @@ TEST_CASE("UNet2DConditionConfig errors name the key and the value", "[models][c
   };
   const std::vector<Case> cases = {
       {"dropout", 0.1, "dropout = 0.1 is not supported"},
-      {"down_block_types", {"CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"},
+      {"down_block_types",
+       {"CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"},
        "down_block_types[1] = \"SimpleCrossAttnDownBlock2D\" is not supported"},
-      {"up_block_types", {"UpBlock2D", "AttnUpBlock2D"},
+      {"up_block_types",
+       {"UpBlock2D", "AttnUpBlock2D"},
        "up_block_types[1] = \"AttnUpBlock2D\" is not supported"},
       {"mid_block_type", "UNetMidBlock2DSimpleCrossAttn",
        "mid_block_type = \"UNetMidBlock2DSimpleCrossAttn\" is not supported"},
@@ -132,7 +133,8 @@ TEST_CASE("UNet2DConditionConfig errors name the key and the value", "[models][c
       {"resnet_out_scale_factor", 2.0, "resnet_out_scale_factor = 2.0 is not supported"},
       {"encoder_hid_dim", 768, "encoder_hid_dim = 768 is not supported"},
       {"downsample_padding", 2, "downsample_padding = 2 is not supported"},
-      {"norm_num_groups", 24, "block_out_channels[0] = 32 is not divisible by norm_num_groups = 24"},
+      {"norm_num_groups", 24,
+       "block_out_channels[0] = 32 is not divisible by norm_num_groups = 24"},
       {"norm_num_groups", nullptr, "norm_num_groups = null is not supported"},
       {"block_out_channels", {32, 64, 128}, "down_block_types = "},
       {"cross_attention_dim", -3, "cross_attention_dim = -3, expected a positive integer"},
@@ -140,7 +142,8 @@ TEST_CASE("UNet2DConditionConfig errors name the key and the value", "[models][c
       {"use_linear_projection", 1, "use_linear_projection = 1, expected true or false"},
       {"attention_head_dim", 64, "has 32 channels, fewer than its 64 attention heads"},
       {"conv_in_kernel", 4, "conv_in_kernel = 4, expected an odd kernel size"},
-      {"reverse_transformer_layers_per_block", {{1}, {1}},
+      {"reverse_transformer_layers_per_block",
+       {{1}, {1}},
        "reverse_transformer_layers_per_block = [[1],[1]] is not supported"},
       {"flux_capacitor", 1.21, "unknown key flux_capacitor = 1.21"},
   };

@@ -6,6 +6,7 @@
 // Tolerances: 1e-4 for the forward output, 1e-3 for every gradient.
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <iomanip>
@@ -13,8 +14,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/models.hpp"
@@ -55,7 +54,8 @@ void check_golden_case(const std::string& folder) {
   const auto context = inputs.read_tensor<T, 3>("encoder_hidden_states");
   const auto grad_output = inputs.read_tensor<T, 4>("grad_output");
 
-  const Tensor4<T> output = model.forward(sample, std::span<const std::int64_t>(timesteps), context);
+  const Tensor4<T> output =
+      model.forward(sample, std::span<const std::int64_t>(timesteps), context);
   model.backward(grad_output);
 
   std::map<std::string, const xt::xarray<T>*> grads;

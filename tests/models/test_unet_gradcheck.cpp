@@ -5,14 +5,13 @@
 // (upsampling to the skip's size), mid_block_scale_factor, center_input_sample and two
 // transformer layers per block.
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -140,9 +139,10 @@ TEST_CASE("UNet2DConditionModel gradients match central differences (conv projec
   check_model_gradients(base_config(), 8, 8, [](std::size_t, const std::string&) { return true; });
 }
 
-TEST_CASE("UNet2DConditionModel gradients match central differences (linear projections, odd "
-          "size, padding 0, two transformer layers, mid scale, centered input)",
-          "[models][unet][gradcheck]") {
+TEST_CASE(
+    "UNet2DConditionModel gradients match central differences (linear projections, odd "
+    "size, padding 0, two transformer layers, mid scale, centered input)",
+    "[models][unet][gradcheck]") {
   auto j = base_config();
   j["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
   j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};

@@ -3,18 +3,17 @@
 
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstdint>
-#include <functional>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/models.hpp"
@@ -54,10 +53,10 @@ NamedShapes read_key_file(const std::string& path) {
 template <class T>
 NamedShapes declared_shapes(const UNet2DConditionModel<T>& model) {
   NamedShapes out;
-  model.for_each_parameter_shape("", [&](const std::string& name,
-                                         const std::vector<std::size_t>& shape) {
-    out.emplace_back(name, shape);
-  });
+  model.for_each_parameter_shape(
+      "", [&](const std::string& name, const std::vector<std::size_t>& shape) {
+        out.emplace_back(name, shape);
+      });
   return out;
 }
 
@@ -65,7 +64,8 @@ template <class T>
 NamedShapes allocated_shapes(UNet2DConditionModel<T>& model) {
   NamedShapes out;
   model.for_each_parameter("", [&](const std::string& name, nn::Parameter<T>& p) {
-    out.emplace_back(name, std::vector<std::size_t>(p.value.shape().begin(), p.value.shape().end()));
+    out.emplace_back(name,
+                     std::vector<std::size_t>(p.value.shape().begin(), p.value.shape().end()));
   });
   return out;
 }
@@ -121,21 +121,23 @@ TEST_CASE("UNet2DConditionModel (SD 1.5, shapes only) has diffusers' 686 keys an
   REQUIRE(got.size() == expected.size());
   for (std::size_t i = 0; i < got.size(); ++i) {
     INFO("entry " << i << ": got " << got[i].first << " " << shape_string(got[i].second)
-                  << ", expected " << expected[i].first << " "
-                  << shape_string(expected[i].second));
+                  << ", expected " << expected[i].first << " " << shape_string(expected[i].second));
     REQUIRE(got[i] == expected[i]);  // same names, same shapes, in the same (forward) order
   }
   CHECK(parameter_count(got) == 859'520'964);
 
-  // no storage: every layer is default-constructed (a shapeless xarray holds one scalar at most)
-  std::size_t shaped = 0, visited = 0;
+  // no storage: every layer is default-constructed, and nothing hands out those empty layers
+  std::size_t stored = 0;
   UNet2DConditionModel<float> mutable_model(UNet2DConditionConfig::sd15(), Allocation::shapes_only);
-  mutable_model.for_each_parameter("", [&](const std::string&, nn::Parameter<float>& p) {
-    shaped += (p.value.size() > 1 || p.grad.size() > 1) ? 1 : 0;
-    ++visited;
+  mutable_model.walk(mutable_model, "", [&](const std::string&, auto& layer, const auto&) {
+    layer.for_each_parameter("", [&](const std::string&, nn::Parameter<float>& p) {
+      stored += p.value.dimension() > 0 ? p.value.size() : 0;
+      stored += p.grad.dimension() > 0 ? p.grad.size() : 0;
+    });
   });
-  CHECK(visited == 686);
-  CHECK(shaped == 0);
+  CHECK(stored == 0);
+  CHECK_THROWS_AS(mutable_model.for_each_parameter("", [](const std::string&, auto&) {}), Error);
+  CHECK_THROWS_AS(mutable_model.for_each_linear("", [](const std::string&, auto&) {}), Error);
   Tensor4<float> x = xt::zeros<float>(std::array<std::size_t, 4>{1, 4, 8, 8});
   Tensor3<float> ctx = xt::zeros<float>(std::array<std::size_t, 3>{1, 77, 768});
   std::vector<std::int64_t> t{10};
@@ -178,7 +180,8 @@ TEST_CASE("UNet2DConditionModel: declared shapes equal the allocated parameters"
   // the golden checkpoint has exactly these 208 tensors
   UNet2DConditionModel<float> tiny(
       UNet2DConditionConfig::from_file(data_path("unet_tiny/config.json")));
-  const auto file = io::SafetensorsFile::open(data_path("unet_tiny/diffusion_pytorch_model.safetensors"));
+  const auto file =
+      io::SafetensorsFile::open(data_path("unet_tiny/diffusion_pytorch_model.safetensors"));
   const auto shapes = allocated_shapes(tiny);
   CHECK(shapes.size() == 208);
   for (const auto& [name, shape] : shapes) {
@@ -265,8 +268,7 @@ namespace {
 struct TempDir {
   std::filesystem::path path;
   explicit TempDir(const std::string& name)
-      : path(std::filesystem::temp_directory_path() /
-             (name + "_" + std::to_string(::getpid()))) {
+      : path(std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()))) {
     std::filesystem::remove_all(path);
     std::filesystem::create_directories(path);
   }
@@ -275,7 +277,8 @@ struct TempDir {
 
 // the golden unet_tiny tensors as (name → values, shape)
 std::map<std::string, std::pair<std::vector<float>, std::vector<std::size_t>>> tiny_tensors() {
-  const auto file = io::SafetensorsFile::open(data_path("unet_tiny/diffusion_pytorch_model.safetensors"));
+  const auto file =
+      io::SafetensorsFile::open(data_path("unet_tiny/diffusion_pytorch_model.safetensors"));
   std::map<std::string, std::pair<std::vector<float>, std::vector<std::size_t>>> out;
   for (const auto& name : file.names()) out[name] = {file.read<float>(name), file.info(name).shape};
   return out;

@@ -15,6 +15,13 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& message) : std::runtime_error(message) {}
 };
 
+/// Thrown when a training step's loss is NaN or Inf: the model diverged rather than the input
+/// being malformed (a trainer may skip such a step instead of stopping).
+class NonFiniteLoss : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <class... Parts>
 std::string concat(Parts&&... parts) {

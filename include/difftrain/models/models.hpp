@@ -1,5 +1,6 @@
 #pragma once
 // difftrain/models: reference models built from nn layers (UNet2DConditionModel, ...).
+#include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/load.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
 #include "difftrain/models/unet/resample.hpp"

@@ -144,8 +144,10 @@ class DiffusionTrainStep {
                                           : std::span<const float>(huber_c);
     const kernels::LossResult l = kernels::loss_and_grad(pred, target_, options_.loss_type,
                                                          weights, c, extras.mask, &grad_);
-    require(std::isfinite(l.loss), fn, "loss is ", l.loss, " at step ", step_index,
-            " (the prediction holds NaN or Inf)");
+    if (!std::isfinite(l.loss)) {
+      throw NonFiniteLoss(difftrain::detail::concat(fn, ": loss is ", l.loss, " at step ",
+                                                    step_index, " (the prediction holds NaN or Inf)"));
+    }
     denoiser_.backward(grad_);
     result.loss = l.loss;
     result.per_sample_loss = l.per_sample;

@@ -213,13 +213,6 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
   return out;
 }
 
-/// True for the Error DiffusionTrainStep throws when the loss is NaN/Inf (the prediction held
-/// one), which the trainer treats as a non-finite step rather than as bad input.
-inline bool is_non_finite_loss_error(const Error& e) {
-  return std::string_view(e.what()).find("the prediction holds NaN or Inf") !=
-         std::string_view::npos;
-}
-
 /// The loop around a step type StepT (DiffusionTrainStep or any type with
 /// `TrainStepResult step(images, token_ids, step_index, BatchExtras)`) training the trainable
 /// parameters of ModelT. Both are held by reference.
@@ -305,8 +298,7 @@ class Trainer {
         TrainStepResult r;
         try {
           r = step_.step(c.images, c.token_ids, m, extras);
-        } catch (const Error& e) {
-          if (!is_non_finite_loss_error(e)) throw;
+        } catch (const NonFiniteLoss& e) {
           non_finite = difftrain::detail::concat("micro-batch ", m, ": ", e.what());
           break;
         }

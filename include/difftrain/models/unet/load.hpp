@@ -13,11 +13,10 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/safetensors.hpp"
@@ -89,22 +88,22 @@ inline std::vector<std::string> diffusers_weight_files(
   const fs::path single = dir / (stem + ".safetensors");
   if (fs::exists(single)) return {single.string()};
   const fs::path index = dir / (stem + ".safetensors.index.json");
-  require(fs::exists(index), fn, "'", folder, "' has neither ", single.filename().string(),
-          " nor ", index.filename().string());
+  require(fs::exists(index), fn, "'", folder, "' has neither ", single.filename().string(), " nor ",
+          index.filename().string());
   std::ifstream in(index);
   nlohmann::json json;
   try {
     json = nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", index.string(), "' is not valid JSON: ",
-                                          e.what()));
+    throw Error(
+        difftrain::detail::concat(fn, ": '", index.string(), "' is not valid JSON: ", e.what()));
   }
   require(json.is_object() && json.contains("weight_map") && json["weight_map"].is_object(), fn,
           "'", index.string(), "' has no \"weight_map\" object");
   std::set<std::string> shards;
   for (const auto& [name, file] : json["weight_map"].items()) {
-    require(file.is_string(), fn, "'", index.string(), "': weight_map[", name, "] = ",
-            file.dump(), ", expected a file name");
+    require(file.is_string(), fn, "'", index.string(), "': weight_map[", name, "] = ", file.dump(),
+            ", expected a file name");
     shards.insert(file.get<std::string>());
   }
   require(!shards.empty(), fn, "'", index.string(), "' has an empty weight_map");

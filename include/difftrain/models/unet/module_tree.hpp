@@ -2,13 +2,15 @@
 // A model as a tree of named nn layers, walked once per block; shapes without allocation.
 //
 // Every UNet block describes its structure in one place, a static `walk(self, prefix, f)` that
-// calls f(full_name, layer, layer_config) for each nn layer it owns (nn::Linear, nn::Conv2d,
-// nn::GroupNorm, nn::LayerNorm, nn::Attention, nn::GEGLU, nn::TimestepEmbedding), in diffusers'
-// order, and forwards f to the walks of its child blocks. CompositeModule<Derived> derives from
-// that single walk:
+// calls f(full_name, layer, layer_config) for each leaf layer it owns (lora::LinearSlot,
+// lora::Conv2dSlot, nn::GroupNorm, nn::LayerNorm, nn::TimestepEmbedding), in diffusers' order,
+// and forwards f to the walks of its child blocks. Linear and Conv2d layers live in LoRA slots
+// (lora/inject.hpp): plain layers until inject_lora adapts them by name. CompositeModule<Derived>
+// derives from that single walk:
 //   for_each_parameter(prefix, visit(name, Parameter&))     the nn::Module interface
 //   for_each_parameter_shape(prefix, visit(name, shape))    from the layer configs only
-//   for_each_linear(prefix, f(name, nn::Linear&))           LoRA targets by module name
+//   for_each_slot(prefix, visit(name, slot&))               lora::HasLoraSlots (inject_lora)
+//   for_each_linear(prefix, f(name, nn::Linear&))           the base layers by module name
 //   for_each_conv2d(prefix, f(name, nn::Conv2d&))
 // A block built with Allocation::shapes_only keeps its layer configs but default-constructs
 // its layers (no parameter storage), so the 860M-parameter SD 1.5 UNet can be enumerated with
@@ -20,10 +22,10 @@
 #include <cstddef>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-#include "difftrain/nn/activations.hpp"
-#include "difftrain/nn/attention.hpp"
+#include "difftrain/lora/inject.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/group_norm.hpp"
 #include "difftrain/nn/layer_norm.hpp"
@@ -64,24 +66,7 @@ void parameter_shapes(const nn::LayerNormConfig& c, const std::string& prefix, V
   visit(nn::join_name(prefix, "bias"), ParameterShape{c.normalized_shape});
 }
 template <class V>
-void parameter_shapes(const nn::AttentionConfig& c, const std::string& prefix, V&& visit) {
-  const std::size_t inner = c.heads * c.dim_head;
-  const std::size_t context = c.cross_attention_dim != 0 ? c.cross_attention_dim : c.query_dim;
-  parameter_shapes(nn::LinearConfig{c.query_dim, inner, c.bias}, nn::join_name(prefix, "to_q"),
-                   visit);
-  parameter_shapes(nn::LinearConfig{context, inner, c.bias}, nn::join_name(prefix, "to_k"), visit);
-  parameter_shapes(nn::LinearConfig{context, inner, c.bias}, nn::join_name(prefix, "to_v"), visit);
-  parameter_shapes(nn::LinearConfig{inner, c.query_dim, c.out_bias},
-                   nn::join_name(prefix, "to_out.0"), visit);
-}
-template <class V>
-void parameter_shapes(const nn::GEGLUConfig& c, const std::string& prefix, V&& visit) {
-  parameter_shapes(nn::LinearConfig{c.dim_in, 2 * c.dim_out, c.bias},
-                   nn::join_name(prefix, "proj"), visit);
-}
-template <class V>
-void parameter_shapes(const nn::TimestepEmbeddingConfig& c, const std::string& prefix,
-                      V&& visit) {
+void parameter_shapes(const nn::TimestepEmbeddingConfig& c, const std::string& prefix, V&& visit) {
   const std::size_t out = c.out_dim != 0 ? c.out_dim : c.time_embed_dim;
   parameter_shapes(nn::LinearConfig{c.in_channels, c.time_embed_dim, c.sample_proj_bias},
                    nn::join_name(prefix, "linear_1"), visit);
@@ -94,6 +79,17 @@ template <class Layer, class Config>
 Layer make_layer(const Config& config, Allocation allocation) {
   return allocation == Allocation::parameters ? Layer(config) : Layer();
 }
+/// A LoRA slot holding a plain layer built from its config (empty when shapes_only).
+template <class Slot, class Config>
+Slot make_slot(const Config& config, Allocation allocation) {
+  using Base = std::remove_cvref_t<decltype(std::declval<Slot&>().base())>;
+  return allocation == Allocation::parameters ? Slot(Base(config)) : Slot();
+}
+
+template <class L>
+inline constexpr bool is_lora_slot = false;
+template <class Base>
+inline constexpr bool is_lora_slot<lora::LoraSlot<Base>> = true;
 
 /// The interfaces derived from Derived::walk (see the header comment).
 template <class Derived>
@@ -118,27 +114,33 @@ class CompositeModule {
       parameter_shapes(config, name, visit);
     });
   }
-  /// f(module name, nn::Linear<T>&) for every Linear, inside attentions and GEGLUs too.
+  /// visit(module name, lora::LinearSlot<T>& or lora::Conv2dSlot<T>&) for every slot.
+  template <class V>
+  void for_each_slot(const std::string& prefix, V&& visit) {
+    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+      if constexpr (is_lora_slot<std::remove_cvref_t<decltype(layer)>>) visit(name, layer);
+    });
+  }
+  /// f(module name, nn::Linear<T>&) for every Linear (a slot's base; time_embedding's too).
   template <class F>
   void for_each_linear(const std::string& prefix, F&& f) {
+    using T = typename Derived::Scalar;
     Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
       using Layer = std::remove_cvref_t<decltype(layer)>;
-      using T = typename Derived::Scalar;
-      if constexpr (std::is_same_v<Layer, nn::Linear<T>>) {
-        f(name, layer);
-      } else if constexpr (std::is_same_v<Layer, nn::GEGLU<T>>) {
-        f(nn::join_name(name, "proj"), layer.proj);
+      if constexpr (std::is_same_v<Layer, lora::LinearSlot<T>>) {
+        f(name, layer.base());
       } else if constexpr (requires { layer.for_each_linear(name, f); }) {
         layer.for_each_linear(name, f);
       }
     });
   }
-  /// f(module name, nn::Conv2d<T>&) for every Conv2d.
+  /// f(module name, nn::Conv2d<T>&) for every Conv2d (a slot's base).
   template <class F>
   void for_each_conv2d(const std::string& prefix, F&& f) {
+    using T = typename Derived::Scalar;
     Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
-      using Layer = std::remove_cvref_t<decltype(layer)>;
-      if constexpr (std::is_same_v<Layer, nn::Conv2d<typename Derived::Scalar>>) f(name, layer);
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(layer)>, lora::Conv2dSlot<T>>)
+        f(name, layer.base());
     });
   }
 

@@ -14,6 +14,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/lora/inject.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/upsample.hpp"
@@ -34,11 +35,11 @@ template <class T = float>
 class Downsample2D : public CompositeModule<Downsample2D<T>> {
  public:
   using Scalar = T;
-  nn::Conv2d<T> conv;
+  lora::Conv2dSlot<T> conv;
 
   Downsample2D() = default;
   explicit Downsample2D(const Downsample2DConfig& c, Allocation allocation = Allocation::parameters)
-      : conv(make_layer<nn::Conv2d<T>>(c.conv(), allocation)), config_(c) {
+      : conv(make_slot<lora::Conv2dSlot<T>>(c.conv(), allocation)), config_(c) {
     require(c.padding <= 1, "Downsample2D", "padding is ", c.padding, ", expected 0 or 1");
   }
 
@@ -64,11 +65,11 @@ template <class T = float>
 class Upsample2D : public CompositeModule<Upsample2D<T>> {
  public:
   using Scalar = T;
-  nn::Conv2d<T> conv;
+  lora::Conv2dSlot<T> conv;
 
   Upsample2D() = default;
   explicit Upsample2D(const Upsample2DConfig& c, Allocation allocation = Allocation::parameters)
-      : conv(make_layer<nn::Conv2d<T>>(c.conv(), allocation)), config_(c) {}
+      : conv(make_slot<lora::Conv2dSlot<T>>(c.conv(), allocation)), config_(c) {}
 
   template <class Self, class F>
   static void walk(Self& self, const std::string& prefix, F&& f) {
@@ -82,9 +83,7 @@ class Upsample2D : public CompositeModule<Upsample2D<T>> {
     return conv.forward(nn::upsample_nearest2d_forward(x, out_h, out_w));
   }
   /// y = conv(nearest(x, 2H × 2W))
-  Tensor4<T> forward(const Tensor4<T>& x) {
-    return forward(x, 2 * x.shape()[2], 2 * x.shape()[3]);
-  }
+  Tensor4<T> forward(const Tensor4<T>& x) { return forward(x, 2 * x.shape()[2], 2 * x.shape()[3]); }
   Tensor4<T> backward(const Tensor4<T>& dy) {
     return nn::upsample_nearest2d_backward(conv.backward(dy), in_h_, in_w_);
   }

@@ -14,6 +14,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/lora/inject.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
 #include "difftrain/nn/activations.hpp"
 #include "difftrain/nn/conv2d.hpp"
@@ -51,23 +52,23 @@ class ResnetBlock2D : public CompositeModule<ResnetBlock2D<T>> {
   using Scalar = T;
 
   nn::GroupNorm<T> norm1;
-  nn::Conv2d<T> conv1;
-  nn::Linear<T> time_emb_proj;
+  lora::Conv2dSlot<T> conv1;
+  lora::LinearSlot<T> time_emb_proj;
   nn::GroupNorm<T> norm2;
-  nn::Conv2d<T> conv2;
-  nn::Conv2d<T> conv_shortcut;  // built only when Ci ≠ Co
+  lora::Conv2dSlot<T> conv2;
+  lora::Conv2dSlot<T> conv_shortcut;  // built only when Ci ≠ Co
 
   ResnetBlock2D() = default;
   explicit ResnetBlock2D(const ResnetBlock2DConfig& c,
                          Allocation allocation = Allocation::parameters)
       : norm1(make_layer<nn::GroupNorm<T>>(c.norm1(), allocation)),
-        conv1(make_layer<nn::Conv2d<T>>(c.conv1(), allocation)),
-        time_emb_proj(make_layer<nn::Linear<T>>(c.time_emb_proj(), allocation)),
+        conv1(make_slot<lora::Conv2dSlot<T>>(c.conv1(), allocation)),
+        time_emb_proj(make_slot<lora::LinearSlot<T>>(c.time_emb_proj(), allocation)),
         norm2(make_layer<nn::GroupNorm<T>>(c.norm2(), allocation)),
-        conv2(make_layer<nn::Conv2d<T>>(c.conv2(), allocation)),
+        conv2(make_slot<lora::Conv2dSlot<T>>(c.conv2(), allocation)),
         config_(c) {
     if (c.use_conv_shortcut())
-      conv_shortcut = make_layer<nn::Conv2d<T>>(c.conv_shortcut(), allocation);
+      conv_shortcut = make_slot<lora::Conv2dSlot<T>>(c.conv_shortcut(), allocation);
   }
 
   const ResnetBlock2DConfig& config() const { return config_; }

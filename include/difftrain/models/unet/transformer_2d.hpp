@@ -16,17 +16,16 @@
 // backward(dy, dcontext) returns dx and adds the context gradient into dcontext (shared by all
 // cross-attentions of the UNet).
 
+#include <Eigen/Core>
 #include <cstddef>
 #include <string>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/lora/inject.hpp"
+#include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
-#include "difftrain/nn/activations.hpp"
-#include "difftrain/nn/attention.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/group_norm.hpp"
 #include "difftrain/nn/layer_norm.hpp"
@@ -80,23 +79,23 @@ class BasicTransformerBlock : public CompositeModule<BasicTransformerBlock<T>> {
   using Scalar = T;
 
   nn::LayerNorm<T> norm1;
-  nn::Attention<T> attn1;  // self
+  Attention<T> attn1;  // self
   nn::LayerNorm<T> norm2;
-  nn::Attention<T> attn2;  // cross
+  Attention<T> attn2;  // cross
   nn::LayerNorm<T> norm3;
-  nn::GEGLU<T> ff_in;      // "ff.net.0"
-  nn::Linear<T> ff_out;    // "ff.net.2"
+  GEGLU<T> ff_in;              // "ff.net.0"
+  lora::LinearSlot<T> ff_out;  // "ff.net.2"
 
   BasicTransformerBlock() = default;
   explicit BasicTransformerBlock(const BasicTransformerBlockConfig& c,
                                  Allocation allocation = Allocation::parameters)
       : norm1(make_layer<nn::LayerNorm<T>>(c.norm(), allocation)),
-        attn1(make_layer<nn::Attention<T>>(c.attn1(), allocation)),
+        attn1(c.attn1(), allocation),
         norm2(make_layer<nn::LayerNorm<T>>(c.norm(), allocation)),
-        attn2(make_layer<nn::Attention<T>>(c.attn2(), allocation)),
+        attn2(c.attn2(), allocation),
         norm3(make_layer<nn::LayerNorm<T>>(c.norm(), allocation)),
-        ff_in(make_layer<nn::GEGLU<T>>(c.ff_in(), allocation)),
-        ff_out(make_layer<nn::Linear<T>>(c.ff_out(), allocation)),
+        ff_in(c.ff_in(), allocation),
+        ff_out(make_slot<lora::LinearSlot<T>>(c.ff_out(), allocation)),
         config_(c) {}
 
   const BasicTransformerBlockConfig& config() const { return config_; }
@@ -105,11 +104,11 @@ class BasicTransformerBlock : public CompositeModule<BasicTransformerBlock<T>> {
   static void walk(Self& self, const std::string& prefix, F&& f) {
     const BasicTransformerBlockConfig& c = self.config_;
     f(nn::join_name(prefix, "norm1"), self.norm1, c.norm());
-    f(nn::join_name(prefix, "attn1"), self.attn1, c.attn1());
+    Attention<T>::walk(self.attn1, nn::join_name(prefix, "attn1"), f);
     f(nn::join_name(prefix, "norm2"), self.norm2, c.norm());
-    f(nn::join_name(prefix, "attn2"), self.attn2, c.attn2());
+    Attention<T>::walk(self.attn2, nn::join_name(prefix, "attn2"), f);
     f(nn::join_name(prefix, "norm3"), self.norm3, c.norm());
-    f(nn::join_name(prefix, "ff.net.0"), self.ff_in, c.ff_in());
+    GEGLU<T>::walk(self.ff_in, nn::join_name(prefix, "ff.net.0"), f);
     f(nn::join_name(prefix, "ff.net.2"), self.ff_out, c.ff_out());
   }
 
@@ -168,8 +167,8 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
   using Scalar = T;
 
   nn::GroupNorm<T> norm;
-  nn::Conv2d<T> proj_in_conv, proj_out_conv;      // "proj_in" / "proj_out" (1×1 conv variant)
-  nn::Linear<T> proj_in_linear, proj_out_linear;  // "proj_in" / "proj_out" (Linear variant)
+  lora::Conv2dSlot<T> proj_in_conv, proj_out_conv;      // "proj_in" / "proj_out" (1×1 conv)
+  lora::LinearSlot<T> proj_in_linear, proj_out_linear;  // "proj_in" / "proj_out" (Linear)
   std::vector<BasicTransformerBlock<T>> transformer_blocks;
 
   Transformer2DModel() = default;
@@ -180,11 +179,11 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
             "heads, dim_head and num_layers must be positive, got ", c.heads, ", ", c.dim_head,
             " and ", c.num_layers);
     if (c.use_linear_projection) {
-      proj_in_linear = make_layer<nn::Linear<T>>(c.proj_in_linear(), allocation);
-      proj_out_linear = make_layer<nn::Linear<T>>(c.proj_out_linear(), allocation);
+      proj_in_linear = make_slot<lora::LinearSlot<T>>(c.proj_in_linear(), allocation);
+      proj_out_linear = make_slot<lora::LinearSlot<T>>(c.proj_out_linear(), allocation);
     } else {
-      proj_in_conv = make_layer<nn::Conv2d<T>>(c.proj_in_conv(), allocation);
-      proj_out_conv = make_layer<nn::Conv2d<T>>(c.proj_out_conv(), allocation);
+      proj_in_conv = make_slot<lora::Conv2dSlot<T>>(c.proj_in_conv(), allocation);
+      proj_out_conv = make_slot<lora::Conv2dSlot<T>>(c.proj_out_conv(), allocation);
     }
     for (std::size_t i = 0; i < c.num_layers; ++i)
       transformer_blocks.emplace_back(c.block(), allocation);
@@ -219,9 +218,8 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
     Tensor3<T> h = config_.use_linear_projection ? proj_in_linear.forward(to_tokens(normed))
                                                  : to_tokens(proj_in_conv.forward(normed));
     for (auto& block : transformer_blocks) h = block.forward(h, context);
-    Tensor4<T> y = config_.use_linear_projection
-                       ? from_tokens(proj_out_linear.forward(h), H, W)
-                       : proj_out_conv.forward(from_tokens(h, H, W));
+    Tensor4<T> y = config_.use_linear_projection ? from_tokens(proj_out_linear.forward(h), H, W)
+                                                 : proj_out_conv.forward(from_tokens(h, H, W));
     y += x;
     return y;
   }

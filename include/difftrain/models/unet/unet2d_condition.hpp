@@ -17,9 +17,12 @@
 //
 // backward(grad_output) back-propagates the last forward: grad_sample() [B, Cin, H, W] and
 // grad_encoder_hidden_states() [B, L, Dc] are overwritten; trainable parameter gradients are
-// accumulated (+=). Parameters carry diffusers' names (for_each_parameter); the nn layers can be
-// reached by module name for LoRA (for_each_linear, for_each_conv2d). Allocation::shapes_only
-// builds the structure without parameter storage (for_each_parameter_shape only).
+// accumulated (+=). Parameters carry diffusers' names (for_each_parameter). Every Linear and Conv2d
+// but time_embedding's sits in a LoRA slot: lora::inject_lora(unet, {"to_q", "to_k", "to_v",
+// "to_out.0"}, ...) adapts them by name (for_each_slot); for_each_linear / for_each_conv2d give
+// the base layers. Allocation::shapes_only
+// builds the structure without parameter storage: for_each_parameter_shape works, forward and
+// the other visitors throw.
 
 #include <cmath>
 #include <cstddef>
@@ -33,6 +36,7 @@
 #include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/lora/inject.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
 #include "difftrain/models/unet/unet_blocks.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
@@ -46,8 +50,8 @@ namespace difftrain::models {
 // emb[b] = [cos(t_b·f), sin(t_b·f)] (or [sin, cos]), f_k = exp(−ln(10000)·k/(half − shift)),
 // every step rounded to float32 as torch does; zero-padded when dim is odd.
 template <class T>
-Tensor<T, 2> unet_time_proj(std::span<const float> timesteps, std::size_t dim,
-                            bool flip_sin_to_cos, double freq_shift) {
+Tensor<T, 2> unet_time_proj(std::span<const float> timesteps, std::size_t dim, bool flip_sin_to_cos,
+                            double freq_shift) {
   const std::size_t B = timesteps.size(), half = dim / 2;
   require(static_cast<double>(half) != freq_shift, "unet_time_proj", "freq_shift ", freq_shift,
           " equals embedding_dim / 2 = ", half);
@@ -75,20 +79,20 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
  public:
   using Scalar = T;
 
-  nn::Conv2d<T> conv_in;
+  lora::Conv2dSlot<T> conv_in;
   nn::TimestepEmbedding<T> time_embedding;
   std::vector<UNetDownBlock2D<T>> down_blocks;
   std::vector<UNetMidBlock2DCrossAttn<T>> mid_block;  // 0 or 1 (mid_block_type null: none)
   std::vector<UNetUpBlock2D<T>> up_blocks;
   nn::GroupNorm<T> conv_norm_out;
-  nn::Conv2d<T> conv_out;
+  lora::Conv2dSlot<T> conv_out;
 
   explicit UNet2DConditionModel(const UNet2DConditionConfig& config,
                                 Allocation allocation = Allocation::parameters)
       : config_(checked(config)), allocation_(allocation) {
     const auto& c = config_;
     const std::size_t n = c.num_blocks(), E = c.time_embed_dim(), c0 = c.block_out_channels[0];
-    conv_in = make_layer<nn::Conv2d<T>>(conv_in_config(), allocation);
+    conv_in = make_slot<lora::Conv2dSlot<T>>(conv_in_config(), allocation);
     time_embedding = make_layer<nn::TimestepEmbedding<T>>(time_embedding_config(), allocation);
     std::size_t output = c0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -126,7 +130,8 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
       output = UNet2DConditionConfig::reversed_at(c.block_out_channels, i);
       UNetUpBlock2DConfig u;
       u.type = c.up_block_types[i];
-      u.in_channels = UNet2DConditionConfig::reversed_at(c.block_out_channels, std::min(i + 1, n - 1));
+      u.in_channels =
+          UNet2DConditionConfig::reversed_at(c.block_out_channels, std::min(i + 1, n - 1));
       u.prev_output_channels = previous;
       u.out_channels = output;
       u.temb_channels = E;
@@ -141,7 +146,7 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
       up_blocks.emplace_back(u, allocation);
     }
     conv_norm_out = make_layer<nn::GroupNorm<T>>(conv_norm_out_config(), allocation);
-    conv_out = make_layer<nn::Conv2d<T>>(conv_out_config(), allocation);
+    conv_out = make_slot<lora::Conv2dSlot<T>>(conv_out_config(), allocation);
     std::size_t produced = 1, consumed = 0;
     for (const auto& d : down_blocks) produced += d.num_states();
     for (const auto& u : up_blocks) consumed += u.num_skips();
@@ -153,10 +158,43 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   const UNet2DConditionConfig& config() const { return config_; }
   Allocation allocation() const { return allocation_; }
 
+  // A shapes-only model has layers without parameters: visiting them would hand out empty
+  // tensors (and default layer configs), so these refuse; for_each_parameter_shape works on both.
+  using Base = CompositeModule<UNet2DConditionModel<T>>;
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& visit) {
+    require_parameters("for_each_parameter");
+    Base::for_each_parameter(prefix, std::forward<V>(visit));
+  }
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& visit) const {
+    require_parameters("for_each_parameter");
+    Base::for_each_parameter(prefix, std::forward<V>(visit));
+  }
+  template <class F>
+  void for_each_linear(const std::string& prefix, F&& f) {
+    require_parameters("for_each_linear");
+    Base::for_each_linear(prefix, std::forward<F>(f));
+  }
+  template <class F>
+  void for_each_conv2d(const std::string& prefix, F&& f) {
+    require_parameters("for_each_conv2d");
+    Base::for_each_conv2d(prefix, std::forward<F>(f));
+  }
+  template <class V>
+  void for_each_slot(const std::string& prefix, V&& visit) {
+    require_parameters("for_each_slot");
+    Base::for_each_slot(prefix, std::forward<V>(visit));
+  }
+
   nn::Conv2dConfig conv_in_config() const {
     const std::size_t k = config_.conv_in_kernel;
-    return {config_.in_channels, config_.block_out_channels[0], k, 1,
-            nn::Padding2d::same((k - 1) / 2), true};
+    return {config_.in_channels,
+            config_.block_out_channels[0],
+            k,
+            1,
+            nn::Padding2d::same((k - 1) / 2),
+            true};
   }
   nn::TimestepEmbeddingConfig time_embedding_config() const {
     return {config_.block_out_channels[0], config_.time_embed_dim(), 0, true};
@@ -166,8 +204,12 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   }
   nn::Conv2dConfig conv_out_config() const {
     const std::size_t k = config_.conv_out_kernel;
-    return {config_.block_out_channels[0], config_.out_channels, k, 1,
-            nn::Padding2d::same((k - 1) / 2), true};
+    return {config_.block_out_channels[0],
+            config_.out_channels,
+            k,
+            1,
+            nn::Padding2d::same((k - 1) / 2),
+            true};
   }
 
   /// Every nn layer with its diffusers module name and config, in forward order.
@@ -197,14 +239,13 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   Tensor4<T> forward(const Tensor4<T>& sample, std::span<const float> timesteps,
                      const Tensor3<T>& encoder_hidden_states) {
     constexpr const char* fn = "UNet2DConditionModel::forward";
-    require(allocation_ == Allocation::parameters, fn,
-            "the model was built with Allocation::shapes_only and has no parameters");
+    require_parameters("forward");
     const auto& c = config_;
     const std::size_t B = sample.shape()[0];
     require(B > 0 && sample.shape()[2] > 0 && sample.shape()[3] > 0, fn, "sample has shape ",
             shape_string(sample.shape()), ", expected a non-empty [B,", c.in_channels, ",H,W]");
-    check_shape(fn, "sample", sample.shape(), {B, c.in_channels, sample.shape()[2],
-                                               sample.shape()[3]});
+    check_shape(fn, "sample", sample.shape(),
+                {B, c.in_channels, sample.shape()[2], sample.shape()[3]});
     require(timesteps.size() == B, fn, "timesteps has ", timesteps.size(),
             " entries, expected one per sample (", B, ")");
     const std::size_t L = encoder_hidden_states.shape()[1];
@@ -213,8 +254,8 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
     check_shape(fn, "encoder_hidden_states", encoder_hidden_states.shape(),
                 {B, L, c.cross_attention_dim[0]});
 
-    const Tensor<T, 2> t_emb = unet_time_proj<T>(timesteps, c.block_out_channels[0],
-                                                 c.flip_sin_to_cos, c.freq_shift);
+    const Tensor<T, 2> t_emb =
+        unet_time_proj<T>(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
     const Tensor<T, 2> emb = time_embedding.forward(t_emb);
 
     Tensor4<T> h = c.center_input_sample ? Tensor4<T>(T(2) * sample - T(1)) : sample;
@@ -233,8 +274,8 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
       up_skip_begin_.push_back(begin);
       std::optional<std::pair<std::size_t, std::size_t>> size;
       if (begin > 0) size = std::pair{res[begin - 1].shape()[2], res[begin - 1].shape()[3]};
-      h = block.forward(h, std::span<const Tensor4<T>>(res.data() + begin, block.num_skips()),
-                        emb, encoder_hidden_states, size);
+      h = block.forward(h, std::span<const Tensor4<T>>(res.data() + begin, block.num_skips()), emb,
+                        encoder_hidden_states, size);
       res.resize(begin);  // the skips are not needed by backward
     }
     Tensor4<T> out = conv_out.forward(conv_act_.forward(conv_norm_out.forward(h)));
@@ -284,6 +325,12 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   const Tensor3<T>& grad_encoder_hidden_states() const { return grad_encoder_hidden_states_; }
 
  private:
+  void require_parameters(const char* what) const {
+    require(allocation_ == Allocation::parameters, std::string("UNet2DConditionModel::") + what,
+            "the model was built with Allocation::shapes_only and has no parameters (use "
+            "for_each_parameter_shape)");
+  }
+
   static const UNet2DConditionConfig& checked(const UNet2DConditionConfig& c) {
     c.validate();
     return c;
@@ -303,5 +350,6 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
 };
 
 static_assert(Denoiser<UNet2DConditionModel<float>>);
+static_assert(lora::HasLoraSlots<UNet2DConditionModel<float>>);
 
 }  // namespace difftrain::models

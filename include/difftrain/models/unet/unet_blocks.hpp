@@ -44,7 +44,12 @@ struct BlockAttentionConfig {
 
   // heads of size C / heads (diffusers: out_channels // num_attention_heads)
   Transformer2DModelConfig transformer(std::size_t channels, std::size_t groups) const {
-    return {channels, heads, channels / heads, transformer_layers, cross_attention_dim, groups,
+    return {channels,
+            heads,
+            channels / heads,
+            transformer_layers,
+            cross_attention_dim,
+            groups,
             use_linear_projection};
   }
 };
@@ -317,8 +322,8 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
     Tensor4<T> g = upsamplers.empty() ? dy : upsamplers[0].backward(dy);
     for (std::size_t j = m; j-- > 0;) {
       if (!attentions.empty()) g = attentions[j].backward(g, dcontext);
-      auto [dh, dskip] = nn::concat_channels_backward(resnets[j].backward(g, dtemb),
-                                                      hidden_channels_[j]);
+      auto [dh, dskip] =
+          nn::concat_channels_backward(resnets[j].backward(g, dtemb), hidden_channels_[j]);
       grads.skips[m - 1 - j] = std::move(dskip);
       g = std::move(dh);
     }

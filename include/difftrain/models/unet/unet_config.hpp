@@ -18,12 +18,11 @@
 #include <cmath>
 #include <cstddef>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "difftrain/core/error.hpp"
 
@@ -105,10 +104,10 @@ inline std::string dump(const nlohmann::json& v) { return v.dump(); }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v,
                                 bool allow_zero = false) {
-  if (!v.is_number_integer() && !(v.is_number_float() && std::floor(v.get<double>()) ==
-                                                             v.get<double>()))
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v),
-                                          ", expected an integer"));
+  if (!v.is_number_integer() &&
+      !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
+    throw Error(
+        difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected an integer"));
   const double d = v.get<double>();
   if (d < (allow_zero ? 0 : 1))
     throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected ",
@@ -119,8 +118,8 @@ inline std::size_t positive_int(const std::string& key, const nlohmann::json& v,
 
 inline double number(const std::string& key, const nlohmann::json& v) {
   if (!v.is_number())
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v),
-                                          ", expected a number"));
+    throw Error(
+        difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected a number"));
   return v.get<double>();
 }
 
@@ -136,9 +135,8 @@ inline std::vector<std::size_t> per_block(const std::string& key, const nlohmann
                                           std::size_t n) {
   if (v.is_array()) {
     if (v.size() != n)
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ",
-                                            v.size(), " entries, expected one per down block (",
-                                            n, ")"));
+      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ", v.size(),
+                                            " entries, expected one per down block (", n, ")"));
     std::vector<std::size_t> out;
     for (std::size_t i = 0; i < n; ++i)
       out.push_back(positive_int(key + "[" + std::to_string(i) + "]", v[i]));
@@ -153,8 +151,8 @@ inline void UNet2DConditionConfig::validate() const {
   using unet_config_detail::kFunction;
   const std::size_t n = num_blocks();
   require(n > 0, kFunction, "block_out_channels is empty");
-  require(down_block_types.size() == n, kFunction, "down_block_types has ",
-          down_block_types.size(), " entries, expected one per block_out_channels entry (", n, ")");
+  require(down_block_types.size() == n, kFunction, "down_block_types has ", down_block_types.size(),
+          " entries, expected one per block_out_channels entry (", n, ")");
   require(up_block_types.size() == n, kFunction, "up_block_types has ", up_block_types.size(),
           " entries, expected as many as down_block_types (", n, ")");
   auto check_list = [&](const char* key, const std::vector<std::size_t>& list) {
@@ -235,13 +233,14 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     require(has(key), kFunction, key, " is missing");
     const auto& v = at(key);
     if (!v.is_array())
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v),
-                                            ", expected a list"));
+      throw Error(
+          difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected a list"));
     if (v.size() != n)
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ",
-                                            v.size(), " entries, expected ", n,
+      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ", v.size(),
+                                            " entries, expected ", n,
                                             " (one per block_out_channels entry)"));
-    for (std::size_t i = 0; i < n; ++i) parse(std::string(key) + "[" + std::to_string(i) + "]", v[i]);
+    for (std::size_t i = 0; i < n; ++i)
+      parse(std::string(key) + "[" + std::to_string(i) + "]", v[i]);
   };
   block_types("down_block_types", [&](const std::string& key, const nlohmann::json& v) {
     if (v == "DownBlock2D") {
@@ -271,20 +270,17 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   }
 
   // --- per-block lists ---
-  c.layers_per_block = per_block("layers_per_block",
-                                 value_or("layers_per_block", 2), n);
-  c.cross_attention_dim = per_block(
-      "cross_attention_dim", value_or("cross_attention_dim", 1280), n);
+  c.layers_per_block = per_block("layers_per_block", value_or("layers_per_block", 2), n);
+  c.cross_attention_dim =
+      per_block("cross_attention_dim", value_or("cross_attention_dim", 1280), n);
   c.transformer_layers_per_block =
-      per_block("transformer_layers_per_block",
-                value_or("transformer_layers_per_block", 1), n);
+      per_block("transformer_layers_per_block", value_or("transformer_layers_per_block", 1), n);
   require_null("reverse_transformer_layers_per_block");
   if (has("num_attention_heads"))
     unsupported("num_attention_heads", at("num_attention_heads"),
                 "null; diffusers' UNet2DConditionModel takes the head count from "
                 "attention_head_dim");
-  c.num_attention_heads = per_block(
-      "attention_head_dim", value_or("attention_head_dim", 8), n);
+  c.num_attention_heads = per_block("attention_head_dim", value_or("attention_head_dim", 8), n);
 
   // --- scalars ---
   if (has("sample_size")) {
@@ -300,12 +296,14 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   if (has("freq_shift")) c.freq_shift = number("freq_shift", at("freq_shift"));
   if (has("downsample_padding")) {
     c.downsample_padding = positive_int("downsample_padding", at("downsample_padding"), true);
-    if (c.downsample_padding > 1) unsupported("downsample_padding", at("downsample_padding"), "0, 1");
+    if (c.downsample_padding > 1)
+      unsupported("downsample_padding", at("downsample_padding"), "0, 1");
   }
   if (has("mid_block_scale_factor"))
     c.mid_block_scale_factor = number("mid_block_scale_factor", at("mid_block_scale_factor"));
   if (json.contains("norm_num_groups")) {
-    if (at("norm_num_groups").is_null()) unsupported("norm_num_groups", nullptr, "a positive integer");
+    if (at("norm_num_groups").is_null())
+      unsupported("norm_num_groups", nullptr, "a positive integer");
     c.norm_num_groups = positive_int("norm_num_groups", at("norm_num_groups"));
   }
   if (has("norm_eps")) c.norm_eps = number("norm_eps", at("norm_eps"));
@@ -315,12 +313,14 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     c.upcast_attention = boolean("upcast_attention", at("upcast_attention"));
   if (has("time_embedding_dim"))
     c.time_embedding_dim = positive_int("time_embedding_dim", at("time_embedding_dim"));
-  if (has("conv_in_kernel")) c.conv_in_kernel = positive_int("conv_in_kernel", at("conv_in_kernel"));
+  if (has("conv_in_kernel"))
+    c.conv_in_kernel = positive_int("conv_in_kernel", at("conv_in_kernel"));
   if (has("conv_out_kernel"))
     c.conv_out_kernel = positive_int("conv_out_kernel", at("conv_out_kernel"));
   if (has("dropout") && number("dropout", at("dropout")) != 0.0)
     unsupported("dropout", at("dropout"), "0");
-  if (json.contains("act_fn") && at("act_fn") != "silu") unsupported("act_fn", at("act_fn"), "\"silu\"");
+  if (json.contains("act_fn") && at("act_fn") != "silu")
+    unsupported("act_fn", at("act_fn"), "\"silu\"");
   if (json.contains("time_embedding_type") && at("time_embedding_type") != "positional")
     unsupported("time_embedding_type", at("time_embedding_type"), "\"positional\"");
   if (json.contains("resnet_time_scale_shift") && at("resnet_time_scale_shift") != "default")
@@ -332,9 +332,9 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     unsupported("resnet_out_scale_factor", at("resnet_out_scale_factor"), "1.0");
   if (has("only_cross_attention")) {
     const auto& v = at("only_cross_attention");
-    const bool any_true = v.is_array() ? std::any_of(v.begin(), v.end(),
-                                                     [](const auto& e) { return e != false; })
-                                       : v != false;
+    const bool any_true =
+        v.is_array() ? std::any_of(v.begin(), v.end(), [](const auto& e) { return e != false; })
+                     : v != false;
     if (any_true) unsupported("only_cross_attention", v, "false");
   }
   require_value("dual_cross_attention", false);
@@ -352,21 +352,54 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     (void)positive_int("addition_embed_type_num_heads", at("addition_embed_type_num_heads"));
 
   // --- unknown keys ---
-  static const std::set<std::string> known = {
-      "sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos",
-      "freq_shift", "down_block_types", "mid_block_type", "up_block_types",
-      "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
-      "mid_block_scale_factor", "dropout", "act_fn", "norm_num_groups", "norm_eps",
-      "cross_attention_dim", "transformer_layers_per_block",
-      "reverse_transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
-      "attention_head_dim", "num_attention_heads", "dual_cross_attention",
-      "use_linear_projection", "class_embed_type", "addition_embed_type",
-      "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
-      "resnet_time_scale_shift", "resnet_skip_time_act", "resnet_out_scale_factor",
-      "time_embedding_type", "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act",
-      "time_cond_proj_dim", "conv_in_kernel", "conv_out_kernel",
-      "projection_class_embeddings_input_dim", "attention_type", "class_embeddings_concat",
-      "mid_block_only_cross_attention", "cross_attention_norm", "addition_embed_type_num_heads"};
+  static const std::set<std::string> known = {"sample_size",
+                                              "in_channels",
+                                              "out_channels",
+                                              "center_input_sample",
+                                              "flip_sin_to_cos",
+                                              "freq_shift",
+                                              "down_block_types",
+                                              "mid_block_type",
+                                              "up_block_types",
+                                              "only_cross_attention",
+                                              "block_out_channels",
+                                              "layers_per_block",
+                                              "downsample_padding",
+                                              "mid_block_scale_factor",
+                                              "dropout",
+                                              "act_fn",
+                                              "norm_num_groups",
+                                              "norm_eps",
+                                              "cross_attention_dim",
+                                              "transformer_layers_per_block",
+                                              "reverse_transformer_layers_per_block",
+                                              "encoder_hid_dim",
+                                              "encoder_hid_dim_type",
+                                              "attention_head_dim",
+                                              "num_attention_heads",
+                                              "dual_cross_attention",
+                                              "use_linear_projection",
+                                              "class_embed_type",
+                                              "addition_embed_type",
+                                              "addition_time_embed_dim",
+                                              "num_class_embeds",
+                                              "upcast_attention",
+                                              "resnet_time_scale_shift",
+                                              "resnet_skip_time_act",
+                                              "resnet_out_scale_factor",
+                                              "time_embedding_type",
+                                              "time_embedding_dim",
+                                              "time_embedding_act_fn",
+                                              "timestep_post_act",
+                                              "time_cond_proj_dim",
+                                              "conv_in_kernel",
+                                              "conv_out_kernel",
+                                              "projection_class_embeddings_input_dim",
+                                              "attention_type",
+                                              "class_embeddings_concat",
+                                              "mid_block_only_cross_attention",
+                                              "cross_attention_norm",
+                                              "addition_embed_type_num_heads"};
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
     if (known.count(key) || value.is_null()) continue;
