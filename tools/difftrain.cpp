@@ -1,0 +1,15 @@
+// difftrain: command-line access to the library. Each subcommand lives in tools/cmd_<name>.hpp
+// as `void add_<name>_command(CLI::App& app, int& exit_code)`: it registers a CLI11 subcommand
+// whose callback sets exit_code (0 on success, 1 with a message on stderr on error).
+#include <CLI/CLI.hpp>
+
+#include "tool_common.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"difftrain: the training step of text-to-image diffusion models"};
+  app.require_subcommand(1);
+  int exit_code = 0;
+  (void)exit_code;
+  CLI11_PARSE(app, argc, argv);
+  return exit_code;
+}
