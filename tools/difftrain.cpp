@@ -3,13 +3,14 @@
 // whose callback sets exit_code (0 on success, 1 with a message on stderr on error).
 #include <CLI/CLI.hpp>
 
+#include "cmd_text.hpp"
 #include "tool_common.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"difftrain: the training step of text-to-image diffusion models"};
   app.require_subcommand(1);
   int exit_code = 0;
-  (void)exit_code;
+  difftrain::tools::add_text_commands(app, exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
 }
