@@ -111,7 +111,7 @@ TEST_CASE("inject_lora adapts the targets and leaves only adapters trainable", "
     if (p.trainable)
       trainable.push_back(n);
     else
-      REQUIRE(p.grad.dimension() == 0);
+      REQUIRE(p.grad.size() == 0);
   });
   REQUIRE(trainable.size() == 16);
   for (const auto& n : trainable) REQUIRE(is_adapter_parameter(n));

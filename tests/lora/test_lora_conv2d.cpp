@@ -96,7 +96,7 @@ TEST_CASE("LoraConv2d gradients pass central-difference checks", "[lora][conv]")
     auto rb = check_gradient(l.lora_B.weight, loss);
     INFO("dB: " << rb.message);
     REQUIRE(rb.max_error <= 1e-6);
-    REQUIRE(l.base.weight.grad.dimension() == 0);
+    REQUIRE(l.base.weight.grad.size() == 0);
   }
 }
 

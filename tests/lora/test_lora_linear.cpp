@@ -89,7 +89,7 @@ TEST_CASE("LoraLinear with B = 0 equals the base; names and trainable flags", "[
                                             "attn1.to_q.lora_A.weight",
                                             "attn1.to_q.lora_B.weight"});
   REQUIRE(trainable == std::vector<bool>{false, false, true, true});
-  REQUIRE(l.base.weight.grad.dimension() == 0);
+  REQUIRE(l.base.weight.grad.size() == 0);
 }
 
 TEST_CASE("LoraLinear forward is W x + b + m·s·B A x", "[lora]") {
@@ -152,8 +152,8 @@ TEST_CASE("LoraLinear gradients pass central-difference checks", "[lora]") {
       INFO("dW: " << rw.message);
       REQUIRE(rw.max_error <= 1e-6);
     } else {
-      REQUIRE(l.base.weight.grad.dimension() == 0);
-      REQUIRE(l.base.bias.grad.dimension() == 0);
+      REQUIRE(l.base.weight.grad.size() == 0);
+      REQUIRE(l.base.bias.grad.size() == 0);
     }
   }
 }

@@ -122,10 +122,10 @@ TEST_CASE("Conv2d backward accumulates and frozen parameters get no gradient", "
   REQUIRE_CLOSE(conv.weight.grad, xt::xarray<double>(2.0 * once), 1e-14, 1e-14);
 
   set_trainable<double>(conv, false);
-  REQUIRE(conv.weight.grad.dimension() == 0);
+  REQUIRE(conv.weight.grad.size() == 0);
   auto dx = conv.backward(w);
-  REQUIRE(conv.weight.grad.dimension() == 0);
-  REQUIRE(conv.bias.grad.dimension() == 0);
+  REQUIRE(conv.weight.grad.size() == 0);
+  REQUIRE(conv.bias.grad.size() == 0);
   REQUIRE_CLOSE(dx, dx_trainable, 1e-14, 1e-14);
   auto r = check_gradient(x, dx, [&] { return weighted_sum(conv.forward_inference(x), w); });
   INFO(r.message);

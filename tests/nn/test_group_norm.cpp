@@ -115,8 +115,8 @@ TEST_CASE("GroupNorm frozen parameters get no gradient, float agrees with double
   set_trainable<double>(gd, false);
   gd.forward(x);
   auto dx = gd.backward(w);
-  REQUIRE(gd.weight.grad.dimension() == 0);
-  REQUIRE(gd.bias.grad.dimension() == 0);
+  REQUIRE(gd.weight.grad.size() == 0);
+  REQUIRE(gd.bias.grad.size() == 0);
   REQUIRE_CLOSE(dx, dx_trainable, 1e-14, 1e-14);
 }
 

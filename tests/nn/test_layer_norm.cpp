@@ -73,7 +73,7 @@ TEST_CASE("LayerNorm frozen parameters get no gradient, float agrees with double
   set_trainable<double>(ld, false);
   ld.forward(x);
   auto dx = ld.backward(w);
-  REQUIRE(ld.weight.grad.dimension() == 0);
+  REQUIRE(ld.weight.grad.size() == 0);
   REQUIRE_CLOSE(dx, dx_trainable, 1e-14, 1e-14);
 }
 
