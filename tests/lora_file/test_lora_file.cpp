@@ -1,0 +1,226 @@
+// LoRA files: kohya and PEFT round trips with the exact key spellings, legacy names, the golden
+// files of diffusers' unet_tiny_lora case, and errors.
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "difftrain/lora/lora_file.hpp"
+#include "support/tensor_match.hpp"
+
+using namespace difftrain;
+namespace fs = std::filesystem;
+
+namespace {
+// A model with three adaptable slots under diffusers-like names.
+struct TinyModel {
+  lora::LinearSlot<float> to_q{nn::Linear<float>(6, 4, false)};
+  lora::LinearSlot<float> to_out{nn::Linear<float>(4, 6)};
+  lora::Conv2dSlot<float> proj_in{nn::Conv2d<float>(3, 5, 3, 1, 1)};
+
+  TinyModel() {
+    int k = 0;
+    for_each_parameter("", [&](const std::string&, nn::Parameter<float>& p) {
+      for (auto& v : p.value) v = 0.01f * float((k++ * 37) % 23) - 0.1f;
+    });
+  }
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& v) {
+    to_q.for_each_parameter(nn::join_name(prefix, "blocks.0.attn1.to_q"), v);
+    to_out.for_each_parameter(nn::join_name(prefix, "blocks.0.attn1.to_out.0"), v);
+    proj_in.for_each_parameter(nn::join_name(prefix, "blocks.0.proj_in"), v);
+  }
+  template <class V>
+  void for_each_slot(const std::string& prefix, V&& v) {
+    to_q.for_each_slot(nn::join_name(prefix, "blocks.0.attn1.to_q"), v);
+    to_out.for_each_slot(nn::join_name(prefix, "blocks.0.attn1.to_out.0"), v);
+    proj_in.for_each_slot(nn::join_name(prefix, "blocks.0.proj_in"), v);
+  }
+  std::pair<Tensor<float, 2>, Tensor4<float>> forward(const Tensor<float, 2>& x,
+                                                      const Tensor4<float>& image) {
+    return {to_out.forward_inference(to_q.forward_inference(x)), proj_in.forward_inference(image)};
+  }
+};
+
+struct TempDir {
+  fs::path path = fs::temp_directory_path() / ("difftrain_lora_" + std::to_string(::getpid()));
+  TempDir() { fs::create_directories(path); }
+  ~TempDir() { fs::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+// An adapted model whose B matrices are non-zero, so that the adapters matter.
+TinyModel adapted_model(double alpha) {
+  TinyModel m;
+  lora::LoraConfig config;
+  config.rank = 2;
+  config.alpha = alpha;
+  lora::inject_lora(m, {"to_q", "to_out.0", "proj_in"}, config, RandomStream{3, 4});
+  lora::for_each_adapter(m, [](const std::string&, auto& a) {
+    std::size_t k = 0;
+    for (auto& v : a.lora_B.weight.value) v = 0.05f * float(k++ % 7) - 0.1f;
+  });
+  return m;
+}
+
+const Tensor<float, 2> x = xt::ones<float>({std::size_t{3}, std::size_t{6}});
+const Tensor4<float> image =
+    xt::ones<float>({std::size_t{1}, std::size_t{3}, std::size_t{5}, std::size_t{4}});
+
+void require_same_outputs(TinyModel& a, TinyModel& b) {
+  const auto [ya, ia] = a.forward(x, image);
+  const auto [yb, ib] = b.forward(x, image);
+  REQUIRE_CLOSE(ya, yb, 0, 0);
+  REQUIRE_CLOSE(ia, ib, 0, 0);
+}
+}  // namespace
+
+TEST_CASE("kohya format: exact keys, rank-0 alpha, metadata; read back and applied identically") {
+  TempDir dir;
+  TinyModel model = adapted_model(8.0);
+  const std::string path = dir.file("lora.safetensors");
+  lora::save_lora(path, lora::collect_lora(model), lora::LoraFormat::kohya);
+  const auto file = io::SafetensorsFile::open(path);
+  const std::vector<std::string> expected_keys = {
+      "lora_unet_blocks_0_attn1_to_out_0.alpha",
+      "lora_unet_blocks_0_attn1_to_out_0.lora_down.weight",
+      "lora_unet_blocks_0_attn1_to_out_0.lora_up.weight",
+      "lora_unet_blocks_0_attn1_to_q.alpha",
+      "lora_unet_blocks_0_attn1_to_q.lora_down.weight",
+      "lora_unet_blocks_0_attn1_to_q.lora_up.weight",
+      "lora_unet_blocks_0_proj_in.alpha",
+      "lora_unet_blocks_0_proj_in.lora_down.weight",
+      "lora_unet_blocks_0_proj_in.lora_up.weight"};
+  REQUIRE(file.names() == expected_keys);
+  REQUIRE(file.info("lora_unet_blocks_0_attn1_to_q.alpha").shape.empty());
+  REQUIRE(file.read<float>("lora_unet_blocks_0_attn1_to_q.alpha")[0] == 8.0f);
+  REQUIRE(file.info("lora_unet_blocks_0_proj_in.lora_down.weight").shape ==
+          std::vector<std::size_t>{2, 3, 3, 3});
+  REQUIRE(file.info("lora_unet_blocks_0_proj_in.lora_up.weight").shape ==
+          std::vector<std::size_t>{5, 2, 1, 1});
+  REQUIRE(file.metadata().at("ss_network_module") == "networks.lora");
+  REQUIRE(file.metadata().at("ss_network_dim") == "2");
+  REQUIRE(file.metadata().at("ss_network_alpha") == "8.0");
+  REQUIRE(file.metadata().at("ss_base_model_version") == "sd_v1");
+
+  TinyModel fresh;
+  const auto state = lora::read_lora(path, lora::module_names(fresh));
+  REQUIRE(state.size() == 3);
+  REQUIRE(state.at("blocks.0.attn1.to_out.0").alpha == 8.0);
+  REQUIRE(lora::apply_lora(fresh, state).size() == 3);
+  require_same_outputs(model, fresh);
+  // Only the adapters are trainable after applying.
+  fresh.for_each_parameter("", [](const std::string& name, nn::Parameter<float>& p) {
+    REQUIRE(p.trainable == lora::is_adapter_parameter(name));
+  });
+}
+
+TEST_CASE("PEFT format: exact keys and lora_adapter_metadata; read back identically") {
+  TempDir dir;
+  TinyModel model = adapted_model(0.0);  // alpha 0 means alpha = rank
+  const std::string path = dir.file("peft.safetensors");
+  TinyModel names_only;
+  lora::save_lora(path, lora::collect_lora(model), lora::LoraFormat::peft, {},
+                  lora::module_names(names_only));
+  const auto file = io::SafetensorsFile::open(path);
+  REQUIRE(file.contains("unet.blocks.0.attn1.to_q.lora_A.weight"));
+  REQUIRE(file.contains("unet.blocks.0.attn1.to_out.0.lora_B.weight"));
+  REQUIRE(file.contains("unet.blocks.0.proj_in.lora_A.weight"));
+  REQUIRE(file.size() == 6);
+  const auto meta = nlohmann::json::parse(file.metadata().at("lora_adapter_metadata"));
+  REQUIRE(meta["r"] == 2);
+  REQUIRE(meta["lora_alpha"] == 2.0);
+  REQUIRE(meta["target_modules"] == nlohmann::json({"proj_in", "to_out.0", "to_q"}));
+
+  TinyModel fresh;
+  lora::apply_lora(fresh, lora::read_lora(path, lora::module_names(fresh)));
+  require_same_outputs(model, fresh);
+}
+
+TEST_CASE("legacy diffusers names and PEFT without alpha: alpha defaults to the rank") {
+  TempDir dir;
+  TinyModel model = adapted_model(0.0);
+  const auto state = lora::collect_lora(model);
+  const auto& q = state.at("blocks.0.attn1.to_q");
+  const auto& o = state.at("blocks.0.attn1.to_out.0");
+  const std::string path = dir.file("legacy.safetensors");
+  io::save_safetensors(path, {io::TensorToWrite::from_tensor(
+                                  "unet.blocks.0.attn1.processor.to_q_lora.down.weight", q.down),
+                              io::TensorToWrite::from_tensor(
+                                  "unet.blocks.0.attn1.processor.to_q_lora.up.weight", q.up),
+                              io::TensorToWrite::from_tensor(
+                                  "unet.blocks.0.attn1.processor.to_out_lora.down.weight", o.down),
+                              io::TensorToWrite::from_tensor(
+                                  "unet.blocks.0.attn1.processor.to_out_lora.up.weight", o.up)});
+  TinyModel fresh;
+  const auto read = lora::read_lora(path, lora::module_names(fresh));
+  REQUIRE(read.size() == 2);
+  REQUIRE(read.at("blocks.0.attn1.to_q").alpha == 2.0);
+  REQUIRE_CLOSE(read.at("blocks.0.attn1.to_out.0").up, o.up, 0, 0);
+}
+
+TEST_CASE("golden unet_tiny_lora: diffusers' kohya and PEFT files read to the same adapters") {
+  const auto peft_file = io::SafetensorsFile::open(test::data_path("lora/lora_peft.safetensors"));
+  std::vector<std::string> modules;
+  for (const auto& key : peft_file.names()) {
+    if (!lora::lora_file_detail::ends_with(key, ".lora_A.weight")) continue;
+    modules.push_back(key.substr(5, key.size() - 5 - 14));  // strip "unet." and ".lora_A.weight"
+  }
+  REQUIRE(modules.size() == 32);
+  const auto kohya = lora::read_lora(test::data_path("lora/lora_kohya.safetensors"), modules);
+  const auto peft = lora::read_lora(test::data_path("lora/lora_peft.safetensors"), modules);
+  REQUIRE(kohya.size() == 32);
+  REQUIRE(peft.size() == 32);
+  for (const auto& [name, w] : kohya) {
+    INFO(name);
+    REQUIRE(w.alpha == 8.0);              // the .alpha tensor
+    REQUIRE(peft.at(name).alpha == 8.0);  // lora_alpha in lora_adapter_metadata
+    REQUIRE(w.rank() == 4);
+    REQUIRE_CLOSE(w.down, peft.at(name).down, 0, 0);
+    REQUIRE_CLOSE(w.up, peft.at(name).up, 0, 0);
+  }
+  // Written back in kohya format, the keys are diffusers' own spelling.
+  TempDir dir;
+  lora::save_lora(dir.file("k.safetensors"), kohya, lora::LoraFormat::kohya);
+  const auto mine = io::SafetensorsFile::open(dir.file("k.safetensors"));
+  const auto theirs = io::SafetensorsFile::open(test::data_path("lora/lora_kohya.safetensors"));
+  REQUIRE(mine.names() == theirs.names());
+  for (const char* key :
+       {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version"})
+    REQUIRE(mine.metadata().at(key) == theirs.metadata().at(key));
+}
+
+TEST_CASE("LoRA files: unknown keys, half adapters, shape mismatches and absent modules") {
+  TempDir dir;
+  TinyModel model = adapted_model(4.0);
+  const auto state = lora::collect_lora(model);
+  const auto& q = state.at("blocks.0.attn1.to_q");
+  TinyModel fresh;
+  const auto names = lora::module_names(fresh);
+
+  io::save_safetensors(
+      dir.file("unknown.safetensors"),
+      {io::TensorToWrite::from_tensor("lora_unet_blocks_0_attn9_to_q.lora_down.weight", q.down)});
+  REQUIRE_THROWS_WITH(
+      lora::read_lora(dir.file("unknown.safetensors"), names),
+      Catch::Contains("name no module of the model: lora_unet_blocks_0_attn9_to_q"));
+
+  io::save_safetensors(
+      dir.file("half.safetensors"),
+      {io::TensorToWrite::from_tensor("unet.blocks.0.attn1.to_q.lora_A.weight", q.down)});
+  REQUIRE_THROWS_WITH(lora::read_lora(dir.file("half.safetensors"), names),
+                      Catch::Contains("no up (B) weight for module blocks.0.attn1.to_q"));
+
+  lora::LoraState wrong = state;
+  wrong.at("blocks.0.attn1.to_q").down = xt::zeros<float>({std::size_t{2}, std::size_t{7}});
+  REQUIRE_THROWS_WITH(
+      lora::apply_lora(fresh, wrong),
+      Catch::Contains("blocks.0.attn1.to_q down (A) has shape [2,7], expected [2,6]"));
+  lora::LoraState absent;
+  absent["blocks.1.attn1.to_q"] = q;
+  TinyModel other;
+  REQUIRE_THROWS_WITH(lora::apply_lora(other, absent),
+                      Catch::Contains("modules not found in the model: blocks.1.attn1.to_q"));
+  REQUIRE_THROWS_AS(lora::save_lora(dir.file("empty.safetensors"), {}, lora::LoraFormat::kohya),
+                    Error);
+  REQUIRE_THROWS_AS(lora::parse_lora_format("lycoris"), Error);
+}
