@@ -245,8 +245,8 @@ TEST_CASE("Attention skips frozen projections and accumulates into trainable one
   fill_random_normal(w, RandomStream{72, 2});
   auto grads = attn.backward(w);
   // A frozen parameter's grad stays the empty (0-d) array: nothing was computed into it.
-  REQUIRE(attn.to_k.weight.grad.dimension() == 0);
-  REQUIRE(attn.to_out.bias.grad.dimension() == 0);
+  REQUIRE(attn.to_k.weight.grad.size() == 0);
+  REQUIRE(attn.to_out.bias.grad.size() == 0);
   // The gradients that flow through the frozen projections are still right.
   auto loss = [&] { return weighted_sum(attn.forward_inference(x, c), w); };
   auto rc = check_gradient(c, grads.context, loss);

@@ -68,11 +68,11 @@ TEST_CASE("Embedding names its weight, loads state, and skips a frozen weight", 
   REQUIRE(y(0, 0, 1) == 9.0f);
 
   emb.weight.set_trainable(false);
-  REQUIRE(emb.weight.grad.dimension() == 0);  // the empty (0-d) gradient of a frozen parameter
+  REQUIRE(emb.weight.grad.size() == 0);  // the empty (0-d) gradient of a frozen parameter
   Tensor3<float> dy({1, 1, 2});
   dy.fill(1);
   REQUIRE_NOTHROW(emb.backward(dy));
-  REQUIRE(emb.weight.grad.dimension() == 0);
+  REQUIRE(emb.weight.grad.size() == 0);
 }
 
 TEST_CASE("Embedding rejects out-of-range ids and misshapen gradients", "[nn][embedding]") {

@@ -179,7 +179,7 @@ TEST_CASE("TimestepEmbedding names, frozen parameters, float vs double and error
   fill_random_normal(w, RandomStream{94, 1});
   te.forward(x);
   auto dx = te.backward(w);
-  REQUIRE(te.linear_1.weight.grad.dimension() == 0);
+  REQUIRE(te.linear_1.weight.grad.size() == 0);
   auto r =
       check_gradient(te.linear_1.bias, [&] { return weighted_sum(te.forward_inference(x), w); });
   INFO(r.message);
