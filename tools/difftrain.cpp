@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include "cmd_text.hpp"
+#include "cmd_unet.hpp"
 #include "cmd_vae.hpp"
 #include "tool_common.hpp"
 
@@ -12,6 +13,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int exit_code = 0;
   difftrain::tools::add_text_commands(app, exit_code);
+  difftrain::tools::add_unet_command(app, exit_code);
   difftrain::tools::add_vae_commands(app, exit_code);
   CLI11_PARSE(app, argc, argv);
   return exit_code;
