@@ -13,6 +13,7 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
 #include "difftrain/models/models.hpp"
+#include "single_threaded.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -20,6 +21,7 @@ using difftrain::test::data_path;
 
 TEST_CASE("UNet2DConditionModel: inject_lora adapts to_q/to_k/to_v/to_out.0 by name",
           "[models][unet][lora]") {
+  const test::SingleThreaded single_threaded;
   auto model = models::load_unet<float>(data_path("unet_tiny"));
   const auto inputs = io::SafetensorsFile::open(data_path("unet_tiny/inputs.safetensors"));
   const auto sample = inputs.read_tensor<float, 4>("sample");

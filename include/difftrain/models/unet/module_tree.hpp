@@ -14,7 +14,9 @@
 //   for_each_conv2d(prefix, f(name, nn::Conv2d&))
 // A block built with Allocation::shapes_only keeps its layer configs but default-constructs
 // its layers (no parameter storage), so the 860M-parameter SD 1.5 UNet can be enumerated with
-// names and shapes for a few kilobytes; such a model refuses forward.
+// names and shapes for a few kilobytes; UNet2DConditionModel built so refuses forward and the
+// visitors that would hand out its empty layers. for_each_parameter_shape lists the base
+// model's parameters (LoRA adapters injected later are not part of the config).
 //
 // parameter_shapes(layer_config, prefix, visit) restates, for each nn layer, the names and
 // shapes its constructor creates; the tests compare both enumerations on allocated models.
