@@ -6,10 +6,14 @@
 // K = C·k·k rows of the column matrix, P = Ho·Wo its columns.
 // Weight OIHW [O, C, k, k] (PyTorch layout, loads unchanged), bias [O]; activations NCHW.
 //
-// Per sample b (OpenMP over the batch, each thread its own column buffer):
+// Per sample b:
 //   col[K, P] = im2col(x_b);  y_b[O, P] = W[O, K] · col + b
-// Backward (per thread partial dW/db, summed after the loop):
+// Backward (col reused for dcol once dW is done):
 //   dW += dy_b · colᵀ;  db += Σ_P dy_b;  dx_b = col2im(Wᵀ · dy_b)
+// Threads: when the batch splits evenly, OpenMP over the batch, each thread its own column buffer
+// and (backward) its own dW/db partial, summed after the loop. Otherwise (e.g. one sample, two
+// threads) the threads share each sample: im2col/col2im by channels, forward and dcol GEMMs by
+// column blocks of P, dW/db by output rows; every GEMM stays single-threaded inside the region.
 // A 1×1, stride-1, unpadded conv uses x_b itself as col. Asymmetric padding covers the VAE's
 // pad (0,1,0,1) + stride-2 downsample in one layer. forward saves a copy of x; one context is kept.
 // The per-thread column buffers are a reused member workspace: one layer object must not run two
@@ -60,72 +64,126 @@ struct Geometry {
   bool identity_columns() const { return k == 1 && s == 1 && pad == Padding2d{}; }
 };
 
-// col[(c·k + i)·k + j, oh·Wo + ow] = x[c, oh·s + i − top, ow·s + j − left] (0 outside)
+// The output columns ow whose input column iw = ow·s + j − left lies inside [0, W): [lo, hi).
+struct ValidRange {
+  std::size_t lo, hi;
+};
+inline ValidRange valid_columns(const Geometry& g, std::size_t j) {
+  const auto s = static_cast<std::ptrdiff_t>(g.s);
+  const auto off = static_cast<std::ptrdiff_t>(j) - static_cast<std::ptrdiff_t>(g.pad.left);
+  const auto wo = static_cast<std::ptrdiff_t>(g.Wo), w = static_cast<std::ptrdiff_t>(g.W);
+  // smallest ow with ow·s + off >= 0, and one past the largest with ow·s + off <= W − 1
+  const std::ptrdiff_t lo = off >= 0 ? 0 : (-off + s - 1) / s;
+  const std::ptrdiff_t hi = w - 1 - off < 0 ? 0 : (w - 1 - off) / s + 1;
+  const std::ptrdiff_t clamped_hi = std::min(hi, wo);
+  const std::ptrdiff_t clamped_lo = std::min(lo, clamped_hi);
+  return {static_cast<std::size_t>(clamped_lo), static_cast<std::size_t>(clamped_hi)};
+}
+
+// col[(c·k + i)·k + j, oh·Wo + ow] = x[c, oh·s + i − top, ow·s + j − left] (0 outside), for the
+// channels [c0, c1) (the rows of a thread's share). Memory-bound: the valid span of each output
+// row is a contiguous copy for stride 1, and the padding a short fill; no per-element branch.
 template <class T>
-void im2col(const T* x, const Geometry& g, T* col) {
-  const auto H = static_cast<std::ptrdiff_t>(g.H), W = static_cast<std::ptrdiff_t>(g.W);
-  for (std::size_t c = 0; c < g.C; ++c) {
+void im2col(const T* x, const Geometry& g, T* col, std::size_t c0, std::size_t c1) {
+  const auto H = static_cast<std::ptrdiff_t>(g.H);
+  for (std::size_t c = c0; c < c1; ++c) {
     const T* xc = x + c * g.H * g.W;
     for (std::size_t i = 0; i < g.k; ++i) {
       for (std::size_t j = 0; j < g.k; ++j) {
+        const ValidRange r = valid_columns(g, j);
+        const std::ptrdiff_t shift =
+            static_cast<std::ptrdiff_t>(j) - static_cast<std::ptrdiff_t>(g.pad.left);
         T* dst = col + ((c * g.k + i) * g.k + j) * g.P();
         for (std::size_t oh = 0; oh < g.Ho; ++oh, dst += g.Wo) {
           const auto ih =
               static_cast<std::ptrdiff_t>(oh * g.s + i) - static_cast<std::ptrdiff_t>(g.pad.top);
-          if (ih < 0 || ih >= H) {
+          if (ih < 0 || ih >= H || r.lo == r.hi) {
             std::fill(dst, dst + g.Wo, T(0));
             continue;
           }
-          const T* row = xc + ih * W;
-          for (std::size_t ow = 0; ow < g.Wo; ++ow) {
-            const auto iw =
-                static_cast<std::ptrdiff_t>(ow * g.s + j) - static_cast<std::ptrdiff_t>(g.pad.left);
-            dst[ow] = (iw >= 0 && iw < W) ? row[iw] : T(0);
+          // x index of output column ow: base + ow·s (>= 0 for ow >= r.lo)
+          const std::ptrdiff_t base = ih * static_cast<std::ptrdiff_t>(g.W) + shift;
+          std::fill(dst, dst + r.lo, T(0));
+          if (g.s == 1) {
+            std::copy(xc + (base + static_cast<std::ptrdiff_t>(r.lo)),
+                      xc + (base + static_cast<std::ptrdiff_t>(r.hi)), dst + r.lo);
+          } else {
+            for (std::size_t ow = r.lo; ow < r.hi; ++ow)
+              dst[ow] = xc[base + static_cast<std::ptrdiff_t>(ow * g.s)];
           }
+          std::fill(dst + r.hi, dst + g.Wo, T(0));
         }
       }
     }
   }
 }
-
-// dx[c, ih, iw] += Σ over the col entries that read it (the transpose of im2col); dx zeroed first
 template <class T>
-void col2im(const T* col, const Geometry& g, T* dx) {
-  std::fill(dx, dx + g.C * g.H * g.W, T(0));
-  const auto H = static_cast<std::ptrdiff_t>(g.H), W = static_cast<std::ptrdiff_t>(g.W);
-  for (std::size_t c = 0; c < g.C; ++c) {
+void im2col(const T* x, const Geometry& g, T* col) {
+  im2col(x, g, col, 0, g.C);
+}
+
+// dx[c, ih, iw] = Σ over the col entries that read it (the transpose of im2col), for the channels
+// [c0, c1); those channels of dx are overwritten.
+template <class T>
+void col2im(const T* col, const Geometry& g, T* dx, std::size_t c0, std::size_t c1) {
+  std::fill(dx + c0 * g.H * g.W, dx + c1 * g.H * g.W, T(0));
+  const auto H = static_cast<std::ptrdiff_t>(g.H);
+  for (std::size_t c = c0; c < c1; ++c) {
     T* dxc = dx + c * g.H * g.W;
     for (std::size_t i = 0; i < g.k; ++i) {
       for (std::size_t j = 0; j < g.k; ++j) {
+        const ValidRange r = valid_columns(g, j);
+        if (r.lo == r.hi) continue;  // this kernel column reads only padding
+        const std::ptrdiff_t shift =
+            static_cast<std::ptrdiff_t>(j) - static_cast<std::ptrdiff_t>(g.pad.left);
         const T* src = col + ((c * g.k + i) * g.k + j) * g.P();
         for (std::size_t oh = 0; oh < g.Ho; ++oh, src += g.Wo) {
           const auto ih =
               static_cast<std::ptrdiff_t>(oh * g.s + i) - static_cast<std::ptrdiff_t>(g.pad.top);
           if (ih < 0 || ih >= H) continue;
-          T* row = dxc + ih * W;
-          for (std::size_t ow = 0; ow < g.Wo; ++ow) {
-            const auto iw =
-                static_cast<std::ptrdiff_t>(ow * g.s + j) - static_cast<std::ptrdiff_t>(g.pad.left);
-            if (iw >= 0 && iw < W) row[iw] += src[ow];
+          const std::ptrdiff_t base = ih * static_cast<std::ptrdiff_t>(g.W) + shift;
+          if (g.s == 1) {
+            T* row = dxc + (base + static_cast<std::ptrdiff_t>(r.lo));
+            for (std::size_t n = 0; n < r.hi - r.lo; ++n) row[n] += src[r.lo + n];
+          } else {
+            for (std::size_t ow = r.lo; ow < r.hi; ++ow)
+              dxc[base + static_cast<std::ptrdiff_t>(ow * g.s)] += src[ow];
           }
         }
       }
     }
   }
 }
+template <class T>
+void col2im(const T* col, const Geometry& g, T* dx) {
+  col2im(col, g, dx, 0, g.C);
+}
 
-// Threads for a loop over `work_items` samples of `flops_per_item` multiply-adds each: one when
-// the whole job is small (a parallel region costs more than it saves, and far more on a loaded
-// machine where a descheduled thread stalls the barrier).
-inline int thread_count(std::size_t work_items, std::size_t flops_per_item) {
-  constexpr std::size_t kMinParallelFlops = std::size_t{1} << 20;
+// [begin, end) of part t of n equal parts of [0, size), each boundary a multiple of `align`
+// (except the last end), so that threads' column blocks start on SIMD-aligned offsets.
+struct Span {
+  std::size_t begin, end;
+  std::size_t size() const { return end - begin; }
+};
+inline Span split(std::size_t size, int t, int n, std::size_t align = 1) {
+  const std::size_t units = (size + align - 1) / align;
+  const auto part = [&](int i) {
+    return std::min(size,
+                    units * static_cast<std::size_t>(i) / static_cast<std::size_t>(n) * align);
+  };
+  return {part(t), t + 1 == n ? size : part(t + 1)};
+}
+
+// Threads for a conv of `macs` multiply-adds: one when the whole job is small (a parallel region
+// costs more than it saves, and far more on a loaded machine where a descheduled thread stalls
+// the barrier).
+inline int thread_count(std::size_t macs) {
+  constexpr std::size_t kMinParallelMacs = std::size_t{1} << 20;
 #ifdef _OPENMP
-  if (work_items * flops_per_item < kMinParallelFlops) return 1;
-  return static_cast<int>(std::max<std::size_t>(
-      1, std::min<std::size_t>(static_cast<std::size_t>(omp_get_max_threads()), work_items)));
+  if (macs < kMinParallelMacs) return 1;
+  return std::max(1, omp_get_max_threads());
 #else
-  (void)work_items;
-  (void)flops_per_item;
+  (void)macs;
   return 1;
 #endif
 }
@@ -136,6 +194,30 @@ inline int thread_id() {
 #else
   return 0;
 #endif
+}
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+template <class T>
+using StridedRowMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+template <class T>
+using ConstStridedRowMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
+// Columns [cols.begin, cols.end) of a row-major [rows, P] buffer.
+template <class T>
+ConstStridedRowMap<T> column_block(const T* data, std::size_t rows, std::size_t P, Span cols) {
+  return ConstStridedRowMap<T>(data + cols.begin, static_cast<Eigen::Index>(rows),
+                               static_cast<Eigen::Index>(cols.size()), Eigen::OuterStride<>(P));
+}
+template <class T>
+StridedRowMap<T> column_block(T* data, std::size_t rows, std::size_t P, Span cols) {
+  return StridedRowMap<T>(data + cols.begin, static_cast<Eigen::Index>(rows),
+                          static_cast<Eigen::Index>(cols.size()), Eigen::OuterStride<>(P));
 }
 
 }  // namespace conv_detail
@@ -204,22 +286,42 @@ class Conv2d {
     const auto g = geometry("Conv2d::forward", x.shape());
     const std::size_t B = x.shape()[0], O = out_channels(), K = g.K(), P = g.P();
     Tensor4<T> y({B, O, g.Ho, g.Wo});
-    const int threads = conv_detail::thread_count(B, O * K * P);
-    ensure_workspace(threads, g.identity_columns() ? 0 : K * P);
-    ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
-    const auto batch = static_cast<std::int64_t>(B);
+    const int threads = conv_detail::thread_count(B * O * K * P);
+    const std::size_t col_size = g.identity_columns() ? 0 : K * P;
+    const std::size_t sample = g.C * g.H * g.W;
+    if (split_batch(B, threads)) {
+      ensure_workspace(threads, col_size);
+      const auto batch = static_cast<std::int64_t>(B);
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::int64_t b = 0; b < batch; ++b) {
-      const T* xb = x.data() + b * g.C * g.H * g.W;
-      const T* col = xb;
-      if (!g.identity_columns()) {
-        T* buffer = workspace_[conv_detail::thread_id()].data();
-        conv_detail::im2col(xb, g, buffer);
-        col = buffer;
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const T* xb = x.data() + b * sample;
+        const T* col = xb;
+        if (!g.identity_columns()) {
+          T* buffer = workspace_[conv_detail::thread_id()].data();
+          conv_detail::im2col(xb, g, buffer);
+          col = buffer;
+        }
+        forward_columns(col, g, y.data() + b * O * P, {0, P});
       }
-      RowMatrixMap<T> yb(y.data() + b * O * P, O, P);
-      yb.noalias() = Wm * ConstRowMatrixMap<T>(col, K, P);
-      if (config_.bias) yb.colwise() += ConstVectorMap<T>(bias.value.data(), O);
+    } else {
+      // Fewer samples than threads (or an uneven split): the threads share each sample, im2col
+      // by channels, then the GEMM by column blocks, in one shared column buffer.
+      ensure_workspace(1, col_size);
+      T* buffer = workspace_[0].data();
+#pragma omp parallel num_threads(threads)
+      {
+        const int t = conv_detail::thread_id(), n = conv_detail::team_size();
+        const auto channels = conv_detail::split(g.C, t, n);
+        const auto cols = conv_detail::split(P, t, n, kColumnAlign);
+        for (std::size_t b = 0; b < B; ++b) {
+          const T* xb = x.data() + b * sample;
+          if (!g.identity_columns())
+            conv_detail::im2col(xb, g, buffer, channels.begin, channels.end);
+#pragma omp barrier
+          forward_columns(g.identity_columns() ? xb : buffer, g, y.data() + b * O * P, cols);
+#pragma omp barrier
+        }
+      }
     }
     return y;
   }
@@ -237,56 +339,108 @@ class Conv2d {
     if (input_grad) dx = Tensor4<T>(x.shape());
     if (!input_grad && !weight_grad && !bias_grad) return dx;
 
-    const int threads = conv_detail::thread_count(B, O * K * P);
-    // buffer per thread: col (unless identity) then dcol (when the input gradient is needed)
-    const std::size_t col_size = g.identity_columns() ? 0 : K * P;
-    ensure_workspace(threads, col_size + (input_grad ? K * P : 0));
-    // thread 0 accumulates straight into the gradients; the others into partials, summed after
-    std::vector<RowMatrix<T>> dW_part(threads > 1 && weight_grad ? threads - 1 : 0,
-                                      RowMatrix<T>::Zero(O, K));
-    std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> db_part(
-        threads > 1 && bias_grad ? threads - 1 : 0, Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(O));
+    const int threads = conv_detail::thread_count(B * O * K * P);
+    // one buffer per thread: col for dW, then reused for dcol = Wᵀ·dy (col is no longer needed)
+    const std::size_t col_size = g.identity_columns() || (!weight_grad && !input_grad) ? 0 : K * P;
+    const std::size_t sample = g.C * g.H * g.W;
     ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
-    const auto batch = static_cast<std::int64_t>(B);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::int64_t b = 0; b < batch; ++b) {
-      const int t = conv_detail::thread_id();
-      T* buffer = workspace_[t].data();
-      const T* xb = x.data() + b * g.C * g.H * g.W;
-      ConstRowMatrixMap<T> dyb(dy.data() + b * O * P, O, P);
-      const T* col = xb;
-      if (!g.identity_columns() && weight_grad) {
-        conv_detail::im2col(xb, g, buffer);
-        col = buffer;
-      }
+    RowMatrixMap<T> dW(weight_grad ? weight.grad.data() : nullptr, O, K);
+    VectorMap<T> db(bias_grad ? bias.grad.data() : nullptr, O);
+
+    if (split_batch(B, threads)) {
+      ensure_workspace(threads, col_size);
+      // thread 0 accumulates straight into the gradients; the others into partials, summed after
+      const std::size_t parts = threads > 1 ? static_cast<std::size_t>(threads - 1) : 0;
       if (weight_grad) {
-        ConstRowMatrixMap<T> colm(col, K, P);
-        if (t == 0) {
-          RowMatrixMap<T>(weight.grad.data(), O, K).noalias() += dyb * colm.transpose();
-        } else {
-          dW_part[t - 1].noalias() += dyb * colm.transpose();
-        }
+        if (dW_part_.size() < parts) dW_part_.resize(parts);
+        for (std::size_t p = 0; p < parts; ++p) dW_part_[p].setZero(O, K);
       }
       if (bias_grad) {
-        if (t == 0) {
-          VectorMap<T>(bias.grad.data(), O) += dyb.rowwise().sum();
-        } else {
-          db_part[t - 1] += dyb.rowwise().sum();
+        if (db_part_.size() < parts) db_part_.resize(parts);
+        for (std::size_t p = 0; p < parts; ++p) db_part_[p].setZero(O);
+      }
+      const auto batch = static_cast<std::int64_t>(B);
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const int t = conv_detail::thread_id();
+        T* buffer = workspace_[t].data();
+        const T* xb = x.data() + b * sample;
+        ConstRowMatrixMap<T> dyb(dy.data() + b * O * P, O, P);
+        if (weight_grad) {
+          const T* col = xb;
+          if (!g.identity_columns()) {
+            conv_detail::im2col(xb, g, buffer);
+            col = buffer;
+          }
+          ConstRowMatrixMap<T> colm(col, K, P);
+          if (t == 0) {
+            dW.noalias() += dyb * colm.transpose();
+          } else {
+            dW_part_[t - 1].noalias() += dyb * colm.transpose();
+          }
+        }
+        if (bias_grad) {
+          if (t == 0) {
+            db += dyb.rowwise().sum();
+          } else {
+            db_part_[t - 1] += dyb.rowwise().sum();
+          }
+        }
+        if (input_grad) {
+          T* dxb = dx.data() + b * sample;
+          if (g.identity_columns()) {
+            RowMatrixMap<T>(dxb, K, P).noalias() = Wm.transpose() * dyb;
+          } else {
+            RowMatrixMap<T>(buffer, K, P).noalias() = Wm.transpose() * dyb;
+            conv_detail::col2im(buffer, g, dxb);
+          }
         }
       }
-      if (input_grad) {
-        T* dxb = dx.data() + b * g.C * g.H * g.W;
-        if (g.identity_columns()) {
-          RowMatrixMap<T>(dxb, K, P).noalias() = Wm.transpose() * dyb;
-        } else {
-          T* dcol = buffer + col_size;
-          RowMatrixMap<T>(dcol, K, P).noalias() = Wm.transpose() * dyb;
-          conv_detail::col2im(dcol, g, dxb);
+      if (weight_grad)
+        for (std::size_t p = 0; p < parts; ++p) dW += dW_part_[p];
+      if (bias_grad)
+        for (std::size_t p = 0; p < parts; ++p) db += db_part_[p];
+    } else {
+      // The threads share each sample: im2col and col2im by channels, dW and db by output rows
+      // (no partials), dcol = Wᵀ·dy by column blocks, all in one shared buffer.
+      ensure_workspace(1, col_size);
+      T* buffer = workspace_[0].data();
+#pragma omp parallel num_threads(threads)
+      {
+        const int t = conv_detail::thread_id(), n = conv_detail::team_size();
+        const auto channels = conv_detail::split(g.C, t, n);
+        const auto rows = conv_detail::split(O, t, n);
+        const auto cols = conv_detail::split(P, t, n, kColumnAlign);
+        const auto r0 = static_cast<Eigen::Index>(rows.begin);
+        const auto nr = static_cast<Eigen::Index>(rows.size());
+        for (std::size_t b = 0; b < B; ++b) {
+          const T* xb = x.data() + b * sample;
+          const T* dyp = dy.data() + b * O * P;
+          ConstRowMatrixMap<T> dyb(dyp, O, P);
+          if (weight_grad) {
+            if (!g.identity_columns())
+              conv_detail::im2col(xb, g, buffer, channels.begin, channels.end);
+#pragma omp barrier
+            ConstRowMatrixMap<T> colm(g.identity_columns() ? xb : buffer, K, P);
+            dW.middleRows(r0, nr).noalias() += dyb.middleRows(r0, nr) * colm.transpose();
+          }
+          if (bias_grad) db.segment(r0, nr) += dyb.middleRows(r0, nr).rowwise().sum();
+          if (input_grad) {
+            T* dxb = dx.data() + b * sample;
+            const auto dy_cols = conv_detail::column_block(dyp, O, P, cols);
+            if (g.identity_columns()) {
+              conv_detail::column_block(dxb, K, P, cols).noalias() = Wm.transpose() * dy_cols;
+            } else {
+#pragma omp barrier
+              conv_detail::column_block(buffer, K, P, cols).noalias() = Wm.transpose() * dy_cols;
+#pragma omp barrier
+              conv_detail::col2im(buffer, g, dxb, channels.begin, channels.end);
+            }
+          }
+#pragma omp barrier
         }
       }
     }
-    for (const auto& part : dW_part) RowMatrixMap<T>(weight.grad.data(), O, K) += part;
-    for (const auto& part : db_part) VectorMap<T>(bias.grad.data(), O) += part;
     return dx;
   }
 
@@ -323,6 +477,21 @@ class Conv2d {
     }
   }
 
+  // The batch loop splits evenly over the threads; otherwise the threads share each sample.
+  static bool split_batch(std::size_t batch, int threads) {
+    return threads == 1 || batch % static_cast<std::size_t>(threads) == 0;
+  }
+
+  // y_b[:, cols] = W · col[:, cols] + b, for a row-major col [K, P] and y_b [O, P]
+  void forward_columns(const T* col, const conv_detail::Geometry& g, T* yb,
+                       conv_detail::Span cols) const {
+    const std::size_t O = out_channels(), K = g.K(), P = g.P();
+    ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
+    auto y = conv_detail::column_block(yb, O, P, cols);
+    y.noalias() = Wm * conv_detail::column_block(col, K, P, cols);
+    if (config_.bias) y.colwise() += ConstVectorMap<T>(bias.value.data(), O);
+  }
+
   void ensure_workspace(int threads, std::size_t size) const {
     if (workspace_.size() < static_cast<std::size_t>(threads)) workspace_.resize(threads);
     for (int t = 0; t < threads; ++t)
@@ -333,6 +502,10 @@ class Conv2d {
   Tensor4<T> saved_input_;
   bool has_saved_ = false;
   mutable std::vector<std::vector<T>> workspace_;  // per-thread column buffers, reused
+  std::vector<RowMatrix<T>> dW_part_;              // per-thread dW partials (threads 1..)
+  std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> db_part_;
+  // Column blocks of the shared-sample split start on multiples of this (SIMD alignment).
+  static constexpr std::size_t kColumnAlign = 16;
 };
 
 namespace reference {
