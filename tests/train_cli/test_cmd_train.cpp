@@ -1,0 +1,206 @@
+// `difftrain train` end to end on a tiny pixel-space model folder (the shapes demo's model,
+// written as a diffusers folder) and a folder of drawn, captioned PNGs.
+
+#include <catch2/catch.hpp>
+#include <csignal>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "cmd_train.hpp"
+#include "save_model_folder.hpp"
+#include "shapes_pipeline.hpp"
+#include "support/temp_dir.hpp"
+
+namespace fs = std::filesystem;
+using namespace difftrain;
+using difftrain::tools::TrainCommandOptions;
+
+namespace {
+
+// A tiny model folder and a data folder of n captioned images, built once per test case.
+struct Fixture {
+  test::TempDir dir;
+  std::string model, data, instance, klass;
+
+  Fixture() {
+    shapes::ModelSizes sizes;
+    sizes.image_size = 8;
+    sizes.block_out_channels = {16, 16};
+    sizes.text_hidden_size = 16;
+    sizes.text_layers = 1;
+    auto m = shapes::make_models(sizes, fs::path(dir.str()) / "tok", 7);
+    model = dir / "model";
+    tools::save_model_folder(
+        model, tools::ModelFolderParts<models::UNet2DConditionModel<float>,
+                                       models::ClipTextModel<float>>{
+                   m.unet, m.unet_config, m.text.model(), m.text_config, m.tokenizer_dir,
+                   shapes::scheduler_config_json(PredictionType::epsilon)});
+    const auto specs = shapes::base_specs();
+    const Tensor4<float> images = shapes::draw_batch(specs, 8, RandomStream{3, 0});
+    data = dir / "data";
+    instance = dir / "instance";
+    klass = dir / "class";
+    for (const auto& d : {data, instance, klass}) fs::create_directories(d);
+    for (std::size_t i = 0; i < 6; ++i) {
+      const Tensor3<float> image = xt::view(images, i);
+      const std::string stem = "img" + std::to_string(i);
+      tools::save_png(data + "/" + stem + ".png", tools::tensor_to_image(image));
+      std::ofstream(data + "/" + stem + ".txt") << shapes::caption(specs[i]) << "\n";
+      tools::save_png((i < 3 ? instance : klass) + "/" + stem + ".png",
+                      tools::tensor_to_image(image));
+    }
+  }
+
+  TrainCommandOptions options(const std::string& out) const {
+    TrainCommandOptions o;
+    o.pretrained_model_name_or_path = model;
+    o.train_data_dir = data;
+    o.output_dir = out;
+    o.resolution = 8;
+    o.train_batch_size = 2;
+    o.max_train_steps = 4;
+    o.checkpointing_steps = 2;
+    o.lr_warmup_steps = 0;
+    o.learning_rate = 1e-3;
+    o.seed = 11;
+    o.plain_log = true;
+    return o;
+  }
+};
+
+std::vector<std::string> read_lines(const fs::path& path) {
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
+
+std::map<std::string, std::vector<float>> read_all(const fs::path& path) {
+  std::map<std::string, std::vector<float>> out;
+  const auto file = io::SafetensorsFile::open(path.string());
+  for (const auto& name : file.names())
+    if (file.info(name).dtype == io::Dtype::F32) out[name] = file.read<float>(name);
+  return out;
+}
+
+int run_cli(const std::vector<std::string>& args) {
+  CLI::App app;
+  int exit_code = 0;
+  tools::add_train_command(app, exit_code);
+  std::vector<std::string> reversed(args.rbegin(), args.rend());
+  reversed.push_back("train");
+  app.parse(reversed);
+  return exit_code;
+}
+
+}  // namespace
+
+TEST_CASE("difftrain train: LoRA from a captioned folder, checkpoints, log, validation") {
+  Fixture f;
+  const std::string out = f.dir / "out";
+  TrainCommandOptions o = f.options(out);
+  o.validation_prompt = "a red circle";
+  o.num_validation_images = 2;
+  o.validation_inference_steps = 2;
+  o.validation_epochs = 100;  // only the final validation
+  const auto r = tools::run_train(o, stdout);
+  CHECK(r.global_step == 4);
+  CHECK_FALSE(r.interrupted);
+
+  // The LoRA loads back with the model's module names; training moved B away from its zero init.
+  auto m = tools::load_model_folder(f.model);
+  const auto state = lora::read_lora(r.lora_file.string(), lora::module_names(m.unet));
+  REQUIRE(state.size() > 0);
+  double max_up = 0;
+  for (const auto& [name, w] : state)
+    for (float v : w.up) max_up = std::max(max_up, double(std::abs(v)));
+  CHECK(max_up > 0);
+  const auto meta = io::SafetensorsFile::open(r.lora_file.string()).metadata();
+  CHECK(meta.at("ss_network_dim") == "4");
+  CHECK(meta.at("ss_max_train_steps") == "4");
+  CHECK(meta.at("ss_num_train_images") == "6");
+
+  // One CSV row per step, finite losses; checkpoints at 2 and 4; the final validation grid.
+  const auto lines = read_lines(fs::path(out) / "training_log.csv");
+  REQUIRE(lines.size() == 5);
+  CHECK(lines[0] == "step,loss,lr,grad_norm,skipped");
+  CHECK(lines[4].rfind("4,", 0) == 0);
+  CHECK(fs::is_directory(fs::path(out) / "checkpoint-2"));
+  CHECK(fs::is_directory(fs::path(out) / "checkpoint-4"));
+  REQUIRE(r.validation_images.size() == 1);
+  const auto grid = tools::load_image(r.validation_images[0].string());
+  CHECK(grid.width == 2 * 8 + 3 * 2);  // 2 columns of 8 px, padding 2 around
+}
+
+TEST_CASE("difftrain train: resume from a checkpoint repeats the uninterrupted run") {
+  Fixture f;
+  const std::string a = f.dir / "a", b = f.dir / "b";
+  const auto full = tools::run_train(f.options(a), stdout);
+
+  // Stop after step 2 (Ctrl-C: the checkpoint and the LoRA are saved), then resume "latest".
+  const auto first = tools::run_train(f.options(b), stdout, [](const train::StepLog& s) {
+    if (s.step == 2) std::raise(SIGINT);
+  });
+  CHECK(first.interrupted);
+  CHECK(first.global_step == 2);
+  CHECK(fs::exists(first.lora_file));
+  TrainCommandOptions resumed = f.options(b);
+  resumed.resume_from_checkpoint = "latest";
+  const auto second = tools::run_train(resumed, stdout);
+  CHECK(second.global_step == 4);
+  CHECK(read_all(second.lora_file) == read_all(full.lora_file));
+  CHECK(read_lines(fs::path(b) / "training_log.csv").size() == 5);
+}
+
+TEST_CASE("difftrain train: DreamBooth with prior preservation, PEFT output") {
+  Fixture f;
+  TrainCommandOptions o = f.options(f.dir / "db");
+  o.train_data_dir.clear();
+  o.instance_data_dir = f.instance;
+  o.instance_prompt = "a sks shape";
+  o.class_data_dir = f.klass;
+  o.class_prompt = "a shape";
+  o.with_prior_preservation = true;
+  o.max_train_steps = 2;
+  o.save_format = "peft";
+  const auto r = tools::run_train(o, stdout);
+  CHECK(r.global_step == 2);
+  const auto tensors = read_all(r.lora_file);
+  REQUIRE(!tensors.empty());
+  for (const auto& [name, v] : tensors) CHECK(name.rfind("unet.", 0) == 0);
+}
+
+TEST_CASE("difftrain train: JSON config, command line wins, errors") {
+  Fixture f;
+  const std::string out = f.dir / "cfg";
+  f.dir.write("config.json", "{\"pretrained_model_name_or_path\": \"" + f.model +
+                                 "\", \"train_data_dir\": \"" + f.data +
+                                 "\", \"resolution\": 8, \"train_batch_size\": 2,"
+                                 " \"max_train_steps\": 3, \"lr_warmup_steps\": 0,"
+                                 " \"checkpointing_steps\": 0, \"plain_log\": true}");
+  CHECK(run_cli({"--config", f.dir / "config.json", "--output_dir", out, "--max_train_steps",
+                 "1"}) == 0);
+  CHECK(read_lines(fs::path(out) / "training_log.csv").size() == 2);  // 1 step: the flag won
+
+  f.dir.write("bad.json", "{\"learning_rat\": 0.1}");
+  CHECK(run_cli({"--config", f.dir / "bad.json"}) == 1);
+  CLI::App app;
+  int code = 0;
+  tools::add_train_command(app, code);
+  CHECK_THROWS_WITH(tools::apply_json_config(*app.get_subcommand("train"), f.dir / "bad.json"),
+                    Catch::Contains("unknown key 'learning_rat'"));
+
+  TrainCommandOptions o = f.options(f.dir / "err");
+  o.pretrained_model_name_or_path = f.dir / "missing";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("does not exist"));
+  o = f.options(f.dir / "err");
+  o.instance_data_dir = f.instance;
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("exactly one of --train_data_dir"));
+  o = f.options(f.dir / "err");
+  o.save_format = "ckpt";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected kohya or peft"));
+  o = f.options(f.dir / "err");
+  o.resolution = 0;
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("resolution"));
+}
