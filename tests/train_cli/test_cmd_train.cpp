@@ -11,6 +11,7 @@
 #include "save_model_folder.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
+#include "support/tensor_match.hpp"
 
 namespace fs = std::filesystem;
 using namespace difftrain;
@@ -203,4 +204,38 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   o = f.options(f.dir / "err");
   o.resolution = 0;
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("resolution"));
+}
+
+TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
+  Fixture f;
+  // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet
+  // taking its latents.
+  const fs::path model = f.dir / "latent_model";
+  fs::copy(f.model, model, fs::copy_options::recursive);
+  fs::create_directories(model / "vae");
+  for (const char* name : {"config.json", "diffusion_pytorch_model.safetensors"})
+    fs::copy_file(test::data_path("vae_tiny/" + std::string(name)), model / "vae" / name);
+  nlohmann::json unet_config;
+  std::ifstream(model / "unet" / "config.json") >> unet_config;
+  unet_config["in_channels"] = 4;
+  unet_config["out_channels"] = 4;
+  models::UNet2DConditionModel<float> unet(
+      models::UNet2DConditionConfig::from_json(unet_config));
+  shapes::init_pytorch_like(unet, RandomStream{5, 0});
+  tools::write_json_file(model / "unet" / "config.json", unet_config);
+  tools::save_model_weights(unet, model / "unet" / "diffusion_pytorch_model.safetensors");
+
+  for (const bool cache : {false, true}) {
+    TrainCommandOptions o = f.options(f.dir / (cache ? "cached" : "uncached"));
+    o.pretrained_model_name_or_path = model.string();
+    o.resolution = 16;  // the 8-px images resized: 4×4 latents
+    o.max_train_steps = 2;
+    o.cache_latents = cache;
+    const auto r = tools::run_train(o, stdout);
+    CHECK(r.global_step == 2);
+    const auto lines = read_lines(fs::path(o.output_dir) / "training_log.csv");
+    REQUIRE(lines.size() == 3);
+    const double loss = std::stod(lines[2].substr(lines[2].find(',') + 1));
+    CHECK(std::isfinite(loss));
+  }
 }
