@@ -39,6 +39,7 @@
 #include "difftrain/core/random.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/dropout.hpp"
+#include "difftrain/nn/init.hpp"
 #include "difftrain/nn/linear.hpp"
 #include "difftrain/nn/parameter.hpp"
 
@@ -96,24 +97,9 @@ inline std::uint64_t name_hash(std::string_view name) {
 enum Purpose : std::uint64_t { kInit = 1, kDropout = 2, kRankDropout = 3, kModuleDropout = 4 };
 }  // namespace lora_detail
 
-/// w ~ U(−bound, bound), bound = 1/√fan_in (PyTorch kaiming_uniform_ with a = √5).
-template <class T>
-void kaiming_uniform(xt::xarray<T>& w, std::size_t fan_in, RandomStream rs) {
-  const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-  std::vector<float> u(w.size());
-  fill_uniform(std::span<float>(u), rs);
-  for (std::size_t i = 0; i < w.size(); ++i)
-    w.data()[i] = static_cast<T>(bound * (2.0 * static_cast<double>(u[i]) - 1.0));
-}
-
-/// w ~ N(0, std²).
-template <class T>
-void normal_init(xt::xarray<T>& w, double std, RandomStream rs) {
-  std::vector<float> n(w.size());
-  fill_normal(std::span<float>(n), rs);
-  for (std::size_t i = 0; i < w.size(); ++i)
-    w.data()[i] = static_cast<T>(std * static_cast<double>(n[i]));
-}
+// The initialisers live in nn/init.hpp; LoRA code and users call them by these names too.
+using nn::kaiming_uniform;
+using nn::normal_init;
 
 /// How to adapt a layer type: specialised for nn::Linear here and nn::Conv2d in lora_conv2d.hpp.
 template <class Base>
