@@ -1,6 +1,10 @@
 #pragma once
-// Noise schedules on the training side: beta schedules, the zero-terminal-SNR rescale and the
-// DDPM scheduler.
+// Noise schedules: beta schedules, the zero-terminal-SNR rescale and the DDPM scheduler (training
+// side); the DDIM and Euler-discrete schedulers and the guided sampling loop (inference side).
 
 #include "difftrain/schedule/betas.hpp"
+#include "difftrain/schedule/ddim_scheduler.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
+#include "difftrain/schedule/euler_discrete_scheduler.hpp"
+#include "difftrain/schedule/sample.hpp"
+#include "difftrain/schedule/sampling_config.hpp"

@@ -1,0 +1,177 @@
+#pragma once
+// SamplingConfig: a diffusers `scheduler_config.json` with the keys that steer sampling (the
+// inference side), and the timestep grid diffusers' DDIM and Euler schedulers derive from it.
+//
+// Timestep grids for T training steps and n inference steps (diffusers' set_timesteps):
+//   leading:  t_i = i·(T div n) + steps_offset,            i = n−1 … 0
+//   trailing: t_i = round(T − i·T/n) − 1,                   i = 0 … n−1   (np.arange, np.round)
+//   linspace: t_i = (T − 1)·i/(n − 1),                      i = n−1 … 0   (np.linspace)
+// np.round rounds halves to even; steps_offset applies to `leading` only, as in diffusers.
+
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "difftrain/core/error.hpp"
+#include "difftrain/schedule/ddpm_scheduler.hpp"
+
+namespace difftrain {
+
+/// How inference timesteps are spread over [0, T) (diffusers' `timestep_spacing`).
+enum class TimestepSpacing { leading, trailing, linspace };
+
+inline std::string_view to_string(TimestepSpacing spacing) {
+  switch (spacing) {
+    case TimestepSpacing::leading: return "leading";
+    case TimestepSpacing::trailing: return "trailing";
+    case TimestepSpacing::linspace: return "linspace";
+  }
+  return "?";
+}
+
+/// Parses diffusers' names: "leading", "trailing", "linspace".
+inline TimestepSpacing parse_timestep_spacing(std::string_view name) {
+  if (name == "leading") return TimestepSpacing::leading;
+  if (name == "trailing") return TimestepSpacing::trailing;
+  if (name == "linspace") return TimestepSpacing::linspace;
+  throw Error(difftrain::detail::concat("timestep_spacing: unknown value '", name,
+                                        "', expected leading, trailing or linspace"));
+}
+
+/// A diffusers scheduler config, inference keys included. Defaults: diffusers' DDIM/Euler ones
+/// except clip_sample (false here, true in DDIMScheduler's constructor; SD checkpoints set false).
+struct SamplingConfig {
+  DdpmSchedulerConfig train;  // betas, T, prediction_type, rescale_betas_zero_snr
+  TimestepSpacing timestep_spacing = TimestepSpacing::leading;
+  std::int64_t steps_offset = 0;
+  bool set_alpha_to_one = true;  // DDIM: ᾱ after the last step is 1 (else ᾱ_0)
+  bool clip_sample = false;      // DDIM: clamp the predicted x0 to ±clip_sample_range
+  double clip_sample_range = 1.0;
+
+  /// Reads a parsed `scheduler_config.json`: timestep_spacing, steps_offset, set_alpha_to_one,
+  /// clip_sample and clip_sample_range here, every other key as DdpmSchedulerConfig::from_json
+  /// does (other sampler-specific keys such as use_karras_sigmas are accepted and ignored).
+  /// Throws Error naming the key, its value and what was expected.
+  static SamplingConfig from_json(const nlohmann::json& json);
+
+  /// from_json of the file at `path`; throws Error naming the path if it is missing or invalid.
+  static SamplingConfig from_file(const std::string& path);
+};
+
+inline SamplingConfig SamplingConfig::from_json(const nlohmann::json& json) {
+  constexpr std::string_view fn = "SamplingConfig::from_json";
+  require(json.is_object(), fn, "expected a JSON object, got ", json.type_name());
+  SamplingConfig config;
+  const auto bad = [&](std::string_view key, const nlohmann::json& value,
+                       std::string_view expected) {
+    throw Error(difftrain::detail::concat(fn, ": key '", key, "' has value ", value.dump(),
+                                          ", expected ", expected));
+  };
+  if (const auto it = json.find("timestep_spacing"); it != json.end()) {
+    if (!it->is_string()) bad("timestep_spacing", *it, "one of leading, trailing, linspace");
+    try {
+      config.timestep_spacing = parse_timestep_spacing(it->get<std::string>());
+    } catch (const Error& e) {
+      throw Error(difftrain::detail::concat(fn, ": ", e.what()));
+    }
+  }
+  if (const auto it = json.find("steps_offset"); it != json.end()) {
+    if (!it->is_number_integer() || it->get<std::int64_t>() < 0)
+      bad("steps_offset", *it, "a non-negative integer");
+    config.steps_offset = it->get<std::int64_t>();
+  }
+  if (const auto it = json.find("set_alpha_to_one"); it != json.end()) {
+    if (!it->is_boolean()) bad("set_alpha_to_one", *it, "true or false");
+    config.set_alpha_to_one = it->get<bool>();
+  }
+  if (const auto it = json.find("clip_sample"); it != json.end()) {
+    if (!it->is_boolean()) bad("clip_sample", *it, "true or false");
+    config.clip_sample = it->get<bool>();
+  }
+  if (const auto it = json.find("clip_sample_range"); it != json.end()) {
+    if (!it->is_number() || !(it->get<double>() > 0.0) || !std::isfinite(it->get<double>()))
+      bad("clip_sample_range", *it, "a positive number");
+    config.clip_sample_range = it->get<double>();
+  }
+  config.train = DdpmSchedulerConfig::from_json(json);
+  return config;
+}
+
+inline SamplingConfig SamplingConfig::from_file(const std::string& path) {
+  constexpr std::string_view fn = "SamplingConfig::from_file";
+  std::error_code ec;
+  require(std::filesystem::is_regular_file(path, ec), fn, "'", path,
+          "' does not exist or is not a regular file");
+  std::ifstream in(path);
+  require(in.good(), fn, "cannot open '", path, "'");
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(difftrain::detail::concat(fn, ": '", path, "' is not valid JSON: ", e.what()));
+  }
+  try {
+    return from_json(json);
+  } catch (const Error& e) {
+    throw Error(difftrain::detail::concat(fn, ": '", path, "': ", e.what()));
+  }
+}
+
+namespace detail {
+
+/// The inference timesteps of `config` for n steps, descending, before diffusers' final
+/// rounding for `linspace` (DDIM rounds it, Euler keeps it fractional); leading and trailing are
+/// integers already. Throws unless 1 <= n <= T and every timestep lies in [0, T).
+inline std::vector<double> inference_timesteps(std::string_view fn, const SamplingConfig& config,
+                                               std::int64_t num_inference_steps) {
+  const std::int64_t T = config.train.num_train_timesteps;
+  const std::int64_t n = num_inference_steps;
+  require(n >= 1 && n <= T, fn, "num_inference_steps is ", n, ", expected 1 to ",
+          "num_train_timesteps = ", T);
+  std::vector<double> t(static_cast<std::size_t>(n));
+  switch (config.timestep_spacing) {
+    case TimestepSpacing::leading: {
+      const std::int64_t step_ratio = T / n;
+      for (std::int64_t i = 0; i < n; ++i)
+        t[static_cast<std::size_t>(n - 1 - i)] =
+            static_cast<double>(i * step_ratio + config.steps_offset);
+      break;
+    }
+    case TimestepSpacing::trailing: {
+      // np.arange(T, 0, -T/n): start + i·delta with delta = (start + step) − start.
+      const double start = static_cast<double>(T);
+      const double delta = (start - start / static_cast<double>(n)) - start;
+      const auto count =
+          static_cast<std::int64_t>(std::ceil(start / (start / static_cast<double>(n))));
+      require(count == n, fn, "trailing spacing gives ", count, " timesteps for ", n,
+              " steps (floating-point edge case)");
+      for (std::int64_t i = 0; i < n; ++i)
+        t[static_cast<std::size_t>(i)] = std::nearbyint(start + static_cast<double>(i) * delta) - 1;
+      break;
+    }
+    case TimestepSpacing::linspace: {
+      // np.linspace(0, T − 1, n): i·step, the last one exactly T − 1.
+      const double stop = static_cast<double>(T - 1);
+      const double step = n > 1 ? stop / static_cast<double>(n - 1) : 0.0;
+      for (std::int64_t i = 0; i < n; ++i)
+        t[static_cast<std::size_t>(n - 1 - i)] = static_cast<double>(i) * step;
+      if (n > 1) t[0] = stop;
+      break;
+    }
+  }
+  for (double v : t) {
+    require(v >= 0.0 && v <= static_cast<double>(T - 1), fn, "timestep ", v,
+            " (", to_string(config.timestep_spacing), " spacing, steps_offset ",
+            config.steps_offset, ") is out of range [0, ", T, ")");
+  }
+  return t;
+}
+
+}  // namespace detail
+
+}  // namespace difftrain
