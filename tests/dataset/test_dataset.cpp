@@ -1,0 +1,307 @@
+// tools/dataset.hpp: folder scanning (kohya .txt captions, diffusers metadata.jsonl, DreamBooth),
+// its errors, and the micro-batches of ImageCaptionDataSource.
+
+#include <algorithm>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "dataset.hpp"
+#include "support/temp_dir.hpp"
+
+namespace tools = difftrain::tools;
+using difftrain::Error;
+using difftrain::TokenIds;
+using difftrain::test::TempDir;
+using tools::Example;
+using tools::Image;
+
+namespace {
+
+// A solid image whose red channel encodes `id` (id·20) and green `group`.
+void write_solid(const std::string& path, int id, int group = 0, int w = 16, int h = 12) {
+  Image im(w, h);
+  for (std::size_t i = 0; i < im.rgb.size(); i += 3)
+    im.rgb[i] = std::uint8_t(20 * id), im.rgb[i + 1] = std::uint8_t(100 * group), im.rgb[i + 2] = 7;
+  tools::save_png(path, im);
+}
+
+// Red channel of row j back to the id written by write_solid.
+int id_of_row(const difftrain::Tensor4<float>& images, std::size_t j) {
+  return int(std::lround((images(j, 0, 0, 0) + 1) * 127.5 / 20));
+}
+
+// "caption 7" → token ids {7, 1000}: reversible, so batches can be checked against captions.
+TokenIds number_tokenizer(const std::vector<std::string>& captions) {
+  TokenIds ids(TokenIds::shape_type{captions.size(), 2});
+  for (std::size_t b = 0; b < captions.size(); ++b) {
+    const auto space = captions[b].rfind(' ');
+    ids(b, 0) = std::stoll(captions[b].substr(space + 1));
+    ids(b, 1) = 1000;
+  }
+  return ids;
+}
+
+// "img3.png" (concat: GCC 12 warns falsely (-Wrestrict) on "literal" + std::string + ...).
+std::string png_name(const char* prefix, int i) {
+  return difftrain::detail::concat(prefix, i, ".png");
+}
+
+}  // namespace
+
+TEST_CASE("scan_image_folder: same-named .txt captions, sorted", "[dataset]") {
+  TempDir dir;
+  write_solid(dir / "b.png", 1);
+  write_solid(dir / "a.png", 0);
+  Image c(4, 4, 9);
+  REQUIRE(stbi_write_jpg((dir / "c.JPG").c_str(), 4, 4, 3, c.rgb.data(), 90));
+  dir.write("a.txt", "\xEF\xBB\xBF a red circle \r\nsecond line is ignored\n");
+  dir.write("b.txt", "blue square");
+  dir.write("c.txt", "");
+  dir.write("notes.json", "{}");  // not an image: ignored
+  const std::vector<Example> ex = tools::scan_image_folder(dir.str());
+  REQUIRE(ex.size() == 3);
+  CHECK(ex[0] == Example{dir / "a.png", "a red circle"});
+  CHECK(ex[1] == Example{dir / "b.png", "blue square"});
+  CHECK(ex[2] == Example{dir / "c.JPG", ""});  // an empty caption file is an empty caption
+
+  // Another caption extension (kohya --caption_extension).
+  dir.write("a.caption", "alt a");
+  dir.write("b.caption", "alt b");
+  dir.write("c.caption", "alt c");
+  const auto alt = tools::scan_image_folder(dir.str(), {.caption_extension = ".caption"});
+  CHECK(alt[1].caption == "alt b");
+}
+
+TEST_CASE("scan_image_folder: metadata.jsonl with a configurable caption column", "[dataset]") {
+  TempDir dir;
+  std::filesystem::create_directories(dir / "sub");
+  write_solid(dir / "x.png", 0);
+  write_solid(dir / "sub/y.png", 1);
+  write_solid(dir / "unlisted.png", 2);  // only the listed files are examples
+  dir.write("x.txt", "ignored: metadata.jsonl wins");
+  dir.write("metadata.jsonl",
+            "{\"file_name\": \"x.png\", \"text\": \"an x\", \"prompt\": \"px\"}\n"
+            "\n"
+            "{\"file_name\": \"sub/y.png\", \"text\": \"a y\", \"prompt\": \"py\"}\n");
+  const auto ex = tools::scan_image_folder(dir.str());
+  REQUIRE(ex.size() == 2);
+  CHECK(ex[0] == Example{dir / "sub/y.png", "a y"});  // sorted by file_name
+  CHECK(ex[1] == Example{dir / "x.png", "an x"});
+  const auto prompts = tools::scan_image_folder(dir.str(), {.caption_column = "prompt"});
+  CHECK(prompts[1].caption == "px");
+
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str(), {.caption_column = "label"}),
+                      Catch::Contains("\"label\"") && Catch::Contains("line 1"));
+  CHECK(tools::scan_image_folder(dir.str(), {.caption_column = "label",
+                                             .allow_missing_captions = true})[0]
+            .caption.empty());
+
+  dir.write("metadata.jsonl", "{\"file_name\": \"x.png\", \"text\": \"ok\"}\n{oops\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("line 2"));
+  dir.write("metadata.jsonl", "{\"file_name\": \"gone.png\", \"text\": \"?\"}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("gone.png"));
+  dir.write("metadata.jsonl", "{\"text\": \"no file name\"}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("file_name"));
+}
+
+TEST_CASE("scan_image_folder errors", "[dataset]") {
+  TempDir dir;
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("no PNG"));
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir / "nope"), Catch::Contains("not a folder"));
+
+  write_solid(dir / "a.png", 0);
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()),
+                      Catch::Contains("a.png") && Catch::Contains("a.txt"));
+  const auto lax = tools::scan_image_folder(dir.str(), {.allow_missing_captions = true});
+  REQUIRE(lax.size() == 1);
+  CHECK(lax[0].caption.empty());
+
+  dir.write("a.txt", "a");
+  dir.write("b.webp", "RIFF....WEBP");
+  dir.write("b.txt", "b");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()),
+                      Catch::Contains("b.webp") && Catch::Contains("not supported"));
+  REQUIRE_THROWS_WITH(tools::scan_dreambooth_folder(dir.str(), "sks dog"),
+                      Catch::Contains("b.webp"));
+}
+
+TEST_CASE("scan_dreambooth_folder gives every image the prompt", "[dataset]") {
+  TempDir dir;
+  write_solid(dir / "2.png", 0);
+  write_solid(dir / "1.png", 1);
+  dir.write("1.txt", "not read");
+  const auto ex = tools::scan_dreambooth_folder(dir.str(), "a photo of sks dog");
+  REQUIRE(ex.size() == 2);
+  CHECK(ex[0] == Example{dir / "1.png", "a photo of sks dog"});
+  CHECK(ex[1] == Example{dir / "2.png", "a photo of sks dog"});
+  TempDir empty;
+  REQUIRE_THROWS_AS(tools::scan_dreambooth_folder(empty.str(), "x"), Error);
+}
+
+TEST_CASE("data source: micro-batch m is a function of m; each example once per epoch",
+          "[dataset]") {
+  TempDir dir;
+  std::vector<Example> ex;
+  for (int i = 0; i < 5; ++i) {
+    write_solid(dir / png_name("img", i), i);
+    ex.push_back({dir / png_name("img", i), "caption " + std::to_string(i)});
+  }
+  tools::DataSourceOptions o{.resolution = 8, .center_crop = false, .random_flip = true,
+                             .train_batch_size = 2, .seed = 11};
+  tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+  CHECK(data.num_examples() == 5);
+  CHECK(data.steps_per_epoch(2) == 3);
+  CHECK(data.steps_per_epoch(5) == 1);
+  CHECK(data.steps_per_epoch(4) == 2);
+  CHECK(data.steps_per_epoch() == 3);
+
+  std::vector<std::vector<int>> epochs;
+  for (std::uint64_t e = 0; e < 4; ++e) {
+    std::vector<int> seen;
+    for (std::uint64_t m = 3 * e; m < 3 * e + 3; ++m) {
+      const difftrain::train::TrainBatch batch = data(m);
+      const std::size_t rows = m % 3 == 2 ? 1 : 2;  // the last micro-batch of an epoch is short
+      REQUIRE(batch.images.shape() == std::array<std::size_t, 4>{rows, 3, 8, 8});
+      REQUIRE(batch.token_ids.shape() == std::array<std::size_t, 2>{rows, 2});
+      REQUIRE(batch.class_images.size() == 0);
+      for (std::size_t j = 0; j < rows; ++j) {
+        // The image and the caption of a row belong to the same example.
+        REQUIRE(id_of_row(batch.images, j) == batch.token_ids(j, 0));
+        const float lowest = xt::amin(batch.images)();
+        REQUIRE(lowest >= -1.0f);
+        seen.push_back(int(batch.token_ids(j, 0)));
+      }
+    }
+    std::vector<int> sorted = seen;
+    std::sort(sorted.begin(), sorted.end());
+    REQUIRE(sorted == std::vector<int>{0, 1, 2, 3, 4});
+    epochs.push_back(seen);
+  }
+  // diffusers shuffles every epoch: the orders are not all the same.
+  CHECK(std::set<std::vector<int>>(epochs.begin(), epochs.end()).size() > 1);
+
+  // Same m → the same batch, from this source, a fresh one, and one with the image cache.
+  tools::ImageCaptionDataSource fresh(ex, number_tokenizer, o);
+  auto cached_options = o;
+  cached_options.cache_images = true;
+  tools::ImageCaptionDataSource cached(ex, number_tokenizer, cached_options);
+  for (std::uint64_t m : {7u, 0u, 7u, 4u}) {
+    const auto a = data(m), b = fresh(m), c = cached(m), d = cached(m);
+    REQUIRE(bool(a.images == b.images));
+    REQUIRE(bool(a.images == c.images));
+    REQUIRE(bool(a.images == d.images));
+    REQUIRE(bool(a.token_ids == c.token_ids));
+  }
+  // The token ids alone, without images; the permutation the batches follow.
+  for (std::uint64_t m : {5u, 1u}) REQUIRE(bool(data.batch_token_ids(m) == data(m).token_ids));
+  REQUIRE_THROWS_AS(data.batch_token_ids(0, true), Error);
+  const std::vector<std::size_t> perm1 = data.epoch_permutation(1);
+  CHECK(data.batch_indices(3) == std::vector<std::size_t>{perm1[0], perm1[1]});
+  CHECK(data.batch_indices(5) == std::vector<std::size_t>{perm1[4]});
+  CHECK(data(5).token_ids(0, 0) == int(perm1[4]));  // example k's caption is "caption k"
+
+  // A different seed gives another order.
+  auto other_seed = o;
+  other_seed.seed = 12;
+  tools::ImageCaptionDataSource other(ex, number_tokenizer, other_seed);
+  bool differs = false;
+  for (std::uint64_t m = 0; m < 12; ++m) differs = differs || bool(other(m).token_ids != data(m).token_ids);
+  CHECK(differs);
+}
+
+TEST_CASE("data source: crops and flips are drawn per (seed, epoch, index)", "[dataset]") {
+  TempDir dir;
+  // A 24×8 horizontal ramp: at resolution 8 each row is a random 8-wide window, maybe mirrored.
+  Image ramp(24, 8);
+  for (int y = 0; y < 8; ++y)
+    for (int x = 0; x < 24; ++x) ramp.pixel(x, y)[0] = std::uint8_t(10 * x);
+  tools::save_png(dir / "ramp.png", ramp);
+  const std::vector<Example> ex(1, Example{dir / "ramp.png", "caption 0"});
+  tools::ImageCaptionDataSource data(
+      ex, number_tokenizer, {.resolution = 8, .random_flip = true, .train_batch_size = 1});
+  std::set<std::pair<int, bool>> windows;  // (left, flipped)
+  for (std::uint64_t m = 0; m < 64; ++m) {
+    const Image im = tools::tensor_to_image(xt::view(data(m).images, 0));
+    const int first = im.pixel(0, 0)[0] / 10, last = im.pixel(7, 0)[0] / 10;
+    const bool flipped = first > last;
+    REQUIRE(std::abs(first - last) == 7);  // a window of the ramp, exactly
+    REQUIRE(std::min(first, last) <= 16);
+    REQUIRE(im == data.example_image(0, m, false));  // one example per epoch: epoch m
+    windows.insert({std::min(first, last), flipped});
+  }
+  CHECK(windows.size() > 10);  // crops at many offsets, flipped and not
+  CHECK(std::count_if(windows.begin(), windows.end(), [](auto w) { return w.second; }) > 3);
+
+  // Center crop without flip is the same every epoch.
+  tools::ImageCaptionDataSource center(ex, number_tokenizer, {.resolution = 8, .center_crop = true});
+  CHECK(tools::tensor_to_image(xt::view(center(0).images, 0)).pixel(0, 0)[0] == 80);
+  CHECK(bool(center(5).images == center(0).images));
+}
+
+TEST_CASE("data source: DreamBooth pairs instance and class examples", "[dataset]") {
+  TempDir dir;
+  std::vector<Example> instance, cls;
+  for (int i = 0; i < 3; ++i) {
+    write_solid(dir / png_name("i", i), i, 0);
+    instance.push_back({dir / png_name("i", i), "instance 1"});
+  }
+  for (int c = 0; c < 5; ++c) {
+    write_solid(dir / png_name("c", c), c, 1);
+    cls.push_back({dir / png_name("c", c), "class 2"});
+  }
+  tools::ImageCaptionDataSource data(instance, number_tokenizer,
+                                     {.resolution = 8, .center_crop = true, .train_batch_size = 2,
+                                      .seed = 3},
+                                     cls);
+  REQUIRE(data.with_prior_preservation());
+  CHECK(data.num_examples() == 5);  // max(3, 5), as diffusers' DreamBoothDataset
+  CHECK(data.steps_per_epoch(2) == 3);
+  std::multiset<int> class_seen, instance_seen;
+  for (std::uint64_t m = 0; m < 3; ++m) {
+    const auto batch = data(m);
+    const std::size_t rows = batch.images.shape()[0];
+    REQUIRE(batch.class_images.shape() == batch.images.shape());
+    REQUIRE(batch.class_token_ids.shape()[0] == rows);
+    for (std::size_t j = 0; j < rows; ++j) {
+      CHECK(batch.token_ids(j, 0) == 1);
+      CHECK(batch.class_token_ids(j, 0) == 2);
+      CHECK(batch.images(j, 1, 0, 0) == Approx(-1.0));        // green 0: an instance image
+      CHECK(batch.class_images(j, 1, 0, 0) > -0.5f);          // green 100: a class image
+      const int a = id_of_row(batch.images, j), c = id_of_row(batch.class_images, j);
+      CHECK(a == c % 3);  // dataset index i = c pairs instance i mod 3 with class i mod 5
+      instance_seen.insert(a), class_seen.insert(c);
+    }
+  }
+  CHECK(class_seen == std::multiset<int>{0, 1, 2, 3, 4});
+  REQUIRE(bool(data.batch_token_ids(2, true) == data(2).class_token_ids));
+  CHECK(instance_seen == std::multiset<int>{0, 0, 1, 1, 2});
+
+  // The batch composes into instance rows then class rows for the trainer.
+  const auto composed = difftrain::train::compose_batch(data(0), true, 1.0, 1);
+  CHECK(composed.images.shape()[0] == 4);
+  CHECK(composed.num_instance == 2);
+}
+
+TEST_CASE("data source errors", "[dataset]") {
+  TempDir dir;
+  dir.write("bad.png", "not an image");
+  const std::vector<Example> ex{{dir / "bad.png", "caption 0"}};
+  tools::ImageCaptionDataSource data(ex, number_tokenizer, {.resolution = 8});
+  REQUIRE_THROWS_WITH(data(0), Catch::Contains("bad.png"));
+  REQUIRE_THROWS_AS(tools::ImageCaptionDataSource({}, number_tokenizer, {}), Error);
+  REQUIRE_THROWS_AS(tools::ImageCaptionDataSource(ex, nullptr, {}), Error);
+  REQUIRE_THROWS_AS(tools::ImageCaptionDataSource(ex, number_tokenizer, {.resolution = 0}), Error);
+  REQUIRE_THROWS_AS(
+      tools::ImageCaptionDataSource(ex, number_tokenizer, {.train_batch_size = 0}), Error);
+  auto wrong_rows = [](const std::vector<std::string>&) {
+    return TokenIds(TokenIds::shape_type{1, 2});
+  };
+  write_solid(dir / "ok.png", 0);
+  tools::ImageCaptionDataSource two({{dir / "ok.png", "a"}, {dir / "ok.png", "b"}}, wrong_rows,
+                                    {.resolution = 8, .train_batch_size = 2});
+  REQUIRE_THROWS_WITH(two(0), Catch::Contains("tokenizer"));
+}
