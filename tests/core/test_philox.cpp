@@ -142,7 +142,8 @@ TEMPLATE_LIST_TEST_CASE("philox4x32_10 on xsimd batches gives each lane's scalar
 
 TEMPLATE_LIST_TEST_CASE("philox mulhilo on batches equals the 64-bit scalar product",
                         "[philox][simd]", TestArchs) {
-  // The SIMD 32x32->64 multiply splits even/odd lanes; check extreme operands in every lane.
+  // The SIMD 32x32->64 multiply splits even/odd lanes; check extreme operands in every lane,
+  // through the instruction set's path (mul_epu32 on AVX2 / AVX-512) and the generic xsimd one.
   using Arch = TestType;
   using U = xsimd::batch<std::uint32_t, Arch>;
   constexpr std::size_t width = U::size;
@@ -154,17 +155,41 @@ TEMPLATE_LIST_TEST_CASE("philox mulhilo on batches equals the 64-bit scalar prod
       std::array<std::uint32_t, width> a{};
       for (std::size_t lane = 0; lane < width; ++lane)
         a[lane] = operands[(lane + shift) % operands.size()];
-      U hi, lo;
-      philox_detail::mulhilo<Arch>(U::load_unaligned(a.data()), m, hi, lo);
-      std::array<std::uint32_t, width> hi_out{}, lo_out{};
-      hi.store_unaligned(hi_out.data());
-      lo.store_unaligned(lo_out.data());
-      for (std::size_t lane = 0; lane < width; ++lane) {
-        const std::uint64_t product = std::uint64_t{a[lane]} * m;
-        INFO("lane " << lane << ": " << a[lane] << " * " << m);
-        REQUIRE(hi_out[lane] == static_cast<std::uint32_t>(product >> 32));
-        REQUIRE(lo_out[lane] == static_cast<std::uint32_t>(product));
+      for (const bool generic : {false, true}) {
+        U hi, lo;
+        if (generic) {
+          philox_detail::mulhilo_generic<Arch>(U::load_unaligned(a.data()), m, hi, lo);
+        } else {
+          philox_detail::mulhilo<Arch>(U::load_unaligned(a.data()), m, hi, lo);
+        }
+        std::array<std::uint32_t, width> hi_out{}, lo_out{};
+        hi.store_unaligned(hi_out.data());
+        lo.store_unaligned(lo_out.data());
+        for (std::size_t lane = 0; lane < width; ++lane) {
+          const std::uint64_t product = std::uint64_t{a[lane]} * m;
+          INFO((generic ? "generic" : "arch")
+               << " path, lane " << lane << ": " << a[lane] << " * " << m);
+          REQUIRE(hi_out[lane] == static_cast<std::uint32_t>(product >> 32));
+          REQUIRE(lo_out[lane] == static_cast<std::uint32_t>(product));
+        }
       }
     }
+  }
+}
+
+TEST_CASE("PhiloxKeys holds the Weyl key schedule", "[philox]") {
+  // Round r uses key + r·(0x9E3779B9, 0xBB67AE85) modulo 2^32 (Salmon et al., the "bumped" key);
+  // the all-ones key wraps around in the first round.
+  for (const KnownAnswer& kat : kKnownAnswers) {
+    const PhiloxKeys keys(kat.key0, kat.key1);
+    for (std::uint32_t round = 0; round < 10; ++round) {
+      INFO("round " << round);
+      CHECK(keys.key0[round] ==
+            static_cast<std::uint32_t>(kat.key0 + std::uint64_t{round} * 0x9E3779B9u));
+      CHECK(keys.key1[round] ==
+            static_cast<std::uint32_t>(kat.key1 + std::uint64_t{round} * 0xBB67AE85u));
+    }
+    const Words with_keys = philox4x32_10<std::uint32_t>(kat.counter, keys);
+    for (std::size_t w = 0; w < 4; ++w) CHECK(with_keys[w] == kat.expected[w]);
   }
 }

@@ -98,6 +98,30 @@ TEST_CASE("fused pass is bitwise identical for 1 and 2 threads") {
   REQUIRE((t1 == t2));
 }
 
+TEST_CASE("fused pass matches the reference when threads split planes of odd size") {
+  // 157 groups of 64 (parallel above 64) over planes of 667 elements: each thread's first group
+  // starts inside a plane and most groups straddle two, so the cached (sample, channel) plane is
+  // exercised at every thread count, with offsets and perturbation on.
+  const Tensor4<float> x0 = random_tensor(3, 5, 23, 29, 4);
+  const std::vector<float> a = {0.95f, 0.6f, 0.2f}, s = {0.312f, 0.8f, 0.98f};
+  std::vector<float> offset(15);
+  for (std::size_t i = 0; i < offset.size(); ++i) offset[i] = 0.02f * float(i) - 0.1f;
+  const FusedNoise noise{{13, 2}, offset, 0.05f, {13, 5}};
+  const DiffusionCoefficients k(a, s, PredictionType::v_prediction);
+  const Reference ref = reference(x0, a, s, PredictionType::v_prediction, noise);
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2, 3}) {
+    INFO(threads << " threads");
+    omp_set_num_threads(threads);
+    Tensor4<float> x_t, target, eps;
+    fused_noise_forward_target(x0, k, noise, x_t, target, &eps);
+    REQUIRE_CLOSE(x_t, ref.x_t, 1e-6, 1e-6);
+    REQUIRE_CLOSE(target, ref.target, 1e-6, 1e-6);
+    REQUIRE_CLOSE(eps, ref.eps, 1.2e-7, 1e-9);
+  }
+  omp_set_num_threads(saved);
+}
+
 TEST_CASE("forward_target with a given noise tensor matches the reference and the fused pass") {
   const Tensor4<float> x0 = random_tensor(2, 3, 5, 5, 4);
   const std::vector<float> a = {0.8f, 0.25f}, s = {0.6f, 0.968245836551854f};

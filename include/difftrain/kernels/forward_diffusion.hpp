@@ -105,24 +105,35 @@ void fused_noise_forward_target(const float* x0, std::size_t batch, std::size_t 
   if (total == 0) return;
   const auto groups = static_cast<std::int64_t>((total + kRandomGroup - 1) / kRandomGroup);
   const bool perturb = noise.input_perturbation != 0.0f;
-#pragma omp parallel for schedule(static) if (groups > 64)
-  for (std::int64_t g = 0; g < groups; ++g) {
-    alignas(64) float n[kRandomGroup];
-    alignas(64) float xi[kRandomGroup];
-    normal_group<Arch>(noise.noise, static_cast<std::uint64_t>(g), n);
-    if (perturb) normal_group<Arch>(noise.perturbation, static_cast<std::uint64_t>(g), xi);
-    const std::size_t begin = static_cast<std::size_t>(g) * kRandomGroup;
-    const std::size_t end = std::min(begin + kRandomGroup, total);
-    // Split the group into runs of one (sample, channel) plane: coefficients are constant on each.
-    for (std::size_t lo = begin; lo < end;) {
-      const std::size_t bc = lo / plane;
-      const std::size_t hi = std::min(end, (bc + 1) * plane);
-      const std::size_t b = bc / channels;
-      const float off = noise.offset.empty() ? 0.0f : noise.offset[bc];
-      detail::diffuse_run<Arch>(x0, n, perturb ? xi : nullptr, lo, hi, begin, k.a[b], k.s[b],
-                                k.target_eps[b], k.target_x0[b], off, noise.input_perturbation,
-                                x_t, target, noise_out);
-      lo = hi;
+  const PreparedStream noise_stream(noise.noise), perturbation_stream(noise.perturbation);
+#pragma omp parallel if (groups > 64)
+  {
+    // The (sample, channel) plane of the previous run, so that consecutive groups of a plane
+    // need no division.
+    std::size_t plane_begin = 0, plane_end = 0, bc = 0, b = 0;
+#pragma omp for schedule(static)
+    for (std::int64_t g = 0; g < groups; ++g) {
+      alignas(64) float n[kRandomGroup];
+      alignas(64) float xi[kRandomGroup];
+      normal_group<Arch>(noise_stream, static_cast<std::uint64_t>(g), n);
+      if (perturb) normal_group<Arch>(perturbation_stream, static_cast<std::uint64_t>(g), xi);
+      const std::size_t begin = static_cast<std::size_t>(g) * kRandomGroup;
+      const std::size_t end = std::min(begin + kRandomGroup, total);
+      // Split the group into runs of one plane: coefficients are constant on each.
+      for (std::size_t lo = begin; lo < end;) {
+        if (lo < plane_begin || lo >= plane_end) {
+          bc = lo / plane;
+          b = bc / channels;
+          plane_begin = bc * plane;
+          plane_end = plane_begin + plane;
+        }
+        const std::size_t hi = std::min(end, plane_end);
+        const float off = noise.offset.empty() ? 0.0f : noise.offset[bc];
+        detail::diffuse_run<Arch>(x0, n, perturb ? xi : nullptr, lo, hi, begin, k.a[b], k.s[b],
+                                  k.target_eps[b], k.target_x0[b], off, noise.input_perturbation,
+                                  x_t, target, noise_out);
+        lo = hi;
+      }
     }
   }
 }
