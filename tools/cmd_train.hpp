@@ -29,11 +29,10 @@
 #include <string>
 #include <vector>
 
+#include "cmd_sample.hpp"
 #include "dataset.hpp"
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
-#include "difftrain/schedule/ddim_scheduler.hpp"
-#include "difftrain/schedule/sample.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "image_io.hpp"
 #include "json_config.hpp"
@@ -128,10 +127,14 @@ class CachedLatentSource {
       : data_(data), vae_(vae), stream_{seed, 0x6c6174} {}
 
   train::TrainBatch operator()(std::uint64_t m) {
-    train::TrainBatch batch = data_(m);  // token ids (images are re-encoded below)
+    train::TrainBatch batch;
     const std::vector<std::size_t> rows = data_.batch_indices(m);
     batch.images = latents(rows, false, m);
-    if (data_.with_prior_preservation()) batch.class_images = latents(rows, true, m);
+    batch.token_ids = data_.batch_token_ids(m, false);
+    if (data_.with_prior_preservation()) {
+      batch.class_images = latents(rows, true, m);
+      batch.class_token_ids = data_.batch_token_ids(m, true);
+    }
     return batch;
   }
 
@@ -292,19 +295,14 @@ inline TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = s
   auto validate = [&](std::int64_t step_number) {
     if (o.validation_prompt.empty()) return;
     lora::set_lora_training(model.unet, false);
-    DdimScheduler sampler(model.scheduler);
     SampleOptions so;
     so.num_inference_steps = o.validation_inference_steps;
     so.guidance_scale = o.validation_guidance_scale;
     so.seed = o.seed;
-    const auto shape = model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
-    so.channels = std::int64_t(shape[0]);
-    so.height = std::int64_t(shape[1]);
-    so.width = std::int64_t(shape[2]);
-    const Tensor3<float> cond = model.encode_prompts(
-        std::vector<std::string>(std::size_t(o.num_validation_images), o.validation_prompt));
-    const Tensor3<float> uncond = model.encode_prompts({""});
-    const Tensor4<float> images = model.decode(sample_latents(model.unet, sampler, cond, uncond, so));
+    const auto size = std::size_t(o.resolution);
+    const Tensor4<float> images =
+        generate_images(model, {o.validation_prompt}, "", std::size_t(o.num_validation_images),
+                        SamplerKind::ddim, size, size, so);
     fs::create_directories(fs::path(o.output_dir) / "validation");
     const fs::path path = fs::path(o.output_dir) / "validation" /
                           ("step-" + std::to_string(step_number) + ".png");
