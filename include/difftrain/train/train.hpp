@@ -2,6 +2,7 @@
 // The training step and the loop around it: optimizers, LR schedules, EMA, clipping,
 // checkpoints and the trainer.
 #include "difftrain/train/checkpoint.hpp"
+#include "difftrain/train/configured_timesteps.hpp"
 #include "difftrain/train/diffusion_train_step.hpp"
 #include "difftrain/train/ema.hpp"
 #include "difftrain/train/grad_clip.hpp"

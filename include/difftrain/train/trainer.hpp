@@ -42,8 +42,13 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
+#include "difftrain/kernels/loss.hpp"
+#include "difftrain/loss/configured_weighting.hpp"
+#include "difftrain/loss/huber_schedule.hpp"
 #include "difftrain/nn/parameter.hpp"
+#include "difftrain/schedule/timestep_sampler.hpp"
 #include "difftrain/train/checkpoint.hpp"
+#include "difftrain/train/configured_timesteps.hpp"
 #include "difftrain/train/diffusion_train_step.hpp"
 #include "difftrain/train/ema.hpp"
 #include "difftrain/train/grad_clip.hpp"
@@ -92,16 +97,43 @@ struct TrainerOptions {
   bool use_ema = false;
   EmaOptions ema;
 
-  // Loss composition. Prior preservation is done by the trainer; the other settings configure the
-  // DiffusionTrainStep (see train_step_options(); snr_gamma selects loss::MinSnr{snr_gamma} as the
-  // step's LossWeighting, which the caller instantiates).
+  // Loss composition. Prior preservation is done by the trainer; the rest configures the step:
+  // make_train_step() builds a DiffusionTrainStep from all of it (or train_step_options(),
+  // weighting_options() and timestep_sampler() give the parts for a step of other types).
   bool with_prior_preservation = false;
   double prior_loss_weight = 1.0;
-  std::optional<double> snr_gamma;
-  float noise_offset = 0;
-  float input_perturbation = 0;
-  std::optional<PredictionType> prediction_type;
+  std::optional<PredictionType> prediction_type;  // unset: the scheduler's (parse_prediction_type)
   std::uint64_t seed = 0;
+
+  // Loss weighting (loss::ConfiguredWeighting; enabled ones multiply, as in kohya).
+  std::optional<double> snr_gamma;                 // Min-SNR-γ (kohya --min_snr_gamma)
+  bool debiased_estimation_loss = false;           // kohya
+  std::optional<double> p2_gamma;                  // P2 weighting (OneTrainer)
+  bool scale_v_pred_loss_like_noise_pred = false;  // kohya; needs v_prediction
+
+  // Loss type (kohya --loss_type, --huber_schedule, --huber_c, --huber_scale).
+  std::string loss_type = "l2";        // l2, huber or smooth_l1
+  std::string huber_schedule = "snr";  // constant, exponential or snr (c per timestep)
+  double huber_c = 0.1;                // in (0, 1]
+  double huber_scale = 1.0;
+
+  // Noise (diffusers --noise_offset, --input_perturbation; the rest kohya's flags).
+  float noise_offset = 0;
+  bool noise_offset_random_strength = false;
+  float adaptive_noise_scale = 0;     // needs noise_offset > 0
+  int multires_noise_iterations = 0;  // pyramid noise levels (0: off)
+  float multires_noise_discount = 0.3f;
+  float input_perturbation = 0;                     // kohya --ip_noise_gamma
+  bool input_perturbation_random_strength = false;  // kohya --ip_noise_gamma_random_strength
+
+  // Timesteps: kohya's range, or diffusers' bias (train_text_to_image_sdxl.py); not both.
+  std::optional<std::int64_t> min_timestep;     // unset: 0
+  std::optional<std::int64_t> max_timestep;     // unset: num_train_timesteps (exclusive)
+  std::string timestep_bias_strategy = "none";  // none, earlier, later or range
+  double timestep_bias_multiplier = 1.0;
+  std::int64_t timestep_bias_begin = 0;  // range: [begin, end)
+  std::int64_t timestep_bias_end = 1000;
+  double timestep_bias_portion = 0.25;  // earlier / later: this fraction of T
 
   // Checkpoints (fit() saves every checkpointing_steps global steps when output_dir is set).
   std::string output_dir;
@@ -111,13 +143,73 @@ struct TrainerOptions {
 };
 
 /// The DiffusionTrainStep options that TrainerOptions carries (diffusers keeps them together).
+/// Throws difftrain::Error for an unknown loss_type / huber_schedule or bad noise or Huber values.
 inline TrainStepOptions train_step_options(const TrainerOptions& o) {
   TrainStepOptions s;
   s.prediction_type = o.prediction_type;
   s.noise.noise_offset = o.noise_offset;
+  s.noise.noise_offset_random_strength = o.noise_offset_random_strength;
+  s.noise.adaptive_noise_scale = o.adaptive_noise_scale;
+  s.noise.multires_noise_iterations = o.multires_noise_iterations;
+  s.noise.multires_noise_discount = o.multires_noise_discount;
   s.noise.input_perturbation = o.input_perturbation;
+  s.noise.input_perturbation_random_strength = o.input_perturbation_random_strength;
+  s.noise.validate();
+  s.loss_type = kernels::parse_loss_type(o.loss_type);
+  s.huber.schedule = loss::parse_huber_schedule(o.huber_schedule);
+  s.huber.huber_c = o.huber_c;
+  s.huber.huber_scale = o.huber_scale;
+  if (s.loss_type != kernels::LossType::l2) s.huber.validate();
   s.seed = o.seed;
   return s;
+}
+
+/// The loss weighting flags of TrainerOptions.
+inline loss::WeightingOptions weighting_options(const TrainerOptions& o) {
+  loss::WeightingOptions w;
+  w.snr_gamma = o.snr_gamma;
+  w.debiased_estimation_loss = o.debiased_estimation_loss;
+  w.p2_gamma = o.p2_gamma;
+  w.scale_v_pred_loss_like_noise_pred = o.scale_v_pred_loss_like_noise_pred;
+  return w;
+}
+
+/// The timestep sampler of TrainerOptions for a schedule of T timesteps.
+inline ConfiguredTimesteps timestep_sampler(const TrainerOptions& o, std::int64_t T) {
+  TimestepBiasOptions bias;
+  bias.strategy = parse_timestep_bias_strategy(o.timestep_bias_strategy);
+  bias.multiplier = o.timestep_bias_multiplier;
+  bias.portion = o.timestep_bias_portion;
+  bias.begin = o.timestep_bias_begin;
+  bias.end = o.timestep_bias_end;
+  return ConfiguredTimesteps(T, o.min_timestep, o.max_timestep, bias);
+}
+
+/// The step whose weighting and timestep sampler are chosen at run time (make_train_step).
+template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
+          TextEncoder TextEncoderT>
+using ConfiguredTrainStep = DiffusionTrainStep<SchedulerT, DenoiserT, LatentEncoderT, TextEncoderT,
+                                               loss::ConfiguredWeighting, ConfiguredTimesteps>;
+
+/// A DiffusionTrainStep configured entirely by TrainerOptions: prediction type, seed, noise,
+/// loss type and Huber schedule, loss weighting and timestep sampling. Every bad value throws
+/// difftrain::Error here, before any step runs. The models are held by reference (as the step
+/// does); give the same options to the Trainer.
+///
+///   auto step = train::make_train_step(DdpmScheduler::sd15(), unet, vae, text, options);
+///   train::Trainer trainer(step, unet, options);
+template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
+          TextEncoder TextEncoderT>
+ConfiguredTrainStep<SchedulerT, DenoiserT, LatentEncoderT, TextEncoderT> make_train_step(
+    SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
+    TextEncoderT& text_encoder, const TrainerOptions& options) {
+  TrainStepOptions step_options = train_step_options(options);
+  const loss::ConfiguredWeighting weighting(weighting_options(options));
+  weighting.check_prediction_type(
+      step_options.prediction_type.value_or(scheduler.prediction_type()));
+  ConfiguredTimesteps sampler = timestep_sampler(options, scheduler.num_train_timesteps());
+  return {std::move(scheduler),    denoiser,          latent_encoder, text_encoder, weighting,
+          std::move(step_options), std::move(sampler)};
 }
 
 /// One micro-batch. With prior preservation, class_images / class_token_ids hold the class
