@@ -3,6 +3,9 @@
 // difftrain against PyTorch (same weights, same inputs, compare tensors).
 //
 //   unet --model DIR --inputs IN --out OUT [--lora FILE] [--lora-scale M] [--threads N]
+//   unet --model FILE.safetensors --config CONFIG.json|sd15|sd21 --inputs IN --out OUT ...
+//     DIR is a diffusers UNet folder; with --config, --model is an original single-file
+//     checkpoint (model.diffusion_model.* names) and CONFIG a diffusers config.json or a preset.
 //     IN:  sample [B,C,H,W] F32, timestep [B] (I64 or F32), encoder_hidden_states [B,L,D] F32,
 //          optional grad_output [B,C_out,H,W] F32
 //     OUT: output; with grad_output also grad_sample, grad_encoder_hidden_states and
@@ -28,15 +31,24 @@
 namespace difftrain::tools {
 
 struct UnetCommandOptions {
-  std::string model, inputs, out, lora;
+  std::string model, config, inputs, out, lora;
   double lora_scale = 1.0;
   int threads = 0;
 };
 
+/// --config: a preset name or a diffusers config.json.
+inline models::UNet2DConditionConfig unet_config_argument(const std::string& config) {
+  if (config == "sd15") return models::UNet2DConditionConfig::sd15();
+  if (config == "sd21") return models::UNet2DConditionConfig::sd21();
+  return models::UNet2DConditionConfig::from_file(config);
+}
+
 inline void run_unet(const UnetCommandOptions& o) {
   constexpr const char* fn = "unet";
   if (o.threads > 0) omp_set_num_threads(o.threads);
-  auto model = models::load_unet<float>(o.model);
+  auto model = o.config.empty()
+                   ? models::load_unet<float>(o.model)
+                   : models::load_unet_single_file<float>(o.model, unet_config_argument(o.config));
   if (!o.lora.empty()) {
     const auto state = lora::read_lora(o.lora, lora::module_names(model));
     lora::apply_lora(model, state, o.lora_scale);
@@ -78,7 +90,11 @@ inline void add_unet_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<UnetCommandOptions>();
   CLI::App* cmd =
       app.add_subcommand("unet", "Run a diffusers UNet forward (and backward) on files");
-  cmd->add_option("--model", o->model, "diffusers UNet folder")->required();
+  cmd->add_option("--model", o->model,
+                  "diffusers UNet folder, or with --config a single-file checkpoint")
+      ->required();
+  cmd->add_option("--config", o->config,
+                  "config of a single-file --model: diffusers config.json, sd15 or sd21");
   cmd->add_option("--inputs", o->inputs, "input safetensors file")->required();
   cmd->add_option("--out", o->out, "output safetensors file")->required();
   cmd->add_option("--lora", o->lora, "LoRA file (kohya or PEFT naming)");

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,10 +34,11 @@
 #include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/io/state_dict.hpp"
 #include "difftrain/models/clip/clip_attention.hpp"
 #include "difftrain/models/clip/clip_config.hpp"
 #include "difftrain/models/clip/clip_mlp.hpp"
-#include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/ldm_names.hpp"
 #include "difftrain/nn/embedding.hpp"
 #include "difftrain/nn/layer_norm.hpp"
 #include "difftrain/nn/parameter.hpp"
@@ -174,7 +176,7 @@ class ClipTextModel {
   /// Strict load from safetensors files (F32, F16, BF16, … converted to T).
   void load_safetensors(const std::vector<std::string>& paths,
                         std::string_view what = "ClipTextModel::load_safetensors") {
-    load_state_dict(open_safetensors_state<T>(paths), what);
+    load_state_dict(io::open_safetensors_state<T>(paths), what);
   }
 
   /// ids [B, L] → last_hidden_state, pooler_output and all hidden states.
@@ -263,8 +265,31 @@ ClipTextModel<T> load_clip_text_model(const std::string& folder) {
   const auto config =
       ClipTextConfig::from_file((std::filesystem::path(folder) / "config.json").string());
   ClipTextModel<T> model(config);
-  model.load_safetensors(diffusers_weight_files(folder, "model"),
+  model.load_safetensors(io::diffusers_weight_files(folder, "model"),
                          "load_clip_text_model('" + folder + "')");
+  return model;
+}
+
+/// A ClipTextModel of `config` from an original single-file checkpoint: its
+/// cond_stage_model.transformer.* tensors (transformers' names below the prefix; files of older
+/// transformers versions lack the "text_model." level and are read alike), strictly, errors in
+/// the file's names; position_ids and the file's other tensors are ignored.
+template <class T = float>
+ClipTextModel<T> load_clip_text_model_single_file(const std::string& path,
+                                                  const ClipTextConfig& config) {
+  const std::string prefix(kLdmClipPrefix);
+  ClipTextModel<T> model(config);
+  load_single_file_component<T>(
+      model, path, prefix, [&](const std::string& name) { return prefix + name; },
+      [&](const std::string& name,
+          const std::vector<std::size_t>& shape) -> std::optional<io::StateKey> {
+        if (!name.starts_with(prefix)) return std::nullopt;
+        std::string rest = name.substr(prefix.size());
+        if (!rest.starts_with("text_model.")) rest = "text_model." + rest;
+        if (rest == ClipTextModel<T>::kPositionIdsKey) return std::nullopt;
+        return io::StateKey{prefix + rest, shape};
+      },
+      "load_clip_text_model_single_file('" + path + "')");
   return model;
 }
 

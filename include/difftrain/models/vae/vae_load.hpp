@@ -1,8 +1,9 @@
 #pragma once
 // Loading AutoencoderKL weights: a diffusers folder (config.json +
-// diffusion_pytorch_model.safetensors) or any name → tensor map, strictly (every parameter present
-// with its shape, nothing left over; one Error lists all problems). F16 / BF16 / F64 files are
-// converted to T.
+// diffusion_pytorch_model.safetensors, or its shards via .safetensors.index.json), an original
+// single-file checkpoint (first_stage_model.*, names in ldm_names.hpp) or any name → tensor map,
+// strictly (every parameter present with its shape, nothing left over; one Error lists all
+// problems). F16 / BF16 / F64 files are converted to T.
 //
 // Older checkpoints spell the mid-block attention differently; their names are mapped first:
 //   <…attentions.N>.query / key / value / proj_attn . weight|bias → to_q / to_k / to_v / to_out.0
@@ -10,18 +11,20 @@
 // converted without squeezing) is read as the Linear weight [C, C] (same values, same order).
 // A file holding both spellings of one parameter is an Error naming both.
 
-#include <array>
+#include <algorithm>
 #include <cstddef>
 #include <filesystem>
 #include <map>
-#include <memory>
-#include <span>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/safetensors.hpp"
+#include "difftrain/io/state_dict.hpp"
+#include "difftrain/models/ldm_names.hpp"
 #include "difftrain/models/vae/autoencoder_kl.hpp"
 #include "difftrain/models/vae/vae_config.hpp"
 #include "difftrain/nn/parameter.hpp"
@@ -52,105 +55,84 @@ inline bool is_vae_attention_projection_weight(const std::string& canonical) {
   return false;
 }
 
-/// One tensor of an open safetensors file as a state-dict value: shape() from the header,
-/// begin()/end() convert it to T on first access into a buffer shared by one load (one tensor
-/// resident at a time).
-template <class T>
-class SafetensorsTensorSource {
- public:
-  struct Buffer {
-    const SafetensorsTensorSource* owner = nullptr;
-    std::vector<T> values;
-  };
-  SafetensorsTensorSource(std::shared_ptr<const io::SafetensorsFile> file, std::string name,
-                          std::shared_ptr<Buffer> buffer)
-      : file_(std::move(file)), name_(std::move(name)), buffer_(std::move(buffer)) {}
-
-  const std::vector<std::size_t>& shape() const { return file_->info(name_).shape; }
-  const T* begin() const { return load().data(); }
-  const T* end() const { return load().data() + load().size(); }
-
- private:
-  const std::vector<T>& load() const {
-    if (buffer_->owner != this) {
-      buffer_->values.resize(file_->info(name_).numel());
-      file_->read_into(name_, std::span<T>(buffer_->values));
-      buffer_->owner = this;
-    }
-    return buffer_->values;
-  }
-  std::shared_ptr<const io::SafetensorsFile> file_;
-  std::string name_;
-  std::shared_ptr<Buffer> buffer_;
-};
-
-/// name → source for every tensor of a safetensors file.
-template <class T>
-std::map<std::string, SafetensorsTensorSource<T>> open_safetensors_sources(
-    const std::string& path) {
-  auto file = std::make_shared<const io::SafetensorsFile>(io::SafetensorsFile::open(path));
-  auto buffer = std::make_shared<typename SafetensorsTensorSource<T>::Buffer>();
-  std::map<std::string, SafetensorsTensorSource<T>> out;
-  for (const auto& name : file->names())
-    out.emplace(name, SafetensorsTensorSource<T>(file, name, buffer));
-  return out;
-}
-
-/// A state-dict value seen under another shape with the same elements (the 1×1-conv attention
-/// weights); the wrapped source must outlive it.
-template <class Source>
-class ReshapedSource {
- public:
-  ReshapedSource(const Source& base, std::vector<std::size_t> shape)
-      : base_(&base), shape_(std::move(shape)) {}
-  const std::vector<std::size_t>& shape() const { return shape_; }
-  auto begin() const { return base_->begin(); }
-  auto end() const { return base_->end(); }
-
- private:
-  const Source* base_;
-  std::vector<std::size_t> shape_;
-};
-
 /// Loads a state dict (diffusers or legacy attention names) into the model, strictly.
 template <class T, class Source>
 void load_vae_state_dict(AutoencoderKL<T>& vae, const std::map<std::string, Source>& state,
                          std::string_view what = "load_vae_state_dict") {
-  std::map<std::string, ReshapedSource<Source>> canonical;
-  std::map<std::string, std::string> original;  // canonical → name in the source
-  for (const auto& [name, source] : state) {
-    const std::string key = canonical_vae_name(name);
-    std::vector<std::size_t> shape(source.shape().begin(), source.shape().end());
-    if (is_vae_attention_projection_weight(key) && shape.size() == 4 && shape[2] == 1 &&
-        shape[3] == 1)
-      shape.resize(2);
-    auto [it, inserted] = canonical.emplace(key, ReshapedSource<Source>(source, std::move(shape)));
-    if (!inserted)
-      throw Error(difftrain::detail::concat(what, ": tensors ", original[key], " and ", name,
-                                            " are both the parameter ", key));
-    original[key] = name;
-  }
+  const auto canonical = io::rename_state(
+      state,
+      [](const std::string& name, std::vector<std::size_t> shape) -> std::optional<io::StateKey> {
+        std::string key = canonical_vae_name(name);
+        if (is_vae_attention_projection_weight(key) && shape.size() == 4 && shape[2] == 1 &&
+            shape[3] == 1)
+          shape.resize(2);
+        return io::StateKey{std::move(key), std::move(shape)};
+      },
+      what);
   nn::load_state_dict<T>(vae, canonical, what);
+}
+
+/// Loads safetensors files of VAE weights (one file, or the shards of one model) into the model.
+template <class T>
+void load_vae_weights(AutoencoderKL<T>& vae, const std::vector<std::string>& paths,
+                      std::string_view what = "load_vae_weights") {
+  load_vae_state_dict(vae, io::open_safetensors_state<T>(paths), what);
 }
 
 /// Loads one safetensors file of VAE weights into the model.
 template <class T>
 void load_vae_weights(AutoencoderKL<T>& vae, const std::string& path) {
-  load_vae_state_dict(vae, open_safetensors_sources<T>(path), "load_vae('" + path + "')");
+  load_vae_weights(vae, std::vector<std::string>{path}, "load_vae('" + path + "')");
 }
 
-/// An AutoencoderKL from a diffusers folder: config.json + diffusion_pytorch_model.safetensors.
+/// An AutoencoderKL from a diffusers folder: config.json + diffusion_pytorch_model.safetensors,
+/// or the shards listed by diffusion_pytorch_model.safetensors.index.json.
 template <class T = float>
 AutoencoderKL<T> load_vae(const std::string& folder) {
   namespace fs = std::filesystem;
-  const fs::path dir(folder);
-  const fs::path config = dir / "config.json",
-                 weights = dir / "diffusion_pytorch_model.safetensors";
+  const fs::path config = fs::path(folder) / "config.json";
   require(fs::exists(config), "load_vae", "'", folder, "' has no config.json");
-  require(fs::exists(weights), "load_vae", "'", folder,
-          "' has no diffusion_pytorch_model.safetensors");
   AutoencoderKL<T> vae(AutoencoderKLConfig::from_file(config.string()));
-  load_vae_weights(vae, weights.string());
+  load_vae_weights(vae, io::diffusers_weight_files(folder), "load_vae('" + folder + "')");
+  return vae;
+}
+
+/// True when an LDM VAE name (below first_stage_model.) is a mid-block attention projection
+/// weight (q, k, v, proj_out), which LDM stores as a 1×1 conv [C, C, 1, 1].
+inline bool is_ldm_vae_attention_weight(std::string_view name) {
+  if (!name.starts_with("encoder.mid.attn_1.") && !name.starts_with("decoder.mid.attn_1."))
+    return false;
+  for (const char* leaf : {"q.weight", "k.weight", "v.weight", "proj_out.weight"})
+    if (name.substr(19) == leaf) return true;
+  return false;
+}
+
+/// An AutoencoderKL of `config` from an original single-file checkpoint: its first_stage_model.*
+/// tensors, strictly (errors in the file's names), the other tensors ignored. A file with no
+/// first_stage_model.* tensor is read as a VAE-only LDM file (e.g. vae-ft-mse-840000-ema-pruned:
+/// the same names without the prefix; then every tensor must belong to the VAE).
+template <class T = float>
+AutoencoderKL<T> load_vae_single_file(const std::string& path, const AutoencoderKLConfig& config) {
+  std::string_view prefix = kLdmVaePrefix;
+  {
+    const auto file = io::SafetensorsFile::open(path);
+    const auto names = file.names();
+    if (std::none_of(names.begin(), names.end(),
+                     [&](const std::string& name) { return name.starts_with(prefix); }))
+      prefix = "";
+  }
+  AutoencoderKL<T> vae(config);
+  load_single_file_component<T>(
+      vae, path, prefix,
+      [&](const std::string& name) { return std::string(prefix) + ldm_vae_name(config, name); },
+      [&](const std::string& name, std::vector<std::size_t> shape) -> std::optional<io::StateKey> {
+        if (!name.starts_with(prefix)) return std::nullopt;
+        if (is_ldm_vae_attention_weight(std::string_view(name).substr(prefix.size())) &&
+            shape.size() == 4 && shape[2] == 1 && shape[3] == 1)
+          shape.resize(2);
+        return io::StateKey{name, std::move(shape)};
+      },
+      "load_vae_single_file('" + path + "')");
   return vae;
 }
 
