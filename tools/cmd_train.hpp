@@ -79,6 +79,19 @@ struct TrainCommandOptions {
   double noise_offset = 0;
   double input_perturbation = 0;
   std::string prediction_type;  // "": the scheduler's
+  // kohya's / diffusers' further step options (TrainerOptions has their meaning).
+  bool debiased_estimation_loss = false;
+  std::string loss_type = "l2";
+  std::string huber_schedule = "snr";
+  double huber_c = 0.1;
+  std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
+  std::string timestep_bias_strategy = "none";
+  double timestep_bias_multiplier = 1.0;
+  std::int64_t timestep_bias_begin = 0, timestep_bias_end = 1000;
+  double timestep_bias_portion = 0.25;
+  int multires_noise_iterations = 0;
+  double multires_noise_discount = 0.3;
+  double adam_beta1 = 0.9, adam_beta2 = 0.999, adam_weight_decay = 1e-2, adam_epsilon = 1e-8;
   std::uint64_t seed = 0;
   std::string output_dir = "sd-model-finetuned-lora";
   std::int64_t checkpointing_steps = 500;
@@ -264,6 +277,23 @@ inline TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = s
   t.noise_offset = float(o.noise_offset);
   t.input_perturbation = float(o.input_perturbation);
   if (!o.prediction_type.empty()) t.prediction_type = parse_prediction_type(o.prediction_type);
+  t.debiased_estimation_loss = o.debiased_estimation_loss;
+  t.loss_type = o.loss_type;
+  t.huber_schedule = o.huber_schedule;
+  t.huber_c = o.huber_c;
+  if (o.min_timestep >= 0) t.min_timestep = o.min_timestep;
+  if (o.max_timestep >= 0) t.max_timestep = o.max_timestep;
+  t.timestep_bias_strategy = o.timestep_bias_strategy;
+  t.timestep_bias_multiplier = o.timestep_bias_multiplier;
+  t.timestep_bias_begin = o.timestep_bias_begin;
+  t.timestep_bias_end = o.timestep_bias_end;
+  t.timestep_bias_portion = o.timestep_bias_portion;
+  t.multires_noise_iterations = o.multires_noise_iterations;
+  t.multires_noise_discount = float(o.multires_noise_discount);
+  t.adam_beta1 = o.adam_beta1;
+  t.adam_beta2 = o.adam_beta2;
+  t.adam_weight_decay = o.adam_weight_decay;
+  t.adam_epsilon = o.adam_epsilon;
   t.seed = o.seed;
   t.output_dir = o.output_dir;
   t.checkpointing_steps = o.checkpointing_steps;
@@ -428,6 +458,28 @@ inline void add_train_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--input_perturbation", o->input_perturbation, "input perturbation γ");
   cmd->add_option("--prediction_type", o->prediction_type,
                   "epsilon or v_prediction (default: the scheduler's)");
+  cmd->add_flag("--debiased_estimation_loss", o->debiased_estimation_loss,
+                "kohya's debiased estimation weighting");
+  cmd->add_option("--loss_type", o->loss_type, "l2 (default), huber or smooth_l1");
+  cmd->add_option("--huber_schedule", o->huber_schedule, "constant, exponential or snr");
+  cmd->add_option("--huber_c", o->huber_c, "Huber c in (0, 1]");
+  cmd->add_option("--min_timestep", o->min_timestep, "lowest training timestep (kohya)");
+  cmd->add_option("--max_timestep", o->max_timestep, "training timesteps below this (kohya)");
+  cmd->add_option("--timestep_bias_strategy", o->timestep_bias_strategy,
+                  "none, earlier, later or range (diffusers)");
+  cmd->add_option("--timestep_bias_multiplier", o->timestep_bias_multiplier, "bias weight");
+  cmd->add_option("--timestep_bias_begin", o->timestep_bias_begin, "range bias: first timestep");
+  cmd->add_option("--timestep_bias_end", o->timestep_bias_end, "range bias: end timestep");
+  cmd->add_option("--timestep_bias_portion", o->timestep_bias_portion,
+                  "earlier/later bias: fraction of the timesteps");
+  cmd->add_option("--multires_noise_iterations", o->multires_noise_iterations,
+                  "pyramid noise levels (kohya; 0: off)");
+  cmd->add_option("--multires_noise_discount", o->multires_noise_discount,
+                  "pyramid noise discount");
+  cmd->add_option("--adam_beta1", o->adam_beta1, "AdamW beta1");
+  cmd->add_option("--adam_beta2", o->adam_beta2, "AdamW beta2");
+  cmd->add_option("--adam_weight_decay", o->adam_weight_decay, "AdamW weight decay");
+  cmd->add_option("--adam_epsilon", o->adam_epsilon, "AdamW epsilon");
   cmd->add_option("--seed", o->seed, "seed of every random draw");
   cmd->add_option("--output_dir", o->output_dir, "where the LoRA, checkpoints and logs go");
   cmd->add_option("--checkpointing_steps", o->checkpointing_steps,

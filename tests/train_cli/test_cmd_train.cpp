@@ -165,6 +165,10 @@ TEST_CASE("difftrain train: DreamBooth with prior preservation, PEFT output") {
   o.with_prior_preservation = true;
   o.max_train_steps = 2;
   o.save_format = "peft";
+  o.loss_type = "huber";  // kohya's further options reach the step
+  o.min_timestep = 100;
+  o.max_timestep = 900;
+  o.multires_noise_iterations = 2;
   const auto r = tools::run_train(o, stdout);
   CHECK(r.global_step == 2);
   const auto tensors = read_all(r.lora_file);
@@ -201,6 +205,13 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   o = f.options(f.dir / "err");
   o.save_format = "ckpt";
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected kohya or peft"));
+  o = f.options(f.dir / "err");
+  o.loss_type = "l3";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("l3"));
+  o = f.options(f.dir / "err");
+  o.min_timestep = 500;
+  o.timestep_bias_strategy = "later";
+  CHECK_THROWS(tools::run_train(o));
   o = f.options(f.dir / "err");
   o.resolution = 0;
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("resolution"));
