@@ -62,7 +62,7 @@ GridResult sample_grid(shapes::Models& models, const GridSpec& grid, std::size_t
     }
   GridResult r;
   r.images = shapes::sample(models, prompts, settings);
-  difftrain::tools::save_png_grid(path, r.images, per_prompt);
+  difftrain::tools::save_png_grid(path, r.images, per_prompt, 2, 4);  // 4× zoom: 16-px tiles
   const auto readings = shapes::classify_batch(r.images);
   r.hits.assign(grid.prompts.size(), 0);
   for (std::size_t b = 0; b < readings.size(); ++b)

@@ -138,10 +138,21 @@ inline Image image_grid(const Tensor4<float>& images, std::size_t columns, int p
   return grid;
 }
 
-/// [B,3,H,W] in [-1,1] → one PNG grid (see image_grid).
+/// Each pixel repeated as a zoom × zoom block (nearest neighbour: small images stay crisp).
+inline Image zoom_nearest(const Image& image, int zoom) {
+  require(zoom >= 1, "zoom_nearest", "zoom is ", zoom, ", expected >= 1");
+  if (zoom == 1) return image;
+  Image out(image.width * zoom, image.height * zoom);
+  for (int y = 0; y < out.height; ++y)
+    for (int x = 0; x < out.width; ++x)
+      std::copy_n(image.pixel(x / zoom, y / zoom), 3, out.pixel(x, y));
+  return out;
+}
+
+/// [B,3,H,W] in [-1,1] → one PNG grid (see image_grid), optionally zoomed (zoom_nearest).
 inline void save_png_grid(const std::string& path, const Tensor4<float>& images,
-                          std::size_t columns, int padding = 2) {
-  save_png(path, image_grid(images, columns, padding));
+                          std::size_t columns, int padding = 2, int zoom = 1) {
+  save_png(path, zoom_nearest(image_grid(images, columns, padding), zoom));
 }
 
 /// Resampled to width × height with a triangle (tent) filter, stretched over the source pixels

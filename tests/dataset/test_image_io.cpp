@@ -234,3 +234,20 @@ TEST_CASE("random crop: a window of the image, deterministic in crop_seed", "[im
   CHECK(hi > 121);
   CHECK(top_of(tools::resize_and_crop(tall, 64, true, 0, false)) == 68);  // center: 136 / 2
 }
+
+TEST_CASE("zoom_nearest repeats each pixel as a block", "[image_io]") {
+  Image image(2, 1);
+  image.pixel(0, 0)[0] = 10;
+  image.pixel(1, 0)[1] = 200;
+  const Image z = difftrain::tools::zoom_nearest(image, 3);
+  REQUIRE(z.width == 6);
+  REQUIRE(z.height == 3);
+  for (int y = 0; y < 3; ++y)
+    for (int x = 0; x < 6; ++x) {
+      const std::uint8_t* src = image.pixel(x / 3, 0);
+      const std::uint8_t* dst = z.pixel(x, y);
+      CHECK(std::vector<int>(dst, dst + 3) == std::vector<int>(src, src + 3));
+    }
+  CHECK(difftrain::tools::zoom_nearest(image, 1).rgb == image.rgb);
+  CHECK_THROWS_AS(difftrain::tools::zoom_nearest(image, 0), Error);
+}
