@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cmd_unet.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -51,12 +52,7 @@ void compare_with_golden(const std::string& produced, const std::string& expecte
   }
 }
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("difftrain_cli_" + std::to_string(::getpid()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using test::TempDir;
 }  // namespace
 
 TEST_CASE("difftrain unet: unet_tiny output and every gradient match diffusers") {

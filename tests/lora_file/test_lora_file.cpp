@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "difftrain/lora/lora_file.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -41,12 +42,7 @@ struct TinyModel {
   }
 };
 
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("difftrain_lora_" + std::to_string(::getpid()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using test::TempDir;
 
 // An adapted model whose B matrices are non-zero, so that the adapters matter.
 TinyModel adapted_model(double alpha) {

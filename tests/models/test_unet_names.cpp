@@ -17,6 +17,7 @@
 
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/models.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -265,15 +266,7 @@ TEST_CASE("UNet2DConditionModel: for_each_linear / for_each_conv2d reach the lay
 
 namespace {
 
-struct TempDir {
-  std::filesystem::path path;
-  explicit TempDir(const std::string& name)
-      : path(std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()))) {
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
-};
+using test::TempDir;
 
 // the golden unet_tiny tensors as (name → values, shape)
 std::map<std::string, std::pair<std::vector<float>, std::vector<std::size_t>>> tiny_tensors() {
@@ -312,8 +305,8 @@ TEST_CASE("load_unet: sharded and F16 checkpoints load; every strict-loading err
     ref_values.emplace(name, &p.value);
   });
   const auto tensors = tiny_tensors();
-  TempDir dir("difftrain_test_unet_load");
-  std::filesystem::copy_file(data_path("unet_tiny/config.json"), dir.path / "config.json");
+  TempDir dir("unet_load");
+  std::filesystem::copy_file(data_path("unet_tiny/config.json"), dir.path() / "config.json");
 
   SECTION("sharded via diffusion_pytorch_model.safetensors.index.json") {
     std::map<std::string, std::pair<std::vector<float>, std::vector<std::size_t>>> a, b;
@@ -323,11 +316,11 @@ TEST_CASE("load_unet: sharded and F16 checkpoints load; every strict-loading err
       (first ? a : b)[name] = entry;
       index["weight_map"][name] = first ? "shard-1.safetensors" : "shard-2.safetensors";
     }
-    write_tensors((dir.path / "shard-1.safetensors").string(), a);
-    write_tensors((dir.path / "shard-2.safetensors").string(), b);
-    std::ofstream((dir.path / "diffusion_pytorch_model.safetensors.index.json").string())
+    write_tensors((dir.path() / "shard-1.safetensors").string(), a);
+    write_tensors((dir.path() / "shard-2.safetensors").string(), b);
+    std::ofstream((dir.path() / "diffusion_pytorch_model.safetensors.index.json").string())
         << index.dump();
-    auto model = models::load_unet<float>(dir.path.string());
+    auto model = models::load_unet<float>(dir.str());
     model.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
       INFO(name);
       REQUIRE_CLOSE(p.value, *ref_values.at(name), 0.0, 0.0);
@@ -335,8 +328,8 @@ TEST_CASE("load_unet: sharded and F16 checkpoints load; every strict-loading err
   }
   SECTION("F16 and BF16 weights are converted to float") {
     for (io::Dtype dtype : {io::Dtype::F16, io::Dtype::BF16}) {
-      write_tensors((dir.path / "diffusion_pytorch_model.safetensors").string(), tensors, dtype);
-      auto model = models::load_unet<float>(dir.path.string());
+      write_tensors((dir.path() / "diffusion_pytorch_model.safetensors").string(), tensors, dtype);
+      auto model = models::load_unet<float>(dir.str());
       model.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
         INFO(name);
         // rounding to 11 (F16) or 8 (BF16) significant bits; tiny values may be subnormal in F16
@@ -351,8 +344,8 @@ TEST_CASE("load_unet: sharded and F16 checkpoints load; every strict-loading err
     broken["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"] = {
         std::vector<float>(4 * 32, 0.f), {4, 32}};
     broken["conv_in.weight"].second = {32, 4, 9};  // same count, wrong shape
-    write_tensors((dir.path / "diffusion_pytorch_model.safetensors").string(), broken);
-    const std::string message = error_of([&] { models::load_unet<float>(dir.path.string()); });
+    write_tensors((dir.path() / "diffusion_pytorch_model.safetensors").string(), broken);
+    const std::string message = error_of([&] { models::load_unet<float>(dir.str()); });
     INFO(message);
     CHECK(message.find("2 missing") != std::string::npos);
     CHECK(message.find("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight") !=
@@ -364,13 +357,13 @@ TEST_CASE("load_unet: sharded and F16 checkpoints load; every strict-loading err
           std::string::npos);
   }
   SECTION("a folder without weights or with a broken index") {
-    CHECK_THAT(error_of([&] { models::load_unet<float>(dir.path.string()); }),
+    CHECK_THAT(error_of([&] { models::load_unet<float>(dir.str()); }),
                Catch::Contains("has neither diffusion_pytorch_model.safetensors"));
     nlohmann::json index;
     index["weight_map"]["conv_in.weight"] = "missing.safetensors";
-    std::ofstream((dir.path / "diffusion_pytorch_model.safetensors.index.json").string())
+    std::ofstream((dir.path() / "diffusion_pytorch_model.safetensors.index.json").string())
         << index.dump();
-    CHECK_THAT(error_of([&] { models::load_unet<float>(dir.path.string()); }),
+    CHECK_THAT(error_of([&] { models::load_unet<float>(dir.str()); }),
                Catch::Contains("missing.safetensors"));
   }
 }

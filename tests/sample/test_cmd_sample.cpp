@@ -13,6 +13,7 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -31,17 +32,7 @@ int run(std::vector<std::string> args) {
   return exit_code;
 }
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() /
-             ("difftrain_sample_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using test::TempDir;
 
 void copy_files(const std::string& from, const fs::path& to, std::vector<std::string> names) {
   fs::create_directories(to);
@@ -91,7 +82,7 @@ void write_pixel_unet(const fs::path& dir) {
 
 struct PixelModel {
   TempDir dir{"pixel"};
-  fs::path root = dir.path / "model";
+  fs::path root = dir.path() / "model";
   PixelModel() {
     write_pixel_unet(root / "unet");
     add_text_parts(root);
@@ -157,7 +148,7 @@ TEST_CASE("difftrain sample on a pixel-space model folder", "[sample]") {
 
 TEST_CASE("load_model_folder names what is missing or mismatched", "[sample]") {
   TempDir dir("errors");
-  const fs::path root = dir.path / "model";
+  const fs::path root = dir.path() / "model";
   CHECK_THROWS_WITH(tools::load_model_folder(root.string()), Catch::Contains("does not exist"));
   CHECK(run({"--model", root.string(), "--prompt", "x", "--out", dir.file("x.png")}) == 1);
   CHECK_FALSE(fs::exists(dir.file("x.png")));
@@ -188,7 +179,7 @@ TEST_CASE("load_model_folder names what is missing or mismatched", "[sample]") {
 
 TEST_CASE("difftrain sample through a VAE with a LoRA", "[sample]") {
   TempDir dir("latent");
-  const fs::path root = dir.path / "model";
+  const fs::path root = dir.path() / "model";
   copy_files("unet_tiny", root / "unet", {"config.json", "diffusion_pytorch_model.safetensors"});
   copy_files("vae_tiny", root / "vae", {"config.json", "diffusion_pytorch_model.safetensors"});
   add_text_parts(root);
