@@ -22,14 +22,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <difftrain/core/error.hpp>
+#include <difftrain/core/random.hpp>
+#include <difftrain/core/tensor.hpp>
 #include <numbers>
 #include <span>
 #include <string>
 #include <vector>
-
-#include <difftrain/core/error.hpp>
-#include <difftrain/core/random.hpp>
-#include <difftrain/core/tensor.hpp>
 
 namespace shapes {
 
@@ -76,10 +75,14 @@ inline std::vector<ShapeSpec> base_specs() {
 /// The colour in [-1, 1] RGB.
 inline std::array<float, 3> rgb(Colour c) {
   switch (c) {
-    case Colour::red: return {1, -1, -1};
-    case Colour::green: return {-1, 1, -1};
-    case Colour::blue: return {-1, -1, 1};
-    case Colour::yellow: return {1, 1, -1};
+    case Colour::red:
+      return {1, -1, -1};
+    case Colour::green:
+      return {-1, 1, -1};
+    case Colour::blue:
+      return {-1, -1, 1};
+    case Colour::yellow:
+      return {1, 1, -1};
   }
   return {0, 0, 0};
 }
@@ -105,8 +108,10 @@ inline Placement place(std::size_t size, float u_side, float u_x, float u_y) {
 inline bool inside(Shape shape, const Placement& p, double x, double y) {
   const double dx = x - p.cx, dy = y - p.cy, r = p.side / 2;
   switch (shape) {
-    case Shape::square: return std::abs(dx) <= r && std::abs(dy) <= r;
-    case Shape::circle: return dx * dx + dy * dy <= r * r;
+    case Shape::square:
+      return std::abs(dx) <= r && std::abs(dy) <= r;
+    case Shape::circle:
+      return dx * dx + dy * dy <= r * r;
     case Shape::ring: {
       const double d2 = dx * dx + dy * dy;
       return d2 <= r * r && d2 >= 0.25 * r * r;  // inner radius r/2
@@ -156,8 +161,8 @@ inline Tensor4<float> draw_batch(std::span<const ShapeSpec> specs, std::size_t s
 struct Reading {
   bool found = false;  // enough foreground to judge
   ShapeSpec spec;
-  double hue = 0;   // degrees, of the mean foreground colour
-  double fill = 0;  // foreground / bounding-box area (informational)
+  double hue = 0;              // degrees, of the mean foreground colour
+  double fill = 0;             // foreground / bounding-box area (informational)
   double centroid_offset = 0;  // (foreground mean row − box centre row) / box height
   double corners = 0;          // fraction of the box's four corner pixels in the foreground
   bool hollow = false;
@@ -260,8 +265,8 @@ inline Reading classify(std::span<const float> chw, std::size_t size) {
   for (std::size_t k = 0; k < plane; ++k)
     if (fg[k]) row_sum += static_cast<double>(k / size);
   r.centroid_offset = (row_sum / static_cast<double>(count) - ci) / static_cast<double>(h);
-  r.corners = (fg[i0 * size + j0] + fg[i0 * size + j1] + fg[i1 * size + j0] + fg[i1 * size + j1]) /
-              4.0;
+  r.corners =
+      (fg[i0 * size + j0] + fg[i0 * size + j1] + fg[i1 * size + j0] + fg[i1 * size + j1]) / 4.0;
   r.spec.shape = r.hollow                   ? Shape::ring
                  : r.centroid_offset > 0.08 ? Shape::triangle
                  : r.corners >= 0.75        ? Shape::square

@@ -9,12 +9,16 @@
 //     base data), with a DreamBooth LoRA on the attention projections and prior preservation
 //     (class prompt "a shape", class images from the base data)  → lora.safetensors (kohya)
 //  5. samples the instance, class and some base prompts before and after the LoRA
-//                                                                   → lora_before.png, lora_after.png
-//  6. writes the losses                                             → loss.csv, loss.png, loss_lora.png
+//                                                                   → lora_before.png,
+//                                                                   lora_after.png
+//  6. writes the losses                                             → loss.csv, loss.png,
+//  loss_lora.png
 // A pixel classifier (shapes.hpp) scores every grid: the fraction of samples whose colour and
 // shape match their prompt.
 //
 // Usage: shapes_demo [--output DIR] [--scale F]    (F multiplies the training steps; default 1)
+
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -22,7 +26,6 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include "image_io.hpp"
@@ -97,7 +100,8 @@ int main(int argc, char** argv) try {
                      ", expected a value in (0, 100]");
   const auto start = Clock::now();
   fs::create_directories(out);
-  const fs::path work = fs::temp_directory_path() / ("difftrain-shapes-" + std::to_string(getpid()));
+  const fs::path work =
+      fs::temp_directory_path() / ("difftrain-shapes-" + std::to_string(getpid()));
 
   // ---- the model and the base training ----
   shapes::ModelSizes sizes;
@@ -106,19 +110,19 @@ int main(int argc, char** argv) try {
   base.steps = std::max<std::int64_t>(10, std::llround(static_cast<double>(base.steps) * scale));
   std::printf("shapes demo: %zux%zu images, UNet block_out_channels [%zu, %zu], %zu parameters\n",
               sizes.image_size, sizes.image_size, sizes.block_out_channels[0],
-              sizes.block_out_channels[1],
-              [&] {
+              sizes.block_out_channels[1], [&] {
                 std::size_t n = 0;
                 for (auto& [name, p] : difftrain::nn::named_parameters<float>(models.unet))
                   n += p->size();
                 return n;
               }());
-  std::printf("[1/4] training the base model: %lld steps of %zu images (AdamW lr %.0e, %s, "
-              "%s)\n",
-              static_cast<long long>(base.steps), base.batch, base.learning_rate,
-              base.snr_gamma ? ("Min-SNR-" + std::to_string(*base.snr_gamma)).c_str()
-                             : "uniform loss weights",
-              std::string(difftrain::to_string(base.prediction_type)).c_str());
+  std::printf(
+      "[1/4] training the base model: %lld steps of %zu images (AdamW lr %.0e, %s, "
+      "%s)\n",
+      static_cast<long long>(base.steps), base.batch, base.learning_rate,
+      base.snr_gamma ? ("Min-SNR-" + std::to_string(*base.snr_gamma)).c_str()
+                     : "uniform loss weights",
+      std::string(difftrain::to_string(base.prediction_type)).c_str());
   std::ofstream csv(out / "loss.csv");
   csv << "phase,step,loss,lr,grad_norm\n";
   auto logger = [&](const char* phase, std::int64_t total) {
@@ -133,7 +137,8 @@ int main(int argc, char** argv) try {
     };
   };
   auto t = Clock::now();
-  const std::vector<double> base_losses = shapes::train_base(models, base, logger("base", base.steps));
+  const std::vector<double> base_losses =
+      shapes::train_base(models, base, logger("base", base.steps));
   const double base_seconds = seconds_since(t);
   difftrain::tools::save_loss_plot_png((out / "loss.png").string(), base_losses,
                                        "shapes demo: base model training loss");
@@ -167,12 +172,15 @@ int main(int argc, char** argv) try {
 
   // ---- LoRA: before ----
   shapes::DreamBoothSettings db;
-  db.train.steps = std::max<std::int64_t>(10, std::llround(static_cast<double>(db.train.steps) * scale));
+  db.train.steps =
+      std::max<std::int64_t>(10, std::llround(static_cast<double>(db.train.steps) * scale));
   GridSpec lora_grid;
   lora_grid.prompts = {db.instance_prompt, db.class_prompt, "a red circle", "a green square",
                        "a blue triangle"};
   // The class row counts samples read as the instance (language drift: should stay low).
-  lora_grid.expected = {db.instance, db.instance, {shapes::Colour::red, shapes::Shape::circle},
+  lora_grid.expected = {db.instance,
+                        db.instance,
+                        {shapes::Colour::red, shapes::Shape::circle},
                         {shapes::Colour::green, shapes::Shape::square},
                         {shapes::Colour::blue, shapes::Shape::triangle}};
   std::printf("[3/4] LoRA (DreamBooth, prior preservation): \"%s\" = a %s %s, class \"%s\"\n",
@@ -199,8 +207,9 @@ int main(int argc, char** argv) try {
   for (std::size_t p = 0; p < lora_grid.prompts.size(); ++p)
     std::printf("  %-18s read as a %s %s: before %zu/%zu, after %zu/%zu\n",
                 ('"' + lora_grid.prompts[p] + '"').c_str(),
-                shapes::name(lora_grid.expected[p].colour), shapes::name(lora_grid.expected[p].shape),
-                before.hits[p], per_prompt, after.hits[p], per_prompt);
+                shapes::name(lora_grid.expected[p].colour),
+                shapes::name(lora_grid.expected[p].shape), before.hits[p], per_prompt,
+                after.hits[p], per_prompt);
   fs::remove_all(work);
 
   const double total = seconds_since(start);
@@ -219,9 +228,10 @@ int main(int argc, char** argv) try {
     load >> one >> five;
     std::printf("  load average at the end: %.2f (1 min), %.2f (5 min)\n", one, five);
   }
-  std::printf("  files in %s: base_grid.png lora_before.png lora_after.png loss.png loss_lora.png "
-              "loss.csv lora.safetensors base_model/\n",
-              out.string().c_str());
+  std::printf(
+      "  files in %s: base_grid.png lora_before.png lora_after.png loss.png loss_lora.png "
+      "loss.csv lora.safetensors base_model/\n",
+      out.string().c_str());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "shapes_demo: %s\n", e.what());

@@ -15,18 +15,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <filesystem>
-#include <fstream>
-#include <functional>
-#include <map>
-#include <optional>
-#include <nlohmann/json.hpp>
-#include <set>
-#include <span>
-#include <string>
-#include <utility>
-#include <vector>
-
 #include <difftrain/difftrain.hpp>
 #include <difftrain/lora/lora_file.hpp>
 #include <difftrain/models/clip/clip.hpp>
@@ -36,6 +24,17 @@
 #include <difftrain/schedule/sample.hpp>
 #include <difftrain/schedule/sampling_config.hpp>
 #include <difftrain/train/trainer.hpp>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <set>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "shapes.hpp"
 
@@ -144,33 +143,33 @@ struct ModelSizes {
 
 /// diffusers UNet2DConditionModel config.json (pixel space: 3 channels in and out).
 inline nlohmann::json unet_config_json(const ModelSizes& m) {
-  return {{"_class_name", "UNet2DConditionModel"},
-          {"_diffusers_version", "0.26.3"},
-          {"sample_size", m.image_size},
-          {"in_channels", 3},
-          {"out_channels", 3},
-          {"center_input_sample", false},
-          {"flip_sin_to_cos", true},
-          {"freq_shift", 0},
-          {"down_block_types",
-           {m.attention_at_full_resolution ? "CrossAttnDownBlock2D" : "DownBlock2D",
-            "CrossAttnDownBlock2D"}},
-          {"mid_block_type", "UNetMidBlock2DCrossAttn"},
-          {"up_block_types",
-           {"CrossAttnUpBlock2D",
-            m.attention_at_full_resolution ? "CrossAttnUpBlock2D" : "UpBlock2D"}},
-          {"block_out_channels", m.block_out_channels},
-          {"layers_per_block", 1},
-          {"downsample_padding", 1},
-          {"mid_block_scale_factor", 1},
-          {"act_fn", "silu"},
-          {"norm_num_groups", m.norm_num_groups},
-          {"norm_eps", 1e-5},
-          {"cross_attention_dim", m.text_hidden_size},
-          {"attention_head_dim", m.attention_head_dim},
-          {"use_linear_projection", false},
-          {"only_cross_attention", false},
-          {"upcast_attention", false}};
+  return {
+      {"_class_name", "UNet2DConditionModel"},
+      {"_diffusers_version", "0.26.3"},
+      {"sample_size", m.image_size},
+      {"in_channels", 3},
+      {"out_channels", 3},
+      {"center_input_sample", false},
+      {"flip_sin_to_cos", true},
+      {"freq_shift", 0},
+      {"down_block_types",
+       {m.attention_at_full_resolution ? "CrossAttnDownBlock2D" : "DownBlock2D",
+        "CrossAttnDownBlock2D"}},
+      {"mid_block_type", "UNetMidBlock2DCrossAttn"},
+      {"up_block_types",
+       {"CrossAttnUpBlock2D", m.attention_at_full_resolution ? "CrossAttnUpBlock2D" : "UpBlock2D"}},
+      {"block_out_channels", m.block_out_channels},
+      {"layers_per_block", 1},
+      {"downsample_padding", 1},
+      {"mid_block_scale_factor", 1},
+      {"act_fn", "silu"},
+      {"norm_num_groups", m.norm_num_groups},
+      {"norm_eps", 1e-5},
+      {"cross_attention_dim", m.text_hidden_size},
+      {"attention_head_dim", m.attention_head_dim},
+      {"use_linear_projection", false},
+      {"only_cross_attention", false},
+      {"upcast_attention", false}};
 }
 
 /// transformers CLIPTextConfig config.json; bos/eos are the tokenizer's last two ids.
@@ -219,7 +218,7 @@ void init_pytorch_like(M& model, RandomStream rs) {
       fan_in[name.substr(0, name.size() - 7)] = p->value.size() / p->value.shape()[0];
   std::uint64_t index = 0;
   for (auto& [name, p] : params) {
-    const RandomStream stream = rs.derive(index++, 1);
+    const RandomStream stream = rs.derive(index++, difftrain::StreamPurpose::parameter_init);
     if (name.ends_with("_embedding.weight")) {
       difftrain::lora::normal_init(p->value, 1.0, stream);
       continue;
@@ -253,8 +252,8 @@ inline Models make_models(const ModelSizes& sizes, const std::filesystem::path& 
   write_tokenizer(tokenizer_dir, demo_words(), sizes.max_length);
   auto tokenizer = difftrain::ClipTokenizer::from_folder(tokenizer_dir.string());
   for (const auto& word : demo_words())
-    difftrain::require(tokenizer.token_ids(word).size() == 1, "shapes::make_models", "word '",
-                       word, "' is ", tokenizer.token_ids(word).size(),
+    difftrain::require(tokenizer.token_ids(word).size() == 1, "shapes::make_models", "word '", word,
+                       "' is ", tokenizer.token_ids(word).size(),
                        " tokens, expected 1 (merges clash)");
   const nlohmann::json unet_json = unet_config_json(sizes);
   const nlohmann::json text_json = text_config_json(sizes, tokenizer.vocab_size());
@@ -263,8 +262,13 @@ inline Models make_models(const ModelSizes& sizes, const std::filesystem::path& 
   difftrain::models::ClipTextModel<float> clip(
       difftrain::models::ClipTextConfig::from_json(text_json));
   init_pytorch_like(clip, RandomStream{seed, 102});
-  return Models{sizes,         unet_json,          text_json, tokenizer_dir, std::move(tokenizer),
-                std::move(unet), ClipTextEncoder(std::move(clip))};
+  return Models{sizes,
+                unet_json,
+                text_json,
+                tokenizer_dir,
+                std::move(tokenizer),
+                std::move(unet),
+                ClipTextEncoder(std::move(clip))};
 }
 
 /// The training schedule of scheduler_config_json.
@@ -277,7 +281,9 @@ inline difftrain::DdpmScheduler make_scheduler(difftrain::PredictionType type) {
 // Training.
 
 /// Stream purposes of the demo's data.
-enum DataStream : std::uint32_t { kSpecs = 1, kPlacements = 3, kClass = 4 };
+constexpr auto kSpecs = difftrain::StreamPurpose::shapes_specs;
+constexpr auto kPlacements = difftrain::StreamPurpose::shapes_placements;
+constexpr auto kClass = difftrain::StreamPurpose::shapes_class;
 
 /// One training run's settings; the defaults are the demo's base training.
 struct TrainSettings {
@@ -287,7 +293,7 @@ struct TrainSettings {
   std::int64_t warmup = 20;
   std::string lr_scheduler = "cosine";
   std::optional<double> snr_gamma;  // Min-SNR-γ; none: uniform weights
-  double caption_dropout = 0.1;  // fraction of captions replaced by "" (CFG's unconditional)
+  double caption_dropout = 0.1;     // fraction of captions replaced by "" (CFG's unconditional)
   difftrain::PredictionType prediction_type = difftrain::PredictionType::v_prediction;
   std::uint64_t seed = 0;
 };
@@ -317,7 +323,7 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
   o.lr_scheduler = s.lr_scheduler;
   o.lr_warmup_steps = s.warmup;
   o.max_train_steps = s.steps;
-  o.snr_gamma = s.snr_gamma;
+  o.weighting.snr_gamma = s.snr_gamma;
   o.prediction_type = s.prediction_type;
   o.seed = s.seed;
   o.adam_weight_decay = 0;

@@ -5,11 +5,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <difftrain/difftrain.hpp>
 #include <numbers>
 #include <span>
 #include <vector>
-
-#include <difftrain/difftrain.hpp>
 
 namespace toy {
 
@@ -22,8 +21,14 @@ class PixelMlp {
 
   PixelMlp(std::size_t channels, std::size_t hidden, std::int64_t num_train_timesteps,
            std::uint64_t seed)
-      : C_(channels), Hd_(hidden), F_(channels + 2 * kFreqs), T_(num_train_timesteps),
-        w1_(Hd_ * F_), b1_(Hd_, 0.0f), w2_(C_ * Hd_), b2_(C_, 0.0f) {
+      : C_(channels),
+        Hd_(hidden),
+        F_(channels + 2 * kFreqs),
+        T_(num_train_timesteps),
+        w1_(Hd_ * F_),
+        b1_(Hd_, 0.0f),
+        w2_(C_ * Hd_),
+        b2_(C_, 0.0f) {
     // PyTorch-like init: U(−1/√fan_in, 1/√fan_in) for the weights.
     difftrain::fill_uniform(w1_, {seed, 1});
     difftrain::fill_uniform(w2_, {seed, 2});
@@ -142,7 +147,8 @@ inline Tensor4<float> synthetic_batch(std::size_t batch, std::size_t channels, s
   difftrain::fill_normal(std::span<float>(x.data(), x.size()), rs);
   const std::size_t plane = size * size;
   for (std::size_t b = 0; b < batch; ++b) {
-    const bool first = difftrain::uniform_double(rs.derive(0, 1), b) < 0.5;
+    const bool first =
+        difftrain::uniform_double(rs.derive(0, difftrain::StreamPurpose::toy_pattern), b) < 0.5;
     for (std::size_t c = 0; c < channels; ++c) {
       const float colour = ((c % 2 == 0) == first) ? 0.8f : -0.8f;
       for (std::size_t p = 0; p < plane; ++p) {

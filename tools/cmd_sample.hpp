@@ -1,5 +1,6 @@
 #pragma once
-// `difftrain sample`: text-to-image sampling from a diffusers pipeline folder, written as a PNG grid.
+// `difftrain sample`: text-to-image sampling from a diffusers pipeline folder, written as a PNG
+// grid.
 //
 //   sample --model DIR --prompt P [--prompt P2 ...] [--negative_prompt N]
 //          [--num_images_per_prompt K] [--num_inference_steps 30] [--guidance_scale 7.5]
@@ -9,70 +10,37 @@
 // DIR: see model_folder.hpp (vae/ optional: pixel space). The grid has one row per prompt and K
 // columns. Classifier-free guidance (guidance_scale > 1) uses the negative prompt ("" by default,
 // diffusers' empty-prompt unconditional branch). Image i of the batch (prompt i div K) starts
-// from normal numbers i·C·h·w.. of RandomStream{S}.derive(0, kSampleNoisePurpose): the same seed
-// gives the same grid. H and W default to the UNet's sample_size × the VAE's factor.
+// from normal numbers i·C·h·w.. of RandomStream{S}.derive(0, StreamPurpose::sample_noise): the same
+// seed gives the same grid. H and W default to the UNet's sample_size × the VAE's factor. The
+// definitions are in cmd_sample.cpp.
 
-#include <omp.h>
-
-#include <CLI/CLI.hpp>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
-#include <memory>
 #include <string>
 #include <vector>
 
-#include "difftrain/core/error.hpp"
-#include "difftrain/lora/lora_file.hpp"
-#include "difftrain/schedule/sample.hpp"
-#include "image_io.hpp"
-#include "model_folder.hpp"
-#include "tool_common.hpp"
+#include "difftrain/core/tensor.hpp"
+
+namespace CLI {
+class App;
+}  // namespace CLI
+
+namespace difftrain {
+struct SampleOptions;  // schedule/sample.hpp
+}  // namespace difftrain
 
 namespace difftrain::tools {
 
-enum class SamplerKind { ddim, euler };
+struct ModelFolder;  // model_folder.hpp
 
-inline SamplerKind parse_sampler_kind(const std::string& name) {
-  if (name == "ddim") return SamplerKind::ddim;
-  if (name == "euler") return SamplerKind::euler;
-  throw Error(difftrain::detail::concat("--sampler: unknown value '", name,
-                                        "', expected ddim or euler"));
-}
+enum class SamplerKind { ddim, euler };
 
 /// Images [P·K, 3, H, W] (≈ [−1, 1]) for `prompts`, K = images_per_prompt consecutive rows per
 /// prompt; options.channels/height/width are set from the folder and height × width pixels.
-inline Tensor4<float> generate_images(ModelFolder& model, const std::vector<std::string>& prompts,
-                                      const std::string& negative_prompt,
-                                      std::size_t images_per_prompt, SamplerKind sampler,
-                                      std::size_t height, std::size_t width,
-                                      SampleOptions options) {
-  constexpr const char* fn = "generate_images";
-  require(!prompts.empty(), fn, "no prompt given");
-  require(images_per_prompt >= 1, fn, "num_images_per_prompt is 0, expected at least 1");
-  const auto shape = model.latent_shape(height, width);
-  options.channels = static_cast<std::int64_t>(shape[0]);
-  options.height = static_cast<std::int64_t>(shape[1]);
-  options.width = static_cast<std::int64_t>(shape[2]);
-
-  std::vector<std::string> rows;
-  for (const auto& p : prompts) rows.insert(rows.end(), images_per_prompt, p);
-  const Tensor3<float> cond = model.encode_prompts(rows);
-  const Tensor3<float> uncond = options.guidance_scale > 1.0
-                                    ? model.encode_prompts({negative_prompt})
-                                    : Tensor3<float>(std::array<std::size_t, 3>{0, 0, 0});
-  const Tensor4<float> latents =
-      sampler == SamplerKind::ddim
-          ? [&] {
-              DdimScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }()
-          : [&] {
-              EulerDiscreteScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }();
-  return model.decode(latents);
-}
+Tensor4<float> generate_images(ModelFolder& model, const std::vector<std::string>& prompts,
+                               const std::string& negative_prompt, std::size_t images_per_prompt,
+                               SamplerKind sampler, std::size_t height, std::size_t width,
+                               SampleOptions options);
 
 struct SampleCommandOptions {
   std::string model, out, negative_prompt, sampler = "ddim", lora;
@@ -84,66 +52,10 @@ struct SampleCommandOptions {
   int threads = 0;
 };
 
-inline void run_sample(const SampleCommandOptions& o) {
-  constexpr const char* fn = "sample";
-  if (o.threads > 0) omp_set_num_threads(o.threads);
-  require(o.num_images_per_prompt >= 1, fn, "--num_images_per_prompt is ", o.num_images_per_prompt,
-          ", expected at least 1");
-  require(o.height >= 0 && o.width >= 0, fn, "--height/--width are ", o.height, "/", o.width,
-          ", expected positive sizes");
-  const SamplerKind sampler = parse_sampler_kind(o.sampler);
-  ModelFolder model = load_model_folder(o.model);
-  // Inference only: no gradient buffers for the base weights.
-  model.unet.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
-  if (!o.lora.empty()) {
-    lora::apply_lora(model.unet, lora::read_lora(o.lora, lora::module_names(model.unet)),
-                     o.lora_scale);
-  } else {
-    require(o.lora_scale == 1.0, fn, "--lora_scale is given without --lora");
-  }
-  const std::size_t f = model.vae_scale_factor();
-  const std::size_t default_size = model.unet.config().sample_size * f;
-  const std::size_t height = o.height > 0 ? static_cast<std::size_t>(o.height) : default_size;
-  const std::size_t width = o.width > 0 ? static_cast<std::size_t>(o.width) : default_size;
-
-  SampleOptions options;
-  options.num_inference_steps = o.num_inference_steps;
-  options.guidance_scale = o.guidance_scale;
-  options.seed = o.seed;
-  const auto k = static_cast<std::size_t>(o.num_images_per_prompt);
-  const Tensor4<float> images = generate_images(model, o.prompts, o.negative_prompt, k, sampler,
-                                                height, width, options);
-  save_png_grid(o.out, images, k);
-  std::printf("wrote %s: %zu prompt(s) x %zu image(s) of %zux%zu, %s, %lld steps, guidance %g\n",
-              o.out.c_str(), o.prompts.size(), k, width, height, o.sampler.c_str(),
-              static_cast<long long>(o.num_inference_steps), o.guidance_scale);
-}
+/// Runs `difftrain sample` (see the top of the file).
+void run_sample(const SampleCommandOptions& o);
 
 /// Registers `sample` on `app`; its callback sets exit_code.
-inline void add_sample_command(CLI::App& app, int& exit_code) {
-  auto o = std::make_shared<SampleCommandOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "sample", "Generate images from a diffusers model folder (DDIM or Euler, CFG) into a PNG grid");
-  cmd->add_option("--model", o->model, "diffusers pipeline folder (unet/, text_encoder/, ...)")
-      ->required();
-  cmd->add_option("--prompt", o->prompts, "prompt (repeat for more rows)")->required();
-  cmd->add_option("--negative_prompt", o->negative_prompt,
-                  "unconditional prompt of classifier-free guidance (default empty)");
-  cmd->add_option("--num_images_per_prompt", o->num_images_per_prompt,
-                  "images per prompt = grid columns (default 1)");
-  cmd->add_option("--num_inference_steps", o->num_inference_steps, "sampler steps (default 30)");
-  cmd->add_option("--guidance_scale", o->guidance_scale,
-                  "classifier-free guidance scale; <= 1 disables it (default 7.5)");
-  cmd->add_option("--sampler", o->sampler, "ddim (default) or euler")
-      ->check(CLI::IsMember({"ddim", "euler"}));
-  cmd->add_option("--lora", o->lora, "LoRA file (kohya or PEFT naming)");
-  cmd->add_option("--lora_scale", o->lora_scale, "multiplier of the LoRA branch (default 1)");
-  cmd->add_option("--seed", o->seed, "random seed of the initial noise (default 0)");
-  cmd->add_option("--height", o->height, "image height in pixels (default: the model's)");
-  cmd->add_option("--width", o->width, "image width in pixels (default: the model's)");
-  cmd->add_option("--threads", o->threads, "OpenMP threads (default: all)");
-  cmd->add_option("--out", o->out, "output PNG grid")->required();
-  cmd->callback([o, &exit_code] { exit_code = run_command("sample", [&] { run_sample(*o); }); });
-}
+void add_sample_command(CLI::App& app, int& exit_code);
 
 }  // namespace difftrain::tools

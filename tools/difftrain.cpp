@@ -1,6 +1,7 @@
-// difftrain: command-line access to the library. Each subcommand lives in tools/cmd_<name>.hpp
-// as `void add_<name>_command(CLI::App& app, int& exit_code)`: it registers a CLI11 subcommand
-// whose callback sets exit_code (0 on success, 1 with a message on stderr on error).
+// difftrain: command-line access to the library. Each subcommand is declared in
+// tools/cmd_<name>.hpp as `void add_<name>_command(CLI::App& app, int& exit_code)` and defined in
+// tools/cmd_<name>.cpp (compiled once into difftrain_tools): it registers a CLI11 subcommand whose
+// callback sets exit_code (0 on success, 1 with a message on stderr on error).
 #include <CLI/CLI.hpp>
 
 #include "cmd_bench.hpp"
@@ -9,7 +10,6 @@
 #include "cmd_train.hpp"
 #include "cmd_unet.hpp"
 #include "cmd_vae.hpp"
-#include "tool_common.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"difftrain: the training step of text-to-image diffusion models"};

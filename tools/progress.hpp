@@ -74,8 +74,8 @@ class ProgressReporter {
       const std::int64_t every = std::max<std::int64_t>(1, s.total / 100);
       if (s.step == first_step_ + 1 || s.step % every == 0 || s.step >= s.total) {
         std::snprintf(line, sizeof line, "step %lld/%lld loss %.6f lr %.3e %.2f it/s ETA %s\n",
-                      static_cast<long long>(s.step), static_cast<long long>(s.total), s.loss,
-                      s.lr, rate, format_duration(eta).c_str());
+                      static_cast<long long>(s.step), static_cast<long long>(s.total), s.loss, s.lr,
+                      rate, format_duration(eta).c_str());
         std::fputs(line, out_);
       }
     }
@@ -110,8 +110,8 @@ class CsvLog {
   void write(std::int64_t step, double loss, double lr, double grad_norm, bool skipped) {
     if (!file_.is_open()) return;
     char line[160];
-    std::snprintf(line, sizeof line, "%lld,%.9g,%.9g,%.9g,%d\n", static_cast<long long>(step),
-                  loss, lr, grad_norm, skipped ? 1 : 0);
+    std::snprintf(line, sizeof line, "%lld,%.9g,%.9g,%.9g,%d\n", static_cast<long long>(step), loss,
+                  lr, grad_norm, skipped ? 1 : 0);
     file_ << line;
     file_.flush();
   }

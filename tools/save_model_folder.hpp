@@ -70,13 +70,12 @@ void save_model_folder(const std::filesystem::path& dir,
       fs::copy_file(entry.path(), dir / "tokenizer" / entry.path().filename(),
                     fs::copy_options::overwrite_existing);
   write_json_file(dir / "scheduler" / "scheduler_config.json", parts.scheduler_config);
-  write_json_file(dir / "model_index.json",
-                  {{"_class_name", "StableDiffusionPipeline"},
-                   {"unet", {"diffusers", "UNet2DConditionModel"}},
-                   {"text_encoder", {"transformers", "CLIPTextModel"}},
-                   {"tokenizer", {"transformers", "CLIPTokenizer"}},
-                   {"scheduler", {"diffusers", "DDPMScheduler"}},
-                   {"vae", nullptr}});
+  write_json_file(dir / "model_index.json", {{"_class_name", "StableDiffusionPipeline"},
+                                             {"unet", {"diffusers", "UNet2DConditionModel"}},
+                                             {"text_encoder", {"transformers", "CLIPTextModel"}},
+                                             {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                                             {"scheduler", {"diffusers", "DDPMScheduler"}},
+                                             {"vae", nullptr}});
 }
 
 }  // namespace difftrain::tools

@@ -2,11 +2,22 @@
 // Shared pieces of the `difftrain` subcommands: reading inputs, writing outputs, errors.
 
 #include <cstdio>
-#include <string>
+#include <exception>
 
-#include <CLI/CLI.hpp>
+namespace CLI {
+class App;
+}  // namespace CLI
 
 namespace difftrain::tools {
+
+/// Registers --threads N on a subcommand, bound to `threads` (0: all; set_threads applies it).
+/// Every subcommand registers it here, once.
+void add_threads_option(CLI::App& cmd, int& threads);
+
+/// Sets OpenMP's and Eigen's thread counts to n (n > 0; 0 keeps OpenMP's default) and returns the
+/// count in effect. Throws difftrain::Error naming `command` for n < 0. Definition in
+/// tool_common.cpp.
+int set_threads(const char* command, int n);
 
 /// Runs a subcommand body, turning difftrain::Error (and other exceptions) into a message on
 /// stderr and exit code 1 instead of a crash.

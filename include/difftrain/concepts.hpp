@@ -1,11 +1,16 @@
 #pragma once
-// The C++20 concepts that compose a training step. Any type satisfying a concept plugs into
-// DiffusionTrainStep: the reference models are one choice, a user's own GPU UNet wrapper,
-// an identity encoder or a custom weighting are others. Static polymorphism, no virtual calls.
+// The C++20 concepts of difftrain, all in this header: those that compose a training step (any
+// type satisfying them plugs into DiffusionTrainStep: the reference models are one choice, a
+// user's own GPU UNet wrapper, an identity encoder or a custom weighting are others), the
+// sampler's scheduler, and nn::Module, lora::HasLoraSlots and train::TrainDataSource (with the
+// micro-batch type it yields). Static polymorphism, no virtual calls.
 
 #include <concepts>
 #include <cstdint>
+#include <optional>
 #include <span>
+#include <string>
+#include <vector>
 
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/core/random.hpp"
@@ -54,7 +59,8 @@ template <class E>
 concept Encoder = requires {
   typename E::input_type;
   typename E::output_type;
-} && EncoderOf<E, typename E::input_type, typename E::output_type>;
+}
+&&EncoderOf<E, typename E::input_type, typename E::output_type>;
 
 /// Images [B,3,H,W] in [-1, 1] (or pixels for pixel-space diffusion) → latents x0 [B,C,h,w],
 /// already multiplied by the VAE scaling factor. Admits the VAE encoder and IdentityEncoder.
@@ -86,4 +92,59 @@ concept NoiseSampler = requires(const N& n, Tensor4<float>& noise, const Tensor4
   n.sample(noise, x0, rs);
 };
 
+/// A sampler's scheduler: set_timesteps(n), then for t in timesteps() scale the model input,
+/// run the model and step x in place. Admits DdimScheduler and EulerDiscreteScheduler.
+template <class S>
+concept SamplingScheduler = requires(S& s, const S& cs, std::int64_t t, Tensor4<float>& x,
+                                     const Tensor4<float>& out) {
+  s.set_timesteps(t);
+  { cs.timesteps() } -> std::convertible_to<std::span<const std::int64_t>>;
+  { cs.init_noise_sigma() } -> std::convertible_to<double>;
+  cs.scale_model_input(x, t);
+  cs.step(out, t, x);
+};
+
 }  // namespace difftrain
+
+namespace difftrain::nn {
+
+/// A type that names its parameters: for_each_parameter(prefix, visitor) with
+/// visitor(std::string name, Parameter<T>&) and a const overload.
+template <class M>
+concept Module = requires(M& m) {
+  m.for_each_parameter(std::string{}, [](const std::string&, auto&) {});
+};
+
+}  // namespace difftrain::nn
+
+namespace difftrain::lora {
+
+/// A model whose adaptable layers are visited by for_each_slot(prefix, visitor).
+template <class M>
+concept HasLoraSlots = requires(M& m) {
+  m.for_each_slot(std::string{}, [](const std::string&, auto&) {});
+};
+
+}  // namespace difftrain::lora
+
+namespace difftrain::train {
+
+/// One micro-batch. With prior preservation, class_images / class_token_ids hold the class
+/// examples (appended after the instance ones). sample_weights (optional) and mask (optional)
+/// cover all rows, instance then class.
+struct TrainBatch {
+  Tensor4<float> images;
+  TokenIds token_ids;
+  Tensor4<float> class_images;
+  TokenIds class_token_ids;
+  std::vector<float> sample_weights;
+  std::optional<Tensor4<float>> mask;
+};
+
+/// A source of micro-batches: data(m) is micro-batch m, a function of m only (resume relies on it).
+template <class D>
+concept TrainDataSource = requires(D& d, std::uint64_t m) {
+  { d(m) } -> std::convertible_to<TrainBatch>;
+};
+
+}  // namespace difftrain::train

@@ -1,6 +1,7 @@
 // `difftrain bench`, `bench-vae`, `bench-clip` (tools/cmd_bench.hpp): the JSON each prints on tiny
 // models, its parameter counts against the golden checkpoints and an independent LoRA count, the
 // FLOP count against the figures of benchmarks/configs/README, and the errors for bad options.
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstddef>
@@ -9,6 +10,7 @@
 
 #include "cmd_bench.hpp"
 #include "difftrain/io/safetensors.hpp"
+#include "difftrain/models/unet/unet2d_condition.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -101,8 +103,9 @@ TEST_CASE("bench lora: one step of the tiny UNet, adapters counted independently
   const std::size_t r = 2, D = 32;
   auto per_block = [&](std::size_t C) { return 8 * r * C + r * (6 * C + 2 * D); };
   const std::size_t lora = 3 * per_block(32) + per_block(64);
-  const std::size_t base = checkpoint_parameters(test::data_path("unet_tiny/"
-                                                                 "diffusion_pytorch_model.safetensors"));
+  const std::size_t base =
+      checkpoint_parameters(test::data_path("unet_tiny/"
+                                            "diffusion_pytorch_model.safetensors"));
   CHECK(j["trainable_params"] == lora);
   CHECK(j["params"] == base + lora);
 }
@@ -113,8 +116,9 @@ TEST_CASE("bench full: every parameter trains, the step counts 3x the forward FL
   check_timing(j, "ms");
   CHECK(j["mode"] == "full");
   CHECK(j["rank"].is_null());
-  const std::size_t base = checkpoint_parameters(test::data_path("unet_tiny/"
-                                                                 "diffusion_pytorch_model.safetensors"));
+  const std::size_t base =
+      checkpoint_parameters(test::data_path("unet_tiny/"
+                                            "diffusion_pytorch_model.safetensors"));
   CHECK(j["params"] == base);
   CHECK(j["trainable_params"] == base);
   CHECK(number(j, "step_gflop") == Approx(3 * number(j, "forward_gflop")).epsilon(1e-12));
@@ -135,8 +139,8 @@ TEST_CASE("bench errors: bad mode, missing config, bad sizes") {
   // through the command line: a message and exit code 1, not an exception
   CHECK(run_cli({"bench", "--config", test::data_path("unet_tiny/config.json"), "--batch", "1",
                  "--latent", "8", "--seq-len", "4", "--mode", "half"}) == 1);
-  CHECK(run_cli({"bench", "--config", test::data_path("missing.json"), "--batch", "1",
-                 "--latent", "8", "--seq-len", "4", "--mode", "lora"}) == 1);
+  CHECK(run_cli({"bench", "--config", test::data_path("missing.json"), "--batch", "1", "--latent",
+                 "8", "--seq-len", "4", "--mode", "lora"}) == 1);
 }
 
 // The forward GFLOP given for these configurations in the benchmark brief (../shared/bench/

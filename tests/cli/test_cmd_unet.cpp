@@ -1,10 +1,13 @@
 // `difftrain unet` against diffusers' golden files: unet_tiny (all 208 parameter gradients) and
 // unet_tiny_lora (kohya and PEFT files, adapter gradients), with the golden README's error rule.
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <vector>
+#include <xtensor/xadapt.hpp>
 
 #include "cmd_unet.hpp"
+#include "difftrain/io/safetensors.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 

@@ -1,5 +1,6 @@
 #pragma once
-// Shared helpers of the CLIP tests: the golden error rule and a temporary folder.
+// Shared helpers of the CLIP tests: the golden folder, the golden error rule and a temporary
+// folder.
 
 #include <unistd.h>
 
@@ -11,8 +12,12 @@
 #include <string>
 
 #include "support/temp_dir.hpp"
+#include "support/tensor_match.hpp"
 
 namespace difftrain::test {
+
+// A file of the golden clip_tiny folder ("" for the folder).
+inline std::string clip_golden(const std::string& name) { return data_path("clip_tiny/" + name); }
 
 // The golden README's rule: max|got − ref| / max|ref| (inf on a size mismatch or non-finite got).
 template <class A, class E>

@@ -19,13 +19,11 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-std::string golden(const std::string& name) { return test::data_path("clip_tiny/" + name); }
-
 // clip_tiny's tensors below `prefix` (with `text_model.` dropped when !keep_text_model), the
 // buffer position_ids, and tensors of the other components; `skip` is left out.
 void write_single_file(const std::string& path, const std::string& prefix, bool keep_text_model,
                        const std::string& skip = "") {
-  const auto file = io::SafetensorsFile::open(golden("model.safetensors"));
+  const auto file = io::SafetensorsFile::open(test::clip_golden("model.safetensors"));
   std::vector<std::vector<float>> values;  // kept alive until the file is written
   values.reserve(file.names().size() + 2);
   std::vector<io::TensorToWrite> list;
@@ -56,10 +54,10 @@ void write_single_file(const std::string& path, const std::string& prefix, bool 
 TEST_CASE("load_clip_text_model_single_file: cond_stage_model.transformer.* of a single file",
           "[clip][ldm][load]") {
   test::TempDir dir("clip_single_file");
-  const auto config = models::ClipTextConfig::from_file(golden("config.json"));
-  const TokenIds ids = io::SafetensorsFile::open(golden("inputs.safetensors"))
+  const auto config = models::ClipTextConfig::from_file(test::clip_golden("config.json"));
+  const TokenIds ids = io::SafetensorsFile::open(test::clip_golden("inputs.safetensors"))
                            .read_tensor<std::int64_t, 2>("input_ids");
-  const auto expected = io::SafetensorsFile::open(golden("expected.safetensors"));
+  const auto expected = io::SafetensorsFile::open(test::clip_golden("expected.safetensors"));
   for (const bool keep_text_model : {true, false}) {
     INFO("names with text_model.: " << keep_text_model);
     const std::string path = dir.file("ldm.safetensors");

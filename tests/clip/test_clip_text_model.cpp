@@ -34,20 +34,19 @@ namespace {
 
 constexpr double kForwardTolerance = 1e-4;  // the golden README's forward rule
 
-std::string golden(const std::string& name) { return test::data_path("clip_tiny/" + name); }
-
 ClipTextModel<float>& golden_model() {
-  static ClipTextModel<float> model = models::load_clip_text_model<float>(golden(""));
+  static ClipTextModel<float> model = models::load_clip_text_model<float>(test::clip_golden(""));
   return model;
 }
 
 TokenIds golden_ids() {
-  return io::SafetensorsFile::open(golden("inputs.safetensors"))
+  return io::SafetensorsFile::open(test::clip_golden("inputs.safetensors"))
       .read_tensor<std::int64_t, 2>("input_ids");
 }
 
 Tensor3<float> expected3(const std::string& name) {
-  return io::SafetensorsFile::open(golden("expected.safetensors")).read_tensor<float, 3>(name);
+  return io::SafetensorsFile::open(test::clip_golden("expected.safetensors"))
+      .read_tensor<float, 3>(name);
 }
 
 // LayerNorm over the last dim in double: (x − μ)/√(σ² + eps)·γ + β.
@@ -70,7 +69,7 @@ Tensor3<double> layer_norm_reference(const Tensor3<float>& x, const nn::LayerNor
 
 // Every parameter of the golden file as name → F32 array.
 std::map<std::string, xt::xarray<float>> golden_state() {
-  const auto file = io::SafetensorsFile::open(golden("model.safetensors"));
+  const auto file = io::SafetensorsFile::open(test::clip_golden("model.safetensors"));
   std::map<std::string, xt::xarray<float>> state;
   for (const auto& name : file.names()) {
     const auto& info = file.info(name);
@@ -99,7 +98,7 @@ TEST_CASE("ClipTextModel matches transformers' CLIPTextModel on clip_tiny", "[cl
   REQUIRE(ids.shape()[0] == 2);
   REQUIRE(ids.shape()[1] == 77);
   const auto out = model.forward(ids);
-  const auto expected = io::SafetensorsFile::open(golden("expected.safetensors"));
+  const auto expected = io::SafetensorsFile::open(test::clip_golden("expected.safetensors"));
 
   const auto last = expected.read_tensor<float, 3>("last_hidden_state");
   const double last_error = test::golden_error(out.last_hidden_state, last);
@@ -151,13 +150,13 @@ TEST_CASE("clip skip is final_layer_norm of an earlier hidden state", "[clip][go
   CHECK_THROWS_WITH(model.encode(ids, 4), Contains("clip_skip is 4, expected at most"));
 
   // the TextEncoder wrapper
-  auto encoder = ClipTextEncoder::from_folder(golden(""), {.clip_skip = 1});
+  auto encoder = ClipTextEncoder::from_folder(test::clip_golden(""), {.clip_skip = 1});
   static_assert(TextEncoder<ClipTextEncoder>);
   REQUIRE_CLOSE(encoder.encode(ids), penultimate, 1e-6, 1e-6);
-  auto plain = ClipTextEncoder::from_folder(golden(""));
+  auto plain = ClipTextEncoder::from_folder(test::clip_golden(""));
   CHECK(test::golden_error(plain.encode(ids), expected3("last_hidden_state")) <= kForwardTolerance);
   CHECK_THROWS_WITH(
-      ClipTextEncoder(models::load_clip_text_model<float>(golden("")), {.clip_skip = 5}),
+      ClipTextEncoder(models::load_clip_text_model<float>(test::clip_golden("")), {.clip_skip = 5}),
       Contains("clip_skip is 5"));
 }
 
@@ -242,7 +241,7 @@ TEST_CASE("causal_attention_forward equals a naive masked softmax attention", "[
 }
 
 TEST_CASE("pooling: first eos, or argmax of the ids for legacy eos_token_id 2", "[clip][pool]") {
-  auto config = ClipTextConfig::from_file(golden("config.json"));
+  auto config = ClipTextConfig::from_file(test::clip_golden("config.json"));
   ClipTextModel<float> first_eos(config);
   // eos 999 first at 3; padding with another id (0) after it
   TokenIds ids = xt::zeros<std::int64_t>({2, 8});
@@ -274,7 +273,7 @@ TEST_CASE("pooling: first eos, or argmax of the ids for legacy eos_token_id 2", 
 }
 
 TEST_CASE("loading: strict names, position_ids accepted, F16 converted", "[clip][load]") {
-  const auto config = ClipTextConfig::from_file(golden("config.json"));
+  const auto config = ClipTextConfig::from_file(test::clip_golden("config.json"));
   ClipTextModel<float> model(config);
 
   // the names are transformers' (every name of the golden file, and only those)
@@ -311,7 +310,7 @@ TEST_CASE("loading: strict names, position_ids accepted, F16 converted", "[clip]
 
   // a folder with F16 weights and the position_ids buffer as I64
   test::TempDir dir("clip_load");
-  fs::copy_file(golden("config.json"), dir.path() / "config.json");
+  fs::copy_file(test::clip_golden("config.json"), dir.path() / "config.json");
   std::vector<io::TensorToWrite> tensors;
   for (const auto& [name, value] : state)
     tensors.push_back(io::TensorToWrite::from_tensor(name, value, io::Dtype::F16));
@@ -334,7 +333,7 @@ TEST_CASE("loading: strict names, position_ids accepted, F16 converted", "[clip]
 
   // a folder without weights, and a file with a wrong name
   test::TempDir empty("clip_empty");
-  fs::copy_file(golden("config.json"), empty.path() / "config.json");
+  fs::copy_file(test::clip_golden("config.json"), empty.path() / "config.json");
   CHECK_THROWS_WITH(models::load_clip_text_model<float>(empty.path().string()),
                     Contains("model.safetensors"));
   tensors.push_back(io::TensorToWrite::from_tensor("text_model.extra", xt::xarray<float>{1.0f}));
@@ -355,7 +354,7 @@ TEST_CASE("ClipTextModel input errors", "[clip][errors]") {
                                                  Contains("max_position_embeddings = 77"));
   const TokenIds empty = xt::zeros<std::int64_t>({1, 0});
   CHECK_THROWS_WITH(model.encode(empty), Contains("input_ids has shape [1,0]"));
-  auto bad = ClipTextConfig::from_file(golden("config.json"));
+  auto bad = ClipTextConfig::from_file(test::clip_golden("config.json"));
   bad.num_attention_heads = 5;
   CHECK_THROWS_WITH(ClipTextModel<float>(bad), Contains("not divisible"));
 }

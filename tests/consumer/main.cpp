@@ -15,7 +15,8 @@ int main() {
   Tensor4<float> x_t, target, grad;
   kernels::fused_noise_forward_target(x0, k, kernels::FusedNoise{{1, 0}, {}, 0, {}}, x_t, target);
   const std::vector<float> w = {1, 1};
-  const auto loss = kernels::loss_and_grad(x_t, target, kernels::LossType::l2, w, {}, nullptr, &grad);
+  const auto loss =
+      kernels::loss_and_grad(x_t, target, kernels::LossType::l2, w, {}, nullptr, &grad);
   std::printf("consumer: loss %.6f\n", loss.loss);
   return std::isfinite(loss.loss) && loss.loss > 0 ? 0 : 1;
 }

@@ -62,6 +62,40 @@ struct SamplerWithoutStream {
 struct ToyNoise {
   void sample(Tensor4<float>&, const Tensor4<float>&, RandomStream) const {}
 };
+struct ToySamplingScheduler {
+  void set_timesteps(std::int64_t) {}
+  std::span<const std::int64_t> timesteps() const { return {}; }
+  double init_noise_sigma() const { return 1; }
+  void scale_model_input(Tensor4<float>&, std::int64_t) const {}
+  void step(const Tensor4<float>&, std::int64_t, Tensor4<float>&) const {}
+};
+struct SchedulerWithoutStep {  // cannot advance x
+  void set_timesteps(std::int64_t) {}
+  std::span<const std::int64_t> timesteps() const { return {}; }
+  double init_noise_sigma() const { return 1; }
+  void scale_model_input(Tensor4<float>&, std::int64_t) const {}
+};
+struct ToyModule {
+  template <class Visitor>
+  void for_each_parameter(const std::string& prefix, Visitor&& visit) {
+    float weight = 0;
+    visit(prefix + "weight", weight);
+  }
+};
+struct ModuleWithoutNames {  // visits values without names
+  template <class Visitor>
+  void for_each_parameter(Visitor&&) {}
+};
+struct ToySlots {
+  template <class Visitor>
+  void for_each_slot(const std::string&, Visitor&&) {}
+};
+struct ToyData {
+  train::TrainBatch operator()(std::uint64_t) { return {}; }
+};
+struct DataOfImages {  // yields images only, not a TrainBatch
+  Tensor4<float> operator()(std::uint64_t) { return {}; }
+};
 }  // namespace
 
 static_assert(Scheduler<ToySchedule>);
@@ -79,6 +113,14 @@ static_assert(TimestepSampler<ToySampler>);
 static_assert(!TimestepSampler<SamplerWithoutStream>);
 static_assert(NoiseSampler<ToyNoise>);
 static_assert(!NoiseSampler<ToySampler>);
+static_assert(SamplingScheduler<ToySamplingScheduler>);
+static_assert(!SamplingScheduler<SchedulerWithoutStep> && !SamplingScheduler<ToySchedule>);
+static_assert(nn::Module<ToyModule>);
+static_assert(!nn::Module<ModuleWithoutNames> && !nn::Module<ToySlots>);
+static_assert(lora::HasLoraSlots<ToySlots>);
+static_assert(!lora::HasLoraSlots<ToyModule>);
+static_assert(train::TrainDataSource<ToyData>);
+static_assert(!train::TrainDataSource<DataOfImages> && !train::TrainDataSource<ToyNoise>);
 
 TEST_CASE("concepts admit the toy types and reject the incomplete ones") {
   SUCCEED("checked by the static_asserts of this file at compile time");

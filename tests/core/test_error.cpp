@@ -1,5 +1,8 @@
 #include <catch2/catch.hpp>
+#include <cstddef>
+#include <limits>
 #include <string>
+#include <string_view>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
@@ -20,5 +23,33 @@ TEST_CASE("Error is a std::runtime_error and require formats its parts") {
     FAIL("require did not throw");
   } catch (const std::runtime_error& e) {
     REQUIRE(std::string(e.what()) == "ddpm: gamma is -1.5, expected > 0");
+  }
+}
+
+TEST_CASE("fail throws Error(function + \": \" + parts...)") {
+  try {
+    difftrain::fail("load_vae", "'", std::string("a.json"), "' has ", 3, " keys, expected ", 2.5);
+    FAIL("fail did not throw");
+  } catch (const NonFiniteLoss&) {
+    FAIL("fail threw NonFiniteLoss, expected Error");
+  } catch (const Error& e) {
+    REQUIRE(std::string(e.what()) == "load_vae: 'a.json' has 3 keys, expected 2.5");
+  }
+  REQUIRE_THROWS_AS(difftrain::fail("f"), Error);
+  REQUIRE_THROWS_WITH(difftrain::fail("f"), "f: ");
+  REQUIRE_THROWS_WITH(difftrain::fail(std::string_view("g"), "x"), "g: x");
+  // require(false, ...) and fail(...) give the same message.
+  REQUIRE_THROWS_WITH(require(false, "ddpm", "gamma is ", -1.5), "ddpm: gamma is -1.5");
+  REQUIRE_THROWS_WITH(difftrain::fail("ddpm", "gamma is ", -1.5), "ddpm: gamma is -1.5");
+}
+
+TEST_CASE("message concatenates its parts as operator<< prints them") {
+  REQUIRE(message() == "");
+  REQUIRE(message("micro-batch ", 3, ": loss is ", 0.25) == "micro-batch 3: loss is 0.25");
+  REQUIRE(message(std::string("a"), std::string_view("b"), 'c', std::size_t{7}, -2) == "abc7-2");
+  try {
+    throw NonFiniteLoss(message("step: loss is ", std::numeric_limits<double>::infinity()));
+  } catch (const Error& e) {
+    REQUIRE(std::string(e.what()) == "step: loss is inf");
   }
 }

@@ -16,6 +16,7 @@
 #include <random>
 #include <span>
 #include <tuple>
+#include <utility>
 #include <vector>
 #include <xsimd/xsimd.hpp>
 
@@ -593,4 +594,50 @@ TEST_CASE("uniform_int rejects ranges wider than 2^32 and empty or reversed rang
   CHECK_NOTHROW(uniform_int(rs, 0, 0, std::int64_t{1} << 32));
   CHECK_THROWS_WITH(uniform_int(rs, 0, 5, 5), Catch::Contains("range [5, 5)"));
   CHECK_THROWS_AS(uniform_int(rs, 0, 10, 0), Error);
+}
+
+TEST_CASE("StreamPurpose keeps every purpose id and derive(step, purpose) uses it",
+          "[random][derive]") {
+  // The ids are part of every random sequence (bitwise resume): they must never change.
+  using P = StreamPurpose;
+  const std::vector<std::pair<P, std::uint32_t>> ids = {
+      {P::train_step, 0},
+      {P::sample_noise, 0x534D'506Eu},
+      {P::step_timesteps, 16},
+      {P::step_noise, 17},
+      {P::noise, 1},
+      {P::noise_offset, 2},
+      {P::noise_offset_strength, 3},
+      {P::noise_pyramid, 4},
+      {P::noise_perturbation, 5},
+      {P::noise_perturbation_strength, 6},
+      {P::pyramid_scale, 1},
+      {P::pyramid_level, 2},
+      {P::parameter_init, 1},
+      {P::vae_noise, 0x5641'456Eu},
+      {P::lora_adapter, 0},
+      {P::lora_init, 1},
+      {P::lora_dropout, 2},
+      {P::lora_rank_dropout, 3},
+      {P::lora_module_dropout, 4},
+      {P::data_permutation, 1},
+      {P::data_crop, 2},
+      {P::data_flip, 4},
+      {P::latent_sample_instance, 1},
+      {P::latent_sample_class, 2},
+      {P::shapes_specs, 1},
+      {P::shapes_placements, 3},
+      {P::shapes_class, 4},
+      {P::toy_pattern, 1},
+  };
+  constexpr RandomStream base{123, 45};
+  for (const auto& [purpose, id] : ids) {
+    INFO("id " << id);
+    CHECK(static_cast<std::uint32_t>(purpose) == id);
+    for (std::uint64_t step : {std::uint64_t{0}, std::uint64_t{7}, ~std::uint64_t{0}}) {
+      CHECK(base.derive(step, purpose).seed == base.derive(step, id).seed);
+      CHECK(base.derive(step, purpose).stream == base.derive(step, id).stream);
+    }
+  }
+  static_assert(base.derive(3, P::step_noise).stream == base.derive(3, 17u).stream);
 }

@@ -2,12 +2,11 @@
 // its errors, and the micro-batches of ImageCaptionDataSource.
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <map>
 #include <set>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 #include "dataset.hpp"
 #include "support/temp_dir.hpp"
@@ -46,9 +45,7 @@ TokenIds number_tokenizer(const std::vector<std::string>& captions) {
 }
 
 // "img3.png" (concat: GCC 12 warns falsely (-Wrestrict) on "literal" + std::string + ...).
-std::string png_name(const char* prefix, int i) {
-  return difftrain::detail::concat(prefix, i, ".png");
-}
+std::string png_name(const char* prefix, int i) { return difftrain::message(prefix, i, ".png"); }
 
 }  // namespace
 
@@ -96,8 +93,8 @@ TEST_CASE("scan_image_folder: metadata.jsonl with a configurable caption column"
 
   REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str(), {.caption_column = "label"}),
                       Catch::Contains("\"label\"") && Catch::Contains("line 1"));
-  CHECK(tools::scan_image_folder(dir.str(), {.caption_column = "label",
-                                             .allow_missing_captions = true})[0]
+  CHECK(tools::scan_image_folder(dir.str(),
+                                 {.caption_column = "label", .allow_missing_captions = true})[0]
             .caption.empty());
 
   dir.write("metadata.jsonl", "{\"file_name\": \"x.png\", \"text\": \"ok\"}\n{oops\n");
@@ -150,8 +147,11 @@ TEST_CASE("data source: micro-batch m is a function of m; each example once per 
     write_solid(dir / png_name("img", i), i);
     ex.push_back({dir / png_name("img", i), "caption " + std::to_string(i)});
   }
-  tools::DataSourceOptions o{.resolution = 8, .center_crop = false, .random_flip = true,
-                             .train_batch_size = 2, .seed = 11};
+  tools::DataSourceOptions o{.resolution = 8,
+                             .center_crop = false,
+                             .random_flip = true,
+                             .train_batch_size = 2,
+                             .seed = 11};
   tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
   CHECK(data.num_examples() == 5);
   CHECK(data.steps_per_epoch(2) == 3);
@@ -209,7 +209,8 @@ TEST_CASE("data source: micro-batch m is a function of m; each example once per 
   other_seed.seed = 12;
   tools::ImageCaptionDataSource other(ex, number_tokenizer, other_seed);
   bool differs = false;
-  for (std::uint64_t m = 0; m < 12; ++m) differs = differs || bool(other(m).token_ids != data(m).token_ids);
+  for (std::uint64_t m = 0; m < 12; ++m)
+    differs = differs || bool(other(m).token_ids != data(m).token_ids);
   CHECK(differs);
 }
 
@@ -221,8 +222,8 @@ TEST_CASE("data source: crops and flips are drawn per (seed, epoch, index)", "[d
     for (int x = 0; x < 24; ++x) ramp.pixel(x, y)[0] = std::uint8_t(10 * x);
   tools::save_png(dir / "ramp.png", ramp);
   const std::vector<Example> ex(1, Example{dir / "ramp.png", "caption 0"});
-  tools::ImageCaptionDataSource data(
-      ex, number_tokenizer, {.resolution = 8, .random_flip = true, .train_batch_size = 1});
+  tools::ImageCaptionDataSource data(ex, number_tokenizer,
+                                     {.resolution = 8, .random_flip = true, .train_batch_size = 1});
   std::set<std::pair<int, bool>> windows;  // (left, flipped)
   for (std::uint64_t m = 0; m < 64; ++m) {
     const Image im = tools::tensor_to_image(xt::view(data(m).images, 0));
@@ -237,7 +238,8 @@ TEST_CASE("data source: crops and flips are drawn per (seed, epoch, index)", "[d
   CHECK(std::count_if(windows.begin(), windows.end(), [](auto w) { return w.second; }) > 3);
 
   // Center crop without flip is the same every epoch.
-  tools::ImageCaptionDataSource center(ex, number_tokenizer, {.resolution = 8, .center_crop = true});
+  tools::ImageCaptionDataSource center(ex, number_tokenizer,
+                                       {.resolution = 8, .center_crop = true});
   CHECK(tools::tensor_to_image(xt::view(center(0).images, 0)).pixel(0, 0)[0] == 80);
   CHECK(bool(center(5).images == center(0).images));
 }
@@ -253,10 +255,9 @@ TEST_CASE("data source: DreamBooth pairs instance and class examples", "[dataset
     write_solid(dir / png_name("c", c), c, 1);
     cls.push_back({dir / png_name("c", c), "class 2"});
   }
-  tools::ImageCaptionDataSource data(instance, number_tokenizer,
-                                     {.resolution = 8, .center_crop = true, .train_batch_size = 2,
-                                      .seed = 3},
-                                     cls);
+  tools::ImageCaptionDataSource data(
+      instance, number_tokenizer,
+      {.resolution = 8, .center_crop = true, .train_batch_size = 2, .seed = 3}, cls);
   REQUIRE(data.with_prior_preservation());
   CHECK(data.num_examples() == 5);  // max(3, 5), as diffusers' DreamBoothDataset
   CHECK(data.steps_per_epoch(2) == 3);
@@ -269,8 +270,8 @@ TEST_CASE("data source: DreamBooth pairs instance and class examples", "[dataset
     for (std::size_t j = 0; j < rows; ++j) {
       CHECK(batch.token_ids(j, 0) == 1);
       CHECK(batch.class_token_ids(j, 0) == 2);
-      CHECK(batch.images(j, 1, 0, 0) == Approx(-1.0));        // green 0: an instance image
-      CHECK(batch.class_images(j, 1, 0, 0) > -0.5f);          // green 100: a class image
+      CHECK(batch.images(j, 1, 0, 0) == Approx(-1.0));  // green 0: an instance image
+      CHECK(batch.class_images(j, 1, 0, 0) > -0.5f);    // green 100: a class image
       const int a = id_of_row(batch.images, j), c = id_of_row(batch.class_images, j);
       CHECK(a == c % 3);  // dataset index i = c pairs instance i mod 3 with class i mod 5
       instance_seen.insert(a), class_seen.insert(c);
@@ -295,8 +296,8 @@ TEST_CASE("data source errors", "[dataset]") {
   REQUIRE_THROWS_AS(tools::ImageCaptionDataSource({}, number_tokenizer, {}), Error);
   REQUIRE_THROWS_AS(tools::ImageCaptionDataSource(ex, nullptr, {}), Error);
   REQUIRE_THROWS_AS(tools::ImageCaptionDataSource(ex, number_tokenizer, {.resolution = 0}), Error);
-  REQUIRE_THROWS_AS(
-      tools::ImageCaptionDataSource(ex, number_tokenizer, {.train_batch_size = 0}), Error);
+  REQUIRE_THROWS_AS(tools::ImageCaptionDataSource(ex, number_tokenizer, {.train_batch_size = 0}),
+                    Error);
   auto wrong_rows = [](const std::vector<std::string>&) {
     return TokenIds(TokenIds::shape_type{1, 2});
   };

@@ -1,16 +1,15 @@
 // tools/image_io.hpp: PNG round trips, tensor conversion, grid layout, resize/crop/flip.
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
 
-#include <catch2/catch.hpp>
-
 #include "image_io.hpp"
-#include "support/tensor_match.hpp"
 #include "support/temp_dir.hpp"
+#include "support/tensor_match.hpp"
 
 using difftrain::Error;
 using difftrain::tools::Image;
@@ -120,8 +119,8 @@ TEST_CASE("image_to_tensor and tensor_to_image", "[image_io]") {
   CHECK(px(im, 2, 0) == std::vector<int>(3, 128));
   CHECK(px(im, 3, 0) == std::vector<int>(3, 0));
 
-  REQUIRE_THROWS_AS(tools::tensor_to_image(difftrain::Tensor3<float>(
-                        difftrain::Tensor3<float>::shape_type{4, 2, 2})),
+  REQUIRE_THROWS_AS(tools::tensor_to_image(
+                        difftrain::Tensor3<float>(difftrain::Tensor3<float>::shape_type{4, 2, 2})),
                     Error);
 }
 
@@ -224,13 +223,13 @@ TEST_CASE("random crop: a window of the image, deterministic in crop_seed", "[im
   for (std::uint64_t seed = 0; seed < 200; ++seed) {
     const Image c = tools::resize_and_crop(tall, 64, false, seed, false);
     const int top = top_of(c);
-    REQUIRE(c == tools::crop_image(tall, 0, top, 64, false));  // an exact window
+    REQUIRE(c == tools::crop_image(tall, 0, top, 64, false));            // an exact window
     REQUIRE(c == tools::resize_and_crop(tall, 64, false, seed, false));  // same seed, same crop
     lo = std::min(lo, top), hi = std::max(hi, top);
   }
   CHECK(lo >= 0);
   CHECK(hi <= 136);
-  CHECK(lo < 15);   // the 200 draws spread over [0, 136]
+  CHECK(lo < 15);  // the 200 draws spread over [0, 136]
   CHECK(hi > 121);
   CHECK(top_of(tools::resize_and_crop(tall, 64, true, 0, false)) == 68);  // center: 136 / 2
 }

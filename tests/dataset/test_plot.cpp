@@ -1,13 +1,12 @@
 // tools/plot.hpp: the loss plot's size, where its curves are drawn, and the moving average.
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <vector>
 
-#include <catch2/catch.hpp>
-
 #include "plot.hpp"
-#include "support/tensor_match.hpp"
 #include "support/temp_dir.hpp"
+#include "support/tensor_match.hpp"
 
 namespace tools = difftrain::tools;
 using tools::Image;

@@ -41,8 +41,10 @@ TEST_CASE("drawn images are in [-1, 1] with a black background and the pure colo
   std::vector<float> chw(3 * S * S);
   shapes::draw(chw, S, spec, p);
   for (float v : chw) REQUIRE((v >= -1 && v <= 1));
-  const auto at = [&](std::size_t c, std::size_t i, std::size_t j) { return chw[c * S * S + i * S + j]; };
-  CHECK(at(0, 8, 8) == 1.0f);   // yellow = (1, 1, -1)
+  const auto at = [&](std::size_t c, std::size_t i, std::size_t j) {
+    return chw[c * S * S + i * S + j];
+  };
+  CHECK(at(0, 8, 8) == 1.0f);  // yellow = (1, 1, -1)
   CHECK(at(1, 8, 8) == 1.0f);
   CHECK(at(2, 8, 8) == -1.0f);
   CHECK(at(0, 2, 2) == -1.0f);  // background

@@ -79,10 +79,10 @@ TEST_CASE("the saved base model and LoRA load back and sample the same images", 
   const auto type = shapes::SampleSettings{}.prediction_type;  // the folder samples as in memory
   const fs::path folder = dir / "base_model";
   tools::save_model_folder(
-      folder, tools::ModelFolderParts<models::UNet2DConditionModel<float>,
-                                      models::ClipTextModel<float>>{
-                  models.unet, models.unet_config, models.text.model(), models.text_config,
-                  models.tokenizer_dir, shapes::scheduler_config_json(type)});
+      folder,
+      tools::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
+          models.unet, models.unet_config, models.text.model(), models.text_config,
+          models.tokenizer_dir, shapes::scheduler_config_json(type)});
 
   shapes::DreamBoothSettings db;
   db.train.steps = 2;
@@ -148,8 +148,9 @@ TEST_CASE("the pipeline learns the prompts and a DreamBooth LoRA learns the new 
       score(shapes::sample(models, instance, s), std::vector(instance.size(), db.instance));
 
   if (!kOptimised) {
-    WARN("Debug build: the pipeline ran a few steps only; the quality assertions need a Release "
-         "build and are skipped");
+    WARN(
+        "Debug build: the pipeline ran a few steps only; the quality assertions need a Release "
+        "build and are skipped");
     return;
   }
   INFO("base prompts: colour right " << base_scores.colour << ", colour and shape right "

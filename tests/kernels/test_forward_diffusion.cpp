@@ -39,9 +39,15 @@ Reference reference(const Tensor4<float>& x0, const std::vector<float>& a,
     r.eps.push_back(eps);
     r.x_t.push_back(a[b] * x + s[b] * model_eps);
     switch (type) {
-      case PredictionType::epsilon: r.target.push_back(eps); break;
-      case PredictionType::v_prediction: r.target.push_back(a[b] * eps - s[b] * x); break;
-      case PredictionType::sample: r.target.push_back(x); break;
+      case PredictionType::epsilon:
+        r.target.push_back(eps);
+        break;
+      case PredictionType::v_prediction:
+        r.target.push_back(a[b] * eps - s[b] * x);
+        break;
+      case PredictionType::sample:
+        r.target.push_back(x);
+        break;
     }
   }
   return r;
@@ -49,8 +55,8 @@ Reference reference(const Tensor4<float>& x0, const std::vector<float>& a,
 }  // namespace
 
 TEST_CASE("fused_noise_forward_target matches the scalar reference") {
-  const auto type = GENERATE(PredictionType::epsilon, PredictionType::v_prediction,
-                             PredictionType::sample);
+  const auto type =
+      GENERATE(PredictionType::epsilon, PredictionType::v_prediction, PredictionType::sample);
   // Odd sizes: planes of 21 elements, so groups of 64 straddle channels and samples.
   const Tensor4<float> x0 = random_tensor(3, 5, 7, 3, 1);
   const std::vector<float> a = {0.99f, 0.5f, 0.0f}, s = {0.141f, 0.866f, 1.0f};
@@ -139,7 +145,8 @@ TEST_CASE("forward_target with a given noise tensor matches the reference and th
   forward_target(x0, eps, k, px_t, ptarget, &xi);
   for (std::size_t i = 0; i < x0.size(); ++i) {
     const std::size_t b = i / 75;
-    REQUIRE(px_t.data()[i] == Approx(a[b] * x0.data()[i] + s[b] * 1.5 * eps.data()[i]).margin(1e-6));
+    REQUIRE(px_t.data()[i] ==
+            Approx(a[b] * x0.data()[i] + s[b] * 1.5 * eps.data()[i]).margin(1e-6));
   }
   REQUIRE((ptarget == target));  // input perturbation never reaches the target
 }

@@ -21,9 +21,12 @@ Tensor4<float> random_tensor(std::vector<std::size_t> shape, std::uint64_t seed,
 
 double elementwise(LossType type, double d, double c) {
   switch (type) {
-    case LossType::l2: return d * d;
-    case LossType::huber: return 2 * c * (std::sqrt(d * d + c * c) - c);
-    case LossType::smooth_l1: return 2 * (std::sqrt(d * d + c * c) - c);
+    case LossType::l2:
+      return d * d;
+    case LossType::huber:
+      return 2 * c * (std::sqrt(d * d + c * c) - c);
+    case LossType::smooth_l1:
+      return 2 * (std::sqrt(d * d + c * c) - c);
   }
   return 0;
 }
@@ -64,8 +67,8 @@ TEST_CASE("loss_and_grad matches the reference loss and central differences") {
   Tensor4<float> grad;
   const LossResult r = loss_and_grad(pred, target, type, w, cc, mask_kind ? &mask : nullptr, &grad);
   std::vector<double> p(pred.begin(), pred.end()), per_sample;
-  const double expected = reference_loss(p, target, type, w, cc, mask_kind ? &mask : nullptr,
-                                         &per_sample);
+  const double expected =
+      reference_loss(p, target, type, w, cc, mask_kind ? &mask : nullptr, &per_sample);
   REQUIRE(r.loss == Approx(expected).epsilon(1e-6));
   REQUIRE_CLOSE(r.per_sample, per_sample, 1e-6, 0);
   // dL/dpred by central differences in double at a spread of elements.
@@ -74,9 +77,10 @@ TEST_CASE("loss_and_grad matches the reference loss and central differences") {
     std::vector<double> plus = p, minus = p;
     plus[k] += h;
     minus[k] -= h;
-    const double numeric = (reference_loss(plus, target, type, w, cc, mask_kind ? &mask : nullptr) -
-                            reference_loss(minus, target, type, w, cc, mask_kind ? &mask : nullptr)) /
-                           (2 * h);
+    const double numeric =
+        (reference_loss(plus, target, type, w, cc, mask_kind ? &mask : nullptr) -
+         reference_loss(minus, target, type, w, cc, mask_kind ? &mask : nullptr)) /
+        (2 * h);
     INFO("element " << k);
     REQUIRE(grad.data()[k] == Approx(numeric).epsilon(1e-4).margin(1e-9));
   }

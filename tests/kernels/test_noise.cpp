@@ -14,14 +14,13 @@ using namespace difftrain::kernels;
 TEST_CASE("noise_offsets: k·N(0,1) per (sample, channel); adaptive adds scale·|mean|") {
   Tensor4<float> x0 = xt::zeros<float>({2, 3, 4, 4});
   for (std::size_t b = 0; b < 2; ++b)
-    for (std::size_t c = 0; c < 3; ++c)
-      xt::view(x0, b, c) = (c == 1 ? -1.0f : 0.5f) * float(b + 1);
+    for (std::size_t c = 0; c < 3; ++c) xt::view(x0, b, c) = (c == 1 ? -1.0f : 0.5f) * float(b + 1);
   const RandomStream rs{3, 1};
   NoiseOptions options;
   REQUIRE(noise_offsets(options, x0, rs).empty());
   options.noise_offset = 0.1f;
   std::vector<float> normals(6);
-  fill_normal(normals, noise_stream(rs, NoiseStream::offset));
+  fill_normal(normals, rs.derive(0, StreamPurpose::noise_offset));
   const std::vector<float> plain = noise_offsets(options, x0, rs);
   REQUIRE(plain.size() == 6);
   for (std::size_t i = 0; i < 6; ++i) REQUIRE(plain[i] == Approx(0.1 * normals[i]));
@@ -114,7 +113,7 @@ TEST_CASE("sample_noise without pyramid noise gives the fused pass's eps") {
   const std::vector<float> one = {1, 1}, zero = {0, 0};
   const DiffusionCoefficients k(zero, one, PredictionType::epsilon);
   Tensor4<float> x_t, target, fused_eps;
-  fused_noise_forward_target(x0, k, FusedNoise{noise_stream(step, NoiseStream::noise), offset, 0, {}},
+  fused_noise_forward_target(x0, k, FusedNoise{step.derive(0, StreamPurpose::noise), offset, 0, {}},
                              x_t, target, &fused_eps);
   REQUIRE((eps == fused_eps));
   REQUIRE((target == fused_eps));

@@ -45,8 +45,8 @@ TEST_CASE("golden: add_noise and get_velocity at the edge timesteps, all schedul
     INFO("schedule " << name);
     const DdpmScheduler scheduler(DdpmSchedulerConfig::from_json(schedule["config"]));
     Tensor4<float> x_t, v;
-    kernels::forward_target(x0, noise, coefficients(scheduler, timesteps, PredictionType::v_prediction),
-                            x_t, v);
+    kernels::forward_target(
+        x0, noise, coefficients(scheduler, timesteps, PredictionType::v_prediction), x_t, v);
     // diffusers computes ᾱ as a float32 cumprod (1000 roundings) and the zero-SNR rescale in
     // float32 (with a cancellation in r − r_T); we compute in double. Upstream's coefficients
     // then carry relative errors up to ~1e-5 (measured max 1.4e-5 at ZTSNR), hence 2e-5 of the

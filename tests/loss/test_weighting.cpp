@@ -38,9 +38,9 @@ TEST_CASE("every weighting is finite and non-negative for every t of every sched
       const double snr = scheduler.snr(t);
       REQUIRE(snr >= 0);
       for (PredictionType type : kTypes) {
-        for (double w : {uniform.weight(snr, type), min_snr.weight(snr, type),
-                         debiased.weight(snr, type), p2.weight(snr, type),
-                         stacked.weight(snr, type)}) {
+        for (double w :
+             {uniform.weight(snr, type), min_snr.weight(snr, type), debiased.weight(snr, type),
+              p2.weight(snr, type), stacked.weight(snr, type)}) {
           INFO("t=" << t << " snr=" << snr << " type=" << to_string(type));
           REQUIRE(std::isfinite(w));
           REQUIRE(w >= 0);
@@ -69,7 +69,8 @@ TEST_CASE("Min-SNR: formulas and the reference values of the SD schedule") {
   REQUIRE(m.weight(0.0, v) == 0.0);
   REQUIRE(m.weight(0.0, PredictionType::sample) == 0.0);
   REQUIRE(m.weight(INFINITY, eps) == 0.0);
-  REQUIRE_THROWS_WITH(loss::MinSnr(0.0), Catch::Contains("gamma is 0, expected a finite value > 0"));
+  REQUIRE_THROWS_WITH(loss::MinSnr(0.0),
+                      Catch::Contains("gamma is 0, expected a finite value > 0"));
   REQUIRE_THROWS_AS(loss::MinSnr(NAN), Error);
 }
 
@@ -79,8 +80,8 @@ TEST_CASE("Debiased estimation, P2 and scale-v-like-eps: closed forms and limits
   REQUIRE(d.weight(4.0, eps) == Approx(0.5));
   REQUIRE(d.weight(4.0, v) == Approx(0.2));
   REQUIRE(d.weight(4.0, PredictionType::sample) == Approx(2.0));
-  REQUIRE(d.weight(1e6, eps) == Approx(1 / std::sqrt(1000.0)));  // kohya's ceiling
-  REQUIRE(d.weight(0.0, eps) == Approx(std::sqrt(1000.0)));      // our floor 1e-3
+  REQUIRE(d.weight(1e6, eps) == Approx(1 / std::sqrt(1000.0)));     // kohya's ceiling
+  REQUIRE(d.weight(0.0, eps) == Approx(std::sqrt(1000.0)));         // our floor 1e-3
   REQUIRE(d.weight(0.0047, eps) == Approx(1 / std::sqrt(0.0047)));  // untouched on SD's range
   const loss::P2 p2(0.5);
   REQUIRE(p2.weight(3.0, eps) == Approx(0.5));

@@ -4,6 +4,7 @@
 // weights, renamed by this test's own table, loads strictly, ignores the other components'
 // tensors and reproduces the golden output (API and `difftrain unet --config`).
 
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>

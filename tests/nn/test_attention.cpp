@@ -222,7 +222,7 @@ TEST_CASE("Attention gradients span several query blocks and threads", "[nn][att
   // threshold, so (b, h) jobs run on several threads. A strided subset is checked.
   static_assert(kQueryBlock < 131);
   const AttentionShape shape{2, 131, 33, 2, 4};
-  REQUIRE(shape.work() >= kAttentionParallelWork);
+  REQUIRE(shape.work() >= parallel::kAttentionWork);
   Attention<double> attn(AttentionConfig{8, 6, 2, 4});
   randomize(attn, 67);
   Tensor3<double> x({2, 131, 8}), c({2, 33, 6});

@@ -51,7 +51,9 @@ void check_uniform(const xt::xarray<float>& v, std::size_t fan_in) {
 
 }  // namespace
 
-TEST_CASE("init_like_pytorch: Linear/Conv2d weights and biases U(±1/√fan_in), norms untouched, embeddings N(0,1)") {
+TEST_CASE(
+    "init_like_pytorch: Linear/Conv2d weights and biases U(±1/√fan_in), norms untouched, "
+    "embeddings N(0,1)") {
   Block b;
   nn::init_like_pytorch<float>(b, RandomStream{42});
   check_uniform(b.proj.weight.value, 256);
@@ -70,8 +72,9 @@ TEST_CASE("init_like_pytorch: a function of the seed only") {
   nn::init_like_pytorch<float>(a, RandomStream{1});
   nn::init_like_pytorch<float>(b, RandomStream{1});
   nn::init_like_pytorch<float>(c, RandomStream{2});
-  const bool same_seed_same_values = a.conv.weight.value == b.conv.weight.value &&
-                                    a.token_embedding.weight.value == b.token_embedding.weight.value;
+  const bool same_seed_same_values =
+      a.conv.weight.value == b.conv.weight.value &&
+      a.token_embedding.weight.value == b.token_embedding.weight.value;
   CHECK(same_seed_same_values);
   const bool other_seed_other_values = a.conv.weight.value != c.conv.weight.value;
   CHECK(other_seed_other_values);

@@ -3,6 +3,7 @@
 // UNet, VAE and CLIP), checking the grid's size, determinism in the seed, LoRA and the errors.
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,8 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
+#include "image_io.hpp"
+#include "model_folder.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
@@ -73,7 +76,8 @@ void write_pixel_unet(const fs::path& dir) {
   std::vector<io::TensorToWrite> tensors;
   std::uint64_t k = 0;
   unet.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
-    fill_normal(std::span<float>(p.value.data(), p.value.size()), RandomStream{11, 0}.derive(k++, 0));
+    fill_normal(std::span<float>(p.value.data(), p.value.size()),
+                RandomStream{11, 0}.derive(k++, 0));
     p.value *= 0.05f;
     tensors.push_back(io::TensorToWrite::from_tensor(name, p.value));
   });
@@ -107,10 +111,20 @@ TEST_CASE("difftrain sample on a pixel-space model folder", "[sample]") {
   const std::string model = m.root.string();
   const auto grid = [&](const std::string& name, std::vector<std::string> extra,
                         const std::string& seed = "5") {
-    std::vector<std::string> args = {"--model", model, "--prompt", "a red circle", "--prompt",
-                                     "a blue square", "--num_images_per_prompt", "2",
-                                     "--num_inference_steps", "3", "--seed", seed,
-                                     "--out", m.dir.file(name)};
+    std::vector<std::string> args = {"--model",
+                                     model,
+                                     "--prompt",
+                                     "a red circle",
+                                     "--prompt",
+                                     "a blue square",
+                                     "--num_images_per_prompt",
+                                     "2",
+                                     "--num_inference_steps",
+                                     "3",
+                                     "--seed",
+                                     seed,
+                                     "--out",
+                                     m.dir.file(name)};
     args.insert(args.end(), extra.begin(), extra.end());
     return run(args);
   };
@@ -189,9 +203,9 @@ TEST_CASE("difftrain sample through a VAE with a LoRA", "[sample]") {
   CHECK(folder.latent_shape(32, 16) == std::array<std::size_t, 3>{4, 8, 4});
 
   const auto grid = [&](const std::string& name, std::vector<std::string> extra) {
-    std::vector<std::string> args = {"--model", root.string(), "--prompt", "a cat",
-                                     "--num_inference_steps", "2", "--height", "16", "--width",
-                                     "16", "--out", dir.file(name)};
+    std::vector<std::string> args = {
+        "--model", root.string(), "--prompt", "a cat", "--num_inference_steps", "2", "--height",
+        "16",      "--width",     "16",       "--out", dir.file(name)};
     args.insert(args.end(), extra.begin(), extra.end());
     return run(args);
   };

@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <span>
 #include <vector>
-
 #include <xtensor/xview.hpp>
 
 #include "difftrain/schedule/ddpm_scheduler.hpp"
@@ -75,8 +74,8 @@ Moments moments_of_image(const Tensor4<float>& x, std::size_t b) {
 
 template <class S>
 Tensor4<float> run(S scheduler, const SamplingConfig& config, const Tensor3<float>& cond,
-                   const Tensor3<float>& uncond, double guidance, std::int64_t steps,
-                   double sigma0, std::int64_t* calls = nullptr, std::int64_t size = 48) {
+                   const Tensor3<float>& uncond, double guidance, std::int64_t steps, double sigma0,
+                   std::int64_t* calls = nullptr, std::int64_t size = 48) {
   GaussianDenoiser denoiser{DdpmScheduler(config.train), sigma0};
   SampleOptions o;
   o.num_inference_steps = steps;
@@ -95,8 +94,8 @@ Tensor4<float> run(S scheduler, const SamplingConfig& config, const Tensor3<floa
 TEST_CASE("DDIM and Euler with the exact Gaussian denoiser reproduce mean and variance",
           "[sample]") {
   const auto sampler = GENERATE(as<std::string>{}, "ddim", "euler");
-  const auto type = GENERATE(PredictionType::epsilon, PredictionType::v_prediction,
-                             PredictionType::sample);
+  const auto type =
+      GENERATE(PredictionType::epsilon, PredictionType::v_prediction, PredictionType::sample);
   INFO(sampler << " " << to_string(type));
   SamplingConfig config;
   config.train.prediction_type = type;
@@ -118,11 +117,10 @@ TEST_CASE("DDIM and Euler with the exact Gaussian denoiser reproduce mean and va
   const double sigma0 = 0.5;
   const std::vector<float> mus = {0.8f, -0.4f};
   const auto cond = contexts(mus);
-  const Tensor4<float> x =
-      sampler == "ddim"
-          ? run(DdimScheduler(config), config, cond, cond, 1.0, steps, sigma0, nullptr, 64)
-          : run(EulerDiscreteScheduler(config), config, cond, cond, 1.0, steps, sigma0, nullptr,
-                64);
+  const Tensor4<float> x = sampler == "ddim" ? run(DdimScheduler(config), config, cond, cond, 1.0,
+                                                   steps, sigma0, nullptr, 64)
+                                             : run(EulerDiscreteScheduler(config), config, cond,
+                                                   cond, 1.0, steps, sigma0, nullptr, 64);
   const double n = double(x.size() / x.shape()[0]);  // 2·64·64 = 8192 values per image
   for (std::size_t b = 0; b < mus.size(); ++b) {
     const Moments m = moments_of_image(x, b);

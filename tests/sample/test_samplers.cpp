@@ -335,8 +335,9 @@ TEST_CASE("SamplingConfig reads scheduler_config.json", "[sample]") {
   CHECK(v.clip_sample);
   CHECK(v.clip_sample_range == 2.0);
 
-  CHECK_THROWS_WITH(SamplingConfig::from_json(nlohmann::json::parse(R"({"timestep_spacing": "x"})")),
-                    Catch::Contains("timestep_spacing") && Catch::Contains("'x'"));
+  CHECK_THROWS_WITH(
+      SamplingConfig::from_json(nlohmann::json::parse(R"({"timestep_spacing": "x"})")),
+      Catch::Contains("timestep_spacing") && Catch::Contains("'x'"));
   CHECK_THROWS_WITH(SamplingConfig::from_json(nlohmann::json::parse(R"({"steps_offset": -1})")),
                     Catch::Contains("steps_offset"));
   CHECK_THROWS_WITH(SamplingConfig::from_json(nlohmann::json::parse(R"({"set_alpha_to_one": 1})")),

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "difftrain/schedule/betas.hpp"
+#include "schedule/scheduler_golden.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -18,7 +19,9 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-constexpr std::int64_t T = 1000;
+using test::float32_value;
+using test::golden;
+using test::T;
 
 // ᾱ_t = Π_{s≤t} (1 − β_s), written out here so that the tests do not depend on DdpmScheduler.
 std::vector<double> cumprod_of_one_minus(const std::vector<double>& betas) {
@@ -31,21 +34,6 @@ std::vector<double> cumprod_of_one_minus(const std::vector<double>& betas) {
 // The GLIDE ᾱ(t) = cos²((t + 0.008)/1.008·π/2), written independently of the header.
 double glide_alpha_bar(double t) {
   return std::pow(std::cos((t + 0.008) / 1.008 * std::numbers::pi / 2.0), 2);
-}
-
-// A golden number is the shortest decimal of a float32: read it back as that float32.
-double float32_value(const nlohmann::json& value) {
-  if (value.is_null()) return std::numeric_limits<double>::quiet_NaN();
-  return static_cast<double>(static_cast<float>(value.get<double>()));
-}
-
-const nlohmann::json& golden() {
-  static const nlohmann::json json = [] {
-    std::ifstream in(difftrain::test::data_path("scheduler/scheduler_cases.json"));
-    REQUIRE(in.good());
-    return nlohmann::json::parse(in);
-  }();
-  return json;
 }
 
 }  // namespace

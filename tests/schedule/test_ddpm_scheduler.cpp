@@ -15,6 +15,7 @@
 
 #include "difftrain/concepts.hpp"
 #include "difftrain/schedule/schedule.hpp"
+#include "schedule/scheduler_golden.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -25,21 +26,9 @@ static_assert(Scheduler<DdpmScheduler>);
 
 namespace {
 
-constexpr std::int64_t T = 1000;
-
-double float32_value(const json& value) {
-  if (value.is_null()) return std::numeric_limits<double>::quiet_NaN();
-  return static_cast<double>(static_cast<float>(value.get<double>()));
-}
-
-const json& golden() {
-  static const json data = [] {
-    std::ifstream in(difftrain::test::data_path("scheduler/scheduler_cases.json"));
-    REQUIRE(in.good());
-    return json::parse(in);
-  }();
-  return data;
-}
+using test::float32_value;
+using test::golden;
+using test::T;
 
 DdpmScheduler make_scheduler(BetaSchedule schedule, double b0, double b1, bool zsnr) {
   DdpmSchedulerConfig config;

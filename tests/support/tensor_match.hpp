@@ -3,12 +3,11 @@
 // the max error, and locate the test data folder.
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstddef>
 #include <sstream>
 #include <string>
-
-#include <catch2/catch.hpp>
 
 namespace difftrain::test {
 
@@ -33,7 +32,8 @@ CloseReport compare_close(const A& actual, const E& expected, double rtol, doubl
   auto a = std::begin(actual);
   auto e = std::begin(expected);
   const auto n_a = static_cast<std::size_t>(std::distance(std::begin(actual), std::end(actual)));
-  const auto n_e = static_cast<std::size_t>(std::distance(std::begin(expected), std::end(expected)));
+  const auto n_e =
+      static_cast<std::size_t>(std::distance(std::begin(expected), std::end(expected)));
   r.count = n_a;
   if (n_a != n_e) {
     r.ok = false;
@@ -70,10 +70,10 @@ CloseReport compare_close(const A& actual, const E& expected, double rtol, doubl
 }  // namespace difftrain::test
 
 /// REQUIRE that two flat ranges agree within atol + rtol·|expected|, printing the worst element.
-#define REQUIRE_CLOSE(actual, expected, rtol, atol)                                          \
-  do {                                                                                      \
-    const auto difftrain_report_ = ::difftrain::test::compare_close((actual), (expected),   \
-                                                                    (rtol), (atol));        \
-    INFO(difftrain_report_.message);                                                        \
-    REQUIRE(difftrain_report_.ok);                                                          \
+#define REQUIRE_CLOSE(actual, expected, rtol, atol)                             \
+  do {                                                                          \
+    const auto difftrain_report_ =                                              \
+        ::difftrain::test::compare_close((actual), (expected), (rtol), (atol)); \
+    INFO(difftrain_report_.message);                                            \
+    REQUIRE(difftrain_report_.ok);                                              \
   } while (0)

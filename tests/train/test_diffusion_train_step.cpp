@@ -38,9 +38,9 @@ struct OracleDenoiser {
       const double a = scheduler->sqrt_alpha_prod(tb), s = scheduler->sqrt_one_minus_alpha_prod(tb);
       const double x = x0->data()[i];
       const double eps = (x_t.data()[i] - a * x) / s;
-      out.data()[i] = float(type == PredictionType::epsilon ? eps
+      out.data()[i] = float(type == PredictionType::epsilon        ? eps
                             : type == PredictionType::v_prediction ? a * eps - s * x
-                                                                    : x);
+                                                                   : x);
     }
     return out;
   }
@@ -83,24 +83,26 @@ TEST_CASE("step: zero prediction gives the weighted mean of target², Min-SNR we
     const std::int64_t t = r.timesteps[b];
     REQUIRE((0 <= t && t < 1000));
     const double snr = scheduler.snr(t);
-    const double w = type == PredictionType::epsilon ? std::min(snr, 5.0) / snr
-                                                     : std::min(snr, 5.0) / (snr + 1);
+    const double w =
+        type == PredictionType::epsilon ? std::min(snr, 5.0) / snr : std::min(snr, 5.0) / (snr + 1);
     REQUIRE(r.weights[b] == Approx(w).epsilon(1e-12));
     double sum = 0;
-    for (std::size_t i = 0; i < per; ++i) sum += double(target.data()[b * per + i]) * target.data()[b * per + i];
+    for (std::size_t i = 0; i < per; ++i)
+      sum += double(target.data()[b * per + i]) * target.data()[b * per + i];
     REQUIRE(r.per_sample_loss[b] == Approx(sum / per).epsilon(1e-6));
     expected += w * sum / per / 4;
     // dL/dpred = 2·w·(0 − target)/(B·CHW)
     for (std::size_t i = 0; i < per; i += 31)
-      REQUIRE(model.seen_grad.data()[b * per + i] ==
-              Approx(-2 * w * target.data()[b * per + i] / (4.0 * per)).epsilon(1e-5).margin(1e-12));
+      REQUIRE(
+          model.seen_grad.data()[b * per + i] ==
+          Approx(-2 * w * target.data()[b * per + i] / (4.0 * per)).epsilon(1e-5).margin(1e-12));
   }
   REQUIRE(r.loss == Approx(expected).epsilon(1e-6));
 }
 
 TEST_CASE("step: x_t and the target are consistent with x0 (an oracle denoiser gets ~0 loss)") {
-  const PredictionType type = GENERATE(PredictionType::epsilon, PredictionType::v_prediction,
-                                       PredictionType::sample);
+  const PredictionType type =
+      GENERATE(PredictionType::epsilon, PredictionType::v_prediction, PredictionType::sample);
   DdpmSchedulerConfig config = DdpmScheduler::sd15().config();
   config.prediction_type = type;
   const DdpmScheduler scheduler(config);
@@ -154,7 +156,8 @@ TEST_CASE("step: per-sample weights (prior preservation) multiply the loss weigh
   const auto r = step.step_latents(x0, context4, 1, extras);
   REQUIRE(r.weights == std::vector<double>{1, 1, 0.5, 0.5});
   const double expected = (r.per_sample_loss[0] + r.per_sample_loss[1] +
-                           0.5 * r.per_sample_loss[2] + 0.5 * r.per_sample_loss[3]) / 4;
+                           0.5 * r.per_sample_loss[2] + 0.5 * r.per_sample_loss[3]) /
+                          4;
   REQUIRE(r.loss == Approx(expected).epsilon(1e-12));
 }
 
@@ -191,8 +194,9 @@ TEST_CASE("step: bad input throws named errors") {
   REQUIRE_THROWS_WITH(step.step_latents(x0, context3, 0),
                       Catch::Contains("context has shape [3,3,2], expected batch 4"));
   model.prediction = xt::zeros<float>({4, 4, 8, 7});
-  REQUIRE_THROWS_WITH(step.step_latents(x0, context4, 0),
-                      "DiffusionTrainStep::step: prediction has shape [4,4,8,7], expected [4,4,8,8]");
+  REQUIRE_THROWS_WITH(
+      step.step_latents(x0, context4, 0),
+      "DiffusionTrainStep::step: prediction has shape [4,4,8,7], expected [4,4,8,8]");
   model.prediction = xt::zeros<float>({4, 4, 8, 8});
   model.prediction(1, 2, 3, 4) = NAN;
   REQUIRE_THROWS_WITH(step.step_latents(x0, context4, 0), Catch::Contains("loss is nan"));

@@ -1,13 +1,18 @@
 // `difftrain train` end to end on a tiny pixel-space model folder (the shapes demo's model,
 // written as a diffusers folder) and a folder of drawn, captioned PNGs.
 
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <csignal>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "cmd_train.hpp"
+#include "image_io.hpp"
+#include "json_config.hpp"
+#include "model_folder.hpp"
 #include "save_model_folder.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
@@ -33,10 +38,10 @@ struct Fixture {
     auto m = shapes::make_models(sizes, fs::path(dir.str()) / "tok", 7);
     model = dir / "model";
     tools::save_model_folder(
-        model, tools::ModelFolderParts<models::UNet2DConditionModel<float>,
-                                       models::ClipTextModel<float>>{
-                   m.unet, m.unet_config, m.text.model(), m.text_config, m.tokenizer_dir,
-                   shapes::scheduler_config_json(PredictionType::epsilon)});
+        model,
+        tools::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
+            m.unet, m.unet_config, m.text.model(), m.text_config, m.tokenizer_dir,
+            shapes::scheduler_config_json(PredictionType::epsilon)});
     const auto specs = shapes::base_specs();
     const Tensor4<float> images = shapes::draw_batch(specs, 8, RandomStream{3, 0});
     data = dir / "data";
@@ -57,14 +62,14 @@ struct Fixture {
     TrainCommandOptions o;
     o.pretrained_model_name_or_path = model;
     o.train_data_dir = data;
-    o.output_dir = out;
+    o.trainer.output_dir = out;
     o.resolution = 8;
-    o.train_batch_size = 2;
+    o.trainer.train_batch_size = 2;
     o.max_train_steps = 4;
-    o.checkpointing_steps = 2;
-    o.lr_warmup_steps = 0;
-    o.learning_rate = 1e-3;
-    o.seed = 11;
+    o.trainer.checkpointing_steps = 2;
+    o.trainer.lr_warmup_steps = 0;
+    o.trainer.learning_rate = 1e-3;
+    o.trainer.seed = 11;
     o.plain_log = true;
     return o;
   }
@@ -147,7 +152,7 @@ TEST_CASE("difftrain train: resume from a checkpoint repeats the uninterrupted r
   CHECK(first.global_step == 2);
   CHECK(fs::exists(first.lora_file));
   TrainCommandOptions resumed = f.options(b);
-  resumed.resume_from_checkpoint = "latest";
+  resumed.trainer.resume_from_checkpoint = "latest";
   const auto second = tools::run_train(resumed, stdout);
   CHECK(second.global_step == 4);
   CHECK(read_all(second.lora_file) == read_all(full.lora_file));
@@ -162,13 +167,13 @@ TEST_CASE("difftrain train: DreamBooth with prior preservation, PEFT output") {
   o.instance_prompt = "a sks shape";
   o.class_data_dir = f.klass;
   o.class_prompt = "a shape";
-  o.with_prior_preservation = true;
+  o.trainer.with_prior_preservation = true;
   o.max_train_steps = 2;
   o.save_format = "peft";
-  o.loss_type = "huber";  // kohya's further options reach the step
+  o.trainer.loss_type = "huber";  // kohya's further options reach the step
   o.min_timestep = 100;
   o.max_timestep = 900;
-  o.multires_noise_iterations = 2;
+  o.trainer.noise.multires_noise_iterations = 2;
   const auto r = tools::run_train(o, stdout);
   CHECK(r.global_step == 2);
   const auto tensors = read_all(r.lora_file);
@@ -206,11 +211,11 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   o.save_format = "ckpt";
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected kohya or peft"));
   o = f.options(f.dir / "err");
-  o.loss_type = "l3";
+  o.trainer.loss_type = "l3";
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("l3"));
   o = f.options(f.dir / "err");
   o.min_timestep = 500;
-  o.timestep_bias_strategy = "later";
+  o.trainer.timestep_bias_strategy = "later";
   CHECK_THROWS(tools::run_train(o));
   o = f.options(f.dir / "err");
   o.resolution = 0;
@@ -230,8 +235,7 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
   std::ifstream(model / "unet" / "config.json") >> unet_config;
   unet_config["in_channels"] = 4;
   unet_config["out_channels"] = 4;
-  models::UNet2DConditionModel<float> unet(
-      models::UNet2DConditionConfig::from_json(unet_config));
+  models::UNet2DConditionModel<float> unet(models::UNet2DConditionConfig::from_json(unet_config));
   shapes::init_pytorch_like(unet, RandomStream{5, 0});
   tools::write_json_file(model / "unet" / "config.json", unet_config);
   tools::save_model_weights(unet, model / "unet" / "diffusion_pytorch_model.safetensors");
@@ -244,7 +248,7 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
     o.cache_latents = cache;
     const auto r = tools::run_train(o, stdout);
     CHECK(r.global_step == 2);
-    const auto lines = read_lines(fs::path(o.output_dir) / "training_log.csv");
+    const auto lines = read_lines(fs::path(o.trainer.output_dir) / "training_log.csv");
     REQUIRE(lines.size() == 3);
     const double loss = std::stod(lines[2].substr(lines[2].find(',') + 1));
     CHECK(std::isfinite(loss));

@@ -12,9 +12,11 @@
 #include "difftrain/difftrain.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "support/tensor_match.hpp"
+#include "train_loop/zero_text.hpp"
 
 using namespace difftrain;
 using namespace difftrain::train;
+using difftrain::test::ZeroText;
 
 namespace {
 
@@ -25,14 +27,6 @@ struct AffineDenoiser {
     return 0.5f * x_t + 0.3f;
   }
   void backward(const Tensor4<float>&) {}
-};
-
-struct ZeroText {
-  using input_type = TokenIds;
-  using output_type = Tensor3<float>;
-  Tensor3<float> encode(const TokenIds& ids) const {
-    return xt::zeros<float>({ids.shape()[0], ids.shape()[1], std::size_t{1}});
-  }
 };
 
 Tensor4<float> images(std::size_t n) {
@@ -48,7 +42,7 @@ DdpmScheduler ztsnr_scheduler() {
 }
 
 // The step's random sub-streams of step s (diffusion_train_step.hpp).
-RandomStream step_stream(std::uint64_t seed, std::uint64_t s, StepStream purpose) {
+RandomStream step_stream(std::uint64_t seed, std::uint64_t s, StreamPurpose purpose) {
   return RandomStream{seed, 0}.derive(s, 0).derive(0, static_cast<std::uint32_t>(purpose));
 }
 
@@ -105,8 +99,8 @@ TEST_CASE("make_train_step: the weighting and the prediction type reach the step
   Fixture f;
   TrainerOptions o;
   o.seed = 9;
-  o.snr_gamma = 5.0;
-  o.debiased_estimation_loss = true;
+  o.weighting.snr_gamma = 5.0;
+  o.weighting.debiased_estimation_loss = true;
   const DdpmScheduler sched = DdpmScheduler::sd15();
   auto step = make_train_step(sched, f.unet, f.vae, f.text, o);
   static_assert(std::is_same_v<decltype(step), ConfiguredTrainStep<DdpmScheduler, AffineDenoiser,
@@ -123,7 +117,7 @@ TEST_CASE("make_train_step: the weighting and the prediction type reach the step
   auto eps_step = make_train_step(sched, f.unet, f.vae, f.text, TrainerOptions{});
   TrainerOptions v = TrainerOptions{};
   v.prediction_type = PredictionType::v_prediction;
-  v.scale_v_pred_loss_like_noise_pred = true;
+  v.weighting.scale_v_pred_loss_like_noise_pred = true;
   auto v_step = make_train_step(sched, f.unet, f.vae, f.text, v);
   REQUIRE(v_step.prediction_type() == PredictionType::v_prediction);
   const TokenIds ids = xt::zeros<std::int64_t>({6, 2});
@@ -201,7 +195,7 @@ TEST_CASE("timestep options: kohya's range and diffusers' bias give the stated d
   auto step = make_train_step(DdpmScheduler::sd15(), f.unet, f.vae, f.text, s);
   const TrainStepResult r = step.step(images(8), xt::zeros<std::int64_t>({8, 2}), 11);
   std::vector<std::int64_t> expected(8);
-  timestep_sampler(s, T).sample(expected, step_stream(4, 11, StepStream::timesteps));
+  timestep_sampler(s, T).sample(expected, step_stream(4, 11, StreamPurpose::step_timesteps));
   REQUIRE(r.timesteps == expected);
   s = {};
   s.min_timestep = 990;
@@ -226,13 +220,13 @@ TEST_CASE("noise options reach the step: offset, adaptive, pyramid, input pertur
 
   SECTION("offset noise, random strength and adaptive scale") {
     TrainerOptions o = plain;
-    o.noise_offset = 0.1f;
-    o.noise_offset_random_strength = true;
-    o.adaptive_noise_scale = 0.05f;
+    o.noise.noise_offset = 0.1f;
+    o.noise.noise_offset_random_strength = true;
+    o.noise.adaptive_noise_scale = 0.05f;
     const Tensor4<float> eps = eps_of(o, 2);
     Tensor4<float> expected;
-    kernels::sample_noise(train_step_options(o).noise, x, step_stream(21, 2, StepStream::noise),
-                          expected);
+    kernels::sample_noise(train_step_options(o).noise, x,
+                          step_stream(21, 2, StreamPurpose::step_noise), expected);
     REQUIRE_CLOSE(eps, expected, 1e-6, 1e-6);
     // eps − eps_plain is constant over each (b, c) plane: the offset k_bc·n_bc.
     const Tensor4<float> d = eps - eps_plain;
@@ -248,12 +242,12 @@ TEST_CASE("noise options reach the step: offset, adaptive, pyramid, input pertur
   }
   SECTION("pyramid noise") {
     TrainerOptions o = plain;
-    o.multires_noise_iterations = 3;
-    o.multires_noise_discount = 0.4f;
+    o.noise.multires_noise_iterations = 3;
+    o.noise.multires_noise_discount = 0.4f;
     const Tensor4<float> eps = eps_of(o, 2);
     Tensor4<float> expected;
-    kernels::sample_noise(train_step_options(o).noise, x, step_stream(21, 2, StepStream::noise),
-                          expected);
+    kernels::sample_noise(train_step_options(o).noise, x,
+                          step_stream(21, 2, StreamPurpose::step_noise), expected);
     REQUIRE_CLOSE(eps, expected, 0.0, 0.0);
     // normalised to unit standard deviation over the whole tensor (kohya)
     const double mean = xt::mean(eps)();
@@ -263,7 +257,7 @@ TEST_CASE("noise options reach the step: offset, adaptive, pyramid, input pertur
   }
   SECTION("input perturbation: the model input moves by √(1−ᾱ)·γ·ξ, the target does not") {
     TrainerOptions o = plain;
-    o.input_perturbation = 0.25f;
+    o.noise.input_perturbation = 0.25f;
     auto step = make_train_step(DdpmScheduler::sd15(), f.unet, f.vae, f.text, o);
     const TrainStepResult r = step.step(x, ids, 2);
     REQUIRE_CLOSE(step.target(), eps_plain, 0.0, 0.0);
@@ -364,9 +358,9 @@ TEST_CASE("make_train_step: bad option values throw difftrain::Error naming them
     REQUIRE_THROWS_AS(make(o), Error);
     REQUIRE_THROWS_WITH(make(o), Catch::Contains(message));
   };
-  fails([](TrainerOptions& o) { o.snr_gamma = 0.0; }, "MinSnr: gamma is 0");
-  fails([](TrainerOptions& o) { o.p2_gamma = -1.0; }, "P2: gamma is -1");
-  fails([](TrainerOptions& o) { o.scale_v_pred_loss_like_noise_pred = true; },
+  fails([](TrainerOptions& o) { o.weighting.snr_gamma = 0.0; }, "MinSnr: gamma is 0");
+  fails([](TrainerOptions& o) { o.weighting.p2_gamma = -1.0; }, "P2: gamma is -1");
+  fails([](TrainerOptions& o) { o.weighting.scale_v_pred_loss_like_noise_pred = true; },
         "scale_v_pred_loss_like_noise_pred needs prediction_type v_prediction, got epsilon");
   fails([](TrainerOptions& o) { o.loss_type = "l1"; }, "loss_type: unknown value 'l1'");
   fails([](TrainerOptions& o) { o.huber_schedule = "cosine"; },
@@ -418,27 +412,27 @@ TEST_CASE("make_train_step: bad option values throw difftrain::Error naming them
         o.timestep_bias_end = 100;
       },
       "range [900, 100) is not inside [0, 1000) or is empty");
-  fails([](TrainerOptions& o) { o.noise_offset = -0.1f; }, "noise_offset is -0.1");
-  fails([](TrainerOptions& o) { o.adaptive_noise_scale = 0.1f; },
+  fails([](TrainerOptions& o) { o.noise.noise_offset = -0.1f; }, "noise_offset is -0.1");
+  fails([](TrainerOptions& o) { o.noise.adaptive_noise_scale = 0.1f; },
         "adaptive_noise_scale needs noise_offset > 0");
-  fails([](TrainerOptions& o) { o.multires_noise_iterations = -2; },
+  fails([](TrainerOptions& o) { o.noise.multires_noise_iterations = -2; },
         "multires_noise_iterations is -2, expected >= 0");
-  fails([](TrainerOptions& o) { o.multires_noise_discount = -0.3f; },
+  fails([](TrainerOptions& o) { o.noise.multires_noise_discount = -0.3f; },
         "multires_noise_discount is -0.3");
-  fails([](TrainerOptions& o) { o.input_perturbation = NAN; }, "input_perturbation is nan");
+  fails([](TrainerOptions& o) { o.noise.input_perturbation = NAN; }, "input_perturbation is nan");
   // Defaults build, and so does every option at a legal value.
   REQUIRE_NOTHROW(make(TrainerOptions{}));
   TrainerOptions all;
-  all.snr_gamma = 5;
-  all.debiased_estimation_loss = true;
-  all.p2_gamma = 1;
+  all.weighting.snr_gamma = 5;
+  all.weighting.debiased_estimation_loss = true;
+  all.weighting.p2_gamma = 1;
   all.loss_type = "smooth_l1";
-  all.noise_offset = 0.1f;
-  all.noise_offset_random_strength = true;
-  all.adaptive_noise_scale = 0.02f;
-  all.multires_noise_iterations = 6;
-  all.input_perturbation = 0.1f;
-  all.input_perturbation_random_strength = true;
+  all.noise.noise_offset = 0.1f;
+  all.noise.noise_offset_random_strength = true;
+  all.noise.adaptive_noise_scale = 0.02f;
+  all.noise.multires_noise_iterations = 6;
+  all.noise.input_perturbation = 0.1f;
+  all.noise.input_perturbation_random_strength = true;
   all.timestep_bias_strategy = "range";
   all.timestep_bias_begin = 200;
   all.timestep_bias_end = 800;

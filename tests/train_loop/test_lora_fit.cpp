@@ -113,7 +113,7 @@ TEST_CASE("end to end: the tiny UNet with LoRA fits a fixed dataset (Trainer, Ad
   o.lr_scheduler = "constant";
   o.max_train_steps = 200;
   o.seed = 7;
-  o.snr_gamma = 5.0;
+  o.weighting.snr_gamma = 5.0;
   auto step = make_train_step(DdpmScheduler::sd15(), unet, vae, text, o);
   Trainer trainer(step, unet, o);
 

@@ -12,10 +12,13 @@
 
 #include "difftrain/difftrain.hpp"
 #include "difftrain/train/trainer.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
+#include "train_loop/zero_text.hpp"
 
 using namespace difftrain;
 using namespace difftrain::train;
+using difftrain::test::ZeroText;
 namespace fs = std::filesystem;
 
 namespace {
@@ -120,14 +123,6 @@ struct TinyDenoiser {
 static_assert(Denoiser<TinyDenoiser>);
 static_assert(nn::Module<TinyDenoiser>);
 
-struct ZeroText {
-  using input_type = TokenIds;
-  using output_type = Tensor3<float>;
-  Tensor3<float> encode(const TokenIds& ids) const {
-    return xt::zeros<float>({ids.shape()[0], ids.shape()[1], std::size_t{1}});
-  }
-};
-
 // Images [n, 4, 6, 6]: each sample one of two colours (±0.8 per channel) plus a little noise;
 // a function of (seed, index) only.
 Tensor4<float> images(std::size_t n, std::uint64_t seed, std::uint64_t index) {
@@ -170,8 +165,8 @@ struct Setup {
   Trainer<Step, TinyDenoiser> trainer;
   Setup(TrainerOptions o, std::uint64_t init_seed = 3, std::size_t hidden = 16)
       : model(4, hidden, init_seed),
-        step(DdpmScheduler::sd15(), model, vae, text, loss::MinSnr(o.snr_gamma.value_or(5.0)),
-             train_step_options(o)),
+        step(DdpmScheduler::sd15(), model, vae, text,
+             loss::MinSnr(o.weighting.snr_gamma.value_or(5.0)), train_step_options(o)),
         trainer(step, model, o) {}
 };
 
@@ -181,15 +176,6 @@ std::vector<float> flat(TinyDenoiser& m) {
     out.insert(out.end(), p->value.begin(), p->value.end());
   return out;
 }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("difftrain_" + name + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 double min_snr_eps(double snr, double gamma) { return snr < gamma ? 1.0 : gamma / snr; }
 
@@ -400,7 +386,7 @@ TEST_CASE("non-finite guard: a poisoned step never reaches the weights; skip cou
 }
 
 TEST_CASE("resume: N steps, save, resume, M steps == N + M uninterrupted, bitwise") {
-  TempDir dir("trainer_resume");
+  test::TempDir dir("trainer_resume");
   TrainerOptions o;
   o.learning_rate = 3e-3;
   o.lr_scheduler = "cosine";
@@ -409,9 +395,9 @@ TEST_CASE("resume: N steps, save, resume, M steps == N + M uninterrupted, bitwis
   o.gradient_accumulation_steps = 2;
   o.max_grad_norm = 0.5;
   o.use_ema = true;
-  o.noise_offset = 0.05f;
+  o.noise.noise_offset = 0.05f;
   o.seed = 5;
-  o.output_dir = dir.path.string();
+  o.output_dir = dir.path().string();
   o.checkpointing_steps = 3;
   o.loraplus_lr_ratio = 1.0;
   const Plain data{4, 9};
@@ -420,16 +406,16 @@ TEST_CASE("resume: N steps, save, resume, M steps == N + M uninterrupted, bitwis
   std::vector<double> full_losses;
   for (int s = 0; s < 6; ++s) full_losses.push_back(full.trainer.train_step(data).loss);
 
-  TempDir dir2("trainer_resume_2");
-  o.output_dir = dir2.path.string();
+  test::TempDir dir2("trainer_resume_2");
+  o.output_dir = dir2.path().string();
   {
     Setup first(o);
     std::vector<StepLog> logs;
     first.trainer.fit(data, [&](const StepLog& l) { logs.push_back(l); });  // saves at 3 and 6
     REQUIRE(logs.size() == 6);
-    REQUIRE(list_checkpoints(dir2.path).size() == 2);
+    REQUIRE(list_checkpoints(dir2.path()).size() == 2);
   }
-  fs::remove_all(checkpoint_path(dir2.path, 6));  // resume from step 3
+  fs::remove_all(checkpoint_path(dir2.path(), 6));  // resume from step 3
   o.resume_from_checkpoint = "latest";
   Setup resumed(o, /*init_seed=*/77);  // a different init: everything must come from the file
   std::vector<double> resumed_losses;
@@ -457,10 +443,10 @@ TEST_CASE("resume: N steps, save, resume, M steps == N + M uninterrupted, bitwis
 }
 
 TEST_CASE("an interrupted checkpoint write leaves the previous one loadable; total limit") {
-  TempDir dir("trainer_interrupted");
+  test::TempDir dir("trainer_interrupted");
   TrainerOptions o;
   o.learning_rate = 1e-2;
-  o.output_dir = dir.path.string();
+  o.output_dir = dir.path().string();
   o.checkpoints_total_limit = 2;
   Setup s(o);
   s.trainer.train_step(Plain{});
@@ -470,9 +456,9 @@ TEST_CASE("an interrupted checkpoint write leaves the previous one loadable; tot
   s.trainer.train_step(Plain{});
   s.trainer.set_checkpoint_hook([](const fs::path&) { throw Error("power cut"); });
   REQUIRE_THROWS_WITH(s.trainer.save_checkpoint(), Catch::Contains("power cut"));
-  REQUIRE(list_checkpoints(dir.path).size() == 1);
+  REQUIRE(list_checkpoints(dir.path()).size() == 1);
   std::size_t entries = 0;
-  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path)) ++entries;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir.path())) ++entries;
   REQUIRE(entries == 1);  // no temporary folder left behind
   Setup fresh(o, 99);
   fresh.trainer.resume("latest");
@@ -484,7 +470,7 @@ TEST_CASE("an interrupted checkpoint write leaves the previous one loadable; tot
     s.trainer.save_checkpoint();
     s.trainer.train_step(Plain{});
   }
-  const auto kept = list_checkpoints(dir.path);
+  const auto kept = list_checkpoints(dir.path());
   REQUIRE(kept.size() == 2);
   REQUIRE(kept[0].first == 4);
   REQUIRE(kept[1].first == 5);

@@ -1,4 +1,5 @@
 // vae-encode / vae-decode through CLI11, as the `difftrain` tool runs them.
+#include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <string>
@@ -11,14 +12,9 @@
 using namespace difftrain;
 using difftrain::test::data_path;
 using difftrain::test::relative_max_error;
+using difftrain::test::temp_path;
 
 namespace {
-std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("difftrain_test_cmd_vae_" + std::to_string(::getpid()) + "_" + name))
-      .string();
-}
-
 // Runs `difftrain <args...>` with the VAE commands registered; returns the exit code.
 int run(std::vector<std::string> args) {
   CLI::App app{"difftrain"};

@@ -14,15 +14,8 @@
 using namespace difftrain;
 using Catch::Matchers::Contains;
 using difftrain::test::data_path;
+using difftrain::test::temp_path;
 using difftrain::test::vae_tiny;
-
-namespace {
-std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("difftrain_test_vae_" + std::to_string(::getpid()) + "_" + name))
-      .string();
-}
-}  // namespace
 
 TEST_CASE("cache_latents round trip", "[vae][cache]") {
   const auto& vae = vae_tiny();

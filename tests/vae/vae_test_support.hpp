@@ -8,6 +8,7 @@
 
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/vae/vae_load.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 namespace difftrain::test {
@@ -31,6 +32,12 @@ inline std::string vae_tiny_dir() { return data_path("vae_tiny"); }
 inline const models::AutoencoderKL<float>& vae_tiny() {
   static const models::AutoencoderKL<float> vae = models::load_vae<float>(vae_tiny_dir());
   return vae;
+}
+
+/// A file of the VAE tests' temporary folder (removed when the test executable exits).
+inline std::string temp_path(const std::string& name) {
+  static const TempDir dir("vae");
+  return dir.file(name);
 }
 
 }  // namespace difftrain::test

@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 
 namespace difftrain {
@@ -22,19 +23,28 @@ class NonFiniteLoss : public Error {
   using Error::Error;
 };
 
-namespace detail {
+/// The parts printed one after another by `std::ostream <<` (no separators), e.g.
+/// message("step ", 3, ": ", 0.5) == "step 3: 0.5". For messages that do not start with
+/// "function: " (those use fail) and for other exception types, e.g.
+/// `throw NonFiniteLoss(message(...))`.
 template <class... Parts>
-std::string concat(Parts&&... parts) {
+std::string message(Parts&&... parts) {
   std::ostringstream out;
-  (out << ... << std::forward<Parts>(parts));
+  static_cast<void>((out << ... << std::forward<Parts>(parts)));  // void: message() prints nothing
   return out.str();
 }
-}  // namespace detail
+
+/// Throws Error(function + ": " + parts...), e.g. fail("add_noise", "noise has shape ", s)
+/// throws Error("add_noise: noise has shape ...").
+template <class... Parts>
+[[noreturn]] void fail(std::string_view function, Parts&&... parts) {
+  throw Error(message(function, ": ", std::forward<Parts>(parts)...));
+}
 
 /// Throws Error(function + ": " + parts...) unless `condition` holds.
 template <class... Parts>
 void require(bool condition, std::string_view function, Parts&&... parts) {
-  if (!condition) throw Error(difftrain::detail::concat(function, ": ", std::forward<Parts>(parts)...));
+  if (!condition) fail(function, std::forward<Parts>(parts)...);
 }
 
 }  // namespace difftrain

@@ -9,7 +9,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
-
 #include <xsimd/xsimd.hpp>
 
 // Forces inlining of the small SIMD steps of the random fills: GCC otherwise keeps Box–Muller and

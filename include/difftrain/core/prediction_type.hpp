@@ -17,9 +17,12 @@ enum class PredictionType : std::uint8_t {
 
 inline std::string_view to_string(PredictionType type) {
   switch (type) {
-    case PredictionType::epsilon: return "epsilon";
-    case PredictionType::v_prediction: return "v_prediction";
-    case PredictionType::sample: return "sample";
+    case PredictionType::epsilon:
+      return "epsilon";
+    case PredictionType::v_prediction:
+      return "v_prediction";
+    case PredictionType::sample:
+      return "sample";
   }
   return "?";
 }
@@ -29,8 +32,8 @@ inline PredictionType parse_prediction_type(std::string_view name) {
   if (name == "epsilon") return PredictionType::epsilon;
   if (name == "v_prediction") return PredictionType::v_prediction;
   if (name == "sample") return PredictionType::sample;
-  throw Error(difftrain::detail::concat("prediction_type: unknown value '", name,
-                             "', expected epsilon, v_prediction or sample"));
+  throw Error(message("prediction_type: unknown value '", name,
+                      "', expected epsilon, v_prediction or sample"));
 }
 
 }  // namespace difftrain

@@ -16,10 +16,10 @@
 #include <numbers>
 #include <span>
 #include <utility>
-
 #include <xsimd/xsimd.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/philox.hpp"
 
 namespace difftrain {
@@ -35,6 +35,120 @@ constexpr std::uint64_t mix64(std::uint64_t x) {
 }
 }  // namespace random_detail
 
+/// Every purpose id given to RandomStream::derive (and to lora_detail::substream) by difftrain,
+/// its tools and examples, in one place. Two sub-streams can only coincide when they have the
+/// same parent stream, step and purpose, so ids need to differ only among the purposes of one
+/// parent: ids repeat across parents (e.g. 1 is the noise of a step's noise stream and the init
+/// of a parameter), and the static_asserts below check that the ids sharing a parent are
+/// distinct. The numbers are part of every random sequence (bitwise resume of a training run,
+/// reproducible sampling depend on them): never renumber; add a new id to its parent's group.
+enum class StreamPurpose : std::uint32_t {
+  // Parent: RandomStream{seed, 0}, the root of a seed (a training run and sampling may share one).
+  train_step = 0,               // step = s: training step s (train/diffusion_train_step.hpp)
+  sample_noise = 0x534D'506Eu,  // "SMPn", step 0: initial sampling noise (schedule/sample.hpp)
+
+  // Parent: a training step's stream (train_step); step 0 (train/diffusion_train_step.hpp).
+  step_timesteps = 16,  // the timesteps t_b (TimestepSampler)
+  step_noise = 17,      // the step's noise stream: parent of the noise_* purposes (NoiseSampler)
+
+  // Parent: a step's noise stream (step_noise); step 0 (kernels/noise.hpp).
+  noise = 1,                        // eps ~ N(0, I)
+  noise_offset = 2,                 // the noise-offset normals
+  noise_offset_strength = 3,        // U(0, 1) of noise_offset_random_strength
+  noise_pyramid = 4,                // the pyramid stream: parent of the pyramid_* purposes
+  noise_perturbation = 5,           // the input-perturbation noise xi
+  noise_perturbation_strength = 6,  // U(0, 1) of input_perturbation_random_strength
+
+  // Parent: the pyramid stream (noise_pyramid); step = level i (kernels/noise.hpp).
+  pyramid_scale = 1,  // r_i ~ U(2, 4)
+  pyramid_level = 2,  // the level's N(0, I) at its reduced resolution
+
+  // Parent: the stream given to init_like_pytorch; step = parameter index (nn/init.hpp; also
+  // examples/shapes_pipeline.hpp init_pytorch_like).
+  parameter_init = 1,
+
+  // Parent: an AutoencoderKL encoder's sampling stream; step = call count k
+  // (models/vae/vae_encoder.hpp).
+  vae_noise = 0x5641'456Eu,  // "VAEn"
+
+  // LoRA, through lora_detail::substream(parent, a, purpose) rather than derive
+  // (lora/inject.hpp, lora/lora_linear.hpp).
+  // Parent: the stream given to inject_lora; a = name_hash(module name).
+  lora_adapter = 0,  // the adapter's stream: parent of the lora_* purposes below
+  // Parent: an adapter's stream (lora_adapter); a = 0 (init) or the adapter's forward step.
+  lora_init = 1,
+  lora_dropout = 2,
+  lora_rank_dropout = 3,
+  lora_module_dropout = 4,
+
+  // tools/dataset.cpp. Parent: ImageCaptionDataSource's RandomStream{seed, "data"}; step = epoch.
+  data_permutation = 1,
+  data_crop = 2,  // + set (0 instance, 1 class): ids 2, 3
+  data_flip = 4,  // + set (0 instance, 1 class): ids 4, 5
+
+  // tools/cmd_train.cpp. Parent: the cached-latents source's RandomStream{seed, "lat"}; step =
+  // micro-batch m. The id of row r is base + 4·r.
+  latent_sample_instance = 1,
+  latent_sample_class = 2,
+
+  // examples/shapes_pipeline.hpp. Parent: the base data's RandomStream{seed, 7} or the
+  // DreamBooth data's RandomStream{seed, 8}; step = micro-batch m.
+  shapes_specs = 1,
+  shapes_placements = 3,
+  shapes_class = 4,
+
+  // examples/toy_model.hpp. Parent: RandomStream{seed, 1000 + step}; step 0.
+  toy_pattern = 1,
+};
+
+/// The number of a purpose, for the purposes that take a range of ids (base + offset).
+constexpr std::uint32_t purpose_id(StreamPurpose p) { return static_cast<std::uint32_t>(p); }
+
+namespace random_detail {
+// True when no two of the ids are equal.
+template <class... Ids>
+constexpr bool distinct_ids(Ids... ids) {
+  const std::uint32_t v[] = {static_cast<std::uint32_t>(ids)...};
+  for (std::size_t i = 0; i < sizeof...(Ids); ++i)
+    for (std::size_t j = i + 1; j < sizeof...(Ids); ++j)
+      if (v[i] == v[j]) return false;
+  return true;
+}
+}  // namespace random_detail
+
+// The purposes of each parent stream are distinct (see StreamPurpose).
+static_assert(random_detail::distinct_ids(StreamPurpose::train_step, StreamPurpose::sample_noise),
+              "purposes under RandomStream{seed, 0} collide");
+static_assert(random_detail::distinct_ids(StreamPurpose::step_timesteps, StreamPurpose::step_noise),
+              "purposes under a training step's stream collide");
+static_assert(random_detail::distinct_ids(StreamPurpose::noise, StreamPurpose::noise_offset,
+                                          StreamPurpose::noise_offset_strength,
+                                          StreamPurpose::noise_pyramid,
+                                          StreamPurpose::noise_perturbation,
+                                          StreamPurpose::noise_perturbation_strength),
+              "purposes under a step's noise stream collide");
+static_assert(random_detail::distinct_ids(StreamPurpose::pyramid_scale,
+                                          StreamPurpose::pyramid_level),
+              "purposes under the pyramid-noise stream collide");
+static_assert(random_detail::distinct_ids(StreamPurpose::lora_init, StreamPurpose::lora_dropout,
+                                          StreamPurpose::lora_rank_dropout,
+                                          StreamPurpose::lora_module_dropout),
+              "purposes under a LoRA adapter's stream collide");
+static_assert(random_detail::distinct_ids(StreamPurpose::data_permutation, StreamPurpose::data_crop,
+                                          purpose_id(StreamPurpose::data_crop) + 1,
+                                          StreamPurpose::data_flip,
+                                          purpose_id(StreamPurpose::data_flip) + 1),
+              "purposes under the data source's stream collide");
+static_assert(purpose_id(StreamPurpose::latent_sample_instance) < 4 &&
+                  purpose_id(StreamPurpose::latent_sample_class) < 4 &&
+                  random_detail::distinct_ids(StreamPurpose::latent_sample_instance,
+                                              StreamPurpose::latent_sample_class),
+              "purposes under the cached-latents stream collide (ids are base + 4·row)");
+static_assert(random_detail::distinct_ids(StreamPurpose::shapes_specs,
+                                          StreamPurpose::shapes_placements,
+                                          StreamPurpose::shapes_class),
+              "purposes under the shapes demo's data stream collide");
+
 /// An independent random sequence: the seed is the Philox key, the stream the upper half of
 /// the counter. Use `derive` for sub-streams (a training step, a purpose).
 struct RandomStream {
@@ -47,6 +161,10 @@ struct RandomStream {
   [[nodiscard]] constexpr RandomStream derive(std::uint64_t step, std::uint32_t purpose) const {
     using random_detail::mix64;
     return {seed, mix64(mix64(mix64(stream) ^ step) ^ purpose)};
+  }
+  /// derive(step, id of `purpose`): the purpose ids all live in StreamPurpose.
+  [[nodiscard]] constexpr RandomStream derive(std::uint64_t step, StreamPurpose purpose) const {
+    return derive(step, static_cast<std::uint32_t>(purpose));
   }
 };
 
@@ -242,7 +360,7 @@ inline void fill_groups(std::span<float> out, RandomStream rs, std::uint64_t off
   const std::uint64_t first = offset / kRandomGroup;
   const std::uint64_t last = (offset + out.size() - 1) / kRandomGroup;
   const auto groups = static_cast<std::int64_t>(last - first + 1);
-#pragma omp parallel for schedule(static) if (groups > 64)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(groups, parallel::kRandomGroups))
   for (std::int64_t k = 0; k < groups; ++k) {
     const std::uint64_t g = first + static_cast<std::uint64_t>(k);
     const std::uint64_t begin = std::max(g * kRandomGroup, offset);

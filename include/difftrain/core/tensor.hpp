@@ -9,7 +9,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
@@ -48,8 +47,8 @@ void check_shape(std::string_view function, std::string_view argument, const Sha
     for (auto extent : actual) same = same && static_cast<std::size_t>(extent) == *e++;
   }
   if (!same) {
-    throw Error(difftrain::detail::concat(function, ": ", argument, " has shape ", shape_string(actual),
-                               ", expected ", shape_string(std::vector<std::size_t>(expected))));
+    fail(function, argument, " has shape ", shape_string(actual), ", expected ",
+         shape_string(std::vector<std::size_t>(expected)));
   }
 }
 
@@ -61,8 +60,8 @@ void check_same_shape(std::string_view function, std::string_view argument, cons
   for (std::size_t i = 0; same && i < actual.size(); ++i)
     same = static_cast<std::size_t>(actual[i]) == static_cast<std::size_t>(expected[i]);
   if (!same) {
-    throw Error(difftrain::detail::concat(function, ": ", argument, " has shape ", shape_string(actual),
-                               ", expected ", shape_string(expected)));
+    fail(function, argument, " has shape ", shape_string(actual), ", expected ",
+         shape_string(expected));
   }
 }
 

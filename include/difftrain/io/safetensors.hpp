@@ -157,8 +157,7 @@ inline Dtype parse_dtype(std::string_view name) {
   std::string known;
   for (Dtype dtype : kAllDtypes)
     known += (known.empty() ? "" : ", ") + std::string(to_string(dtype));
-  throw Error(difftrain::detail::concat("parse_dtype: unknown dtype '", name, "', expected one of ",
-                                        known));
+  throw Error(message("parse_dtype: unknown dtype '", name, "', expected one of ", known));
 }
 
 /// Bits per element (F4: 4, F6_*: 6, BOOL: 8, C64: 64 for the complex pair of F32).
@@ -281,26 +280,23 @@ class MappedFile {
   static MappedFile open(const std::string& path, std::string_view function, std::size_t min_size) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-      throw Error(
-          difftrain::detail::concat(function, ": cannot open '", path, "': ", errno_text(errno)));
+      fail(function, "cannot open '", path, "': ", errno_text(errno));
     }
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
       const int error = errno;
       ::close(fd);
-      throw Error(
-          difftrain::detail::concat(function, ": cannot stat '", path, "': ", errno_text(error)));
+      fail(function, "cannot stat '", path, "': ", errno_text(error));
     }
     if (!S_ISREG(st.st_mode)) {
       ::close(fd);
-      throw Error(difftrain::detail::concat(function, ": '", path, "' is not a regular file"));
+      fail(function, "'", path, "' is not a regular file");
     }
     const auto size = static_cast<std::size_t>(st.st_size);
     if (size < min_size) {
       ::close(fd);
-      throw Error(difftrain::detail::concat(function, ": '", path, "' has ", size,
-                                            " bytes, expected at least ", min_size,
-                                            " (the 8-byte header length)"));
+      fail(function, "'", path, "' has ", size, " bytes, expected at least ", min_size,
+           " (the 8-byte header length)");
     }
     MappedFile file;
     file.size_ = size;
@@ -309,8 +305,7 @@ class MappedFile {
       if (data == MAP_FAILED) {
         const int error = errno;
         ::close(fd);
-        throw Error(
-            difftrain::detail::concat(function, ": cannot map '", path, "': ", errno_text(error)));
+        fail(function, "cannot map '", path, "': ", errno_text(error));
       }
       file.data_ = static_cast<const std::byte*>(data);
     }
@@ -448,9 +443,8 @@ inline void SafetensorsFile::throw_unknown(std::string_view function, std::strin
     }
     listing += (listing.empty() ? "" : ", ") + known;
   }
-  throw Error(difftrain::detail::concat(function, ": no tensor '", name, "' in '", path_, "' (",
-                                        tensors_.size(), " tensors", listing.empty() ? "" : ": ",
-                                        listing, ")"));
+  fail(function, "no tensor '", name, "' in '", path_, "' (", tensors_.size(), " tensors",
+       listing.empty() ? "" : ": ", listing, ")");
 }
 
 inline SafetensorsFile SafetensorsFile::open(const std::string& path) {
@@ -475,8 +469,8 @@ inline SafetensorsFile SafetensorsFile::open(const std::string& path) {
 inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
   using nlohmann::json;
   auto error = [this](auto&&... parts) {
-    return Error(difftrain::detail::concat("SafetensorsFile::open: '", path_,
-                                           "': ", std::forward<decltype(parts)>(parts)...));
+    return Error(
+        message("SafetensorsFile::open: '", path_, "': ", std::forward<decltype(parts)>(parts)...));
   };
   const char* text = reinterpret_cast<const char*>(header.data());
   const std::string_view view(text, header.size());
@@ -645,8 +639,8 @@ void SafetensorsFile::read_into(std::string_view name, std::span<T> out) const {
   const std::size_t n = out.size();
 
   auto refuse = [&](std::string_view why) {
-    throw Error(difftrain::detail::concat("SafetensorsFile::read: tensor '", name, "' in '", path_,
-                                          "' has dtype ", to_string(ti.dtype), ", which ", why));
+    throw Error(message("SafetensorsFile::read: tensor '", name, "' in '", path_, "' has dtype ",
+                        to_string(ti.dtype), ", which ", why));
   };
   // One loop per stored type: S is the stored element, decode turns it into a number.
   auto convert = [&]<class S>(S, auto decode) {
@@ -660,9 +654,9 @@ void SafetensorsFile::read_into(std::string_view name, std::span<T> out) const {
       const auto value = decode(stored);
       if constexpr (std::is_integral_v<T>) {
         if (!std::in_range<T>(value)) {
-          throw Error(difftrain::detail::concat(
-              "SafetensorsFile::read: tensor '", name, "' in '", path_, "' holds ", +value,
-              " at element ", i, ", which does not fit in ", safetensors_detail::type_name<T>()));
+          throw Error(message("SafetensorsFile::read: tensor '", name, "' in '", path_, "' holds ",
+                              +value, " at element ", i, ", which does not fit in ",
+                              safetensors_detail::type_name<T>()));
         }
       }
       out[i] = static_cast<T>(value);
@@ -671,9 +665,8 @@ void SafetensorsFile::read_into(std::string_view name, std::span<T> out) const {
   auto same = [](auto v) { return v; };
   auto floating = [&](auto decode_to_float_like, auto stored_tag) {
     if constexpr (std::is_integral_v<T>) {
-      refuse(difftrain::detail::concat("does not convert to the integer type ",
-                                       safetensors_detail::type_name<T>(),
-                                       "; read it as float or double"));
+      refuse(message("does not convert to the integer type ", safetensors_detail::type_name<T>(),
+                     "; read it as float or double"));
     } else {
       convert(stored_tag, decode_to_float_like);
     }
@@ -726,9 +719,8 @@ void SafetensorsFile::read_into(std::string_view name, std::span<T> out) const {
       for (std::size_t i = 0; i < n; ++i) {
         const auto byte = std::to_integer<unsigned>(src[i]);
         if (byte > 1) {
-          throw Error(difftrain::detail::concat("SafetensorsFile::read: BOOL tensor '", name,
-                                                "' in '", path_, "' holds byte ", byte,
-                                                " at element ", i, ", expected 0 or 1"));
+          throw Error(message("SafetensorsFile::read: BOOL tensor '", name, "' in '", path_,
+                              "' holds byte ", byte, " at element ", i, ", expected 0 or 1"));
         }
         out[i] = static_cast<T>(byte);
       }
@@ -750,8 +742,8 @@ std::vector<std::byte> encode(std::span<const T> values, Dtype dtype, std::strin
                 "encode: T must be a floating or integer type other than bool (write BOOL from "
                 "uint8_t)");
   auto refuse = [&](std::string_view why) {
-    throw Error(difftrain::detail::concat("TensorToWrite: tensor '", name, "': ", type_name<T>(),
-                                          " values do not convert to ", to_string(dtype), why));
+    throw Error(message("TensorToWrite: tensor '", name, "': ", type_name<T>(),
+                        " values do not convert to ", to_string(dtype), why));
   };
   const std::size_t n = values.size();
   std::vector<std::byte> bytes;
@@ -770,9 +762,8 @@ std::vector<std::byte> encode(std::span<const T> values, Dtype dtype, std::strin
     } else {
       emit(tag, [&](T v, std::size_t i) {
         if (!std::in_range<S>(v)) {
-          throw Error(difftrain::detail::concat("TensorToWrite: tensor '", name, "' holds ", +v,
-                                                " at element ", i, ", which does not fit in ",
-                                                to_string(dtype)));
+          throw Error(message("TensorToWrite: tensor '", name, "' holds ", +v, " at element ", i,
+                              ", which does not fit in ", to_string(dtype)));
         }
         return static_cast<S>(v);
       });
@@ -828,8 +819,8 @@ std::vector<std::byte> encode(std::span<const T> values, Dtype dtype, std::strin
     case Dtype::BOOL:
       emit(std::uint8_t{}, [&](T v, std::size_t i) {
         if (!(v == T(0) || v == T(1))) {
-          throw Error(difftrain::detail::concat("TensorToWrite: tensor '", name, "' holds ", +v,
-                                                " at element ", i, ", expected 0 or 1 for BOOL"));
+          throw Error(message("TensorToWrite: tensor '", name, "' holds ", +v, " at element ", i,
+                              ", expected 0 or 1 for BOOL"));
         }
         return static_cast<std::uint8_t>(v == T(1));
       });
@@ -962,10 +953,7 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   try {
     text = header.dump();
   } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat(kFunction, ": '", path,
-                                          "': a name or metadata string is not "
-                                          "valid UTF-8: ",
-                                          e.what()));
+    fail(kFunction, "'", path, "': a name or metadata string is not valid UTF-8: ", e.what());
   }
   text.append((8 - text.size() % 8) % 8, ' ');  // the data buffer starts 8-byte aligned
   const std::uint64_t header_size = text.size();
@@ -976,20 +964,18 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   std::string temporary;
   int fd = -1;
   for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
-    temporary = difftrain::detail::concat(path, ".tmp.", ::getpid(), ".", counter++);
+    temporary = message(path, ".tmp.", ::getpid(), ".", counter++);
     fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd < 0 && errno != EEXIST) break;
   }
   if (fd < 0) {
-    throw Error(difftrain::detail::concat(kFunction, ": cannot create '", temporary, "' to write '",
-                                          path, "': ", errno_text(errno)));
+    fail(kFunction, "cannot create '", temporary, "' to write '", path, "': ", errno_text(errno));
   }
   auto abandon = [&](std::string_view what) {
     const int error = errno;
     if (fd >= 0) ::close(fd);
     ::unlink(temporary.c_str());
-    throw Error(
-        difftrain::detail::concat(kFunction, ": ", what, " '", path, "': ", errno_text(error)));
+    fail(kFunction, what, " '", path, "': ", errno_text(error));
   };
   bool ok = safetensors_detail::write_all(fd, std::as_bytes(std::span(&header_size, 1))) &&
             safetensors_detail::write_all(fd, std::as_bytes(std::span(text)));
@@ -1001,14 +987,12 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   if (::close(fd) != 0) {
     const int error = errno;
     ::unlink(temporary.c_str());
-    throw Error(
-        difftrain::detail::concat(kFunction, ": cannot close '", path, "': ", errno_text(error)));
+    fail(kFunction, "cannot close '", path, "': ", errno_text(error));
   }
   if (::rename(temporary.c_str(), path.c_str()) != 0) {
     const int error = errno;
     ::unlink(temporary.c_str());
-    throw Error(difftrain::detail::concat(kFunction, ": cannot move the written file onto '", path,
-                                          "': ", errno_text(error)));
+    fail(kFunction, "cannot move the written file onto '", path, "': ", errno_text(error));
   }
 }
 

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 #include "difftrain/io/safetensors.hpp"
 
 namespace difftrain::io {
@@ -92,14 +93,7 @@ inline std::vector<std::string> diffusers_weight_files(
   const fs::path index = dir / (stem + ".safetensors.index.json");
   require(fs::exists(index), fn, "'", folder, "' has neither ", single.filename().string(), " nor ",
           index.filename().string());
-  std::ifstream in(index);
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(
-        difftrain::detail::concat(fn, ": '", index.string(), "' is not valid JSON: ", e.what()));
-  }
+  const nlohmann::json json = read_json_file(fn, index.string());
   require(json.is_object() && json.contains("weight_map") && json["weight_map"].is_object(), fn,
           "'", index.string(), "' has no \"weight_map\" object");
   std::set<std::string> shards;

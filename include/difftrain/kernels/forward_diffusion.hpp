@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <span>
 #include <vector>
-
 #include <xsimd/xsimd.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/core/random.hpp"
 #include "difftrain/core/tensor.hpp"
@@ -40,9 +40,15 @@ struct DiffusionCoefficients {
     target_x0.resize(a.size());
     for (std::size_t b = 0; b < a.size(); ++b) {
       switch (type) {
-        case PredictionType::epsilon: target_eps[b] = 1, target_x0[b] = 0; break;
-        case PredictionType::v_prediction: target_eps[b] = a[b], target_x0[b] = -s[b]; break;
-        case PredictionType::sample: target_eps[b] = 0, target_x0[b] = 1; break;
+        case PredictionType::epsilon:
+          target_eps[b] = 1, target_x0[b] = 0;
+          break;
+        case PredictionType::v_prediction:
+          target_eps[b] = a[b], target_x0[b] = -s[b];
+          break;
+        case PredictionType::sample:
+          target_eps[b] = 0, target_x0[b] = 1;
+          break;
       }
     }
   }
@@ -51,10 +57,10 @@ struct DiffusionCoefficients {
 
 /// Where eps comes from in the fused pass.
 struct FusedNoise {
-  RandomStream noise;                  // n_i
-  std::span<const float> offset;       // [B·C] per (sample, channel), or empty for none
-  float input_perturbation = 0;        // γ; 0 disables ξ
-  RandomStream perturbation;           // ξ_i
+  RandomStream noise;             // n_i
+  std::span<const float> offset;  // [B·C] per (sample, channel), or empty for none
+  float input_perturbation = 0;   // γ; 0 disables ξ
+  RandomStream perturbation;      // ξ_i
 };
 
 namespace detail {
@@ -106,7 +112,7 @@ void fused_noise_forward_target(const float* x0, std::size_t batch, std::size_t 
   const auto groups = static_cast<std::int64_t>((total + kRandomGroup - 1) / kRandomGroup);
   const bool perturb = noise.input_perturbation != 0.0f;
   const PreparedStream noise_stream(noise.noise), perturbation_stream(noise.perturbation);
-#pragma omp parallel if (groups > 64)
+#pragma omp parallel if (parallel::exceeds(groups, parallel::kRandomGroups))
   {
     // The (sample, channel) plane of the previous run, so that consecutive groups of a plane
     // need no division.

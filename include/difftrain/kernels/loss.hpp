@@ -17,10 +17,10 @@
 #include <span>
 #include <string_view>
 #include <vector>
-
 #include <xsimd/xsimd.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 
 namespace difftrain::kernels {
@@ -29,9 +29,12 @@ enum class LossType : std::uint8_t { l2, huber, smooth_l1 };
 
 inline std::string_view to_string(LossType type) {
   switch (type) {
-    case LossType::l2: return "l2";
-    case LossType::huber: return "huber";
-    case LossType::smooth_l1: return "smooth_l1";
+    case LossType::l2:
+      return "l2";
+    case LossType::huber:
+      return "huber";
+    case LossType::smooth_l1:
+      return "smooth_l1";
   }
   return "?";
 }
@@ -41,12 +44,11 @@ inline LossType parse_loss_type(std::string_view name) {
   if (name == "l2") return LossType::l2;
   if (name == "huber") return LossType::huber;
   if (name == "smooth_l1") return LossType::smooth_l1;
-  throw Error(difftrain::detail::concat("loss_type: unknown value '", name,
-                             "', expected l2, huber or smooth_l1"));
+  throw Error(message("loss_type: unknown value '", name, "', expected l2, huber or smooth_l1"));
 }
 
 struct LossResult {
-  double loss = 0;                // L
+  double loss = 0;                 // L
   std::vector<double> per_sample;  // L_b, before the weights
 };
 
@@ -65,8 +67,8 @@ inline constexpr std::size_t kLossChunk = 8192;  // elements per partial sum (fi
 
 // Sum over [0, n) of m·ℓ(d); writes scale·m·ℓ'(d) to grad when given.
 template <LossType type, class Arch>
-inline double loss_chunk(const float* pred, const float* target, const float* mask,
-                         std::size_t n, float c, float scale, float* grad) {
+inline double loss_chunk(const float* pred, const float* target, const float* mask, std::size_t n,
+                         float c, float scale, float* grad) {
   using F = xsimd::batch<float, Arch>;
   constexpr std::size_t W = F::size;
   const F vscale(scale);
@@ -144,7 +146,8 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
   std::vector<double> partial(batch * units_per_sample, 0.0);
   const auto units = static_cast<std::int64_t>(batch * units_per_sample);
   const double inv_count = 1.0 / static_cast<double>(per_sample);
-#pragma omp parallel for schedule(static) if (batch * per_sample > 32768)
+#pragma omp parallel for schedule( \
+    static) if (parallel::exceeds(batch * per_sample, parallel::kNormSize))
   for (std::int64_t u = 0; u < units; ++u) {
     const std::size_t b = static_cast<std::size_t>(u) / units_per_sample;
     const std::size_t k = static_cast<std::size_t>(u) % units_per_sample;
@@ -164,8 +167,8 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
     const std::size_t o = b * per_sample + lo;
     const std::size_t n = hi - lo;
     const float c = type == LossType::l2 ? 0.0f : huber_c[b];
-    const float scale =
-        static_cast<float>(static_cast<double>(weights[b]) * inv_count / static_cast<double>(batch));
+    const float scale = static_cast<float>(static_cast<double>(weights[b]) * inv_count /
+                                           static_cast<double>(batch));
     float* g = grad ? grad + o : nullptr;
     double sum = 0;
     switch (type) {
@@ -176,7 +179,8 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
         sum = detail::loss_chunk<LossType::huber, Arch>(pred + o, target + o, m, n, c, scale, g);
         break;
       case LossType::smooth_l1:
-        sum = detail::loss_chunk<LossType::smooth_l1, Arch>(pred + o, target + o, m, n, c, scale, g);
+        sum =
+            detail::loss_chunk<LossType::smooth_l1, Arch>(pred + o, target + o, m, n, c, scale, g);
         break;
     }
     partial[static_cast<std::size_t>(u)] = sum;
@@ -211,9 +215,9 @@ LossResult loss_and_grad(const Tensor4<float>& pred, const Tensor4<float>& targe
     }
   }
   if (grad) grad->resize(sh);
-  return loss_and_grad<Arch>(pred.data(), target.data(), sh[0], sh[1], sh[2] * sh[3], type,
-                             weights, huber_c, layout == MaskLayout::none ? nullptr : mask->data(),
-                             layout, grad ? grad->data() : nullptr);
+  return loss_and_grad<Arch>(pred.data(), target.data(), sh[0], sh[1], sh[2] * sh[3], type, weights,
+                             huber_c, layout == MaskLayout::none ? nullptr : mask->data(), layout,
+                             grad ? grad->data() : nullptr);
 }
 
 }  // namespace difftrain::kernels

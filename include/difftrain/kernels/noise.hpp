@@ -43,20 +43,6 @@ struct NoiseOptions {
   }
 };
 
-/// Sub-streams of one step's noise, by purpose.
-enum class NoiseStream : std::uint32_t {
-  noise = 1,
-  offset = 2,
-  offset_strength = 3,
-  pyramid = 4,
-  perturbation = 5,
-  perturbation_strength = 6,
-};
-
-inline RandomStream noise_stream(RandomStream step_stream, NoiseStream purpose) {
-  return step_stream.derive(0, static_cast<std::uint32_t>(purpose));
-}
-
 /// offset[b·C + c] = k_bc·N(0,1) (empty when noise_offset is 0), with k_bc as NoiseOptions says.
 inline std::vector<float> noise_offsets(const NoiseOptions& options, const Tensor4<float>& x0,
                                         RandomStream step_stream) {
@@ -64,10 +50,11 @@ inline std::vector<float> noise_offsets(const NoiseOptions& options, const Tenso
   const auto& sh = x0.shape();
   const std::size_t bc = sh[0] * sh[1], plane = sh[2] * sh[3];
   std::vector<float> offset(bc);
-  fill_normal(offset, noise_stream(step_stream, NoiseStream::offset));
+  fill_normal(offset, step_stream.derive(0, StreamPurpose::noise_offset));
   float k = options.noise_offset;
   if (options.noise_offset_random_strength)
-    k *= static_cast<float>(uniform_double(noise_stream(step_stream, NoiseStream::offset_strength), 0));
+    k *= static_cast<float>(
+        uniform_double(step_stream.derive(0, StreamPurpose::noise_offset_strength), 0));
   for (std::size_t i = 0; i < bc; ++i) {
     float k_bc = k;
     if (options.adaptive_noise_scale != 0) {
@@ -87,7 +74,7 @@ inline float input_perturbation_strength(const NoiseOptions& options, RandomStre
   float gamma = options.input_perturbation;
   if (options.input_perturbation_random_strength)
     gamma *= static_cast<float>(
-        uniform_double(noise_stream(step_stream, NoiseStream::perturbation_strength), 0));
+        uniform_double(step_stream.derive(0, StreamPurpose::noise_perturbation_strength), 0));
   return gamma;
 }
 
@@ -132,16 +119,19 @@ inline void pyramid_noise(Tensor4<float>& noise, int iterations, float discount,
   const auto sh = noise.shape();
   const std::size_t planes = sh[0] * sh[1], H = sh[2], W = sh[3];
   if (noise.size() < 2 || iterations == 0) return;
-  const RandomStream rs = noise_stream(step_stream, NoiseStream::pyramid);
+  const RandomStream rs = step_stream.derive(0, StreamPurpose::noise_pyramid);
   std::vector<float> low, up(noise.size());
   float weight = 1;
   for (int i = 0; i < iterations; ++i, weight *= discount) {
-    const double r = 2.0 + 2.0 * uniform_double(rs.derive(static_cast<std::uint64_t>(i), 1), 0);
+    const auto level = static_cast<std::uint64_t>(i);
+    const double r = 2.0 + 2.0 * uniform_double(rs.derive(level, StreamPurpose::pyramid_scale), 0);
     const double shrink = std::pow(r, i);
-    const auto h = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(H) / shrink));
-    const auto w = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(W) / shrink));
+    const auto h =
+        std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(H) / shrink));
+    const auto w =
+        std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(W) / shrink));
     low.resize(planes * h * w);
-    fill_normal(low, rs.derive(static_cast<std::uint64_t>(i), 2));
+    fill_normal(low, rs.derive(level, StreamPurpose::pyramid_level));
     resize_bilinear(low.data(), planes, h, w, up.data(), H, W);
     float* n = noise.data();
     for (std::size_t k = 0; k < noise.size(); ++k) n[k] += up[k] * weight;
@@ -165,7 +155,7 @@ inline void sample_noise(const NoiseOptions& options, const Tensor4<float>& x0,
   const auto& sh = x0.shape();
   noise.resize(sh);
   fill_normal(std::span<float>(noise.data(), noise.size()),
-              noise_stream(step_stream, NoiseStream::noise));
+              step_stream.derive(0, StreamPurpose::noise));
   const std::vector<float> offset = noise_offsets(options, x0, step_stream);
   const std::size_t plane = sh[2] * sh[3];
   for (std::size_t i = 0; i < offset.size(); ++i)

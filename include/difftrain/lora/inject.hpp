@@ -26,6 +26,7 @@
 #include <variant>
 #include <vector>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
 #include "difftrain/lora/lora_conv2d.hpp"
@@ -114,12 +115,6 @@ using LinearSlot = LoraSlot<nn::Linear<T>>;
 template <class T = float>
 using Conv2dSlot = LoraSlot<nn::Conv2d<T>>;
 
-/// A model whose adaptable layers are visited by for_each_slot(prefix, visitor).
-template <class M>
-concept HasLoraSlots = requires(M& m) {
-  m.for_each_slot(std::string{}, [](const std::string&, auto&) {});
-};
-
 /// PEFT target_modules rule: name == target, or name ends with "." + target.
 inline bool matches_target(std::string_view name, std::string_view target) {
   if (target.empty()) return false;
@@ -148,7 +143,8 @@ requires HasLoraSlots<M> && nn::Module<M> std::vector<std::string> inject_lora(
     }
     if (!hit) return;
     require(!slot.has_adapter(), "inject_lora", "module ", name, " already has an adapter");
-    slot.inject(config, lora_detail::substream(rs, lora_detail::name_hash(name), 0));
+    slot.inject(config, lora_detail::substream(rs, lora_detail::name_hash(name),
+                                               StreamPurpose::lora_adapter));
     adapted.push_back(name);
   });
   std::string unmatched;

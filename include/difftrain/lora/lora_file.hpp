@@ -39,8 +39,7 @@ enum class LoraFormat : std::uint8_t { kohya, peft };
 inline LoraFormat parse_lora_format(std::string_view name) {
   if (name == "kohya") return LoraFormat::kohya;
   if (name == "peft" || name == "diffusers") return LoraFormat::peft;
-  throw Error(
-      difftrain::detail::concat("lora format: unknown value '", name, "', expected kohya or peft"));
+  throw Error(message("lora format: unknown value '", name, "', expected kohya or peft"));
 }
 
 /// One adapter's weights: down = A, up = B, and its alpha (scale = alpha / rank).
@@ -207,8 +206,7 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
     try {
       meta = nlohmann::json::parse(it->second);
     } catch (const std::exception& e) {
-      throw Error(difftrain::detail::concat(
-          fn, ": '", path, "' has lora_adapter_metadata that is not JSON: ", e.what()));
+      fail(fn, "'", path, "' has lora_adapter_metadata that is not JSON: ", e.what());
     }
     const std::string prefixed = std::string(component) + ".";
     for (const std::string& key : {std::string("lora_alpha"), prefixed + "lora_alpha"})
@@ -284,8 +282,7 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   if (!unknown.empty()) {
     std::string list;
     for (std::size_t i = 0; i < unknown.size() && i < 8; ++i) list += (i ? ", " : "") + unknown[i];
-    throw Error(difftrain::detail::concat(fn, ": '", path, "' has ", unknown.size(),
-                                          " keys that name no module of the model: ", list));
+    fail(fn, "'", path, "' has ", unknown.size(), " keys that name no module of the model: ", list);
   }
   LoraState state;
   for (auto& [module, p] : parts) {

@@ -84,8 +84,9 @@ constexpr std::uint64_t mix(std::uint64_t z) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
-// An independent stream for (a, b) under rs (full 64-bit mixing, unlike derive's shifts).
-constexpr RandomStream substream(RandomStream rs, std::uint64_t a, std::uint64_t b) {
+// An independent stream for (a, purpose) under rs (full 64-bit mixing, unlike derive's shifts).
+constexpr RandomStream substream(RandomStream rs, std::uint64_t a, StreamPurpose purpose) {
+  const auto b = static_cast<std::uint64_t>(purpose);
   return {rs.seed, mix(rs.stream ^ mix(a ^ mix(b)))};
 }
 // FNV-1a of a module name: the adapter's stream depends on its name, not on visit order.
@@ -94,7 +95,6 @@ inline std::uint64_t name_hash(std::string_view name) {
   for (char c : name) h = (h ^ static_cast<unsigned char>(c)) * 0x100000001B3ull;
   return h;
 }
-enum Purpose : std::uint64_t { kInit = 1, kDropout = 2, kRankDropout = 3, kModuleDropout = 4 };
 }  // namespace lora_detail
 
 // The initialisers live in nn/init.hpp; LoRA code and users call them by these names too.
@@ -138,7 +138,7 @@ class LoraLayer {
     lora_B = Traits::make_up(base, config.rank);
     base.for_each_parameter(
         "", [](const std::string&, nn::Parameter<T>& p) { p.set_trainable(false); });
-    const RandomStream init = lora_detail::substream(stream_, 0, lora_detail::kInit);
+    const RandomStream init = lora_detail::substream(stream_, 0, StreamPurpose::lora_init);
     if (config.init == LoraInit::kaiming_uniform) {
       kaiming_uniform(lora_A.weight.value, Traits::fan_in(base), init);
     } else {
@@ -190,7 +190,8 @@ class LoraLayer {
   /// True when this step's module dropout skips the adapter (training only).
   bool module_dropped() const {
     if (!training || config_.module_dropout == 0) return false;
-    const RandomStream rs = lora_detail::substream(stream_, step_, lora_detail::kModuleDropout);
+    const RandomStream rs =
+        lora_detail::substream(stream_, step_, StreamPurpose::lora_module_dropout);
     return uniform_double(rs, 0) < config_.module_dropout;
   }
 
@@ -204,7 +205,7 @@ class LoraLayer {
     X h;
     if (dropout_used_) {
       input_dropout_.training = true;
-      const RandomStream rs = lora_detail::substream(stream_, step_, lora_detail::kDropout);
+      const RandomStream rs = lora_detail::substream(stream_, step_, StreamPurpose::lora_dropout);
       h = lora_A.forward(input_dropout_.forward(x, rs));
     } else {
       h = lora_A.forward(x);
@@ -283,7 +284,7 @@ class LoraLayer {
     const std::size_t B = h.dimension() >= 2 ? h.shape()[0] : 1;
     rank_mask_.resize(B * r);
     nn::dropout_mask(std::span<T>(rank_mask_),
-                     lora_detail::substream(stream_, step_, lora_detail::kRankDropout),
+                     lora_detail::substream(stream_, step_, StreamPurpose::lora_rank_dropout),
                      config_.rank_dropout);
     multiply_rank_mask(h, B);
   }

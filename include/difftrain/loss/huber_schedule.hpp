@@ -17,8 +17,8 @@ inline HuberSchedule parse_huber_schedule(std::string_view name) {
   if (name == "constant") return HuberSchedule::constant;
   if (name == "exponential") return HuberSchedule::exponential;
   if (name == "snr") return HuberSchedule::snr;
-  throw Error(difftrain::detail::concat("huber_schedule: unknown value '", name,
-                             "', expected constant, exponential or snr"));
+  throw Error(
+      message("huber_schedule: unknown value '", name, "', expected constant, exponential or snr"));
 }
 
 struct HuberOptions {
@@ -40,10 +40,11 @@ struct HuberOptions {
 template <Scheduler S>
 double huber_c(const HuberOptions& options, const S& scheduler, std::int64_t t) {
   switch (options.schedule) {
-    case HuberSchedule::constant: return options.huber_c * options.huber_scale;
+    case HuberSchedule::constant:
+      return options.huber_c * options.huber_scale;
     case HuberSchedule::exponential: {
-      const double alpha = -std::log(options.huber_c) /
-                           static_cast<double>(scheduler.num_train_timesteps());
+      const double alpha =
+          -std::log(options.huber_c) / static_cast<double>(scheduler.num_train_timesteps());
       return std::exp(-alpha * static_cast<double>(t)) * options.huber_scale;
     }
     case HuberSchedule::snr: {

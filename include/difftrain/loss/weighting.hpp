@@ -32,9 +32,12 @@ struct MinSnr {
   }
   double weight(double snr, PredictionType type) const {
     switch (type) {
-      case PredictionType::epsilon: return snr < gamma ? 1.0 : gamma / snr;
-      case PredictionType::v_prediction: return std::min(snr, gamma) / (snr + 1.0);
-      case PredictionType::sample: return std::min(snr, gamma);
+      case PredictionType::epsilon:
+        return snr < gamma ? 1.0 : gamma / snr;
+      case PredictionType::v_prediction:
+        return std::min(snr, gamma) / (snr + 1.0);
+      case PredictionType::sample:
+        return std::min(snr, gamma);
     }
     return 1.0;
   }
@@ -51,9 +54,12 @@ struct DebiasedEstimation {
   double weight(double snr, PredictionType type) const {
     const double s = std::clamp(snr, snr_floor, snr_ceiling);
     switch (type) {
-      case PredictionType::epsilon: return 1.0 / std::sqrt(s);
-      case PredictionType::v_prediction: return 1.0 / (s + 1.0);
-      case PredictionType::sample: return std::sqrt(s);
+      case PredictionType::epsilon:
+        return 1.0 / std::sqrt(s);
+      case PredictionType::v_prediction:
+        return 1.0 / (s + 1.0);
+      case PredictionType::sample:
+        return std::sqrt(s);
     }
     return 1.0;
   }
@@ -70,9 +76,12 @@ struct P2 {
   }
   double weight(double snr, PredictionType type) const {
     switch (type) {
-      case PredictionType::epsilon: return std::pow(1.0 + snr, -gamma);
-      case PredictionType::v_prediction: return std::pow(2.0 + snr, -gamma);
-      case PredictionType::sample: return snr * std::pow(1.0 + snr, -gamma);
+      case PredictionType::epsilon:
+        return std::pow(1.0 + snr, -gamma);
+      case PredictionType::v_prediction:
+        return std::pow(2.0 + snr, -gamma);
+      case PredictionType::sample:
+        return snr * std::pow(1.0 + snr, -gamma);
     }
     return 1.0;
   }
@@ -82,8 +91,8 @@ struct P2 {
 /// v-MSE into the eps-MSE. Only for v_prediction (Error otherwise); 0 at S = 0.
 struct ScaleVPredLikeNoisePred {
   double weight(double snr, PredictionType type) const {
-    require(type == PredictionType::v_prediction, "ScaleVPredLikeNoisePred",
-            "prediction_type is ", to_string(type), ", expected v_prediction");
+    require(type == PredictionType::v_prediction, "ScaleVPredLikeNoisePred", "prediction_type is ",
+            to_string(type), ", expected v_prediction");
     const double s = std::min(snr, 1000.0);
     return s / (s + 1.0);
   }

@@ -84,8 +84,7 @@ class NameParts {
     return out;
   }
   [[noreturn]] void fail() const {
-    throw Error(difftrain::detail::concat(function_, ": '", name_,
-                                          "' is not a parameter name of this model's config"));
+    difftrain::fail(function_, "'", name_, "' is not a parameter name of this model's config");
   }
 
  private:

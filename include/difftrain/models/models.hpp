@@ -1,6 +1,8 @@
 #pragma once
 // difftrain/models: reference models built from nn layers: UNet2DConditionModel, AutoencoderKL,
 // CLIPTextModel and the CLIP tokenizer.
+#include "difftrain/models/clip/clip.hpp"
+#include "difftrain/models/clip_tokenizer.hpp"
 #include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/load.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
@@ -10,6 +12,4 @@
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_blocks.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
-#include "difftrain/models/clip/clip.hpp"
-#include "difftrain/models/clip_tokenizer.hpp"
 #include "difftrain/models/vae/vae.hpp"

@@ -21,6 +21,7 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/linear.hpp"
 #include "difftrain/nn/parameter.hpp"
@@ -81,14 +82,14 @@ namespace activation_detail {
 template <class T, class F>
 void map(const T* x, std::size_t n, T* y, F f) {
   const auto count = static_cast<std::int64_t>(n);
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
   for (std::int64_t i = 0; i < count; ++i) y[i] = f(x[i]);
 }
 // dx[i] = dy[i]·f'(x[i])
 template <class T, class F>
 void map_backward(const T* x, const T* dy, std::size_t n, T* dx, F grad) {
   const auto count = static_cast<std::int64_t>(n);
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
   for (std::int64_t i = 0; i < count; ++i) dx[i] = dy[i] * grad(x[i]);
 }
 
@@ -244,7 +245,8 @@ class GEGLU {
     const T* h = saved_.data();
     const auto a = config_.approximate;
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * O > 65536)
+#pragma omp parallel for schedule( \
+    static) if (parallel::exceeds(rows * O, parallel::kElementwiseSize))
     for (std::int64_t r = 0; r < R; ++r) {
       const T* hr = h + r * 2 * O;
       const T* dyr = dy.data() + r * O;
@@ -266,7 +268,8 @@ class GEGLU {
     Tensor<T, N> y(shape);
     const auto a = config_.approximate;
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * O > 65536)
+#pragma omp parallel for schedule( \
+    static) if (parallel::exceeds(rows * O, parallel::kElementwiseSize))
     for (std::int64_t r = 0; r < R; ++r) {
       const T* hr = h.data() + r * 2 * O;
       T* yr = y.data() + r * O;

@@ -27,22 +27,16 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/linear.hpp"
 #include "difftrain/nn/parameter.hpp"
 #include "difftrain/nn/softmax.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace difftrain::nn {
 
 /// Query rows per score block of the attention core.
 inline constexpr std::size_t kQueryBlock = 128;
-/// Multiply-adds below which the core runs on one thread: an OpenMP region costs microseconds
-/// (far more on a busy machine), which dwarfs tiny attentions such as gradient-check shapes.
-inline constexpr std::size_t kAttentionParallelWork = std::size_t(1) << 16;
 
 /// Sizes of one scaled-dot-product attention call over head-interleaved buffers.
 struct AttentionShape {
@@ -61,21 +55,6 @@ template <class T>
 using StridedMap = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
 template <class T>
 using ConstStridedMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
-
-inline int attention_thread_count() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-inline int attention_thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // The [rows, Hd] slice of head h of sample b in a [B, rows, I] buffer.
 template <class T>
@@ -126,7 +105,7 @@ struct AttentionWorkspace {
   std::vector<RowMatrix<T>> scores, grad_scores;
   // At least `rows` × exactly `cols` per thread; grows only (no reallocation in steady state).
   void reserve(std::size_t rows, std::size_t cols, bool backward) {
-    const auto threads = static_cast<std::size_t>(detail::attention_thread_count());
+    const auto threads = static_cast<std::size_t>(parallel::max_threads());
     if (scores.size() < threads) scores.resize(threads);
     if (backward && grad_scores.size() < threads) grad_scores.resize(threads);
     auto fit = [&](RowMatrix<T>& m) {
@@ -147,7 +126,7 @@ void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T*
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, false);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
-#pragma omp parallel for schedule(static) if (s.work() >= kAttentionParallelWork)
+#pragma omp parallel for schedule(static) if (s.work() >= parallel::kAttentionWork)
   for (std::ptrdiff_t job = 0; job < jobs; ++job) {
     const std::size_t b = static_cast<std::size_t>(job) / s.heads;
     const std::size_t h = static_cast<std::size_t>(job) % s.heads;
@@ -155,7 +134,7 @@ void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T*
     auto K = detail::head_view(k, s, Lc, b, h);
     auto V = detail::head_view(v, s, Lc, b, h);
     auto O = detail::head_view(o, s, L, b, h);
-    RowMatrix<T>& buffer = ws.scores[detail::attention_thread_id()];
+    RowMatrix<T>& buffer = ws.scores[parallel::thread_id()];
     for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {
       const std::size_t n = std::min(kQueryBlock, L - r0);
       auto P = buffer.topRows(n);
@@ -176,7 +155,7 @@ void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, c
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, true);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
-#pragma omp parallel for schedule(static) if (s.work() >= kAttentionParallelWork)
+#pragma omp parallel for schedule(static) if (s.work() >= parallel::kAttentionWork)
   for (std::ptrdiff_t job = 0; job < jobs; ++job) {
     const std::size_t b = static_cast<std::size_t>(job) / s.heads;
     const std::size_t h = static_cast<std::size_t>(job) % s.heads;
@@ -189,7 +168,7 @@ void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, c
     auto dV = detail::head_view(dv, s, Lc, b, h);
     dK.setZero();
     dV.setZero();
-    const int thread = detail::attention_thread_id();
+    const int thread = parallel::thread_id();
     RowMatrix<T>& p_buffer = ws.scores[thread];
     RowMatrix<T>& g_buffer = ws.grad_scores[thread];
     for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {

@@ -27,11 +27,8 @@
 #include <vector>
 #include <xtensor/xtensor.hpp>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/linear.hpp"  // RowMatrix maps
 #include "difftrain/nn/parameter.hpp"
@@ -159,48 +156,9 @@ void col2im(const T* col, const Geometry& g, T* dx) {
   col2im(col, g, dx, 0, g.C);
 }
 
-// [begin, end) of part t of n equal parts of [0, size), each boundary a multiple of `align`
-// (except the last end), so that threads' column blocks start on SIMD-aligned offsets.
-struct Span {
-  std::size_t begin, end;
-  std::size_t size() const { return end - begin; }
-};
-inline Span split(std::size_t size, int t, int n, std::size_t align = 1) {
-  const std::size_t units = (size + align - 1) / align;
-  const auto part = [&](int i) {
-    return std::min(size,
-                    units * static_cast<std::size_t>(i) / static_cast<std::size_t>(n) * align);
-  };
-  return {part(t), t + 1 == n ? size : part(t + 1)};
-}
-
-// Threads for a conv of `macs` multiply-adds: one when the whole job is small (a parallel region
-// costs more than it saves, and far more on a loaded machine where a descheduled thread stalls
-// the barrier).
+// Threads for a conv of `macs` multiply-adds: one when the whole job is small.
 inline int thread_count(std::size_t macs) {
-  constexpr std::size_t kMinParallelMacs = std::size_t{1} << 20;
-#ifdef _OPENMP
-  if (macs < kMinParallelMacs) return 1;
-  return std::max(1, omp_get_max_threads());
-#else
-  (void)macs;
-  return 1;
-#endif
-}
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-inline int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
+  return macs < parallel::kConvMacs ? 1 : parallel::max_threads();
 }
 
 template <class T>
@@ -210,12 +168,13 @@ using ConstStridedRowMap = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<
 
 // Columns [cols.begin, cols.end) of a row-major [rows, P] buffer.
 template <class T>
-ConstStridedRowMap<T> column_block(const T* data, std::size_t rows, std::size_t P, Span cols) {
+ConstStridedRowMap<T> column_block(const T* data, std::size_t rows, std::size_t P,
+                                   parallel::Span cols) {
   return ConstStridedRowMap<T>(data + cols.begin, static_cast<Eigen::Index>(rows),
                                static_cast<Eigen::Index>(cols.size()), Eigen::OuterStride<>(P));
 }
 template <class T>
-StridedRowMap<T> column_block(T* data, std::size_t rows, std::size_t P, Span cols) {
+StridedRowMap<T> column_block(T* data, std::size_t rows, std::size_t P, parallel::Span cols) {
   return StridedRowMap<T>(data + cols.begin, static_cast<Eigen::Index>(rows),
                           static_cast<Eigen::Index>(cols.size()), Eigen::OuterStride<>(P));
 }
@@ -297,7 +256,7 @@ class Conv2d {
         const T* xb = x.data() + b * sample;
         const T* col = xb;
         if (!g.identity_columns()) {
-          T* buffer = workspace_[conv_detail::thread_id()].data();
+          T* buffer = workspace_[parallel::thread_id()].data();
           conv_detail::im2col(xb, g, buffer);
           col = buffer;
         }
@@ -310,9 +269,9 @@ class Conv2d {
       T* buffer = workspace_[0].data();
 #pragma omp parallel num_threads(threads)
       {
-        const int t = conv_detail::thread_id(), n = conv_detail::team_size();
-        const auto channels = conv_detail::split(g.C, t, n);
-        const auto cols = conv_detail::split(P, t, n, kColumnAlign);
+        const int t = parallel::thread_id(), n = parallel::team_size();
+        const auto channels = parallel::split(g.C, t, n);
+        const auto cols = parallel::split(P, t, n, kColumnAlign);
         for (std::size_t b = 0; b < B; ++b) {
           const T* xb = x.data() + b * sample;
           if (!g.identity_columns())
@@ -362,7 +321,7 @@ class Conv2d {
       const auto batch = static_cast<std::int64_t>(B);
 #pragma omp parallel for num_threads(threads) schedule(static)
       for (std::int64_t b = 0; b < batch; ++b) {
-        const int t = conv_detail::thread_id();
+        const int t = parallel::thread_id();
         T* buffer = workspace_[t].data();
         const T* xb = x.data() + b * sample;
         ConstRowMatrixMap<T> dyb(dy.data() + b * O * P, O, P);
@@ -407,10 +366,10 @@ class Conv2d {
       T* buffer = workspace_[0].data();
 #pragma omp parallel num_threads(threads)
       {
-        const int t = conv_detail::thread_id(), n = conv_detail::team_size();
-        const auto channels = conv_detail::split(g.C, t, n);
-        const auto rows = conv_detail::split(O, t, n);
-        const auto cols = conv_detail::split(P, t, n, kColumnAlign);
+        const int t = parallel::thread_id(), n = parallel::team_size();
+        const auto channels = parallel::split(g.C, t, n);
+        const auto rows = parallel::split(O, t, n);
+        const auto cols = parallel::split(P, t, n, kColumnAlign);
         const auto r0 = static_cast<Eigen::Index>(rows.begin);
         const auto nr = static_cast<Eigen::Index>(rows.size());
         for (std::size_t b = 0; b < B; ++b) {
@@ -484,7 +443,7 @@ class Conv2d {
 
   // y_b[:, cols] = W · col[:, cols] + b, for a row-major col [K, P] and y_b [O, P]
   void forward_columns(const T* col, const conv_detail::Geometry& g, T* yb,
-                       conv_detail::Span cols) const {
+                       parallel::Span cols) const {
     const std::size_t O = out_channels(), K = g.K(), P = g.P();
     ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
     auto y = conv_detail::column_block(yb, O, P, cols);

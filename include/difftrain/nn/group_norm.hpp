@@ -18,6 +18,7 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/layer_norm.hpp"  // norm_detail row kernels
 #include "difftrain/nn/parameter.hpp"
@@ -97,7 +98,7 @@ class GroupNorm {
     const bool affine = config_.affine;
     Tensor<T, N> dx(expected);
     const auto groups = static_cast<std::int64_t>(B * G);
-#pragma omp parallel for schedule(static) if (dy.size() > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(dy.size(), parallel::kNormSize))
     for (std::int64_t bg = 0; bg < groups; ++bg) {
       const T* dyg = dy.data() + bg * M;
       const T* gamma = affine ? weight.value.data() + (bg % G) * Cg : nullptr;
@@ -110,7 +111,7 @@ class GroupNorm {
         check_shape("GroupNorm::backward", "weight.grad", weight.grad.shape(), {C});
       if (bias.trainable) check_shape("GroupNorm::backward", "bias.grad", bias.grad.shape(), {C});
       const auto channels = static_cast<std::int64_t>(C);
-#pragma omp parallel for schedule(static) if (dy.size() > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(dy.size(), parallel::kNormSize))
       for (std::int64_t c = 0; c < channels; ++c) {
         double dgamma = 0, dbeta = 0;
         for (std::size_t b = 0; b < B; ++b) {
@@ -150,7 +151,7 @@ class GroupNorm {
       rstd_out->resize(B * G);
     }
     const auto groups = static_cast<std::int64_t>(B * G);
-#pragma omp parallel for schedule(static) if (x.size() > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(x.size(), parallel::kNormSize))
     for (std::int64_t bg = 0; bg < groups; ++bg) {
       T* yg = y.data() + bg * M;
       T* xh = save ? x_hat_out->data() + bg * M : yg;

@@ -39,7 +39,7 @@ void normal_init(xt::xarray<T>& w, double std, RandomStream rs) {
 /// (Linear [O, I], Conv2d [O, I, kh, kw]) and that module's bias ~ U(−1/√fan_in, 1/√fan_in),
 /// fan_in = I·kh·kw; embedding tables ("…_embedding.weight") ~ N(0, 1); other parameters (norm
 /// gains 1, biases 0) keep their construction values. Parameter k (in for_each_parameter order)
-/// draws from rs.derive(k, 1).
+/// draws from rs.derive(k, StreamPurpose::parameter_init).
 template <class T, Module M>
 void init_like_pytorch(M& model, RandomStream rs) {
   auto params = named_parameters<T>(model);
@@ -49,7 +49,7 @@ void init_like_pytorch(M& model, RandomStream rs) {
       fan_in[name.substr(0, name.size() - 7)] = p->value.size() / p->value.shape()[0];
   std::uint64_t index = 0;
   for (auto& [name, p] : params) {
-    const RandomStream stream = rs.derive(index++, 1);
+    const RandomStream stream = rs.derive(index++, StreamPurpose::parameter_init);
     if (name.ends_with("_embedding.weight")) {
       normal_init(p->value, 1.0, stream);
       continue;

@@ -16,6 +16,7 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/parameter.hpp"
 
@@ -123,7 +124,7 @@ class LayerNorm {
     const bool affine = config_.elementwise_affine;
     Tensor<T, N> dx(expected);
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * D > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(rows * D, parallel::kNormSize))
     for (std::int64_t r = 0; r < R; ++r) {
       const T* dyr = dy.data() + r * D;
       const T* gamma = affine ? weight.value.data() : nullptr;
@@ -155,7 +156,7 @@ class LayerNorm {
       rstd_out->resize(rows);
     }
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * D > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(rows * D, parallel::kNormSize))
     for (std::int64_t r = 0; r < R; ++r) {
       T* xh = save ? x_hat_out->data() + r * D : y.data() + r * D;
       const T s = norm_detail::normalize_row(x.data() + r * D, D, config_.eps, xh);
@@ -173,7 +174,7 @@ class LayerNorm {
       check_shape("LayerNorm::backward", "weight.grad", weight.grad.shape(), {D});
     if (bias.trainable) check_shape("LayerNorm::backward", "bias.grad", bias.grad.shape(), {D});
     const auto Dn = static_cast<std::int64_t>(D);
-#pragma omp parallel for schedule(static) if (rows * D > 32768)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(rows * D, parallel::kNormSize))
     for (std::int64_t i = 0; i < Dn; ++i) {
       double dgamma = 0, dbeta = 0;
       for (std::size_t r = 0; r < rows; ++r) {

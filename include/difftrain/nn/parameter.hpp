@@ -10,10 +10,10 @@
 #include <string>
 #include <utility>
 #include <vector>
-
 #include <xtensor/xarray.hpp>
 #include <xtensor/xbuilder.hpp>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
 
@@ -46,13 +46,6 @@ struct Parameter {
   static xt::xarray<T> no_grad() { return xt::xarray<T>::from_shape({0}); }
 };
 
-/// A type that names its parameters: for_each_parameter(prefix, visitor) with
-/// visitor(std::string name, Parameter<T>&) and a const overload.
-template <class M>
-concept Module = requires(M& m) {
-  m.for_each_parameter(std::string{}, [](const std::string&, auto&) {});
-};
-
 /// "prefix" + "." + "name", or "name" when the prefix is empty.
 inline std::string join_name(const std::string& prefix, const std::string& name) {
   return prefix.empty() ? name : prefix + "." + name;
@@ -62,9 +55,8 @@ inline std::string join_name(const std::string& prefix, const std::string& name)
 template <class T, Module M>
 std::vector<std::pair<std::string, Parameter<T>*>> named_parameters(M& module) {
   std::vector<std::pair<std::string, Parameter<T>*>> out;
-  module.for_each_parameter("", [&](const std::string& name, Parameter<T>& p) {
-    out.emplace_back(name, &p);
-  });
+  module.for_each_parameter(
+      "", [&](const std::string& name, Parameter<T>& p) { out.emplace_back(name, &p); });
   return out;
 }
 
@@ -83,9 +75,8 @@ void set_trainable(M& module, bool on) {
 template <class T, Module M>
 std::map<std::string, xt::xarray<T>> state_dict(M& module) {
   std::map<std::string, xt::xarray<T>> out;
-  module.for_each_parameter("", [&](const std::string& name, Parameter<T>& p) {
-    out.emplace(name, p.value);
-  });
+  module.for_each_parameter(
+      "", [&](const std::string& name, Parameter<T>& p) { out.emplace(name, p.value); });
   return out;
 }
 

@@ -13,12 +13,10 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 
 namespace difftrain::nn {
-
-/// Output elements below which up-sampling stays on one thread (an OpenMP region costs more).
-inline constexpr std::size_t kUpsampleParallelSize = std::size_t(1) << 16;
 
 // src = min(floor(dst · (in / out)), in − 1), with in / out rounded to float as PyTorch does, so
 // that non-integer ratios (e.g. 5 → 9) pick the same source pixels; out = 2·in gives dst / 2.
@@ -49,7 +47,7 @@ Tensor4<T> upsample_nearest2d_forward(const Tensor4<T>& x, std::size_t out_h, st
   const auto rows = detail::nearest_table(H, out_h);
   const auto cols = detail::nearest_table(W, out_w);
   Tensor4<T> y(std::array<std::size_t, 4>{B, C, out_h, out_w});
-#pragma omp parallel for schedule(static) if (y.size() >= kUpsampleParallelSize)
+#pragma omp parallel for schedule(static) if (y.size() >= parallel::kUpsampleSize)
   for (std::ptrdiff_t bc = 0; bc < static_cast<std::ptrdiff_t>(B * C); ++bc) {
     const T* src = x.data() + bc * H * W;
     T* dst = y.data() + bc * out_h * out_w;
@@ -78,7 +76,7 @@ Tensor4<T> upsample_nearest2d_backward(const Tensor4<T>& dy, std::size_t in_h, s
   const auto rows = detail::nearest_table(in_h, Ho);
   const auto cols = detail::nearest_table(in_w, Wo);
   Tensor4<T> dx = xt::zeros<T>(std::array<std::size_t, 4>{B, C, in_h, in_w});
-#pragma omp parallel for schedule(static) if (dy.size() >= kUpsampleParallelSize)
+#pragma omp parallel for schedule(static) if (dy.size() >= parallel::kUpsampleSize)
   for (std::ptrdiff_t bc = 0; bc < static_cast<std::ptrdiff_t>(B * C); ++bc) {
     const T* src = dy.data() + bc * Ho * Wo;
     T* dst = dx.data() + bc * in_h * in_w;

@@ -44,9 +44,8 @@ inline BetaSchedule parse_beta_schedule(std::string_view name) {
   if (name == "scaled_linear") return BetaSchedule::scaled_linear;
   if (name == "squaredcos_cap_v2") return BetaSchedule::squaredcos_cap_v2;
   if (name == "sigmoid") return BetaSchedule::sigmoid;
-  throw Error(
-      difftrain::detail::concat("beta_schedule: unknown value '", name,
-                                "', expected linear, scaled_linear, squaredcos_cap_v2 or sigmoid"));
+  throw Error(message("beta_schedule: unknown value '", name,
+                      "', expected linear, scaled_linear, squaredcos_cap_v2 or sigmoid"));
 }
 
 /// Largest accepted number of train timesteps: the UNet embeds timesteps in float32, which holds
@@ -121,11 +120,10 @@ inline std::vector<double> make_betas(BetaSchedule schedule, std::int64_t num_tr
         break;
       }
       default:
-        throw Error(difftrain::detail::concat(fn, ": unknown BetaSchedule value ",
-                                              static_cast<int>(schedule)));
+        fail(fn, "unknown BetaSchedule value ", static_cast<int>(schedule));
     }
   }
-  detail::check_betas_range(fn, difftrain::detail::concat(to_string(schedule), " betas"), betas);
+  detail::check_betas_range(fn, message(to_string(schedule), " betas"), betas);
   return betas;
 }
 

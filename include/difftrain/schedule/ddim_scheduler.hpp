@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
@@ -25,8 +26,7 @@ namespace difftrain {
 
 class DdimScheduler {
  public:
-  explicit DdimScheduler(SamplingConfig config)
-      : config_(std::move(config)), ddpm_(config_.train) {
+  explicit DdimScheduler(SamplingConfig config) : config_(std::move(config)), ddpm_(config_.train) {
     final_alpha_cumprod_ = config_.set_alpha_to_one ? 1.0 : ddpm_.alphas_cumprod()[0];
   }
 
@@ -85,7 +85,7 @@ class DdimScheduler {
     const float* out = model_output.data();
     float* x = sample.data();
     const auto n = static_cast<std::ptrdiff_t>(sample.size());
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
     for (std::ptrdiff_t i = 0; i < n; ++i) {
       const double xi = x[i], m = out[i];
       double x0 = 0.0, eps = 0.0;

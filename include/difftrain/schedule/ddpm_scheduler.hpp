@@ -20,6 +20,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
+#include "difftrain/io/json_file.hpp"
 #include "difftrain/schedule/betas.hpp"
 
 namespace difftrain {
@@ -121,8 +122,8 @@ inline bool is_inference_only_scheduler_key(std::string_view key) {
 /// "key 'beta_start' has value "0.1", expected a positive number" (with the function prefix).
 [[noreturn]] inline void throw_bad_config_value(std::string_view key, const nlohmann::json& value,
                                                 std::string_view expected) {
-  throw Error(concat("DdpmSchedulerConfig::from_json: key '", key, "' has value ", value.dump(),
-                     ", expected ", expected));
+  throw Error(message("DdpmSchedulerConfig::from_json: key '", key, "' has value ", value.dump(),
+                      ", expected ", expected));
 }
 
 inline double config_positive_number(std::string_view key, const nlohmann::json& value) {
@@ -152,8 +153,8 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
         steps = value.get<std::int64_t>();
       }
       if (!value.is_number_integer() || steps < 2 || steps > max_train_timesteps) {
-        detail::throw_bad_config_value(
-            key, value, detail::concat("an integer in [2, ", max_train_timesteps, "]"));
+        detail::throw_bad_config_value(key, value,
+                                       message("an integer in [2, ", max_train_timesteps, "]"));
       }
       config.num_train_timesteps = steps;
     } else if (key == "beta_start") {
@@ -168,7 +169,7 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       try {
         config.beta_schedule = parse_beta_schedule(value.get<std::string>());
       } catch (const Error& e) {
-        throw Error(detail::concat(fn, ": ", e.what()));
+        fail(fn, e.what());
       }
     } else if (key == "prediction_type") {
       if (!value.is_string()) {
@@ -177,7 +178,7 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       try {
         config.prediction_type = parse_prediction_type(value.get<std::string>());
       } catch (const Error& e) {
-        throw Error(detail::concat(fn, ": ", e.what()));
+        fail(fn, e.what());
       }
     } else if (key == "rescale_betas_zero_snr") {
       if (!value.is_boolean()) detail::throw_bad_config_value(key, value, "true or false");
@@ -195,16 +196,15 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       for (std::size_t i = 0; i < value.size(); ++i) {
         const auto& beta = value[i];
         if (!beta.is_number() || !(beta.get<double>() > 0.0 && beta.get<double>() <= 1.0)) {
-          throw Error(detail::concat(fn, ": key 'trained_betas' has value ", beta.dump(),
-                                     " at index ", i, ", expected a number in (0, 1]"));
+          fail(fn, "key 'trained_betas' has value ", beta.dump(), " at index ", i,
+               ", expected a number in (0, 1]");
         }
         config.trained_betas.push_back(beta.get<double>());
       }
     } else if (!(value.is_null() || (value.is_boolean() && !value.get<bool>()))) {
-      throw Error(
-          detail::concat(fn, ": unknown key '", key, "' with value ", value.dump(),
-                         " (neither a DDPM training key nor an inference-only key; an unknown key "
-                         "is accepted only as null or false)"));
+      fail(fn, "unknown key '", key, "' with value ", value.dump(),
+           " (neither a DDPM training key nor an inference-only key; an unknown key "
+           "is accepted only as null or false)");
     }
   }
   config.validate(fn);
@@ -213,21 +213,11 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
 
 inline DdpmSchedulerConfig DdpmSchedulerConfig::from_file(const std::string& path) {
   constexpr std::string_view fn = "DdpmSchedulerConfig::from_file";
-  std::error_code ec;
-  require(std::filesystem::exists(path, ec), fn, "'", path, "' does not exist");
-  require(std::filesystem::is_regular_file(path, ec), fn, "'", path, "' is not a regular file");
-  std::ifstream in(path);
-  require(in.good(), fn, "cannot open '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(detail::concat(fn, ": '", path, "' is not valid JSON: ", e.what()));
-  }
+  const nlohmann::json json = io::read_json_file(fn, path);
   try {
     return from_json(json);
   } catch (const Error& e) {
-    throw Error(detail::concat(fn, ": '", path, "': ", e.what()));
+    fail(fn, "'", path, "': ", e.what());
   }
 }
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
@@ -114,14 +115,20 @@ class EulerDiscreteScheduler {
     const float* out = model_output.data();
     float* x = sample.data();
     const auto n = static_cast<std::ptrdiff_t>(sample.size());
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
     for (std::ptrdiff_t i = 0; i < n; ++i) {
       const double xi = x[i], m = out[i];
       double x0 = 0.0;
       switch (type) {
-        case PredictionType::epsilon: x0 = xi - sigma * m; break;
-        case PredictionType::v_prediction: x0 = c_out * m + c_skip * xi; break;
-        case PredictionType::sample: x0 = m; break;
+        case PredictionType::epsilon:
+          x0 = xi - sigma * m;
+          break;
+        case PredictionType::v_prediction:
+          x0 = c_out * m + c_skip * xi;
+          break;
+        case PredictionType::sample:
+          x0 = m;
+          break;
       }
       x[i] = static_cast<float>(xi + (xi - x0) / sigma * dt);
     }

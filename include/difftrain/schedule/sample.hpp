@@ -27,18 +27,6 @@
 
 namespace difftrain {
 
-/// A sampler's scheduler: set_timesteps(n), then for t in timesteps() scale the model input,
-/// run the model and step x in place. Admits DdimScheduler and EulerDiscreteScheduler.
-template <class S>
-concept SamplingScheduler =
-    requires(S& s, const S& cs, std::int64_t t, Tensor4<float>& x, const Tensor4<float>& out) {
-      s.set_timesteps(t);
-      { cs.timesteps() } -> std::convertible_to<std::span<const std::int64_t>>;
-      { cs.init_noise_sigma() } -> std::convertible_to<double>;
-      cs.scale_model_input(x, t);
-      cs.step(out, t, x);
-    };
-
 struct SampleOptions {
   std::int64_t num_inference_steps = 30;
   double guidance_scale = 7.5;  // classifier-free guidance weight g; <= 1 disables it
@@ -46,12 +34,9 @@ struct SampleOptions {
   std::int64_t channels = 4, height = 64, width = 64;  // latent shape of one image
 };
 
-/// RandomStream::derive purpose of the initial sampling noise ("SMPn").
-inline constexpr std::uint32_t kSampleNoisePurpose = 0x534D'506Eu;
-
 /// The initial latents [B, C, H, W]: element i is standard normal number i of
-/// RandomStream{seed}.derive(0, kSampleNoisePurpose), times init_noise_sigma. Image b is the
-/// same for any batch size B > b.
+/// RandomStream{seed}.derive(0, StreamPurpose::sample_noise), times init_noise_sigma. Image b is
+/// the same for any batch size B > b.
 inline Tensor4<float> initial_latents(std::size_t batch, const SampleOptions& options,
                                       double init_noise_sigma) {
   constexpr const char* fn = "initial_latents";
@@ -62,7 +47,7 @@ inline Tensor4<float> initial_latents(std::size_t batch, const SampleOptions& op
                                               static_cast<std::size_t>(options.height),
                                               static_cast<std::size_t>(options.width)});
   fill_normal(std::span<float>(x.data(), x.size()),
-              RandomStream{options.seed, 0}.derive(0, kSampleNoisePurpose));
+              RandomStream{options.seed, 0}.derive(0, StreamPurpose::sample_noise));
   x *= static_cast<float>(init_noise_sigma);
   return x;
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
 
 namespace difftrain {
@@ -27,9 +28,12 @@ enum class TimestepSpacing { leading, trailing, linspace };
 
 inline std::string_view to_string(TimestepSpacing spacing) {
   switch (spacing) {
-    case TimestepSpacing::leading: return "leading";
-    case TimestepSpacing::trailing: return "trailing";
-    case TimestepSpacing::linspace: return "linspace";
+    case TimestepSpacing::leading:
+      return "leading";
+    case TimestepSpacing::trailing:
+      return "trailing";
+    case TimestepSpacing::linspace:
+      return "linspace";
   }
   return "?";
 }
@@ -39,8 +43,8 @@ inline TimestepSpacing parse_timestep_spacing(std::string_view name) {
   if (name == "leading") return TimestepSpacing::leading;
   if (name == "trailing") return TimestepSpacing::trailing;
   if (name == "linspace") return TimestepSpacing::linspace;
-  throw Error(difftrain::detail::concat("timestep_spacing: unknown value '", name,
-                                        "', expected leading, trailing or linspace"));
+  throw Error(message("timestep_spacing: unknown value '", name,
+                      "', expected leading, trailing or linspace"));
 }
 
 /// A diffusers scheduler config, inference keys included. Defaults: diffusers' DDIM/Euler ones
@@ -69,15 +73,14 @@ inline SamplingConfig SamplingConfig::from_json(const nlohmann::json& json) {
   SamplingConfig config;
   const auto bad = [&](std::string_view key, const nlohmann::json& value,
                        std::string_view expected) {
-    throw Error(difftrain::detail::concat(fn, ": key '", key, "' has value ", value.dump(),
-                                          ", expected ", expected));
+    fail(fn, "key '", key, "' has value ", value.dump(), ", expected ", expected);
   };
   if (const auto it = json.find("timestep_spacing"); it != json.end()) {
     if (!it->is_string()) bad("timestep_spacing", *it, "one of leading, trailing, linspace");
     try {
       config.timestep_spacing = parse_timestep_spacing(it->get<std::string>());
     } catch (const Error& e) {
-      throw Error(difftrain::detail::concat(fn, ": ", e.what()));
+      fail(fn, e.what());
     }
   }
   if (const auto it = json.find("steps_offset"); it != json.end()) {
@@ -104,21 +107,11 @@ inline SamplingConfig SamplingConfig::from_json(const nlohmann::json& json) {
 
 inline SamplingConfig SamplingConfig::from_file(const std::string& path) {
   constexpr std::string_view fn = "SamplingConfig::from_file";
-  std::error_code ec;
-  require(std::filesystem::is_regular_file(path, ec), fn, "'", path,
-          "' does not exist or is not a regular file");
-  std::ifstream in(path);
-  require(in.good(), fn, "cannot open '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", path, "' is not valid JSON: ", e.what()));
-  }
+  const nlohmann::json json = io::read_json_file(fn, path);
   try {
     return from_json(json);
   } catch (const Error& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", path, "': ", e.what()));
+    fail(fn, "'", path, "': ", e.what());
   }
 }
 
@@ -165,9 +158,9 @@ inline std::vector<double> inference_timesteps(std::string_view fn, const Sampli
     }
   }
   for (double v : t) {
-    require(v >= 0.0 && v <= static_cast<double>(T - 1), fn, "timestep ", v,
-            " (", to_string(config.timestep_spacing), " spacing, steps_offset ",
-            config.steps_offset, ") is out of range [0, ", T, ")");
+    require(v >= 0.0 && v <= static_cast<double>(T - 1), fn, "timestep ", v, " (",
+            to_string(config.timestep_spacing), " spacing, steps_offset ", config.steps_offset,
+            ") is out of range [0, ", T, ")");
   }
   return t;
 }

@@ -42,8 +42,8 @@ inline TimestepBiasStrategy parse_timestep_bias_strategy(std::string_view name) 
   if (name == "earlier") return TimestepBiasStrategy::earlier;
   if (name == "later") return TimestepBiasStrategy::later;
   if (name == "range") return TimestepBiasStrategy::range;
-  throw Error(difftrain::detail::concat("timestep_bias_strategy: unknown value '", name,
-                                        "', expected none, earlier, later or range"));
+  throw Error(message("timestep_bias_strategy: unknown value '", name,
+                      "', expected none, earlier, later or range"));
 }
 
 struct TimestepBiasOptions {

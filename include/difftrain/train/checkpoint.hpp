@@ -166,8 +166,7 @@ inline fs::path write_checkpoint(const fs::path& output_dir, std::int64_t step,
     if (!replaced.empty()) fs::remove_all(replaced, ec);
   } catch (const fs::filesystem_error& e) {
     fs::remove_all(temporary, ec);
-    throw Error(
-        difftrain::detail::concat(fn, ": cannot write '", final_path.string(), "': ", e.what()));
+    fail(fn, "cannot write '", final_path.string(), "': ", e.what());
   } catch (...) {
     fs::remove_all(temporary, ec);
     throw;
@@ -199,8 +198,7 @@ inline CheckpointContents read_checkpoint(const fs::path& folder) {
   try {
     contents.manifest = nlohmann::json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat(fn, ": '", manifest_path.string(),
-                                          "' is not valid JSON: ", e.what()));
+    fail(fn, "'", manifest_path.string(), "' is not valid JSON: ", e.what());
   }
   require(contents.manifest.is_object(), fn, "'", manifest_path.string(), "' holds no JSON object");
   for (const fs::directory_entry& entry : fs::directory_iterator(folder))

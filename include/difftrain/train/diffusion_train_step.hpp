@@ -53,13 +53,9 @@ struct TrainStepResult {
   std::vector<std::int64_t> timesteps;  // t_b
 };
 
-/// Purposes of the step's random sub-streams.
-enum class StepStream : std::uint32_t { timesteps = 16, noise = 17 };
-
 template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
           TextEncoder TextEncoderT, LossWeighting WeightingT = loss::Uniform,
-          TimestepSampler SamplerT = UniformTimesteps,
-          NoiseSampler NoiseT = kernels::StandardNoise>
+          TimestepSampler SamplerT = UniformTimesteps, NoiseSampler NoiseT = kernels::StandardNoise>
 class DiffusionTrainStep {
  public:
   /// The denoiser and the encoders are held by reference (the caller owns the models and their
@@ -108,12 +104,12 @@ class DiffusionTrainStep {
     require(extras.sample_weights.empty() || extras.sample_weights.size() == batch, fn,
             "sample_weights has ", extras.sample_weights.size(), " entries, expected ", batch);
     const PredictionType type = prediction_type();
-    const RandomStream step_stream = RandomStream{options_.seed, 0}.derive(step_index, 0);
+    const RandomStream step_stream =
+        RandomStream{options_.seed, 0}.derive(step_index, StreamPurpose::train_step);
 
     TrainStepResult result;
     result.timesteps.resize(batch);
-    sampler_.sample(result.timesteps,
-                    step_stream.derive(0, static_cast<std::uint32_t>(StepStream::timesteps)));
+    sampler_.sample(result.timesteps, step_stream.derive(0, StreamPurpose::step_timesteps));
     const std::int64_t T = scheduler_.num_train_timesteps();
     std::vector<float> a(batch), s(batch), huber_c(batch), weights(batch);
     result.weights.resize(batch);
@@ -133,20 +129,19 @@ class DiffusionTrainStep {
     }
 
     const kernels::DiffusionCoefficients k(a, s, type);
-    const RandomStream noise_stream =
-        step_stream.derive(0, static_cast<std::uint32_t>(StepStream::noise));
+    const RandomStream noise_stream = step_stream.derive(0, StreamPurpose::step_noise);
     make_noisy_input(x0, k, noise_stream);
 
     const Tensor4<float> pred = denoiser_.forward(x_t_, result.timesteps, context);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
     const std::span<const float> c = options_.loss_type == kernels::LossType::l2
-                                          ? std::span<const float>()
-                                          : std::span<const float>(huber_c);
-    const kernels::LossResult l = kernels::loss_and_grad(pred, target_, options_.loss_type,
-                                                         weights, c, extras.mask, &grad_);
+                                         ? std::span<const float>()
+                                         : std::span<const float>(huber_c);
+    const kernels::LossResult l =
+        kernels::loss_and_grad(pred, target_, options_.loss_type, weights, c, extras.mask, &grad_);
     if (!std::isfinite(l.loss)) {
-      throw NonFiniteLoss(difftrain::detail::concat(fn, ": loss is ", l.loss, " at step ",
-                                                    step_index, " (the prediction holds NaN or Inf)"));
+      throw NonFiniteLoss(message(fn, ": loss is ", l.loss, " at step ", step_index,
+                                  " (the prediction holds NaN or Inf)"));
     }
     denoiser_.backward(grad_);
     result.loss = l.loss;
@@ -177,14 +172,12 @@ class DiffusionTrainStep {
                         RandomStream noise_stream) {
     const kernels::NoiseOptions& noise_options = options_.noise;
     const float gamma = kernels::input_perturbation_strength(noise_options, noise_stream);
-    const RandomStream xi_stream =
-        kernels::noise_stream(noise_stream, kernels::NoiseStream::perturbation);
+    const RandomStream xi_stream = noise_stream.derive(0, StreamPurpose::noise_perturbation);
     constexpr bool standard = std::is_same_v<NoiseT, kernels::StandardNoise>;
     if (standard && noise_options.multires_noise_iterations == 0) {
       const std::vector<float> offset = kernels::noise_offsets(noise_options, x0, noise_stream);
-      const kernels::FusedNoise fused{
-          kernels::noise_stream(noise_stream, kernels::NoiseStream::noise), offset, gamma,
-          xi_stream};
+      const kernels::FusedNoise fused{noise_stream.derive(0, StreamPurpose::noise), offset, gamma,
+                                      xi_stream};
       kernels::fused_noise_forward_target(x0, k, fused, x_t_, target_);
       return;
     }

@@ -19,6 +19,7 @@
 #include <xtensor/xarray.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/parameter.hpp"
 
@@ -94,7 +95,7 @@ class EmaModel {
         std::copy(v, v + n, s);
         continue;
       }
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
       for (std::ptrdiff_t j = 0; j < n; ++j) s[j] -= one_minus_decay * (s[j] - v[j]);
     }
     return d;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/nn/parameter.hpp"
 
 namespace difftrain::train {
@@ -66,7 +67,7 @@ inline double clip_grad_norm(const std::vector<nn::Parameter<float>*>& params, d
     if (!p->trainable || p->grad.size() == 0) continue;
     float* g = p->grad.data();
     const auto n = static_cast<std::ptrdiff_t>(p->grad.size());
-#pragma omp parallel for simd schedule(static) if (n > 65536)
+#pragma omp parallel for simd schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
     for (std::ptrdiff_t i = 0; i < n; ++i) g[i] *= scale;
   }
   return norm;

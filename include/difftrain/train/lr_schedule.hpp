@@ -57,10 +57,10 @@ inline LrSchedulerType parse_lr_scheduler(std::string_view name) {
         LrSchedulerType::polynomial}) {
     if (to_string(type) == name) return type;
   }
-  throw Error(difftrain::detail::concat(
-      "parse_lr_scheduler: unknown lr_scheduler '", name,
-      "', expected constant, constant_with_warmup, linear, cosine, cosine_with_restarts or "
-      "polynomial"));
+  throw Error(
+      message("parse_lr_scheduler: unknown lr_scheduler '", name,
+              "', expected constant, constant_with_warmup, linear, cosine, cosine_with_restarts or "
+              "polynomial"));
 }
 
 struct LrScheduleOptions {

@@ -40,6 +40,7 @@
 #include <vector>
 #include <xtensor/xbuilder.hpp>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/kernels/loss.hpp"
@@ -99,17 +100,16 @@ struct TrainerOptions {
 
   // Loss composition. Prior preservation is done by the trainer; the rest configures the step:
   // make_train_step() builds a DiffusionTrainStep from all of it (or train_step_options(),
-  // weighting_options() and timestep_sampler() give the parts for a step of other types).
+  // the weighting member and timestep_sampler() give the parts for a step of other types).
   bool with_prior_preservation = false;
   double prior_loss_weight = 1.0;
   std::optional<PredictionType> prediction_type;  // unset: the scheduler's (parse_prediction_type)
   std::uint64_t seed = 0;
 
-  // Loss weighting (loss::ConfiguredWeighting; enabled ones multiply, as in kohya).
-  std::optional<double> snr_gamma;                 // Min-SNR-γ (kohya --min_snr_gamma)
-  bool debiased_estimation_loss = false;           // kohya
-  std::optional<double> p2_gamma;                  // P2 weighting (OneTrainer)
-  bool scale_v_pred_loss_like_noise_pred = false;  // kohya; needs v_prediction
+  // Loss weighting: snr_gamma (Min-SNR-γ), debiased_estimation_loss, p2_gamma,
+  // scale_v_pred_loss_like_noise_pred (loss::ConfiguredWeighting; enabled ones multiply, as in
+  // kohya).
+  loss::WeightingOptions weighting;
 
   // Loss type (kohya --loss_type, --huber_schedule, --huber_c, --huber_scale).
   std::string loss_type = "l2";        // l2, huber or smooth_l1
@@ -117,14 +117,10 @@ struct TrainerOptions {
   double huber_c = 0.1;                // in (0, 1]
   double huber_scale = 1.0;
 
-  // Noise (diffusers --noise_offset, --input_perturbation; the rest kohya's flags).
-  float noise_offset = 0;
-  bool noise_offset_random_strength = false;
-  float adaptive_noise_scale = 0;     // needs noise_offset > 0
-  int multires_noise_iterations = 0;  // pyramid noise levels (0: off)
-  float multires_noise_discount = 0.3f;
-  float input_perturbation = 0;                     // kohya --ip_noise_gamma
-  bool input_perturbation_random_strength = false;  // kohya --ip_noise_gamma_random_strength
+  // Noise: noise_offset, input_perturbation (diffusers), noise_offset_random_strength,
+  // adaptive_noise_scale, multires_noise_iterations / _discount (pyramid noise) and
+  // input_perturbation_random_strength (kohya's flags; --ip_noise_gamma is input_perturbation).
+  kernels::NoiseOptions noise;
 
   // Timesteps: kohya's range, or diffusers' bias (train_text_to_image_sdxl.py); not both.
   std::optional<std::int64_t> min_timestep;     // unset: 0
@@ -147,13 +143,7 @@ struct TrainerOptions {
 inline TrainStepOptions train_step_options(const TrainerOptions& o) {
   TrainStepOptions s;
   s.prediction_type = o.prediction_type;
-  s.noise.noise_offset = o.noise_offset;
-  s.noise.noise_offset_random_strength = o.noise_offset_random_strength;
-  s.noise.adaptive_noise_scale = o.adaptive_noise_scale;
-  s.noise.multires_noise_iterations = o.multires_noise_iterations;
-  s.noise.multires_noise_discount = o.multires_noise_discount;
-  s.noise.input_perturbation = o.input_perturbation;
-  s.noise.input_perturbation_random_strength = o.input_perturbation_random_strength;
+  s.noise = o.noise;
   s.noise.validate();
   s.loss_type = kernels::parse_loss_type(o.loss_type);
   s.huber.schedule = loss::parse_huber_schedule(o.huber_schedule);
@@ -162,16 +152,6 @@ inline TrainStepOptions train_step_options(const TrainerOptions& o) {
   if (s.loss_type != kernels::LossType::l2) s.huber.validate();
   s.seed = o.seed;
   return s;
-}
-
-/// The loss weighting flags of TrainerOptions.
-inline loss::WeightingOptions weighting_options(const TrainerOptions& o) {
-  loss::WeightingOptions w;
-  w.snr_gamma = o.snr_gamma;
-  w.debiased_estimation_loss = o.debiased_estimation_loss;
-  w.p2_gamma = o.p2_gamma;
-  w.scale_v_pred_loss_like_noise_pred = o.scale_v_pred_loss_like_noise_pred;
-  return w;
 }
 
 /// The timestep sampler of TrainerOptions for a schedule of T timesteps.
@@ -204,31 +184,13 @@ ConfiguredTrainStep<SchedulerT, DenoiserT, LatentEncoderT, TextEncoderT> make_tr
     SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
     TextEncoderT& text_encoder, const TrainerOptions& options) {
   TrainStepOptions step_options = train_step_options(options);
-  const loss::ConfiguredWeighting weighting(weighting_options(options));
+  const loss::ConfiguredWeighting weighting(options.weighting);
   weighting.check_prediction_type(
       step_options.prediction_type.value_or(scheduler.prediction_type()));
   ConfiguredTimesteps sampler = timestep_sampler(options, scheduler.num_train_timesteps());
   return {std::move(scheduler),    denoiser,          latent_encoder, text_encoder, weighting,
           std::move(step_options), std::move(sampler)};
 }
-
-/// One micro-batch. With prior preservation, class_images / class_token_ids hold the class
-/// examples (appended after the instance ones). sample_weights (optional) and mask (optional)
-/// cover all rows, instance then class.
-struct TrainBatch {
-  Tensor4<float> images;
-  TokenIds token_ids;
-  Tensor4<float> class_images;
-  TokenIds class_token_ids;
-  std::vector<float> sample_weights;
-  std::optional<Tensor4<float>> mask;
-};
-
-/// A source of micro-batches: data(m) is micro-batch m, a function of m only (resume relies on it).
-template <class D>
-concept TrainDataSource = requires(D& d, std::uint64_t m) {
-  { d(m) } -> std::convertible_to<TrainBatch>;
-};
 
 /// What the callback receives after every global step.
 struct StepLog {
@@ -391,11 +353,11 @@ class Trainer {
         try {
           r = step_.step(c.images, c.token_ids, m, extras);
         } catch (const NonFiniteLoss& e) {
-          non_finite = difftrain::detail::concat("micro-batch ", m, ": ", e.what());
+          non_finite = message("micro-batch ", m, ": ", e.what());
           break;
         }
         if (!std::isfinite(r.loss)) {
-          non_finite = difftrain::detail::concat("micro-batch ", m, ": loss is ", r.loss);
+          non_finite = message("micro-batch ", m, ": loss is ", r.loss);
           break;
         }
         log.loss += r.loss;
@@ -410,8 +372,7 @@ class Trainer {
     }
     if (!non_finite) {
       log.grad_norm = clip_grad_norm(params_, options_.max_grad_norm);
-      if (!std::isfinite(log.grad_norm))
-        non_finite = difftrain::detail::concat("gradient norm is ", log.grad_norm);
+      if (!std::isfinite(log.grad_norm)) non_finite = message("gradient norm is ", log.grad_norm);
     }
     const double multiplier = schedule_.multiplier(scheduler_step_);
     log.lr = first_group_lr() * multiplier;
@@ -503,8 +464,7 @@ class Trainer {
       try {
         return m.at(key).get<T>();
       } catch (const nlohmann::json::exception& e) {
-        throw Error(
-            difftrain::detail::concat(fn, ": '", where, "' field \"", key, "\": ", e.what()));
+        fail(fn, "'", where, "' field \"", key, "\": ", e.what());
       }
     };
     require(field("format", std::string{}) == "difftrain.checkpoint", fn, "'", where,

@@ -37,7 +37,7 @@ void causal_attention_forward(const T* q, const T* k, const T* v, T* o, const nn
   const std::size_t L = s.queries;
   ws.reserve(std::min(nn::kQueryBlock, L), L, false);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
-#pragma omp parallel for schedule(static) if (s.work() >= nn::kAttentionParallelWork)
+#pragma omp parallel for schedule(static) if (s.work() >= parallel::kAttentionWork)
   for (std::ptrdiff_t job = 0; job < jobs; ++job) {
     const std::size_t b = static_cast<std::size_t>(job) / s.heads;
     const std::size_t h = static_cast<std::size_t>(job) % s.heads;
@@ -45,7 +45,7 @@ void causal_attention_forward(const T* q, const T* k, const T* v, T* o, const nn
     auto K = nn::detail::head_view(k, s, L, b, h);
     auto V = nn::detail::head_view(v, s, L, b, h);
     auto O = nn::detail::head_view(o, s, L, b, h);
-    nn::RowMatrix<T>& buffer = ws.scores[nn::detail::attention_thread_id()];
+    nn::RowMatrix<T>& buffer = ws.scores[parallel::thread_id()];
     for (std::size_t r0 = 0; r0 < L; r0 += nn::kQueryBlock) {
       const std::size_t n = std::min(nn::kQueryBlock, L - r0);
       const std::size_t visible = r0 + n;  // keys 0..r0+n−1 are all the block can see

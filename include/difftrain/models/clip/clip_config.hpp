@@ -26,6 +26,7 @@
 #include <string>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
 
@@ -72,10 +73,9 @@ namespace clip_config_detail {
 
 inline constexpr const char* kFunction = "ClipTextConfig";
 
-[[noreturn]] inline void fail(const std::string& key, const nlohmann::json& value,
-                              const std::string& expected) {
-  throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", value.dump(), ", expected ",
-                                        expected));
+[[noreturn]] inline void bad_value(const std::string& key, const nlohmann::json& value,
+                                   const std::string& expected) {
+  fail(kFunction, key, " = ", value.dump(), ", expected ", expected);
 }
 
 inline bool is_integer(const nlohmann::json& v) {
@@ -84,25 +84,25 @@ inline bool is_integer(const nlohmann::json& v) {
 }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v) {
-  if (!is_integer(v) || v.get<double>() < 1) fail(key, v, "a positive integer");
+  if (!is_integer(v) || v.get<double>() < 1) bad_value(key, v, "a positive integer");
   return static_cast<std::size_t>(v.get<double>());
 }
 
 inline std::int64_t token_id(const std::string& key, const nlohmann::json& v) {
-  if (!is_integer(v) || v.get<double>() < 0) fail(key, v, "a non-negative integer token id");
+  if (!is_integer(v) || v.get<double>() < 0) bad_value(key, v, "a non-negative integer token id");
   return v.is_number_unsigned() ? static_cast<std::int64_t>(v.get<std::uint64_t>())
                                 : v.get<std::int64_t>();
 }
 
 inline double positive_number(const std::string& key, const nlohmann::json& v) {
   if (!v.is_number() || !(v.get<double>() > 0) || !std::isfinite(v.get<double>()))
-    fail(key, v, "a positive number");
+    bad_value(key, v, "a positive number");
   return v.get<double>();
 }
 
 inline void probability(const std::string& key, const nlohmann::json& v) {
   if (!v.is_number() || !(v.get<double>() >= 0 && v.get<double>() <= 1))
-    fail(key, v, "a probability in [0, 1]");
+    bad_value(key, v, "a probability in [0, 1]");
 }
 
 }  // namespace clip_config_detail
@@ -153,9 +153,8 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
     } else if (v == "gelu") {
       c.hidden_act = ClipActivation::gelu;
     } else {
-      throw Error(difftrain::detail::concat(kFunction, ": hidden_act = ", v.dump(),
-                                            " is not supported (supported: \"quick_gelu\", "
-                                            "\"gelu\")"));
+      fail(kFunction, "hidden_act = ", v.dump(),
+           " is not supported (supported: \"quick_gelu\", \"gelu\")");
     }
   }
   if (has("layer_norm_eps"))
@@ -174,10 +173,11 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
   // pruned heads would remove rows of q/k/v/out_proj: only the empty set is this model
   if (has("pruned_heads")) {
     const auto& v = at("pruned_heads");
-    if (!(v.is_object() || v.is_array()) || !v.empty()) fail("pruned_heads", v, "{} (no pruning)");
+    if (!(v.is_object() || v.is_array()) || !v.empty())
+      bad_value("pruned_heads", v, "{} (no pruning)");
   }
   for (const char* key : {"add_cross_attention", "is_decoder", "is_encoder_decoder"})
-    if (has(key) && at(key) != false) fail(key, at(key), "false");
+    if (has(key) && at(key) != false) bad_value(key, at(key), "false");
 
   // --- keys that do not change the text model's forward ---
   static const std::set<std::string> ignored = {
@@ -206,27 +206,19 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
     if (model_keys.count(key) || ignored.count(key) || value.is_null()) continue;
-    throw Error(difftrain::detail::concat(kFunction, ": unknown key ", key, " = ", value.dump(),
-                                          " (not a transformers CLIPTextConfig setting)"));
+    fail(kFunction, "unknown key ", key, " = ", value.dump(),
+         " (not a transformers CLIPTextConfig setting)");
   }
   c.validate();
   return c;
 }
 
 inline ClipTextConfig ClipTextConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  require(in.good(), "ClipTextConfig::from_file", "cannot open '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat("ClipTextConfig::from_file: '", path,
-                                          "' is not valid JSON: ", e.what()));
-  }
+  const nlohmann::json json = io::read_json_file("ClipTextConfig::from_file", path);
   try {
     return from_json(json);
   } catch (const Error& e) {
-    throw Error(difftrain::detail::concat(e.what(), " (in '", path, "')"));
+    throw Error(message(e.what(), " (in '", path, "')"));
   }
 }
 

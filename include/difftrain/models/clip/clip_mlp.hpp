@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/models/clip/clip_config.hpp"
 #include "difftrain/nn/activations.hpp"
@@ -60,10 +61,10 @@ class ClipMlp {
     T* data = h.data();
     const auto n = static_cast<std::int64_t>(h.size());
     if (activation_ == ClipActivation::quick_gelu) {
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
       for (std::int64_t i = 0; i < n; ++i) data[i] = quick_gelu(data[i]);
     } else {
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
       for (std::int64_t i = 0; i < n; ++i) data[i] = nn::gelu(data[i]);
     }
     return fc2.forward_inference(h);

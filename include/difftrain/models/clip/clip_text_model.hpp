@@ -180,25 +180,10 @@ class ClipTextModel {
   }
 
   /// ids [B, L] → last_hidden_state, pooler_output and all hidden states.
-  ClipTextOutput<T> forward(const TokenIds& ids) {
-    ClipTextOutput<T> out;
-    out.hidden_states.reserve(layers.size() + 1);
-    out.hidden_states.push_back(embed(ids, "ClipTextModel::forward"));
-    for (const auto& layer : layers)
-      out.hidden_states.push_back(layer.forward(out.hidden_states.back()));
-    out.last_hidden_state = final_layer_norm.forward_inference(out.hidden_states.back());
-    out.pooler_output = pool(out.last_hidden_state, ids);
-    return out;
-  }
+  ClipTextOutput<T> forward(const TokenIds& ids);
 
   // final_layer_norm(hidden_states[layers − clip_skip]) (diffusers' clip_skip; 0: last layer)
-  Tensor3<T> encode(const TokenIds& ids, std::size_t clip_skip = 0) {
-    require(clip_skip <= layers.size(), "ClipTextModel::encode", "clip_skip is ", clip_skip,
-            ", expected at most num_hidden_layers = ", layers.size());
-    Tensor3<T> h = embed(ids, "ClipTextModel::encode");
-    for (std::size_t i = 0; i + clip_skip < layers.size(); ++i) h = layers[i].forward(h);
-    return final_layer_norm.forward_inference(h);
-  }
+  Tensor3<T> encode(const TokenIds& ids, std::size_t clip_skip = 0);
 
   /// The pooled position of every row (see the header comment for the rule); Error for a row
   /// without eos under the first-eos rule.
@@ -258,6 +243,35 @@ class ClipTextModel {
   ClipTextConfig config_;
 };
 
+// The heavy members, out of the class so that DIFFTRAIN_EXTERN_TEMPLATES keeps them from being
+// compiled in every translation unit of the project (src/models/ holds the
+// explicit instantiations).
+template <class T>
+ClipTextOutput<T> ClipTextModel<T>::forward(const TokenIds& ids) {
+  ClipTextOutput<T> out;
+  out.hidden_states.reserve(layers.size() + 1);
+  out.hidden_states.push_back(embed(ids, "ClipTextModel::forward"));
+  for (const auto& layer : layers)
+    out.hidden_states.push_back(layer.forward(out.hidden_states.back()));
+  out.last_hidden_state = final_layer_norm.forward_inference(out.hidden_states.back());
+  out.pooler_output = pool(out.last_hidden_state, ids);
+  return out;
+}
+
+template <class T>
+Tensor3<T> ClipTextModel<T>::encode(const TokenIds& ids, std::size_t clip_skip) {
+  require(clip_skip <= layers.size(), "ClipTextModel::encode", "clip_skip is ", clip_skip,
+          ", expected at most num_hidden_layers = ", layers.size());
+  Tensor3<T> h = embed(ids, "ClipTextModel::encode");
+  for (std::size_t i = 0; i + clip_skip < layers.size(); ++i) h = layers[i].forward(h);
+  return final_layer_norm.forward_inference(h);
+}
+
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template class ClipTextModel<float>;
+extern template class ClipTextModel<double>;
+#endif
+
 /// A ClipTextModel from a transformers folder: config.json + model.safetensors (or the shards of
 /// model.safetensors.index.json).
 template <class T = float>
@@ -292,5 +306,14 @@ ClipTextModel<T> load_clip_text_model_single_file(const std::string& path,
       "load_clip_text_model_single_file('" + path + "')");
   return model;
 }
+
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template ClipTextModel<float> load_clip_text_model<float>(const std::string&);
+extern template ClipTextModel<double> load_clip_text_model<double>(const std::string&);
+extern template ClipTextModel<float> load_clip_text_model_single_file<float>(const std::string&,
+                                                                             const ClipTextConfig&);
+extern template ClipTextModel<double> load_clip_text_model_single_file<double>(
+    const std::string&, const ClipTextConfig&);
+#endif
 
 }  // namespace difftrain::models

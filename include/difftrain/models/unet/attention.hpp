@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/lora/inject.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
@@ -155,7 +156,8 @@ class GEGLU : public CompositeModule<GEGLU<T>> {
     Tensor3<T> y(std::array<std::size_t, 3>{h_.shape()[0], h_.shape()[1], O});
     const auto a = config_.approximate;
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * O > 65536)
+#pragma omp parallel for schedule( \
+    static) if (parallel::exceeds(rows * O, parallel::kElementwiseSize))
     for (std::int64_t r = 0; r < R; ++r) {
       const T* hr = h_.data() + r * 2 * O;
       T* yr = y.data() + r * O;
@@ -171,7 +173,8 @@ class GEGLU : public CompositeModule<GEGLU<T>> {
     Tensor3<T> dh(h_.shape());
     const auto a = config_.approximate;
     const auto R = static_cast<std::int64_t>(rows);
-#pragma omp parallel for schedule(static) if (rows * O > 65536)
+#pragma omp parallel for schedule( \
+    static) if (parallel::exceeds(rows * O, parallel::kElementwiseSize))
     for (std::int64_t r = 0; r < R; ++r) {
       const T* hr = h_.data() + r * 2 * O;
       const T* dyr = dy.data() + r * O;

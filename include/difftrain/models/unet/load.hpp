@@ -63,4 +63,13 @@ UNet2DConditionModel<T> load_unet_single_file(const std::string& path,
   return model;
 }
 
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template UNet2DConditionModel<float> load_unet<float>(const std::string&);
+extern template UNet2DConditionModel<double> load_unet<double>(const std::string&);
+extern template UNet2DConditionModel<float> load_unet_single_file<float>(
+    const std::string&, const UNet2DConditionConfig&);
+extern template UNet2DConditionModel<double> load_unet_single_file<double>(
+    const std::string&, const UNet2DConditionConfig&);
+#endif
+
 }  // namespace difftrain::models

@@ -88,72 +88,7 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   lora::Conv2dSlot<T> conv_out;
 
   explicit UNet2DConditionModel(const UNet2DConditionConfig& config,
-                                Allocation allocation = Allocation::parameters)
-      : config_(checked(config)), allocation_(allocation) {
-    const auto& c = config_;
-    const std::size_t n = c.num_blocks(), E = c.time_embed_dim(), c0 = c.block_out_channels[0];
-    conv_in = make_slot<lora::Conv2dSlot<T>>(conv_in_config(), allocation);
-    time_embedding = make_layer<nn::TimestepEmbedding<T>>(time_embedding_config(), allocation);
-    std::size_t output = c0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t input = output;
-      output = c.block_out_channels[i];
-      UNetDownBlock2DConfig d;
-      d.type = c.down_block_types[i];
-      d.in_channels = input;
-      d.out_channels = output;
-      d.temb_channels = E;
-      d.num_layers = c.layers_per_block[i];
-      d.groups = c.norm_num_groups;
-      d.eps = c.norm_eps;
-      d.add_downsample = i + 1 < n;
-      d.downsample_padding = c.downsample_padding;
-      d.attention = {c.num_attention_heads[i], c.transformer_layers_per_block[i],
-                     c.cross_attention_dim[i], c.use_linear_projection};
-      down_blocks.emplace_back(d, allocation);
-    }
-    if (c.has_mid_block) {
-      UNetMidBlock2DCrossAttnConfig m;
-      m.channels = c.block_out_channels.back();
-      m.temb_channels = E;
-      m.num_layers = 1;
-      m.groups = c.norm_num_groups;
-      m.eps = c.norm_eps;
-      m.output_scale_factor = c.mid_block_scale_factor;
-      m.attention = {c.num_attention_heads.back(), c.transformer_layers_per_block.back(),
-                     c.cross_attention_dim.back(), c.use_linear_projection};
-      mid_block.emplace_back(m, allocation);
-    }
-    output = c.block_out_channels.back();
-    for (std::size_t i = 0; i < n; ++i) {
-      const std::size_t previous = output;
-      output = UNet2DConditionConfig::reversed_at(c.block_out_channels, i);
-      UNetUpBlock2DConfig u;
-      u.type = c.up_block_types[i];
-      u.in_channels =
-          UNet2DConditionConfig::reversed_at(c.block_out_channels, std::min(i + 1, n - 1));
-      u.prev_output_channels = previous;
-      u.out_channels = output;
-      u.temb_channels = E;
-      u.num_layers = UNet2DConditionConfig::reversed_at(c.layers_per_block, i) + 1;
-      u.groups = c.norm_num_groups;
-      u.eps = c.norm_eps;
-      u.add_upsample = i + 1 < n;
-      u.attention = {UNet2DConditionConfig::reversed_at(c.num_attention_heads, i),
-                     UNet2DConditionConfig::reversed_at(c.transformer_layers_per_block, i),
-                     UNet2DConditionConfig::reversed_at(c.cross_attention_dim, i),
-                     c.use_linear_projection};
-      up_blocks.emplace_back(u, allocation);
-    }
-    conv_norm_out = make_layer<nn::GroupNorm<T>>(conv_norm_out_config(), allocation);
-    conv_out = make_slot<lora::Conv2dSlot<T>>(conv_out_config(), allocation);
-    std::size_t produced = 1, consumed = 0;
-    for (const auto& d : down_blocks) produced += d.num_states();
-    for (const auto& u : up_blocks) consumed += u.num_skips();
-    require(produced == consumed, "UNet2DConditionModel", "the down blocks produce ", produced,
-            " skip connections but the up blocks consume ", consumed,
-            " (layers_per_block must be consistent)");
-  }
+                                Allocation allocation = Allocation::parameters);
 
   const UNet2DConditionConfig& config() const { return config_; }
   Allocation allocation() const { return allocation_; }
@@ -237,87 +172,10 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
 
   /// The same with float32 timesteps (diffusers converts integer timesteps to float32 first).
   Tensor4<T> forward(const Tensor4<T>& sample, std::span<const float> timesteps,
-                     const Tensor3<T>& encoder_hidden_states) {
-    constexpr const char* fn = "UNet2DConditionModel::forward";
-    require_parameters("forward");
-    const auto& c = config_;
-    const std::size_t B = sample.shape()[0];
-    require(B > 0 && sample.shape()[2] > 0 && sample.shape()[3] > 0, fn, "sample has shape ",
-            shape_string(sample.shape()), ", expected a non-empty [B,", c.in_channels, ",H,W]");
-    check_shape(fn, "sample", sample.shape(),
-                {B, c.in_channels, sample.shape()[2], sample.shape()[3]});
-    require(timesteps.size() == B, fn, "timesteps has ", timesteps.size(),
-            " entries, expected one per sample (", B, ")");
-    const std::size_t L = encoder_hidden_states.shape()[1];
-    require(L > 0, fn, "encoder_hidden_states has shape ",
-            shape_string(encoder_hidden_states.shape()), ", expected at least one token");
-    check_shape(fn, "encoder_hidden_states", encoder_hidden_states.shape(),
-                {B, L, c.cross_attention_dim[0]});
-
-    const Tensor<T, 2> t_emb =
-        unet_time_proj<T>(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
-    const Tensor<T, 2> emb = time_embedding.forward(t_emb);
-
-    Tensor4<T> h = c.center_input_sample ? Tensor4<T>(T(2) * sample - T(1)) : sample;
-    h = conv_in.forward(h);
-    std::vector<Tensor4<T>> res;
-    res.push_back(h);
-    for (auto& block : down_blocks) {
-      std::vector<Tensor4<T>> states = block.forward(h, emb, encoder_hidden_states);
-      h = states.back();
-      for (auto& s : states) res.push_back(std::move(s));
-    }
-    for (auto& mid : mid_block) h = mid.forward(h, emb, encoder_hidden_states);
-    up_skip_begin_.clear();
-    for (auto& block : up_blocks) {
-      const std::size_t begin = res.size() - block.num_skips();
-      up_skip_begin_.push_back(begin);
-      std::optional<std::pair<std::size_t, std::size_t>> size;
-      if (begin > 0) size = std::pair{res[begin - 1].shape()[2], res[begin - 1].shape()[3]};
-      h = block.forward(h, std::span<const Tensor4<T>>(res.data() + begin, block.num_skips()), emb,
-                        encoder_hidden_states, size);
-      res.resize(begin);  // the skips are not needed by backward
-    }
-    Tensor4<T> out = conv_out.forward(conv_act_.forward(conv_norm_out.forward(h)));
-    batch_ = B;
-    context_shape_ = encoder_hidden_states.shape();
-    output_shape_ = out.shape();
-    has_forward_ = true;
-    return out;
-  }
+                     const Tensor3<T>& encoder_hidden_states);
 
   /// Back-propagates grad_output (dL/d output) through the last forward.
-  void backward(const Tensor4<T>& grad_output) {
-    constexpr const char* fn = "UNet2DConditionModel::backward";
-    require(has_forward_, fn, "no saved forward (call forward first)");
-    check_same_shape(fn, "grad_output", grad_output.shape(), output_shape_);
-    Tensor4<T> dh = conv_norm_out.backward(conv_act_.backward(conv_out.backward(grad_output)));
-    Tensor<T, 2> dtemb = xt::zeros<T>(std::array<std::size_t, 2>{batch_, config_.time_embed_dim()});
-    Tensor3<T> dcontext = xt::zeros<T>(context_shape_);
-    std::size_t total = 1;
-    for (const auto& d : down_blocks) total += d.num_states();
-    std::vector<Tensor4<T>> d_res(total);
-    for (std::size_t i = up_blocks.size(); i-- > 0;) {
-      UpBlockGrads<T> g = up_blocks[i].backward(dh, dtemb, dcontext);
-      for (std::size_t k = 0; k < g.skips.size(); ++k)
-        d_res[up_skip_begin_[i] + k] = std::move(g.skips[k]);
-      dh = std::move(g.x);
-    }
-    for (auto& mid : mid_block) dh = mid.backward(dh, dtemb, dcontext);
-    std::size_t end = total;
-    for (std::size_t i = down_blocks.size(); i-- > 0;) {
-      const std::size_t m = down_blocks[i].num_states();
-      end -= m;
-      d_res[end + m - 1] += dh;
-      dh = down_blocks[i].backward(std::span<const Tensor4<T>>(d_res.data() + end, m), dtemb,
-                                   dcontext);
-    }
-    dh += d_res[0];
-    grad_sample_ = conv_in.backward(dh);
-    if (config_.center_input_sample) grad_sample_ *= T(2);
-    time_embedding.backward(dtemb, false);
-    grad_encoder_hidden_states_ = std::move(dcontext);
-  }
+  void backward(const Tensor4<T>& grad_output);
 
   /// d⟨output, grad_output⟩ / d sample of the last backward.
   const Tensor4<T>& grad_sample() const { return grad_sample_; }
@@ -348,6 +206,168 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   Tensor4<T> grad_sample_;
   Tensor3<T> grad_encoder_hidden_states_;
 };
+
+// The heavy members, defined out of the class so that DIFFTRAIN_EXTERN_TEMPLATES can keep them
+// from being compiled in every translation unit of the project (src/models/ holds the
+// explicit instantiations).
+template <class T>
+UNet2DConditionModel<T>::UNet2DConditionModel(const UNet2DConditionConfig& config,
+                                              Allocation allocation)
+    : config_(checked(config)), allocation_(allocation) {
+  const auto& c = config_;
+  const std::size_t n = c.num_blocks(), E = c.time_embed_dim(), c0 = c.block_out_channels[0];
+  conv_in = make_slot<lora::Conv2dSlot<T>>(conv_in_config(), allocation);
+  time_embedding = make_layer<nn::TimestepEmbedding<T>>(time_embedding_config(), allocation);
+  std::size_t output = c0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t input = output;
+    output = c.block_out_channels[i];
+    UNetDownBlock2DConfig d;
+    d.type = c.down_block_types[i];
+    d.in_channels = input;
+    d.out_channels = output;
+    d.temb_channels = E;
+    d.num_layers = c.layers_per_block[i];
+    d.groups = c.norm_num_groups;
+    d.eps = c.norm_eps;
+    d.add_downsample = i + 1 < n;
+    d.downsample_padding = c.downsample_padding;
+    d.attention = {c.num_attention_heads[i], c.transformer_layers_per_block[i],
+                   c.cross_attention_dim[i], c.use_linear_projection};
+    down_blocks.emplace_back(d, allocation);
+  }
+  if (c.has_mid_block) {
+    UNetMidBlock2DCrossAttnConfig m;
+    m.channels = c.block_out_channels.back();
+    m.temb_channels = E;
+    m.num_layers = 1;
+    m.groups = c.norm_num_groups;
+    m.eps = c.norm_eps;
+    m.output_scale_factor = c.mid_block_scale_factor;
+    m.attention = {c.num_attention_heads.back(), c.transformer_layers_per_block.back(),
+                   c.cross_attention_dim.back(), c.use_linear_projection};
+    mid_block.emplace_back(m, allocation);
+  }
+  output = c.block_out_channels.back();
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t previous = output;
+    output = UNet2DConditionConfig::reversed_at(c.block_out_channels, i);
+    UNetUpBlock2DConfig u;
+    u.type = c.up_block_types[i];
+    u.in_channels =
+        UNet2DConditionConfig::reversed_at(c.block_out_channels, std::min(i + 1, n - 1));
+    u.prev_output_channels = previous;
+    u.out_channels = output;
+    u.temb_channels = E;
+    u.num_layers = UNet2DConditionConfig::reversed_at(c.layers_per_block, i) + 1;
+    u.groups = c.norm_num_groups;
+    u.eps = c.norm_eps;
+    u.add_upsample = i + 1 < n;
+    u.attention = {UNet2DConditionConfig::reversed_at(c.num_attention_heads, i),
+                   UNet2DConditionConfig::reversed_at(c.transformer_layers_per_block, i),
+                   UNet2DConditionConfig::reversed_at(c.cross_attention_dim, i),
+                   c.use_linear_projection};
+    up_blocks.emplace_back(u, allocation);
+  }
+  conv_norm_out = make_layer<nn::GroupNorm<T>>(conv_norm_out_config(), allocation);
+  conv_out = make_slot<lora::Conv2dSlot<T>>(conv_out_config(), allocation);
+  std::size_t produced = 1, consumed = 0;
+  for (const auto& d : down_blocks) produced += d.num_states();
+  for (const auto& u : up_blocks) consumed += u.num_skips();
+  require(produced == consumed, "UNet2DConditionModel", "the down blocks produce ", produced,
+          " skip connections but the up blocks consume ", consumed,
+          " (layers_per_block must be consistent)");
+}
+
+template <class T>
+Tensor4<T> UNet2DConditionModel<T>::forward(const Tensor4<T>& sample,
+                                            std::span<const float> timesteps,
+                                            const Tensor3<T>& encoder_hidden_states) {
+  constexpr const char* fn = "UNet2DConditionModel::forward";
+  require_parameters("forward");
+  const auto& c = config_;
+  const std::size_t B = sample.shape()[0];
+  require(B > 0 && sample.shape()[2] > 0 && sample.shape()[3] > 0, fn, "sample has shape ",
+          shape_string(sample.shape()), ", expected a non-empty [B,", c.in_channels, ",H,W]");
+  check_shape(fn, "sample", sample.shape(),
+              {B, c.in_channels, sample.shape()[2], sample.shape()[3]});
+  require(timesteps.size() == B, fn, "timesteps has ", timesteps.size(),
+          " entries, expected one per sample (", B, ")");
+  const std::size_t L = encoder_hidden_states.shape()[1];
+  require(L > 0, fn, "encoder_hidden_states has shape ",
+          shape_string(encoder_hidden_states.shape()), ", expected at least one token");
+  check_shape(fn, "encoder_hidden_states", encoder_hidden_states.shape(),
+              {B, L, c.cross_attention_dim[0]});
+
+  const Tensor<T, 2> t_emb =
+      unet_time_proj<T>(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
+  const Tensor<T, 2> emb = time_embedding.forward(t_emb);
+
+  Tensor4<T> h = c.center_input_sample ? Tensor4<T>(T(2) * sample - T(1)) : sample;
+  h = conv_in.forward(h);
+  std::vector<Tensor4<T>> res;
+  res.push_back(h);
+  for (auto& block : down_blocks) {
+    std::vector<Tensor4<T>> states = block.forward(h, emb, encoder_hidden_states);
+    h = states.back();
+    for (auto& s : states) res.push_back(std::move(s));
+  }
+  for (auto& mid : mid_block) h = mid.forward(h, emb, encoder_hidden_states);
+  up_skip_begin_.clear();
+  for (auto& block : up_blocks) {
+    const std::size_t begin = res.size() - block.num_skips();
+    up_skip_begin_.push_back(begin);
+    std::optional<std::pair<std::size_t, std::size_t>> size;
+    if (begin > 0) size = std::pair{res[begin - 1].shape()[2], res[begin - 1].shape()[3]};
+    h = block.forward(h, std::span<const Tensor4<T>>(res.data() + begin, block.num_skips()), emb,
+                      encoder_hidden_states, size);
+    res.resize(begin);  // the skips are not needed by backward
+  }
+  Tensor4<T> out = conv_out.forward(conv_act_.forward(conv_norm_out.forward(h)));
+  batch_ = B;
+  context_shape_ = encoder_hidden_states.shape();
+  output_shape_ = out.shape();
+  has_forward_ = true;
+  return out;
+}
+
+template <class T>
+void UNet2DConditionModel<T>::backward(const Tensor4<T>& grad_output) {
+  constexpr const char* fn = "UNet2DConditionModel::backward";
+  require(has_forward_, fn, "no saved forward (call forward first)");
+  check_same_shape(fn, "grad_output", grad_output.shape(), output_shape_);
+  Tensor4<T> dh = conv_norm_out.backward(conv_act_.backward(conv_out.backward(grad_output)));
+  Tensor<T, 2> dtemb = xt::zeros<T>(std::array<std::size_t, 2>{batch_, config_.time_embed_dim()});
+  Tensor3<T> dcontext = xt::zeros<T>(context_shape_);
+  std::size_t total = 1;
+  for (const auto& d : down_blocks) total += d.num_states();
+  std::vector<Tensor4<T>> d_res(total);
+  for (std::size_t i = up_blocks.size(); i-- > 0;) {
+    UpBlockGrads<T> g = up_blocks[i].backward(dh, dtemb, dcontext);
+    for (std::size_t k = 0; k < g.skips.size(); ++k)
+      d_res[up_skip_begin_[i] + k] = std::move(g.skips[k]);
+    dh = std::move(g.x);
+  }
+  for (auto& mid : mid_block) dh = mid.backward(dh, dtemb, dcontext);
+  std::size_t end = total;
+  for (std::size_t i = down_blocks.size(); i-- > 0;) {
+    const std::size_t m = down_blocks[i].num_states();
+    end -= m;
+    d_res[end + m - 1] += dh;
+    dh = down_blocks[i].backward(std::span<const Tensor4<T>>(d_res.data() + end, m), dtemb,
+                                 dcontext);
+  }
+  dh += d_res[0];
+  grad_sample_ = conv_in.backward(dh);
+  if (config_.center_input_sample) grad_sample_ *= T(2);
+  time_embedding.backward(dtemb, false);
+  grad_encoder_hidden_states_ = std::move(dcontext);
+}
+
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template class UNet2DConditionModel<float>;
+extern template class UNet2DConditionModel<double>;
+#endif
 
 static_assert(Denoiser<UNet2DConditionModel<float>>);
 static_assert(lora::HasLoraSlots<UNet2DConditionModel<float>>);

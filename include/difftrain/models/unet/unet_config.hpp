@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
 
@@ -98,35 +99,28 @@ inline std::string dump(const nlohmann::json& v) { return v.dump(); }
 
 [[noreturn]] inline void unsupported(const std::string& key, const nlohmann::json& value,
                                      const std::string& supported) {
-  throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(value),
-                                        " is not supported (supported: ", supported, ")"));
+  fail(kFunction, key, " = ", dump(value), " is not supported (supported: ", supported, ")");
 }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v,
                                 bool allow_zero = false) {
   if (!v.is_number_integer() &&
       !(v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()))
-    throw Error(
-        difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected an integer"));
+    fail(kFunction, key, " = ", dump(v), ", expected an integer");
   const double d = v.get<double>();
   if (d < (allow_zero ? 0 : 1))
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected ",
-                                          allow_zero ? "a non-negative" : "a positive",
-                                          " integer"));
+    fail(kFunction, key, " = ", dump(v), ", expected ",
+         allow_zero ? "a non-negative" : "a positive", " integer");
   return static_cast<std::size_t>(d);
 }
 
 inline double number(const std::string& key, const nlohmann::json& v) {
-  if (!v.is_number())
-    throw Error(
-        difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected a number"));
+  if (!v.is_number()) fail(kFunction, key, " = ", dump(v), ", expected a number");
   return v.get<double>();
 }
 
 inline bool boolean(const std::string& key, const nlohmann::json& v) {
-  if (!v.is_boolean())
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v),
-                                          ", expected true or false"));
+  if (!v.is_boolean()) fail(kFunction, key, " = ", dump(v), ", expected true or false");
   return v.get<bool>();
 }
 
@@ -135,8 +129,8 @@ inline std::vector<std::size_t> per_block(const std::string& key, const nlohmann
                                           std::size_t n) {
   if (v.is_array()) {
     if (v.size() != n)
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ", v.size(),
-                                            " entries, expected one per down block (", n, ")"));
+      fail(kFunction, key, " = ", dump(v), " has ", v.size(),
+           " entries, expected one per down block (", n, ")");
     std::vector<std::size_t> out;
     for (std::size_t i = 0; i < n; ++i)
       out.push_back(positive_int(key + "[" + std::to_string(i) + "]", v[i]));
@@ -222,8 +216,7 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   {
     const auto& v = at("block_out_channels");
     if (!v.is_array() || v.empty())
-      throw Error(difftrain::detail::concat(kFunction, ": block_out_channels = ", dump(v),
-                                            ", expected a non-empty list"));
+      fail(kFunction, "block_out_channels = ", dump(v), ", expected a non-empty list");
     for (std::size_t i = 0; i < v.size(); ++i)
       c.block_out_channels.push_back(
           positive_int("block_out_channels[" + std::to_string(i) + "]", v[i]));
@@ -232,13 +225,10 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   auto block_types = [&](const char* key, auto parse) {
     require(has(key), kFunction, key, " is missing");
     const auto& v = at(key);
-    if (!v.is_array())
-      throw Error(
-          difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), ", expected a list"));
+    if (!v.is_array()) fail(kFunction, key, " = ", dump(v), ", expected a list");
     if (v.size() != n)
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", dump(v), " has ", v.size(),
-                                            " entries, expected ", n,
-                                            " (one per block_out_channels entry)"));
+      fail(kFunction, key, " = ", dump(v), " has ", v.size(), " entries, expected ", n,
+           " (one per block_out_channels entry)");
     for (std::size_t i = 0; i < n; ++i)
       parse(std::string(key) + "[" + std::to_string(i) + "]", v[i]);
   };
@@ -403,27 +393,19 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
     if (known.count(key) || value.is_null()) continue;
-    throw Error(difftrain::detail::concat(kFunction, ": unknown key ", key, " = ", dump(value),
-                                          " (not a diffusers UNet2DConditionModel setting)"));
+    fail(kFunction, "unknown key ", key, " = ", dump(value),
+         " (not a diffusers UNet2DConditionModel setting)");
   }
   c.validate();
   return c;
 }
 
 inline UNet2DConditionConfig UNet2DConditionConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  require(in.good(), "UNet2DConditionConfig::from_file", "cannot open '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(difftrain::detail::concat("UNet2DConditionConfig::from_file: '", path,
-                                          "' is not valid JSON: ", e.what()));
-  }
+  const nlohmann::json json = io::read_json_file("UNet2DConditionConfig::from_file", path);
   try {
     return from_json(json);
   } catch (const Error& e) {
-    throw Error(std::string(e.what()) + " (in '" + path + "')");
+    throw Error(message(e.what(), " (in '", path, "')"));
   }
 }
 

@@ -225,22 +225,7 @@ class AutoencoderKL {
   }
 
   // moments = quant_conv(encoder(image)), one sample at a time
-  Tensor4<T> encode_moments(const Tensor4<T>& images) const {
-    constexpr const char* fn = "AutoencoderKL::encode";
-    const auto& s = images.shape();
-    check_shape(fn, "image", s, {s[0], config_.in_channels, s[2], s[3]});
-    require(s[2] > 0 && s[3] > 0, fn, "image has shape ", shape_string(s),
-            ", expected a non-empty image");
-    const auto latent = latent_shape({s[0], s[1], s[2], s[3]});
-    Tensor4<T> moments(std::array<std::size_t, 4>{s[0], 2 * latent[1], latent[2], latent[3]});
-    for (std::size_t b = 0; b < s[0]; ++b) {
-      const Tensor4<T> x = xt::view(images, xt::range(b, b + 1));
-      Tensor4<T> m = encoder.forward(x, workspace_);
-      if (config_.use_quant_conv) m = quant_conv.forward_inference(m);
-      std::copy(m.begin(), m.end(), moments.data() + b * m.size());
-    }
-    return moments;
-  }
+  Tensor4<T> encode_moments(const Tensor4<T>& images) const;
 
   /// The posterior q(z | image): mean and clamped logvar (unscaled, as diffusers' latent_dist).
   DiagonalGaussian<T> encode(const Tensor4<T>& images) const {
@@ -266,27 +251,7 @@ class AutoencoderKL {
 
   // image = decoder(post_quant_conv(z)) for unscaled z (diffusers' AutoencoderKL.decode(z)),
   // one sample at a time
-  Tensor4<T> decode(const Tensor4<T>& z) const {
-    constexpr const char* fn = "AutoencoderKL::decode";
-    const auto& s = z.shape();
-    check_shape(fn, "z", s, {s[0], config_.latent_channels, s[2], s[3]});
-    require(s[2] > 0 && s[3] > 0, fn, "z has shape ", shape_string(s), ", expected non-empty");
-    Tensor4<T> images;
-    for (std::size_t b = 0; b < s[0]; ++b) {
-      Tensor4<T> x = xt::view(z, xt::range(b, b + 1));
-      if (config_.use_post_quant_conv) x = post_quant_conv.forward_inference(x);
-      const Tensor4<T> y = decoder.forward(x, workspace_);
-      if (b == 0)
-        images =
-            Tensor4<T>(std::array<std::size_t, 4>{s[0], y.shape()[1], y.shape()[2], y.shape()[3]});
-      std::copy(y.begin(), y.end(), images.data() + b * y.size());
-    }
-    if (s[0] == 0) {
-      const std::size_t f = config_.downsample_factor();
-      images = Tensor4<T>(std::array<std::size_t, 4>{0, config_.out_channels, s[2] * f, s[3] * f});
-    }
-    return images;
-  }
+  Tensor4<T> decode(const Tensor4<T>& z) const;
 
   /// image = decode(latents / scaling_factor + shift_factor), for the latents a UNet works on.
   Tensor4<T> decode_latents(const Tensor4<T>& latents) const {
@@ -312,5 +277,54 @@ class AutoencoderKL {
   AutoencoderKLConfig config_;
   mutable ConvWorkspace<T> workspace_;
 };
+
+// The heavy members, out of the class so that DIFFTRAIN_EXTERN_TEMPLATES keeps them from being
+// compiled in every translation unit of the project (src/models/ holds the
+// explicit instantiations).
+template <class T>
+Tensor4<T> AutoencoderKL<T>::encode_moments(const Tensor4<T>& images) const {
+  constexpr const char* fn = "AutoencoderKL::encode";
+  const auto& s = images.shape();
+  check_shape(fn, "image", s, {s[0], config_.in_channels, s[2], s[3]});
+  require(s[2] > 0 && s[3] > 0, fn, "image has shape ", shape_string(s),
+          ", expected a non-empty image");
+  const auto latent = latent_shape({s[0], s[1], s[2], s[3]});
+  Tensor4<T> moments(std::array<std::size_t, 4>{s[0], 2 * latent[1], latent[2], latent[3]});
+  for (std::size_t b = 0; b < s[0]; ++b) {
+    const Tensor4<T> x = xt::view(images, xt::range(b, b + 1));
+    Tensor4<T> m = encoder.forward(x, workspace_);
+    if (config_.use_quant_conv) m = quant_conv.forward_inference(m);
+    std::copy(m.begin(), m.end(), moments.data() + b * m.size());
+  }
+  return moments;
+}
+
+template <class T>
+Tensor4<T> AutoencoderKL<T>::decode(const Tensor4<T>& z) const {
+  constexpr const char* fn = "AutoencoderKL::decode";
+  const auto& s = z.shape();
+  check_shape(fn, "z", s, {s[0], config_.latent_channels, s[2], s[3]});
+  require(s[2] > 0 && s[3] > 0, fn, "z has shape ", shape_string(s), ", expected non-empty");
+  Tensor4<T> images;
+  for (std::size_t b = 0; b < s[0]; ++b) {
+    Tensor4<T> x = xt::view(z, xt::range(b, b + 1));
+    if (config_.use_post_quant_conv) x = post_quant_conv.forward_inference(x);
+    const Tensor4<T> y = decoder.forward(x, workspace_);
+    if (b == 0)
+      images =
+          Tensor4<T>(std::array<std::size_t, 4>{s[0], y.shape()[1], y.shape()[2], y.shape()[3]});
+    std::copy(y.begin(), y.end(), images.data() + b * y.size());
+  }
+  if (s[0] == 0) {
+    const std::size_t f = config_.downsample_factor();
+    images = Tensor4<T>(std::array<std::size_t, 4>{0, config_.out_channels, s[2] * f, s[3] * f});
+  }
+  return images;
+}
+
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template class AutoencoderKL<float>;
+extern template class AutoencoderKL<double>;
+#endif
 
 }  // namespace difftrain::models

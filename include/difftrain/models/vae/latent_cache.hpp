@@ -179,8 +179,7 @@ inline LatentCache load_latent_cache(const std::string& path) {
       if (used == text.size() && std::isfinite(v)) return v;
     } catch (const std::exception&) {
     }
-    throw Error(difftrain::detail::concat(fn, ": '", path, "' metadata ", key, " = '", text,
-                                          "', expected a finite number"));
+    fail(fn, "'", path, "' metadata ", key, " = '", text, "', expected a finite number");
   };
   LatentCache cache;
   cache.scaling_factor = number("scaling_factor");

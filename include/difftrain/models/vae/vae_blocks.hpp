@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/models/vae/vae_config.hpp"
 #include "difftrain/models/vae/vae_conv.hpp"
@@ -41,7 +42,7 @@ template <class T, std::size_t N>
 void silu_inplace(Tensor<T, N>& x) {
   T* p = x.data();
   const auto n = static_cast<std::int64_t>(x.size());
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
   for (std::int64_t i = 0; i < n; ++i) p[i] = nn::silu(p[i]);
 }
 
@@ -51,7 +52,7 @@ void add_inplace(Tensor4<T>& y, const Tensor4<T>& x) {
   T* p = y.data();
   const T* q = x.data();
   const auto n = static_cast<std::int64_t>(y.size());
-#pragma omp parallel for schedule(static) if (n > 65536)
+#pragma omp parallel for schedule(static) if (parallel::exceeds(n, parallel::kElementwiseSize))
   for (std::int64_t i = 0; i < n; ++i) p[i] += q[i];
 }
 
@@ -172,8 +173,8 @@ class VaeAttentionBlock {
     }
     Tensor3<T> out;
     // a small attention (L²·C + 4·L·C² multiply-adds) stays on one thread, Eigen included
-    if (L * C * (L + 4 * C) * B < kConvParallelWork) {
-      vae_detail::without_eigen_threads([&] { out = attention.forward_inference(tokens); });
+    if (L * C * (L + 4 * C) * B < parallel::kBandedConvWork) {
+      parallel::without_eigen_threads([&] { out = attention.forward_inference(tokens); });
     } else {
       out = attention.forward_inference(tokens);
     }

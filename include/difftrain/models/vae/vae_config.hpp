@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
 
@@ -67,8 +68,7 @@ inline constexpr const char* kFunction = "AutoencoderKLConfig";
 
 [[noreturn]] inline void unsupported(const std::string& key, const nlohmann::json& value,
                                      const std::string& supported) {
-  throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", value.dump(),
-                                        " is not supported (supported: ", supported, ")"));
+  fail(kFunction, key, " = ", value.dump(), " is not supported (supported: ", supported, ")");
 }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v) {
@@ -76,22 +76,18 @@ inline std::size_t positive_int(const std::string& key, const nlohmann::json& v)
       v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
                                 std::floor(v.get<double>()) == v.get<double>());
   if (!integral || v.get<double>() < 1)
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", v.dump(),
-                                          ", expected a positive integer"));
+    fail(kFunction, key, " = ", v.dump(), ", expected a positive integer");
   return static_cast<std::size_t>(v.get<double>());
 }
 
 inline double finite_number(const std::string& key, const nlohmann::json& v) {
   if (!v.is_number() || !std::isfinite(v.get<double>()))
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", v.dump(),
-                                          ", expected a finite number"));
+    fail(kFunction, key, " = ", v.dump(), ", expected a finite number");
   return v.get<double>();
 }
 
 inline bool boolean(const std::string& key, const nlohmann::json& v) {
-  if (!v.is_boolean())
-    throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", v.dump(),
-                                          ", expected true or false"));
+  if (!v.is_boolean()) fail(kFunction, key, " = ", v.dump(), ", expected true or false");
   return v.get<bool>();
 }
 
@@ -138,16 +134,15 @@ inline AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& 
     // default: one block of the only supported type per block_out_channels entry
     if (!has(key)) {
       if (n != 1)
-        throw Error(difftrain::detail::concat(kFunction, ": ", key, " is missing, expected ", n,
-                                              " entries (one per block_out_channels entry)"));
+        fail(kFunction, key, " is missing, expected ", n,
+             " entries (one per block_out_channels entry)");
       return;
     }
     const auto& v = at(key);
     if (!v.is_array()) unsupported(key, v, std::string("a list of \"") + only + "\"");
     if (v.size() != n)
-      throw Error(difftrain::detail::concat(kFunction, ": ", key, " = ", v.dump(), " has ",
-                                            v.size(), " entries, expected ", n,
-                                            " (one per block_out_channels entry)"));
+      fail(kFunction, key, " = ", v.dump(), " has ", v.size(), " entries, expected ", n,
+           " (one per block_out_channels entry)");
     for (std::size_t i = 0; i < n; ++i)
       if (v[i] != only)
         unsupported(std::string(key) + "[" + std::to_string(i) + "]", v[i],
@@ -191,25 +186,15 @@ inline AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& 
       "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"};
   for (const auto& [key, value] : json.items()) {
     if (key.starts_with("_") || known.count(key) || value.is_null()) continue;
-    throw Error(difftrain::detail::concat(kFunction, ": unknown key ", key, " = ", value.dump(),
-                                          " (AutoencoderKL has no such argument)"));
+    fail(kFunction, "unknown key ", key, " = ", value.dump(),
+         " (AutoencoderKL has no such argument)");
   }
   c.validate();
   return c;
 }
 
 inline AutoencoderKLConfig AutoencoderKLConfig::from_file(const std::string& path) {
-  using vae_config_detail::kFunction;
-  std::ifstream in(path);
-  require(in.good(), kFunction, "cannot open '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(
-        difftrain::detail::concat(kFunction, ": '", path, "' is not valid JSON: ", e.what()));
-  }
-  return from_json(json);
+  return from_json(io::read_json_file(vae_config_detail::kFunction, path));
 }
 
 }  // namespace difftrain::models

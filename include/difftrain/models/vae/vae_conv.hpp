@@ -12,8 +12,8 @@
 //   col[(c·k + i)·k + j, (oh − r0)·Wo + ow] = x[c, oh·s + i − top, ow·s + j − left] (0 outside)
 //   y_b[:, r0·Wo : (r0 + n)·Wo] = W[O, K] · col + bias
 // OpenMP runs over the B·bands (sample, band) jobs, with at least one band per thread; a conv of
-// fewer than kConvParallelWork multiply-adds runs on one thread, Eigen included. Unpadded 1×1
-// stride-1 convs need no columns and go to nn::Conv2d::forward_inference directly.
+// fewer than parallel::kBandedConvWork multiply-adds runs on one thread, Eigen included. Unpadded
+// 1×1 stride-1 convs need no columns and go to nn::Conv2d::forward_inference directly.
 
 #include <algorithm>
 #include <cstddef>
@@ -21,13 +21,10 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/linear.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace difftrain::models {
 
@@ -71,51 +68,16 @@ void im2col_band(const T* x, std::size_t C, std::size_t H, std::size_t W, std::s
   }
 }
 
-inline int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// Runs f with Eigen's products kept on the calling thread. Outside a parallel region Eigen splits
-// every GEMM of more than ~50k multiply-adds over all OpenMP threads, which costs far more than it
-// saves for the small convs of a tiny model or a low-resolution block (10x slower measured on a
-// busy 2-core machine). The nthreads ICV set inside the one-thread region is local to it.
-template <class F>
-void without_eigen_threads(F&& f) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(1)
-  {
-    omp_set_num_threads(1);
-    f();
-  }
-#else
-  f();
-#endif
-}
-
 }  // namespace vae_detail
-
-/// Multiply-adds below which a conv runs on one thread.
-inline constexpr std::size_t kConvParallelWork = std::size_t{1} << 22;
 
 // y = conv(x) (the same as conv.forward_inference), computed band by band: see the header comment
 template <class T>
 Tensor4<T> conv2d_banded(const nn::Conv2d<T>& conv, const Tensor4<T>& x, ConvWorkspace<T>& ws) {
   const auto& cfg = conv.config();
   if (cfg.kernel_size == 1 && cfg.stride == 1 && cfg.padding == nn::Padding2d{}) {
-    if (x.size() * cfg.out_channels >= kConvParallelWork) return conv.forward_inference(x);
+    if (x.size() * cfg.out_channels >= parallel::kBandedConvWork) return conv.forward_inference(x);
     Tensor4<T> y;
-    vae_detail::without_eigen_threads([&] { y = conv.forward_inference(x); });
+    parallel::without_eigen_threads([&] { y = conv.forward_inference(x); });
     return y;
   }
   constexpr const char* fn = "conv2d_banded";
@@ -130,7 +92,7 @@ Tensor4<T> conv2d_banded(const nn::Conv2d<T>& conv, const Tensor4<T>& x, ConvWor
   // loaded machine); otherwise at least one band per thread, each band's GEMM on its own thread.
   const std::size_t work = B * O * K * Ho * Wo;  // multiply-adds
   const auto threads = static_cast<std::size_t>(
-      work < kConvParallelWork ? 1 : std::max(1, vae_detail::max_threads()));
+      work < parallel::kBandedConvWork ? 1 : std::max(1, parallel::max_threads()));
   std::size_t rows = std::clamp<std::size_t>(ws.max_band_elements / (K * Wo), 1, Ho);
   if (threads > 1 && B < threads) {
     const std::size_t bands_per_sample = (threads + B - 1) / B;
@@ -154,7 +116,7 @@ Tensor4<T> conv2d_banded(const nn::Conv2d<T>& conv, const Tensor4<T>& x, ConvWor
     if (cfg.bias) band.colwise() += nn::ConstVectorMap<T>(conv.bias.value.data(), O);
   };
   if (threads == 1) {
-    vae_detail::without_eigen_threads([&] {
+    parallel::without_eigen_threads([&] {
       for (std::size_t job = 0; job < jobs; ++job) run_job(job, ws.buffers[0].data());
     });
   } else {
@@ -162,7 +124,7 @@ Tensor4<T> conv2d_banded(const nn::Conv2d<T>& conv, const Tensor4<T>& x, ConvWor
     const auto job_count = static_cast<std::int64_t>(jobs);
 #pragma omp parallel for num_threads(static_cast <int>(threads)) schedule(static)
     for (std::int64_t job = 0; job < job_count; ++job)
-      run_job(static_cast<std::size_t>(job), ws.buffers[vae_detail::thread_id()].data());
+      run_job(static_cast<std::size_t>(job), ws.buffers[parallel::thread_id()].data());
   }
   return y;
 }

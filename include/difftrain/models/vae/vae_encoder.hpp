@@ -6,8 +6,8 @@
 //   latents = scaling_factor · (mean + exp(½·logvar)·noise − shift_factor)   (sampling)
 //   latents = scaling_factor · (mean − shift_factor)                         (LatentSampling::mode)
 // Deterministic noise rule: the k-th call of encode (k = 0, 1, …; calls() counts them) draws
-// noise[b, i] = normal number (b·N + i) of stream.derive(k, kVaeNoisePurpose). The noise of a
-// sample thus depends only on (seed, stream, k, b), not on threads; a resumed run that restores
+// noise[b, i] = normal number (b·N + i) of stream.derive(k, StreamPurpose::vae_noise). The noise of
+// a sample thus depends only on (seed, stream, k, b), not on threads; a resumed run that restores
 // calls() (set_calls) repeats the uninterrupted one.
 
 #include <cstdint>
@@ -20,8 +20,10 @@
 
 namespace difftrain::models {
 
-/// RandomStream::derive purpose of the VAE's latent-sampling noise ("VAEn").
-inline constexpr std::uint32_t kVaeNoisePurpose = 0x5641'456Eu;
+/// RandomStream::derive purpose of the VAE's latent-sampling noise ("VAEn"): the id of
+/// StreamPurpose::vae_noise, under its old name.
+inline constexpr std::uint32_t kVaeNoisePurpose =
+    static_cast<std::uint32_t>(StreamPurpose::vae_noise);
 
 /// Draw a sample from q(z | image) (diffusers' latent_dist.sample(), what SD training scripts
 /// use) or take its mode (the mean).
@@ -43,7 +45,9 @@ class VaeEncoder {
   std::uint64_t calls() const { return calls_; }
   void set_calls(std::uint64_t calls) { calls_ = calls; }
   /// The noise stream of call k.
-  RandomStream noise_stream(std::uint64_t k) const { return stream_.derive(k, kVaeNoisePurpose); }
+  RandomStream noise_stream(std::uint64_t k) const {
+    return stream_.derive(k, StreamPurpose::vae_noise);
+  }
 
   /// images [B, Cin, H, W] in [−1, 1] → latents [B, Z, h, w], scaled; advances calls().
   Tensor4<float> encode(const Tensor4<float>& images) {

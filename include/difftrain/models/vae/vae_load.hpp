@@ -136,4 +136,13 @@ AutoencoderKL<T> load_vae_single_file(const std::string& path, const Autoencoder
   return vae;
 }
 
+#ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template AutoencoderKL<float> load_vae<float>(const std::string&);
+extern template AutoencoderKL<double> load_vae<double>(const std::string&);
+extern template AutoencoderKL<float> load_vae_single_file<float>(const std::string&,
+                                                                 const AutoencoderKLConfig&);
+extern template AutoencoderKL<double> load_vae_single_file<double>(const std::string&,
+                                                                   const AutoencoderKLConfig&);
+#endif
+
 }  // namespace difftrain::models
