@@ -28,9 +28,9 @@
 #include <string>
 #include <vector>
 
+#include "difftrain/pipeline/model_folder.hpp"
 #include "image_io.hpp"
 #include "plot.hpp"
-#include "save_model_folder.hpp"
 #include "shapes_pipeline.hpp"
 
 namespace fs = std::filesystem;
@@ -163,10 +163,10 @@ int main(int argc, char** argv) try {
   for (auto h : base_result.hits) base_hits += h;
   const std::size_t base_total = per_prompt * base_grid.prompts.size();
 
-  difftrain::tools::save_model_folder(
+  difftrain::pipeline::save_model_folder(
       out / "base_model",
-      difftrain::tools::ModelFolderParts<difftrain::models::UNet2DConditionModel<float>,
-                                         difftrain::models::ClipTextModel<float>>{
+      difftrain::pipeline::ModelFolderParts<difftrain::models::UNet2DConditionModel<float>,
+                                            difftrain::models::ClipTextModel<float>>{
           models.unet, models.unet_config, models.text.model(), models.text_config,
           models.tokenizer_dir, shapes::scheduler_config_json(base.prediction_type)});
 

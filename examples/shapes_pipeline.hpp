@@ -20,6 +20,7 @@
 #include <difftrain/models/clip/clip.hpp>
 #include <difftrain/models/clip_tokenizer.hpp>
 #include <difftrain/models/unet/load.hpp>
+#include <difftrain/nn/init.hpp>
 #include <difftrain/schedule/ddim_scheduler.hpp>
 #include <difftrain/schedule/sample.hpp>
 #include <difftrain/schedule/sampling_config.hpp>
@@ -206,30 +207,6 @@ inline nlohmann::json scheduler_config_json(difftrain::PredictionType type) {
           {"timestep_spacing", "leading"}};
 }
 
-/// PyTorch's default init: every weight with ≥ 2 dims (Linear [O, I], Conv2d [O, I, kh, kw]) and
-/// its bias ~ U(−1/√fan_in, 1/√fan_in), fan_in = I·kh·kw; embeddings (names containing
-/// "embedding.weight" of the CLIP model) ~ N(0, 1); norm weights keep 1, biases 0.
-template <difftrain::nn::Module M>
-void init_pytorch_like(M& model, RandomStream rs) {
-  auto params = difftrain::nn::named_parameters<float>(model);
-  std::map<std::string, std::size_t> fan_in;  // module prefix → fan_in
-  for (const auto& [name, p] : params)
-    if (name.ends_with(".weight") && p->value.dimension() >= 2)
-      fan_in[name.substr(0, name.size() - 7)] = p->value.size() / p->value.shape()[0];
-  std::uint64_t index = 0;
-  for (auto& [name, p] : params) {
-    const RandomStream stream = rs.derive(index++, difftrain::StreamPurpose::parameter_init);
-    if (name.ends_with("_embedding.weight")) {
-      difftrain::lora::normal_init(p->value, 1.0, stream);
-      continue;
-    }
-    const std::size_t dot = name.rfind('.');
-    const auto it = fan_in.find(name.substr(0, dot));
-    if (it == fan_in.end()) continue;  // norm layers
-    difftrain::lora::kaiming_uniform(p->value, it->second, stream);
-  }
-}
-
 /// The demo's models, freshly initialised (UNet trainable, text model frozen), with the JSON
 /// configs they were built from (save_model_folder writes them unchanged).
 struct Models {
@@ -258,10 +235,10 @@ inline Models make_models(const ModelSizes& sizes, const std::filesystem::path& 
   const nlohmann::json unet_json = unet_config_json(sizes);
   const nlohmann::json text_json = text_config_json(sizes, tokenizer.vocab_size());
   UNet2DConditionModel<float> unet(difftrain::models::UNet2DConditionConfig::from_json(unet_json));
-  init_pytorch_like(unet, RandomStream{seed, 101});
+  difftrain::nn::init_like_pytorch<float>(unet, RandomStream{seed, 101});
   difftrain::models::ClipTextModel<float> clip(
       difftrain::models::ClipTextConfig::from_json(text_json));
-  init_pytorch_like(clip, RandomStream{seed, 102});
+  difftrain::nn::init_like_pytorch<float>(clip, RandomStream{seed, 102});
   return Models{sizes,
                 unet_json,
                 text_json,

@@ -1,4 +1,4 @@
-// The `sample` command (cmd_sample.hpp) and generate_images, which `train` validates with.
+// The `sample` command (cmd_sample.hpp).
 #include "cmd_sample.hpp"
 
 #include <CLI/CLI.hpp>
@@ -8,53 +8,12 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/lora/lora_file.hpp"
+#include "difftrain/pipeline/pipeline.hpp"
 #include "difftrain/schedule/sample.hpp"
 #include "image_io.hpp"
-#include "model_folder.hpp"
 #include "tool_common.hpp"
 
 namespace difftrain::tools {
-
-namespace {
-
-SamplerKind parse_sampler_kind(const std::string& name) {
-  if (name == "ddim") return SamplerKind::ddim;
-  if (name == "euler") return SamplerKind::euler;
-  throw Error(message("--sampler: unknown value '", name, "', expected ddim or euler"));
-}
-
-}  // namespace
-
-Tensor4<float> generate_images(ModelFolder& model, const std::vector<std::string>& prompts,
-                               const std::string& negative_prompt, std::size_t images_per_prompt,
-                               SamplerKind sampler, std::size_t height, std::size_t width,
-                               SampleOptions options) {
-  constexpr const char* fn = "generate_images";
-  require(!prompts.empty(), fn, "no prompt given");
-  require(images_per_prompt >= 1, fn, "num_images_per_prompt is 0, expected at least 1");
-  const auto shape = model.latent_shape(height, width);
-  options.channels = static_cast<std::int64_t>(shape[0]);
-  options.height = static_cast<std::int64_t>(shape[1]);
-  options.width = static_cast<std::int64_t>(shape[2]);
-
-  std::vector<std::string> rows;
-  for (const auto& p : prompts) rows.insert(rows.end(), images_per_prompt, p);
-  const Tensor3<float> cond = model.encode_prompts(rows);
-  const Tensor3<float> uncond = options.guidance_scale > 1.0
-                                    ? model.encode_prompts({negative_prompt})
-                                    : Tensor3<float>(std::array<std::size_t, 3>{0, 0, 0});
-  const Tensor4<float> latents =
-      sampler == SamplerKind::ddim
-          ? [&] {
-              DdimScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }()
-          : [&] {
-              EulerDiscreteScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }();
-  return model.decode(latents);
-}
 
 void run_sample(const SampleCommandOptions& o) {
   constexpr const char* fn = "sample";
@@ -63,8 +22,8 @@ void run_sample(const SampleCommandOptions& o) {
           ", expected at least 1");
   require(o.height >= 0 && o.width >= 0, fn, "--height/--width are ", o.height, "/", o.width,
           ", expected positive sizes");
-  const SamplerKind sampler = parse_sampler_kind(o.sampler);
-  ModelFolder model = load_model_folder(o.model);
+  const pipeline::SamplerKind sampler = pipeline::parse_sampler_kind(o.sampler);
+  pipeline::ModelFolder model = pipeline::load_model_folder(o.model);
   // Inference only: no gradient buffers for the base weights.
   model.unet.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
   if (!o.lora.empty()) {
@@ -83,8 +42,8 @@ void run_sample(const SampleCommandOptions& o) {
   options.guidance_scale = o.guidance_scale;
   options.seed = o.seed;
   const auto k = static_cast<std::size_t>(o.num_images_per_prompt);
-  const Tensor4<float> images =
-      generate_images(model, o.prompts, o.negative_prompt, k, sampler, height, width, options);
+  const Tensor4<float> images = pipeline::generate_images(model, o.prompts, o.negative_prompt, k,
+                                                          sampler, height, width, options);
   save_png_grid(o.out, images, k);
   std::printf("wrote %s: %zu prompt(s) x %zu image(s) of %zux%zu, %s, %lld steps, guidance %g\n",
               o.out.c_str(), o.prompts.size(), k, width, height, o.sampler.c_str(),

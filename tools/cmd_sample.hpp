@@ -7,12 +7,12 @@
 //          [--sampler ddim|euler] [--lora FILE [--lora_scale 1.0]] [--seed S]
 //          [--height H --width W] [--threads N] --out grid.png
 //
-// DIR: see model_folder.hpp (vae/ optional: pixel space). The grid has one row per prompt and K
-// columns. Classifier-free guidance (guidance_scale > 1) uses the negative prompt ("" by default,
-// diffusers' empty-prompt unconditional branch). Image i of the batch (prompt i div K) starts
-// from normal numbers i·C·h·w.. of RandomStream{S}.derive(0, StreamPurpose::sample_noise): the same
-// seed gives the same grid. H and W default to the UNet's sample_size × the VAE's factor. The
-// definitions are in cmd_sample.cpp.
+// DIR: see difftrain/pipeline/model_folder.hpp (vae/ optional: pixel space). The grid has one row
+// per prompt and K columns. Classifier-free guidance (guidance_scale > 1) uses the negative prompt
+// ("" by default, diffusers' empty-prompt unconditional branch). Image i of the batch (prompt i div
+// K) starts from normal numbers i·C·h·w.. of RandomStream{S}.derive(0,
+// StreamPurpose::sample_noise): the same seed gives the same grid. H and W default to the UNet's
+// sample_size × the VAE's factor. The definitions are in cmd_sample.cpp.
 
 #include <cstddef>
 #include <cstdint>
@@ -25,22 +25,7 @@ namespace CLI {
 class App;
 }  // namespace CLI
 
-namespace difftrain {
-struct SampleOptions;  // schedule/sample.hpp
-}  // namespace difftrain
-
 namespace difftrain::tools {
-
-struct ModelFolder;  // model_folder.hpp
-
-enum class SamplerKind { ddim, euler };
-
-/// Images [P·K, 3, H, W] (≈ [−1, 1]) for `prompts`, K = images_per_prompt consecutive rows per
-/// prompt; options.channels/height/width are set from the folder and height × width pixels.
-Tensor4<float> generate_images(ModelFolder& model, const std::vector<std::string>& prompts,
-                               const std::string& negative_prompt, std::size_t images_per_prompt,
-                               SamplerKind sampler, std::size_t height, std::size_t width,
-                               SampleOptions options);
 
 struct SampleCommandOptions {
   std::string model, out, negative_prompt, sampler = "ddim", lora;

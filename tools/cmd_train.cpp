@@ -15,11 +15,11 @@
 #include "dataset.hpp"
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
+#include "difftrain/pipeline/pipeline.hpp"
 #include "difftrain/schedule/sample.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "image_io.hpp"
 #include "json_config.hpp"
-#include "model_folder.hpp"
 #include "progress.hpp"
 #include "tool_common.hpp"
 
@@ -207,7 +207,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
 
 /// validation/step-<n>.png: a grid of the validation prompt, DDIM with classifier-free guidance,
 /// LoRA dropout off while sampling.
-fs::path save_validation_grid(const TrainCommandOptions& o, ModelFolder& model,
+fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolder& model,
                               std::int64_t step_number) {
   lora::set_lora_training(model.unet, false);
   SampleOptions so;
@@ -215,9 +215,9 @@ fs::path save_validation_grid(const TrainCommandOptions& o, ModelFolder& model,
   so.guidance_scale = o.validation_guidance_scale;
   so.seed = o.trainer.seed;
   const auto size = std::size_t(o.resolution);
-  const Tensor4<float> images =
-      generate_images(model, {o.validation_prompt}, "", std::size_t(o.num_validation_images),
-                      SamplerKind::ddim, size, size, so);
+  const Tensor4<float> images = pipeline::generate_images(
+      model, {o.validation_prompt}, "", std::size_t(o.num_validation_images),
+      pipeline::SamplerKind::ddim, size, size, so);
   fs::create_directories(fs::path(o.trainer.output_dir) / "validation");
   const fs::path path = fs::path(o.trainer.output_dir) / "validation" /
                         ("step-" + std::to_string(step_number) + ".png");
@@ -234,7 +234,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
 
-  ModelFolder model = load_model_folder(o.pretrained_model_name_or_path);
+  pipeline::ModelFolder model = pipeline::load_model_folder(o.pretrained_model_name_or_path);
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 

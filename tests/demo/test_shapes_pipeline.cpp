@@ -1,6 +1,6 @@
 // The shapes demo's pipeline (examples/shapes_pipeline.hpp) at a small budget:
 // - the tokenizer written for the demo's words gives one token per word;
-// - the saved base model folder and kohya LoRA file load back (tools/model_folder.hpp,
+// - the saved base model folder and kohya LoRA file load back (pipeline/model_folder.hpp,
 //   lora::read_lora + apply_lora) and sample the same images as the models in memory;
 // - training from scratch learns the prompts: the pixel classifier agrees with the prompt for
 //   most samples (colour; colour and shape for a stated fraction well above chance 1/9), and a
@@ -13,8 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "model_folder.hpp"
-#include "save_model_folder.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
@@ -78,9 +77,9 @@ TEST_CASE("the saved base model and LoRA load back and sample the same images", 
   auto models = shapes::make_models(sizes, fs::path(dir.str()) / "tok", 3);
   const auto type = shapes::SampleSettings{}.prediction_type;  // the folder samples as in memory
   const fs::path folder = dir / "base_model";
-  tools::save_model_folder(
+  pipeline::save_model_folder(
       folder,
-      tools::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
+      pipeline::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
           models.unet, models.unet_config, models.text.model(), models.text_config,
           models.tokenizer_dir, shapes::scheduler_config_json(type)});
 
@@ -98,7 +97,7 @@ TEST_CASE("the saved base model and LoRA load back and sample the same images", 
   const std::vector<std::string> prompts = {"a sks shape", "a red circle"};
   const Tensor4<float> expected = shapes::sample(models, prompts, s);
 
-  tools::ModelFolder loaded = tools::load_model_folder(folder.string());
+  pipeline::ModelFolder loaded = pipeline::load_model_folder(folder.string());
   REQUIRE_FALSE(loaded.vae.has_value());  // pixel space
   lora::apply_lora(loaded.unet, lora::read_lora(lora_path, lora::module_names(loaded.unet)));
   DdimScheduler scheduler(loaded.scheduler);

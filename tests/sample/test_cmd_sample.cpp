@@ -14,8 +14,8 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
 #include "image_io.hpp"
-#include "model_folder.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
@@ -163,24 +163,25 @@ TEST_CASE("difftrain sample on a pixel-space model folder", "[sample]") {
 TEST_CASE("load_model_folder names what is missing or mismatched", "[sample]") {
   TempDir dir("errors");
   const fs::path root = dir.path() / "model";
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()), Catch::Contains("does not exist"));
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()), Catch::Contains("does not exist"));
   CHECK(run({"--model", root.string(), "--prompt", "x", "--out", dir.file("x.png")}) == 1);
   CHECK_FALSE(fs::exists(dir.file("x.png")));
 
   fs::create_directories(root);
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()), Catch::Contains("unet/config.json"));
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()),
+                    Catch::Contains("unet/config.json"));
   write_pixel_unet(root / "unet");
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()),
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()),
                     Catch::Contains("text_encoder/config.json"));
   add_text_parts(root);
   fs::remove_all(root / "tokenizer");
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()), Catch::Contains("tokenizer"));
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()), Catch::Contains("tokenizer"));
   copy_files("tokenizer_tiny", root / "tokenizer", {"vocab.json", "merges.txt"});
   fs::remove(root / "scheduler" / "scheduler_config.json");
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()),
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()),
                     Catch::Contains("scheduler/scheduler_config.json"));
   write_text(root / "scheduler" / "scheduler_config.json", kSchedulerConfig);
-  const auto folder = tools::load_model_folder(root.string());
+  const auto folder = pipeline::load_model_folder(root.string());
   CHECK_FALSE(folder.vae.has_value());
   CHECK(folder.vae_scale_factor() == 1);
   CHECK(folder.scheduler.steps_offset == 1);
@@ -188,7 +189,7 @@ TEST_CASE("load_model_folder names what is missing or mismatched", "[sample]") {
   // a 4-channel UNet without a VAE is not a pixel-space model
   fs::remove_all(root / "unet");
   copy_files("unet_tiny", root / "unet", {"config.json", "diffusion_pytorch_model.safetensors"});
-  CHECK_THROWS_WITH(tools::load_model_folder(root.string()), Catch::Contains("pixel space"));
+  CHECK_THROWS_WITH(pipeline::load_model_folder(root.string()), Catch::Contains("pixel space"));
 }
 
 TEST_CASE("difftrain sample through a VAE with a LoRA", "[sample]") {
@@ -197,7 +198,7 @@ TEST_CASE("difftrain sample through a VAE with a LoRA", "[sample]") {
   copy_files("unet_tiny", root / "unet", {"config.json", "diffusion_pytorch_model.safetensors"});
   copy_files("vae_tiny", root / "vae", {"config.json", "diffusion_pytorch_model.safetensors"});
   add_text_parts(root);
-  const auto folder = tools::load_model_folder(root.string());
+  const auto folder = pipeline::load_model_folder(root.string());
   REQUIRE(folder.vae.has_value());
   CHECK(folder.vae_scale_factor() == 4);
   CHECK(folder.latent_shape(32, 16) == std::array<std::size_t, 3>{4, 8, 4});

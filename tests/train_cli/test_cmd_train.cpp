@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "cmd_train.hpp"
+#include "difftrain/nn/init.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
 #include "image_io.hpp"
 #include "json_config.hpp"
-#include "model_folder.hpp"
-#include "save_model_folder.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
@@ -37,11 +37,11 @@ struct Fixture {
     sizes.text_layers = 1;
     auto m = shapes::make_models(sizes, fs::path(dir.str()) / "tok", 7);
     model = dir / "model";
-    tools::save_model_folder(
-        model,
-        tools::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
-            m.unet, m.unet_config, m.text.model(), m.text_config, m.tokenizer_dir,
-            shapes::scheduler_config_json(PredictionType::epsilon)});
+    pipeline::save_model_folder(
+        model, pipeline::ModelFolderParts<models::UNet2DConditionModel<float>,
+                                          models::ClipTextModel<float>>{
+                   m.unet, m.unet_config, m.text.model(), m.text_config, m.tokenizer_dir,
+                   shapes::scheduler_config_json(PredictionType::epsilon)});
     const auto specs = shapes::base_specs();
     const Tensor4<float> images = shapes::draw_batch(specs, 8, RandomStream{3, 0});
     data = dir / "data";
@@ -115,7 +115,7 @@ TEST_CASE("difftrain train: LoRA from a captioned folder, checkpoints, log, vali
   CHECK_FALSE(r.interrupted);
 
   // The LoRA loads back with the model's module names; training moved B away from its zero init.
-  auto m = tools::load_model_folder(f.model);
+  auto m = pipeline::load_model_folder(f.model);
   const auto state = lora::read_lora(r.lora_file.string(), lora::module_names(m.unet));
   REQUIRE(state.size() > 0);
   double max_up = 0;
@@ -236,9 +236,9 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
   unet_config["in_channels"] = 4;
   unet_config["out_channels"] = 4;
   models::UNet2DConditionModel<float> unet(models::UNet2DConditionConfig::from_json(unet_config));
-  shapes::init_pytorch_like(unet, RandomStream{5, 0});
-  tools::write_json_file(model / "unet" / "config.json", unet_config);
-  tools::save_model_weights(unet, model / "unet" / "diffusion_pytorch_model.safetensors");
+  nn::init_like_pytorch<float>(unet, RandomStream{5, 0});
+  io::write_json_file(model / "unet" / "config.json", unet_config);
+  pipeline::save_model_weights(unet, model / "unet" / "diffusion_pytorch_model.safetensors");
 
   for (const bool cache : {false, true}) {
     TrainCommandOptions o = f.options(f.dir / (cache ? "cached" : "uncached"));

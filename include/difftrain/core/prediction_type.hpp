@@ -5,6 +5,7 @@
 #include <string>
 #include <string_view>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 
 namespace difftrain {
@@ -15,25 +16,20 @@ enum class PredictionType : std::uint8_t {
   sample,        // the clean sample x0
 };
 
+/// diffusers' names.
+inline constexpr std::array<Choice<PredictionType>, 3> kPredictionTypes{{
+    {"epsilon", PredictionType::epsilon},
+    {"v_prediction", PredictionType::v_prediction},
+    {"sample", PredictionType::sample},
+}};
+
 inline std::string_view to_string(PredictionType type) {
-  switch (type) {
-    case PredictionType::epsilon:
-      return "epsilon";
-    case PredictionType::v_prediction:
-      return "v_prediction";
-    case PredictionType::sample:
-      return "sample";
-  }
-  return "?";
+  return choice_name(type, kPredictionTypes);
 }
 
 /// Parses diffusers' names: "epsilon", "v_prediction", "sample".
 inline PredictionType parse_prediction_type(std::string_view name) {
-  if (name == "epsilon") return PredictionType::epsilon;
-  if (name == "v_prediction") return PredictionType::v_prediction;
-  if (name == "sample") return PredictionType::sample;
-  throw Error(message("prediction_type: unknown value '", name,
-                      "', expected epsilon, v_prediction or sample"));
+  return parse_choice("prediction_type", name, kPredictionTypes);
 }
 
 }  // namespace difftrain

@@ -1,6 +1,7 @@
 #pragma once
 // Reading a JSON file (a diffusers/transformers config, an index, a manifest) with errors that name
-// the caller and the file: one reader for every config type's from_file.
+// the caller and the file: one reader for every config type's from_file; and writing one
+// atomically.
 
 #include <filesystem>
 #include <fstream>
@@ -29,6 +30,18 @@ inline nlohmann::json read_json_file(std::string_view function, const std::strin
   } catch (const nlohmann::json::exception& e) {
     fail(function, "'", path, "' is not valid JSON: ", e.what());
   }
+}
+
+/// Writes `json` (indented) to path through a temporary file renamed into place.
+inline void write_json_file(const std::filesystem::path& path, const nlohmann::json& json) {
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    require(out.good(), "write_json_file", "cannot open '", tmp.string(), "' for writing");
+    out << json.dump(2) << "\n";
+    require(out.good(), "write_json_file", "writing '", tmp.string(), "' failed");
+  }
+  std::filesystem::rename(tmp, path);
 }
 
 }  // namespace difftrain::io

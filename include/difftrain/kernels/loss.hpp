@@ -19,6 +19,7 @@
 #include <vector>
 #include <xsimd/xsimd.hpp>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
@@ -27,24 +28,18 @@ namespace difftrain::kernels {
 
 enum class LossType : std::uint8_t { l2, huber, smooth_l1 };
 
-inline std::string_view to_string(LossType type) {
-  switch (type) {
-    case LossType::l2:
-      return "l2";
-    case LossType::huber:
-      return "huber";
-    case LossType::smooth_l1:
-      return "smooth_l1";
-  }
-  return "?";
-}
+/// kohya's names.
+inline constexpr std::array<Choice<LossType>, 3> kLossTypes{{
+    {"l2", LossType::l2},
+    {"huber", LossType::huber},
+    {"smooth_l1", LossType::smooth_l1},
+}};
+
+inline std::string_view to_string(LossType type) { return choice_name(type, kLossTypes); }
 
 /// kohya's names: "l2", "huber", "smooth_l1".
 inline LossType parse_loss_type(std::string_view name) {
-  if (name == "l2") return LossType::l2;
-  if (name == "huber") return LossType::huber;
-  if (name == "smooth_l1") return LossType::smooth_l1;
-  throw Error(message("loss_type: unknown value '", name, "', expected l2, huber or smooth_l1"));
+  return parse_choice("loss_type", name, kLossTypes);
 }
 
 struct LossResult {

@@ -28,6 +28,7 @@
 #include <vector>
 #include <xtensor/xarray.hpp>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
@@ -36,10 +37,14 @@ namespace difftrain::lora {
 
 enum class LoraFormat : std::uint8_t { kohya, peft };
 
+/// The formats' names ("diffusers" is accepted for peft: diffusers writes PEFT names).
+inline constexpr std::array<Choice<LoraFormat>, 2> kLoraFormats{{
+    {"kohya", LoraFormat::kohya},
+    {"peft", LoraFormat::peft},
+}};
+
 inline LoraFormat parse_lora_format(std::string_view name) {
-  if (name == "kohya") return LoraFormat::kohya;
-  if (name == "peft" || name == "diffusers") return LoraFormat::peft;
-  throw Error(message("lora format: unknown value '", name, "', expected kohya or peft"));
+  return parse_choice("lora format", name == "diffusers" ? "peft" : name, kLoraFormats);
 }
 
 /// One adapter's weights: down = A, up = B, and its alpha (scale = alpha / rank).

@@ -7,18 +7,22 @@
 #include <string_view>
 
 #include "difftrain/concepts.hpp"
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 
 namespace difftrain::loss {
 
 enum class HuberSchedule : std::uint8_t { constant, exponential, snr };
 
+/// kohya's names.
+inline constexpr std::array<Choice<HuberSchedule>, 3> kHuberSchedules{{
+    {"constant", HuberSchedule::constant},
+    {"exponential", HuberSchedule::exponential},
+    {"snr", HuberSchedule::snr},
+}};
+
 inline HuberSchedule parse_huber_schedule(std::string_view name) {
-  if (name == "constant") return HuberSchedule::constant;
-  if (name == "exponential") return HuberSchedule::exponential;
-  if (name == "snr") return HuberSchedule::snr;
-  throw Error(
-      message("huber_schedule: unknown value '", name, "', expected constant, exponential or snr"));
+  return parse_choice("huber_schedule", name, kHuberSchedules);
 }
 
 struct HuberOptions {

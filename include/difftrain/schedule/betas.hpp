@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 
 namespace difftrain {
@@ -24,28 +25,21 @@ enum class BetaSchedule : std::uint8_t {
   sigmoid,            // GeoDiff: β_i = sigmoid(−6 + 12·i/(T−1))·(b1 − b0) + b0
 };
 
+/// diffusers' names.
+inline constexpr std::array<Choice<BetaSchedule>, 4> kBetaSchedules{{
+    {"linear", BetaSchedule::linear},
+    {"scaled_linear", BetaSchedule::scaled_linear},
+    {"squaredcos_cap_v2", BetaSchedule::squaredcos_cap_v2},
+    {"sigmoid", BetaSchedule::sigmoid},
+}};
+
 inline std::string_view to_string(BetaSchedule schedule) {
-  switch (schedule) {
-    case BetaSchedule::linear:
-      return "linear";
-    case BetaSchedule::scaled_linear:
-      return "scaled_linear";
-    case BetaSchedule::squaredcos_cap_v2:
-      return "squaredcos_cap_v2";
-    case BetaSchedule::sigmoid:
-      return "sigmoid";
-  }
-  return "?";
+  return choice_name(schedule, kBetaSchedules);
 }
 
 /// Parses diffusers' names: "linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid".
 inline BetaSchedule parse_beta_schedule(std::string_view name) {
-  if (name == "linear") return BetaSchedule::linear;
-  if (name == "scaled_linear") return BetaSchedule::scaled_linear;
-  if (name == "squaredcos_cap_v2") return BetaSchedule::squaredcos_cap_v2;
-  if (name == "sigmoid") return BetaSchedule::sigmoid;
-  throw Error(message("beta_schedule: unknown value '", name,
-                      "', expected linear, scaled_linear, squaredcos_cap_v2 or sigmoid"));
+  return parse_choice("beta_schedule", name, kBetaSchedules);
 }
 
 /// Largest accepted number of train timesteps: the UNet embeds timesteps in float32, which holds

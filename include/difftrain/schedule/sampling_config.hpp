@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
@@ -26,25 +27,20 @@ namespace difftrain {
 /// How inference timesteps are spread over [0, T) (diffusers' `timestep_spacing`).
 enum class TimestepSpacing { leading, trailing, linspace };
 
+/// diffusers' names.
+inline constexpr std::array<Choice<TimestepSpacing>, 3> kTimestepSpacings{{
+    {"leading", TimestepSpacing::leading},
+    {"trailing", TimestepSpacing::trailing},
+    {"linspace", TimestepSpacing::linspace},
+}};
+
 inline std::string_view to_string(TimestepSpacing spacing) {
-  switch (spacing) {
-    case TimestepSpacing::leading:
-      return "leading";
-    case TimestepSpacing::trailing:
-      return "trailing";
-    case TimestepSpacing::linspace:
-      return "linspace";
-  }
-  return "?";
+  return choice_name(spacing, kTimestepSpacings);
 }
 
 /// Parses diffusers' names: "leading", "trailing", "linspace".
 inline TimestepSpacing parse_timestep_spacing(std::string_view name) {
-  if (name == "leading") return TimestepSpacing::leading;
-  if (name == "trailing") return TimestepSpacing::trailing;
-  if (name == "linspace") return TimestepSpacing::linspace;
-  throw Error(message("timestep_spacing: unknown value '", name,
-                      "', expected leading, trailing or linspace"));
+  return parse_choice("timestep_spacing", name, kTimestepSpacings);
 }
 
 /// A diffusers scheduler config, inference keys included. Defaults: diffusers' DDIM/Euler ones

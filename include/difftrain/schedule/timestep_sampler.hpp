@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
 
@@ -37,13 +38,16 @@ struct UniformTimesteps {
 
 enum class TimestepBiasStrategy : std::uint8_t { none, earlier, later, range };
 
+/// diffusers' names.
+inline constexpr std::array<Choice<TimestepBiasStrategy>, 4> kTimestepBiasStrategies{{
+    {"none", TimestepBiasStrategy::none},
+    {"earlier", TimestepBiasStrategy::earlier},
+    {"later", TimestepBiasStrategy::later},
+    {"range", TimestepBiasStrategy::range},
+}};
+
 inline TimestepBiasStrategy parse_timestep_bias_strategy(std::string_view name) {
-  if (name == "none") return TimestepBiasStrategy::none;
-  if (name == "earlier") return TimestepBiasStrategy::earlier;
-  if (name == "later") return TimestepBiasStrategy::later;
-  if (name == "range") return TimestepBiasStrategy::range;
-  throw Error(message("timestep_bias_strategy: unknown value '", name,
-                      "', expected none, earlier, later or range"));
+  return parse_choice("timestep_bias_strategy", name, kTimestepBiasStrategies);
 }
 
 struct TimestepBiasOptions {

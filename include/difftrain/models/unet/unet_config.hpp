@@ -197,7 +197,14 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   using namespace unet_config_detail;
   require(json.is_object(), kFunction, "config is ", json.type_name(), ", expected an object");
   UNet2DConditionConfig c;
-  auto has = [&](const char* key) { return json.contains(key) && !json.at(key).is_null(); };
+  // The keys this reader knows are the ones it asks about: every lookup records its key, and the
+  // unknown-key check at the end accepts exactly those (one list, written once).
+  std::set<std::string, std::less<>> known;
+  auto contains = [&](const char* key) {
+    known.insert(key);
+    return json.contains(key);
+  };
+  auto has = [&](const char* key) { return contains(key) && !json.at(key).is_null(); };
   auto at = [&](const char* key) -> const nlohmann::json& { return json.at(key); };
   auto value_or = [&](const char* key, int fallback) {
     return has(key) ? at(key) : nlohmann::json(fallback);
@@ -250,7 +257,7 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
       unsupported(key, v, "\"UpBlock2D\", \"CrossAttnUpBlock2D\"");
     }
   });
-  if (json.contains("mid_block_type")) {
+  if (contains("mid_block_type")) {
     const auto& v = at("mid_block_type");
     if (v.is_null()) {
       c.has_mid_block = false;
@@ -291,7 +298,7 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   }
   if (has("mid_block_scale_factor"))
     c.mid_block_scale_factor = number("mid_block_scale_factor", at("mid_block_scale_factor"));
-  if (json.contains("norm_num_groups")) {
+  if (contains("norm_num_groups")) {
     if (at("norm_num_groups").is_null())
       unsupported("norm_num_groups", nullptr, "a positive integer");
     c.norm_num_groups = positive_int("norm_num_groups", at("norm_num_groups"));
@@ -309,13 +316,12 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     c.conv_out_kernel = positive_int("conv_out_kernel", at("conv_out_kernel"));
   if (has("dropout") && number("dropout", at("dropout")) != 0.0)
     unsupported("dropout", at("dropout"), "0");
-  if (json.contains("act_fn") && at("act_fn") != "silu")
-    unsupported("act_fn", at("act_fn"), "\"silu\"");
-  if (json.contains("time_embedding_type") && at("time_embedding_type") != "positional")
+  if (contains("act_fn") && at("act_fn") != "silu") unsupported("act_fn", at("act_fn"), "\"silu\"");
+  if (contains("time_embedding_type") && at("time_embedding_type") != "positional")
     unsupported("time_embedding_type", at("time_embedding_type"), "\"positional\"");
-  if (json.contains("resnet_time_scale_shift") && at("resnet_time_scale_shift") != "default")
+  if (contains("resnet_time_scale_shift") && at("resnet_time_scale_shift") != "default")
     unsupported("resnet_time_scale_shift", at("resnet_time_scale_shift"), "\"default\"");
-  if (json.contains("attention_type") && at("attention_type") != "default")
+  if (contains("attention_type") && at("attention_type") != "default")
     unsupported("attention_type", at("attention_type"), "\"default\"");
   if (has("resnet_out_scale_factor") &&
       number("resnet_out_scale_factor", at("resnet_out_scale_factor")) != 1.0)
@@ -342,57 +348,9 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
     (void)positive_int("addition_embed_type_num_heads", at("addition_embed_type_num_heads"));
 
   // --- unknown keys ---
-  static const std::set<std::string> known = {"sample_size",
-                                              "in_channels",
-                                              "out_channels",
-                                              "center_input_sample",
-                                              "flip_sin_to_cos",
-                                              "freq_shift",
-                                              "down_block_types",
-                                              "mid_block_type",
-                                              "up_block_types",
-                                              "only_cross_attention",
-                                              "block_out_channels",
-                                              "layers_per_block",
-                                              "downsample_padding",
-                                              "mid_block_scale_factor",
-                                              "dropout",
-                                              "act_fn",
-                                              "norm_num_groups",
-                                              "norm_eps",
-                                              "cross_attention_dim",
-                                              "transformer_layers_per_block",
-                                              "reverse_transformer_layers_per_block",
-                                              "encoder_hid_dim",
-                                              "encoder_hid_dim_type",
-                                              "attention_head_dim",
-                                              "num_attention_heads",
-                                              "dual_cross_attention",
-                                              "use_linear_projection",
-                                              "class_embed_type",
-                                              "addition_embed_type",
-                                              "addition_time_embed_dim",
-                                              "num_class_embeds",
-                                              "upcast_attention",
-                                              "resnet_time_scale_shift",
-                                              "resnet_skip_time_act",
-                                              "resnet_out_scale_factor",
-                                              "time_embedding_type",
-                                              "time_embedding_dim",
-                                              "time_embedding_act_fn",
-                                              "timestep_post_act",
-                                              "time_cond_proj_dim",
-                                              "conv_in_kernel",
-                                              "conv_out_kernel",
-                                              "projection_class_embeddings_input_dim",
-                                              "attention_type",
-                                              "class_embeddings_concat",
-                                              "mid_block_only_cross_attention",
-                                              "cross_attention_norm",
-                                              "addition_embed_type_num_heads"};
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
-    if (known.count(key) || value.is_null()) continue;
+    if (known.contains(key) || value.is_null()) continue;
     fail(kFunction, "unknown key ", key, " = ", dump(value),
          " (not a diffusers UNet2DConditionModel setting)");
   }

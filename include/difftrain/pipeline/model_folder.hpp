@@ -1,0 +1,196 @@
+#pragma once
+// ModelFolder: a diffusers text-to-image pipeline folder loaded for sampling or training.
+//
+//   DIR/unet/                        config.json + diffusion_pytorch_model.safetensors (required)
+//   DIR/vae/                         AutoencoderKL (optional: absent → pixel space, the UNet works
+//                                    on images [B,3,H,W] in [−1, 1] directly)
+//   DIR/text_encoder/                transformers CLIPTextModel (required)
+//   DIR/tokenizer/                   vocab.json + merges.txt (required)
+//   DIR/scheduler/scheduler_config.json                                  (required)
+//
+// The parts must fit together: the UNet's in/out channels equal the VAE's latent_channels (3 in
+// pixel space) and its cross_attention_dim the text encoder's hidden_size; a mismatch or a
+// missing part is an Error naming the folder and the values.
+//
+// save_model_folder writes such a folder (pixel space: no vae/) that load_model_folder and
+// diffusers' StableDiffusionPipeline.from_pretrained read. Weights by their diffusers /
+// transformers names (LoRA adapters are not part of a base model and are left out: save them
+// with lora::save_lora). Each component's files are written atomically.
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include "difftrain/core/error.hpp"
+#include "difftrain/core/tensor.hpp"
+#include "difftrain/io/json_file.hpp"
+#include "difftrain/io/safetensors.hpp"
+#include "difftrain/lora/inject.hpp"
+#include "difftrain/models/clip/text_encoder.hpp"
+#include "difftrain/models/clip_tokenizer.hpp"
+#include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/unet/unet2d_condition.hpp"
+#include "difftrain/models/vae/autoencoder_kl.hpp"
+#include "difftrain/models/vae/vae_load.hpp"
+#include "difftrain/nn/parameter.hpp"
+#include "difftrain/schedule/sampling_config.hpp"
+
+namespace difftrain::pipeline {
+
+struct ModelFolderOptions {
+  bool load_vae = true;       // false: skip vae/ even if present (e.g. latents are cached)
+  std::size_t clip_skip = 0;  // diffusers' clip_skip for the text encoder
+};
+
+struct ModelFolder {
+  std::filesystem::path root;
+  models::UNet2DConditionModel<float> unet;
+  std::optional<models::AutoencoderKL<float>> vae;  // empty: pixel space
+  models::ClipTextEncoder text_encoder;
+  ClipTokenizer tokenizer;
+  SamplingConfig scheduler;
+
+  /// Spatial factor between images and the UNet's sample: the VAE's 2^(blocks−1), 1 in pixel space.
+  std::size_t vae_scale_factor() const { return vae ? vae->downsample_factor() : 1; }
+  /// Channels of the UNet's sample (the VAE's latent_channels, or the image channels).
+  std::size_t latent_channels() const { return unet.config().in_channels; }
+
+  /// The UNet sample shape [C, h, w] for images of height × width pixels; both must be
+  /// multiples of vae_scale_factor() × 2^(UNet blocks − 1) (the UNet halves the size that often).
+  std::array<std::size_t, 3> latent_shape(std::size_t height, std::size_t width) const;
+
+  /// Context [B, L, D] of the prompts: tokenized to the tokenizer's model_max_length (77 for
+  /// CLIP), then the text encoder (with clip_skip).
+  Tensor3<float> encode_prompts(const std::vector<std::string>& prompts);
+
+  /// Images [B, 3, H, W] (≈ [−1, 1], not clamped) from UNet samples: the VAE decoder of
+  /// latents / scaling_factor (+ shift), or the samples themselves in pixel space.
+  Tensor4<float> decode(const Tensor4<float>& latents) const;
+};
+
+/// Loads a pipeline folder (see the header comment).
+ModelFolder load_model_folder(const std::string& dir, const ModelFolderOptions& options = {});
+
+inline std::array<std::size_t, 3> ModelFolder::latent_shape(std::size_t height,
+                                                            std::size_t width) const {
+  const std::size_t f = vae_scale_factor() << (unet.config().num_blocks() - 1);
+  require(height > 0 && width > 0 && height % f == 0 && width % f == 0, "ModelFolder",
+          "image size ", height, "x", width, " is not a positive multiple of ", f, " (VAE factor ",
+          vae_scale_factor(), " × 2^", unet.config().num_blocks() - 1, " UNet downsamplings)");
+  return {latent_channels(), height / vae_scale_factor(), width / vae_scale_factor()};
+}
+
+inline Tensor3<float> ModelFolder::encode_prompts(const std::vector<std::string>& prompts) {
+  return text_encoder.encode(tokenizer.encode_batch(prompts, tokenizer.model_max_length()));
+}
+
+inline Tensor4<float> ModelFolder::decode(const Tensor4<float>& latents) const {
+  return vae ? vae->decode_latents(latents) : latents;
+}
+
+inline ModelFolder load_model_folder(const std::string& dir, const ModelFolderOptions& options) {
+  namespace fs = std::filesystem;
+  constexpr const char* fn = "load_model_folder";
+  const fs::path root(dir);
+  std::error_code ec;
+  require(fs::is_directory(root, ec), fn, "model folder '", dir,
+          "' does not exist or is not a directory");
+  const auto need = [&](const fs::path& path, const char* what) {
+    require(fs::exists(path, ec), fn, "'", dir, "' has no ", path.lexically_relative(root).string(),
+            " (", what, ")");
+  };
+  need(root / "unet" / "config.json", "the UNet's config");
+  need(root / "text_encoder" / "config.json", "the text encoder's config");
+  need(root / "tokenizer", "the tokenizer folder");
+  need(root / "scheduler" / "scheduler_config.json", "the scheduler config");
+
+  auto unet = models::load_unet<float>((root / "unet").string());
+  std::optional<models::AutoencoderKL<float>> vae;
+  const bool has_vae = fs::exists(root / "vae", ec);
+  if (has_vae && options.load_vae) vae.emplace(models::load_vae<float>((root / "vae").string()));
+  auto text_encoder = models::ClipTextEncoder::from_folder(
+      (root / "text_encoder").string(), models::ClipTextEncoderOptions{options.clip_skip});
+  auto tokenizer = ClipTokenizer::from_folder((root / "tokenizer").string());
+  auto scheduler =
+      SamplingConfig::from_file((root / "scheduler" / "scheduler_config.json").string());
+
+  const auto& u = unet.config();
+  if (vae) {
+    const std::size_t z = vae->config().latent_channels;
+    require(u.in_channels == z && u.out_channels == z, fn, "'", dir, "': unet in/out_channels ",
+            u.in_channels, "/", u.out_channels, ", expected the VAE's latent_channels ", z);
+  } else if (!has_vae) {
+    require(u.in_channels == 3 && u.out_channels == 3, fn, "'", dir,
+            "' has no vae/ (pixel space) but unet in/out_channels are ", u.in_channels, "/",
+            u.out_channels, ", expected 3 (RGB)");
+  }
+  const std::size_t hidden = text_encoder.model().config().hidden_size;
+  for (const std::size_t d : u.cross_attention_dim) {
+    require(d == hidden, fn, "'", dir, "': unet cross_attention_dim ", d,
+            ", expected the text encoder's hidden_size ", hidden);
+  }
+  return ModelFolder{root,
+                     std::move(unet),
+                     std::move(vae),
+                     std::move(text_encoder),
+                     std::move(tokenizer),
+                     std::move(scheduler)};
+}
+
+/// Every non-adapter parameter of `model` as a safetensors file (F32).
+template <nn::Module M>
+void save_model_weights(M& model, const std::filesystem::path& path) {
+  std::vector<io::TensorToWrite> tensors;
+  for (auto& [name, p] : nn::named_parameters<float>(model))
+    if (!lora::is_adapter_parameter(name))
+      tensors.push_back(io::TensorToWrite::from_tensor(name, p->value));
+  io::save_safetensors(path.string(), tensors);
+}
+
+/// The parts of a pipeline folder. The configs are the JSON the component was built from.
+template <class UNetT, class TextModelT>
+struct ModelFolderParts {
+  UNetT& unet;
+  nlohmann::json unet_config;
+  TextModelT& text_model;
+  nlohmann::json text_config;
+  std::filesystem::path tokenizer_dir;  // copied file by file
+  nlohmann::json scheduler_config;
+};
+
+/// Writes dir/{unet,text_encoder,tokenizer,scheduler}/ and model_index.json (pixel space: no
+/// vae/). The folder is created if needed; existing component files are replaced.
+template <class UNetT, class TextModelT>
+void save_model_folder(const std::filesystem::path& dir,
+                       const ModelFolderParts<UNetT, TextModelT>& parts) {
+  namespace fs = std::filesystem;
+  for (const char* sub : {"unet", "text_encoder", "tokenizer", "scheduler"})
+    fs::create_directories(dir / sub);
+  io::write_json_file(dir / "unet" / "config.json", parts.unet_config);
+  save_model_weights(parts.unet, dir / "unet" / "diffusion_pytorch_model.safetensors");
+  io::write_json_file(dir / "text_encoder" / "config.json", parts.text_config);
+  save_model_weights(parts.text_model, dir / "text_encoder" / "model.safetensors");
+  require(fs::is_directory(parts.tokenizer_dir), "save_model_folder", "tokenizer folder '",
+          parts.tokenizer_dir.string(), "' does not exist");
+  for (const auto& entry : fs::directory_iterator(parts.tokenizer_dir))
+    if (entry.is_regular_file())
+      fs::copy_file(entry.path(), dir / "tokenizer" / entry.path().filename(),
+                    fs::copy_options::overwrite_existing);
+  io::write_json_file(dir / "scheduler" / "scheduler_config.json", parts.scheduler_config);
+  io::write_json_file(dir / "model_index.json",
+                      {{"_class_name", "StableDiffusionPipeline"},
+                       {"unet", {"diffusers", "UNet2DConditionModel"}},
+                       {"text_encoder", {"transformers", "CLIPTextModel"}},
+                       {"tokenizer", {"transformers", "CLIPTokenizer"}},
+                       {"scheduler", {"diffusers", "DDPMScheduler"}},
+                       {"vae", nullptr}});
+}
+
+}  // namespace difftrain::pipeline

@@ -1,0 +1,4 @@
+#pragma once
+// A diffusers pipeline folder loaded (and written) as a whole, and text-to-image sampling from it.
+#include "difftrain/pipeline/generate_images.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
