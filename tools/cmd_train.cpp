@@ -233,14 +233,15 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                          const TrainStepHook& on_step) {
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
+  lora::LoraConfig lora_config;
+  lora_config.rank = o.rank;
+  lora_config.alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
+  lora_config.init = parse_choice("--init_lora_weights", o.init_lora_weights, lora::kLoraInits);
 
   pipeline::ModelFolder model = pipeline::load_model_folder(o.pretrained_model_name_or_path);
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
-  lora::LoraConfig lora_config;
-  lora_config.rank = o.rank;
-  lora_config.alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
   lora::inject_lora(model.unet, o.lora_target_modules, lora_config,
                     RandomStream{o.trainer.seed, 0x6c6f7261});
 
@@ -340,6 +341,8 @@ void add_train_command(CLI::App& app, int& exit_code) {
   cmd->add_flag("--cache_latents", o->cache_latents, "encode each image with the VAE once");
   cmd->add_option("--rank", o->rank, "LoRA rank");
   cmd->add_option("--lora_alpha", o->lora_alpha, "LoRA alpha (default: = rank)");
+  cmd->add_option("--init_lora_weights", o->init_lora_weights,
+                  "LoRA A init: gaussian (default, diffusers' scripts) or kaiming_uniform (kohya)");
   cmd->add_option("--lora_target_modules", o->lora_target_modules,
                   "module names to adapt (default to_q to_k to_v to_out.0)");
   cmd->add_option("--save_format", o->save_format, "kohya (default) or peft");

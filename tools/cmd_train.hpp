@@ -56,7 +56,8 @@ struct TrainCommandOptions {
 
   // LoRA.
   std::size_t rank = 4;
-  double lora_alpha = 0;  // 0: = rank (diffusers passes lora_alpha = rank)
+  double lora_alpha = 0;                       // 0: = rank (diffusers passes lora_alpha = rank)
+  std::string init_lora_weights = "gaussian";  // diffusers' scripts; kaiming_uniform: kohya's
   std::vector<std::string> lora_target_modules = {"to_q", "to_k", "to_v", "to_out.0"};
   std::string save_format = "kohya";
   std::string output_name = "pytorch_lora_weights";

@@ -5,6 +5,8 @@
 
 namespace difftrain::models {
 
+template class CompositeModule<UNet2DConditionModel<float>>;
+template class CompositeModule<UNet2DConditionModel<double>>;
 template class UNet2DConditionModel<float>;
 template class UNet2DConditionModel<double>;
 template UNet2DConditionModel<float> load_unet<float>(const std::string&);

@@ -45,11 +45,12 @@ struct TinyModel {
 using test::TempDir;
 
 // An adapted model whose B matrices are non-zero, so that the adapters matter.
-TinyModel adapted_model(double alpha) {
+TinyModel adapted_model(double alpha, bool use_rslora = false) {
   TinyModel m;
   lora::LoraConfig config;
   config.rank = 2;
   config.alpha = alpha;
+  config.use_rslora = use_rslora;
   lora::inject_lora(m, {"to_q", "to_out.0", "proj_in"}, config, RandomStream{3, 4});
   lora::for_each_adapter(m, [](const std::string&, auto& a) {
     std::size_t k = 0;
@@ -122,14 +123,55 @@ TEST_CASE("PEFT format: exact keys and lora_adapter_metadata; read back identica
   REQUIRE(file.contains("unet.blocks.0.attn1.to_out.0.lora_B.weight"));
   REQUIRE(file.contains("unet.blocks.0.proj_in.lora_A.weight"));
   REQUIRE(file.size() == 6);
+  // diffusers >= 0.34 reads only the keys prefixed by the component, and "format": "pt".
+  REQUIRE(file.metadata().at("format") == "pt");
   const auto meta = nlohmann::json::parse(file.metadata().at("lora_adapter_metadata"));
-  REQUIRE(meta["r"] == 2);
-  REQUIRE(meta["lora_alpha"] == 2.0);
-  REQUIRE(meta["target_modules"] == nlohmann::json({"proj_in", "to_out.0", "to_q"}));
+  REQUIRE(meta["unet.r"] == 2);
+  REQUIRE(meta["unet.lora_alpha"] == 2.0);
+  REQUIRE(meta["unet.use_rslora"] == false);
+  REQUIRE(meta["unet.peft_type"] == "LORA");
+  REQUIRE(meta["unet.target_modules"] == nlohmann::json({"proj_in", "to_out.0", "to_q"}));
+  for (const auto& [key, value] : meta.items()) REQUIRE(key.rfind("unet.", 0) == 0);
 
   TinyModel fresh;
   lora::apply_lora(fresh, lora::read_lora(path, lora::module_names(fresh)));
   require_same_outputs(model, fresh);
+}
+
+TEST_CASE("rsLoRA adapters keep their scale through kohya and PEFT files") {
+  // Trained with scale alpha/√r = 3/√2: a kohya reader applies alpha/r, so the file must hold
+  // alpha·√r; a PEFT file says use_rslora. Before the fix both stored alpha 3 (scale 3/2).
+  TempDir dir;
+  TinyModel model = adapted_model(3.0, true);
+  TinyModel names_only;
+  const auto state = lora::collect_lora(model);
+  REQUIRE(state.at("blocks.0.attn1.to_q").use_rslora);
+
+  const std::string kohya = dir.file("rs_kohya.safetensors");
+  lora::save_lora(kohya, state, lora::LoraFormat::kohya);
+  const auto kohya_file = io::SafetensorsFile::open(kohya);
+  REQUIRE(kohya_file.read<float>("lora_unet_blocks_0_attn1_to_q.alpha")[0] ==
+          Approx(3.0 * std::sqrt(2.0)));
+  TinyModel from_kohya;
+  const auto kohya_state = lora::read_lora(kohya, lora::module_names(from_kohya));
+  REQUIRE_FALSE(kohya_state.at("blocks.0.attn1.to_q").use_rslora);
+  lora::apply_lora(from_kohya, kohya_state);
+  const auto [y, i] = model.forward(x, image);
+  const auto [yk, ik] = from_kohya.forward(x, image);
+  REQUIRE_CLOSE(yk, y, 1e-6, 1e-6);
+  REQUIRE_CLOSE(ik, i, 1e-6, 1e-6);
+
+  const std::string peft = dir.file("rs_peft.safetensors");
+  lora::save_lora(peft, state, lora::LoraFormat::peft, {}, lora::module_names(names_only));
+  const auto meta =
+      nlohmann::json::parse(io::SafetensorsFile::open(peft).metadata().at("lora_adapter_metadata"));
+  REQUIRE(meta["unet.use_rslora"] == true);
+  REQUIRE(meta["unet.lora_alpha"] == 3.0);
+  TinyModel from_peft;
+  const auto peft_state = lora::read_lora(peft, lora::module_names(from_peft));
+  REQUIRE(peft_state.at("blocks.0.proj_in").use_rslora);
+  lora::apply_lora(from_peft, peft_state);
+  require_same_outputs(model, from_peft);
 }
 
 TEST_CASE("legacy diffusers names and PEFT without alpha: alpha defaults to the rank") {
@@ -148,7 +190,13 @@ TEST_CASE("legacy diffusers names and PEFT without alpha: alpha defaults to the 
                               io::TensorToWrite::from_tensor(
                                   "unet.blocks.0.attn1.processor.to_out_lora.up.weight", o.up)});
   TinyModel fresh;
+  std::vector<std::string> warnings;
+  const WarningHandler previous =
+      set_warning_handler([&](const std::string& w) { warnings.push_back(w); });
   const auto read = lora::read_lora(path, lora::module_names(fresh));
+  set_warning_handler(previous);
+  REQUIRE(warnings.size() == 1);
+  REQUIRE_THAT(warnings[0], Catch::Contains(path) && Catch::Contains("alpha = rank"));
   REQUIRE(read.size() == 2);
   REQUIRE(read.at("blocks.0.attn1.to_q").alpha == 2.0);
   REQUIRE_CLOSE(read.at("blocks.0.attn1.to_out.0").up, o.up, 0, 0);

@@ -222,6 +222,46 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("resolution"));
 }
 
+TEST_CASE("difftrain train: LoRA A starts as diffusers' scripts draw it (gaussian, std 1/r)") {
+  // diffusers' train_text_to_image_lora.py / train_dreambooth_lora.py use
+  // init_lora_weights="gaussian": A ~ N(0, (1/r)²), B = 0. --init_lora_weights kaiming_uniform is
+  // kohya's (and PEFT's default): A ~ U(±1/√fan_in). One step at a negligible learning rate leaves
+  // A as initialised.
+  Fixture f;
+  auto initial_down = [&](const std::string& init, const std::string& out) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.max_train_steps = 1;
+    o.trainer.checkpointing_steps = 0;
+    o.trainer.learning_rate = 1e-30;
+    o.init_lora_weights = init;
+    const auto r = tools::run_train(o);
+    auto m = pipeline::load_model_folder(f.model);
+    return lora::read_lora(r.lora_file.string(), lora::module_names(m.unet));
+  };
+  const auto gaussian = initial_down("gaussian", "gaussian");
+  double sum2 = 0, count = 0, beyond_kaiming = 0;
+  for (const auto& [name, w] : gaussian) {
+    const double bound = 1.0 / std::sqrt(double(w.down.shape()[1]));
+    for (float v : w.down) {
+      sum2 += double(v) * v;
+      count += 1;
+      beyond_kaiming += std::abs(v) > bound ? 1 : 0;
+    }
+  }
+  REQUIRE(count >= 512);
+  CHECK(std::sqrt(sum2 / count) == Approx(1.0 / 4).epsilon(0.08));  // rank 4
+  CHECK(beyond_kaiming > 0);
+  CHECK(TrainCommandOptions{}.init_lora_weights == "gaussian");
+
+  for (const auto& [name, w] : initial_down("kaiming_uniform", "kaiming")) {
+    const double bound = 1.0 / std::sqrt(double(w.down.shape()[1]));
+    for (float v : w.down) REQUIRE(std::abs(v) <= bound);
+  }
+  TrainCommandOptions o = f.options(f.dir / "err");
+  o.init_lora_weights = "pissa";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected gaussian or kaiming_uniform"));
+}
+
 TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
   Fixture f;
   // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet

@@ -78,6 +78,16 @@ struct TableText {
   }
 };
 
+// Every micro-batch is the whole dataset.
+auto same_batch(const Tensor4<float>& images, const TokenIds& ids) {
+  return [&images, &ids](std::uint64_t) {
+    TrainBatch batch;
+    batch.images = images;
+    batch.token_ids = ids;
+    return batch;
+  };
+}
+
 std::vector<float> flat(auto&& module) {
   std::vector<float> out;
   for (auto& [name, p] : nn::named_parameters<float>(module))
@@ -133,12 +143,7 @@ TEST_CASE("end to end: the tiny UNet with LoRA fits a fixed dataset (Trainer, Ad
   const std::vector<float> adapters_before = flat(lora::adapter_parameters(unet));
   const double initial = evaluate();
   std::vector<double> losses;
-  auto data = [&](std::uint64_t) {
-    TrainBatch batch;
-    batch.images = images;
-    batch.token_ids = ids;
-    return batch;
-  };
+  const auto data = same_batch(images, ids);
   trainer.fit(data, [&](const StepLog& log) { losses.push_back(log.loss); });
   const double final = evaluate();
 
@@ -151,4 +156,58 @@ TEST_CASE("end to end: the tiny UNet with LoRA fits a fixed dataset (Trainer, Ad
   REQUIRE(final < 0.3);
   REQUIRE(flat(lora::base_parameters(unet)) == base_before);  // the base is frozen, bitwise
   REQUIRE(flat(lora::adapter_parameters(unet)) != adapters_before);
+}
+
+TEST_CASE("LoRA dropouts draw fresh masks every micro-batch: every adapter trains") {
+  // module_dropout 0.5 skips each adapter in about half of the forwards. With one mask for the
+  // whole run (the bug: masks keyed by a step counter nobody advanced) about half of the adapters
+  // never receive a gradient and keep B = 0; drawn afresh for each of 24 micro-batches, an
+  // adapter is skipped in all of them with probability 2^-24.
+  const test::SingleThreaded single_threaded;
+  Unet unet(tiny_config());
+  nn::init_like_pytorch<float>(unet, RandomStream{2024, 0});
+  lora::LoraConfig lora_config{.rank = 2,
+                               .alpha = 2,
+                               .init = lora::LoraInit::gaussian,
+                               .rank_dropout = 0.25,
+                               .module_dropout = 0.5};
+  const auto adapted = lora::inject_lora(unet, {"to_q", "to_k", "to_v", "to_out.0"}, lora_config,
+                                         RandomStream{3, 0});
+  REQUIRE(adapted.size() == 32);
+  IdentityEncoder vae;
+  TableText text;
+  const Tensor4<float> images = dataset();
+  const TokenIds ids = captions();
+
+  // Which adapters a forward skips, step by step: the step selects the masks of its index.
+  TrainerOptions o;
+  o.learning_rate = 1e-3;
+  o.lr_scheduler = "constant";
+  o.max_train_steps = 12;
+  o.gradient_accumulation_steps = 2;
+  o.seed = 5;
+  auto step = make_train_step(DdpmScheduler::sd15(), unet, vae, text, o);
+  std::vector<std::vector<bool>> skipped;
+  for (std::uint64_t s = 0; s < 3; ++s) {
+    step.step(images, ids, s);
+    std::vector<bool> row;
+    lora::for_each_adapter(unet,
+                           [&](const std::string&, auto& a) { row.push_back(a.module_dropped()); });
+    skipped.push_back(row);
+  }
+  nn::zero_grad<float>(unet);
+  CHECK(skipped[0] != skipped[1]);
+  CHECK(skipped[1] != skipped[2]);
+
+  Trainer trainer(step, unet, o);
+  const auto data = same_batch(images, ids);
+  trainer.fit(data);
+  std::size_t untrained = 0;
+  lora::for_each_adapter(unet, [&](const std::string& name, auto& a) {
+    const auto& b = a.lora_B.weight.value;
+    const bool moved = std::any_of(b.begin(), b.end(), [](float v) { return v != 0.0f; });
+    if (!moved) UNSCOPED_INFO("adapter never trained: " << name);
+    untrained += moved ? 0 : 1;
+  });
+  REQUIRE(untrained == 0);
 }

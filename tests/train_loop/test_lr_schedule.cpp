@@ -39,16 +39,19 @@ TEST_CASE("linear: warmup then (N − s)/(N − w), floored at 0") {
   REQUIRE(l.multiplier(200) == 0.0);
 }
 
-TEST_CASE("cosine: ½(1 + cos(2π·0.5·p)) after warmup") {
+TEST_CASE("cosine: ½(1 + cos(π·p)) after warmup") {
   const LrSchedule c = make("cosine");
   REQUIRE(c.multiplier(5) == Approx(0.5));
   REQUIRE(c.multiplier(10) == Approx(1.0));
   REQUIRE(c.multiplier(60) == Approx(0.5));  // p = 0.5: cos(π/2) = 0
   REQUIRE(c.multiplier(35) == Approx(0.5 * (1 + std::cos(pi * 0.25))));
   REQUIRE(c.multiplier(110) == Approx(0.0).margin(1e-15));
-  // num_cycles 1 goes back up: p = 0.75 → ½(1 + cos(1.5π)) = ½
-  REQUIRE(make("cosine", 1.0).multiplier(85) == Approx(0.5));
-  REQUIRE(make("cosine", 1.0).multiplier(110) == Approx(1.0));
+  // diffusers' get_scheduler and kohya give num_cycles to cosine_with_restarts only: cosine never
+  // climbs back (a full cycle would give ½ at p = 0.75 and 1 at the end).
+  for (double cycles : {1.0, 2.0, 3.5})
+    for (std::int64_t s : {0, 5, 10, 35, 60, 85, 100, 110, 150})
+      REQUIRE(make("cosine", cycles).multiplier(s) == c.multiplier(s));
+  REQUIRE(make("cosine", 1.0).multiplier(85) == Approx(0.5 * (1 + std::cos(pi * 0.75))));
 }
 
 TEST_CASE("cosine_with_restarts: ½(1 + cos(π·((c·p) mod 1))), 0 once p ≥ 1") {

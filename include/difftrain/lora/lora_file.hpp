@@ -7,8 +7,12 @@
 //     metadata ss_network_module, ss_network_dim, ss_network_alpha, ss_base_model_version
 //   PEFT / diffusers:
 //     <component>.<module path>.lora_A.weight / .lora_B.weight; alpha in the JSON metadata
-//     `lora_adapter_metadata` (r, lora_alpha, alpha_pattern, rank_pattern, target_modules);
-//     also read: no prefix, "base_model.model.", ".default" adapter names, "unet.r"-style keys.
+//     `lora_adapter_metadata`, keys prefixed by the component as diffusers >= 0.34 writes and
+//     reads them ("unet.r", "unet.lora_alpha", "unet.alpha_pattern", "unet.use_rslora", …), and
+//     "format": "pt". Also read: unprefixed keys (older diffusers), no tensor prefix,
+//     "base_model.model.", ".default" adapter names. No alpha anywhere: alpha = r, with a warning.
+// rsLoRA (scale alpha/√r): PEFT files say use_rslora; kohya readers always apply alpha/r, so a
+// kohya file stores alpha·√r, the alpha that gives the trained scale.
 //   legacy diffusers (read only): ….processor.to_q_lora.down.weight, ….lora.down.weight,
 //     ….lora_linear_layer.down.weight, to_out_lora → to_out.0.
 // Internally adapters are keyed by the diffusers module path ("down_blocks.0.…attn1.to_q").
@@ -30,6 +34,7 @@
 
 #include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/warning.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
 
@@ -47,11 +52,16 @@ inline LoraFormat parse_lora_format(std::string_view name) {
   return parse_choice("lora format", name == "diffusers" ? "peft" : name, kLoraFormats);
 }
 
-/// One adapter's weights: down = A, up = B, and its alpha (scale = alpha / rank).
+/// One adapter's weights: down = A, up = B, and its alpha (scale = alpha/r, alpha/√r with rsLoRA).
 struct LoraModuleWeights {
   xt::xarray<float> down, up;
   double alpha = 0;
+  bool use_rslora = false;
   std::size_t rank() const { return down.dimension() > 0 ? down.shape()[0] : 0; }
+  // the alpha giving the same scale under alpha/r: alpha·√r for rsLoRA
+  double plain_alpha() const {
+    return use_rslora ? alpha * std::sqrt(static_cast<double>(rank())) : alpha;
+  }
 };
 
 /// module path → weights.
@@ -123,6 +133,7 @@ LoraState collect_lora(M& model) {
     w.up = xt::xarray<float>(adapter.lora_B.weight.value);
     const double a = adapter.config().alpha;
     w.alpha = a == 0 ? static_cast<double>(adapter.rank()) : a;
+    w.use_rslora = adapter.config().use_rslora;
     state.emplace(name, std::move(w));
   });
   return state;
@@ -137,12 +148,17 @@ inline void save_lora(const std::string& path, const LoraState& state, LoraForma
   require(!state.empty(), "save_lora", "no adapters to save to '", path, "'");
   std::vector<io::TensorToWrite> tensors;
   std::map<std::string, std::string> metadata = options.metadata;
+  // A PEFT file has one use_rslora: kept when every adapter uses rsLoRA, else all written plain.
+  bool all_rslora = true;
+  for (const auto& [name, w] : state) all_rslora = all_rslora && w.use_rslora;
+  const bool rslora = format == LoraFormat::peft && all_rslora;
+  auto file_alpha = [&](const LoraModuleWeights& w) { return rslora ? w.alpha : w.plain_alpha(); };
   std::set<std::size_t> ranks;
   std::set<double> alphas;
   std::vector<std::string> adapted;
   for (const auto& [name, w] : state) {
     ranks.insert(w.rank());
-    alphas.insert(w.alpha);
+    alphas.insert(file_alpha(w));
     adapted.push_back(name);
   }
   const std::size_t rank = *ranks.begin();
@@ -154,7 +170,7 @@ inline void save_lora(const std::string& path, const LoraState& state, LoraForma
       tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_up.weight", w.up));
       const xt::xarray<float> a = xt::xarray<float>::from_shape(std::vector<std::size_t>{});
       xt::xarray<float> alpha_tensor = a;
-      alpha_tensor() = static_cast<float>(w.alpha);
+      alpha_tensor() = static_cast<float>(file_alpha(w));
       tensors.push_back(io::TensorToWrite::from_tensor(key + ".alpha", alpha_tensor));
     }
     metadata.emplace("ss_network_module", "networks.lora");
@@ -169,22 +185,26 @@ inline void save_lora(const std::string& path, const LoraState& state, LoraForma
       tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_A.weight", w.down));
       tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_B.weight", w.up));
       if (w.rank() != rank) rank_pattern[name] = w.rank();
-      if (w.alpha != alpha) alpha_pattern[name] = w.alpha;
+      if (file_alpha(w) != alpha) alpha_pattern[name] = file_alpha(w);
     }
     const std::vector<std::string> targets =
         all_modules.empty() ? adapted : target_modules(adapted, all_modules);
-    nlohmann::json config = {{"peft_type", "LORA"},
-                             {"r", rank},
-                             {"lora_alpha", alpha},
-                             {"rank_pattern", rank_pattern},
-                             {"alpha_pattern", alpha_pattern},
-                             {"target_modules", targets},
-                             {"bias", "none"},
-                             {"lora_dropout", 0.0},
-                             {"use_rslora", false},
-                             {"use_dora", false},
-                             {"fan_in_fan_out", false}};
-    metadata.emplace("lora_adapter_metadata", config.dump(2));
+    const nlohmann::json config = {{"peft_type", "LORA"},
+                                   {"r", rank},
+                                   {"lora_alpha", alpha},
+                                   {"rank_pattern", rank_pattern},
+                                   {"alpha_pattern", alpha_pattern},
+                                   {"target_modules", targets},
+                                   {"bias", "none"},
+                                   {"lora_dropout", 0.0},
+                                   {"use_rslora", rslora},
+                                   {"use_dora", false},
+                                   {"fan_in_fan_out", false}};
+    // diffusers >= 0.34 keeps only the keys under "<component>." (and fails without them).
+    nlohmann::json prefixed = nlohmann::json::object();
+    for (const auto& [key, value] : config.items())
+      prefixed[options.component.empty() ? key : options.component + "." + key] = value;
+    metadata.emplace("lora_adapter_metadata", prefixed.dump(2));
     metadata.emplace("format", "pt");
   }
   io::save_safetensors(path, tensors, metadata);
@@ -203,8 +223,9 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   const std::set<std::string> known(modules.begin(), modules.end());
   for (const auto& m : modules) by_underscored.emplace(underscored(m), m);
 
-  // PEFT alpha: lora_adapter_metadata (plain or "component."-prefixed keys); default alpha = r.
+  // PEFT alpha: lora_adapter_metadata ("component."-prefixed keys, else plain); default alpha = r.
   std::optional<double> peft_alpha;
+  bool use_rslora = false;
   nlohmann::json alpha_pattern = nlohmann::json::object();
   if (auto it = file.metadata().find("lora_adapter_metadata"); it != file.metadata().end()) {
     nlohmann::json meta;
@@ -218,6 +239,8 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
       if (meta.contains(key) && meta[key].is_number()) peft_alpha = meta[key].get<double>();
     for (const std::string& key : {std::string("alpha_pattern"), prefixed + "alpha_pattern"})
       if (meta.contains(key) && meta[key].is_object()) alpha_pattern = meta[key];
+    for (const std::string& key : {std::string("use_rslora"), prefixed + "use_rslora"})
+      if (meta.contains(key) && meta[key].is_boolean()) use_rslora = meta[key].get<bool>();
   }
 
   struct Partial {
@@ -290,6 +313,7 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
     fail(fn, "'", path, "' has ", unknown.size(), " keys that name no module of the model: ", list);
   }
   LoraState state;
+  std::size_t without_alpha = 0;
   for (auto& [module, p] : parts) {
     require(p.down && p.up, fn, "'", path, "' has ", p.down ? "no up (B)" : "no down (A)",
             " weight for module ", module);
@@ -303,13 +327,20 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
     const double r = static_cast<double>(w.rank());
     if (p.alpha) {
       w.alpha = *p.alpha == 0 ? r : *p.alpha;  // kohya: alpha 0 means alpha = rank
-    } else if (alpha_pattern.contains(module)) {
-      w.alpha = alpha_pattern[module].get<double>();
     } else {
-      w.alpha = peft_alpha.value_or(r);  // diffusers: no alpha means alpha = r
+      w.use_rslora = use_rslora;
+      if (alpha_pattern.contains(module) && alpha_pattern[module].is_number()) {
+        w.alpha = alpha_pattern[module].get<double>();
+      } else {
+        w.alpha = peft_alpha.value_or(r);  // diffusers: no alpha means alpha = r
+        without_alpha += peft_alpha ? 0 : 1;
+      }
     }
     state.emplace(module, std::move(w));
   }
+  if (without_alpha > 0)
+    warn(fn, "'", path, "' gives no alpha for ", without_alpha,
+         " adapters (no .alpha tensor, no lora_adapter_metadata lora_alpha): using alpha = rank");
   return state;
 }
 
@@ -328,6 +359,7 @@ std::vector<std::string> apply_lora(M& model, const LoraState& state, double mul
     LoraConfig config;
     config.rank = w.rank();
     config.alpha = w.alpha;
+    config.use_rslora = w.use_rslora;
     config.multiplier = multiplier;
     if (!slot.has_adapter()) slot.inject(config, RandomStream{});
     auto& adapter = slot.adapter();

@@ -27,6 +27,7 @@
 // The generic core LoraLayer<Base> is shared with LoraConv2d (lora_conv2d.hpp); LoraTraits<Base>
 // says how to build A and B for a base layer and where the rank axis is.
 
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -35,6 +36,7 @@
 #include <vector>
 #include <xtensor/xarray.hpp>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
 #include "difftrain/core/tensor.hpp"
@@ -47,15 +49,23 @@ namespace difftrain::lora {
 
 enum class LoraInit { kaiming_uniform, gaussian };
 
+/// PEFT's init_lora_weights names: "gaussian" (diffusers' training scripts) and "kaiming_uniform"
+/// (PEFT's default `True`, kohya's init).
+inline constexpr std::array<Choice<LoraInit>, 2> kLoraInits{{
+    {"gaussian", LoraInit::gaussian},
+    {"kaiming_uniform", LoraInit::kaiming_uniform},
+}};
+
 struct LoraConfig {
   std::size_t rank = 4;
   double alpha = 0;         // lora_alpha; 0 means alpha = rank (scale 1), as kohya and diffusers
   bool use_rslora = false;  // s = alpha/√r instead of alpha/r
-  LoraInit init = LoraInit::kaiming_uniform;
-  double dropout = 0;         // PEFT lora_dropout on the adapter input
-  double rank_dropout = 0;    // kohya rank_dropout
-  double module_dropout = 0;  // kohya module_dropout
-  double multiplier = 1;      // user multiplier m
+  LoraInit init =
+      LoraInit::kaiming_uniform;  // PEFT LoraConfig's default; `difftrain train`: gaussian
+  double dropout = 0;             // PEFT lora_dropout on the adapter input
+  double rank_dropout = 0;        // kohya rank_dropout
+  double module_dropout = 0;      // kohya module_dropout
+  double multiplier = 1;          // user multiplier m
 
   // s = alpha / r, or alpha / √r with rslora (alpha = r when 0)
   double scale() const {

@@ -12,7 +12,9 @@
 //   Denoiser.backward(dL/dpred)
 //
 // Randomness: every draw of step s comes from RandomStream{seed}.derive(s, purpose), so a step
-// depends only on (seed, s, inputs) — a resumed run repeats the uninterrupted one.
+// depends only on (seed, s, inputs) — a resumed run repeats the uninterrupted one. A denoiser with
+// LoRA adapters draws its dropout masks for step s (lora::set_lora_step): fresh ones each
+// micro-batch, as kohya draws them each forward, and the same again on resume.
 
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,7 @@
 #include "difftrain/kernels/forward_diffusion.hpp"
 #include "difftrain/kernels/loss.hpp"
 #include "difftrain/kernels/noise.hpp"
+#include "difftrain/lora/inject.hpp"
 #include "difftrain/loss/huber_schedule.hpp"
 #include "difftrain/loss/weighting.hpp"
 #include "difftrain/schedule/timestep_sampler.hpp"
@@ -132,6 +135,7 @@ class DiffusionTrainStep {
     const RandomStream noise_stream = step_stream.derive(0, StreamPurpose::step_noise);
     make_noisy_input(x0, k, noise_stream);
 
+    if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index);
     const Tensor4<float> pred = denoiser_.forward(x_t_, result.timesteps, context);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
     const std::span<const float> c = options_.loss_type == kernels::LossType::l2

@@ -7,7 +7,7 @@
 //   constant              λ = 1 (ignores warmup)
 //   constant_with_warmup  λ = s/w for s < w, else 1
 //   linear                λ = s/w for s < w, else max(0, (N − s)/(N − w))
-//   cosine                λ = s/w for s < w, else max(0, ½(1 + cos(2π·c·p))), p = (s − w)/(N − w)
+//   cosine                λ = s/w for s < w, else max(0, ½(1 + cos(π·p))), p = (s − w)/(N − w)
 //   cosine_with_restarts  λ = s/w for s < w, else 0 if p ≥ 1, else ½(1 + cos(π·((c·p) mod 1)))
 //   polynomial            λ = s/w for s < w, else ((lr0 − lr_end)(1 − p)^power + lr_end)/lr0,
 //                         and lr_end/lr0 for s > N
@@ -66,8 +66,8 @@ inline LrSchedulerType parse_lr_scheduler(std::string_view name) {
 struct LrScheduleOptions {
   std::int64_t num_warmup_steps = 0;
   std::int64_t num_training_steps = 0;  // needed by all but constant and constant_with_warmup
-  // Cycles: cosine's default is 0.5 (half a cosine from 1 to 0), cosine_with_restarts' is 1
-  // (diffusers get_scheduler / --lr_num_cycles); unset takes the schedule's default.
+  // cosine_with_restarts' cycles (--lr_num_cycles; unset: 1). cosine is always half a cycle, from
+  // 1 down to 0: diffusers' get_scheduler and kohya pass num_cycles to cosine_with_restarts only.
   double num_cycles = -1;
   double power = 1.0;     // polynomial (--lr_power)
   double lr_end = 1e-7;   // polynomial final learning rate
@@ -86,8 +86,7 @@ class LrSchedule {
         type_ != LrSchedulerType::constant && type_ != LrSchedulerType::constant_with_warmup;
     require(!needs_total || o_.num_training_steps > 0, fn, to_string(type_),
             " needs num_training_steps > 0, got ", o_.num_training_steps);
-    if (o_.num_cycles < 0)
-      o_.num_cycles = type_ == LrSchedulerType::cosine_with_restarts ? 1.0 : 0.5;
+    if (o_.num_cycles < 0) o_.num_cycles = 1.0;
     require(std::isfinite(o_.num_cycles), fn, "num_cycles is ", o_.num_cycles,
             ", expected a finite value");
     if (type_ == LrSchedulerType::polynomial) {
@@ -117,7 +116,7 @@ class LrSchedule {
       case LrSchedulerType::linear:
         return std::max(0.0, double(n - s) / double(std::max<std::int64_t>(1, n - w)));
       case LrSchedulerType::cosine:
-        return std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * 2.0 * o_.num_cycles * p)));
+        return std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * p)));
       case LrSchedulerType::cosine_with_restarts:
         if (p >= 1.0) return 0.0;
         return std::max(

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "difftrain/core/function_ref.hpp"
 #include "difftrain/lora/inject.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/group_norm.hpp"
@@ -88,63 +89,69 @@ Slot make_slot(const Config& config, Allocation allocation) {
   return allocation == Allocation::parameters ? Slot(Base(config)) : Slot();
 }
 
-template <class L>
-inline constexpr bool is_lora_slot = false;
-template <class Base>
-inline constexpr bool is_lora_slot<lora::LoraSlot<Base>> = true;
+// The scalar type of a model template M<T>, read without M<T> being complete (CompositeModule's
+// members name it while the derived class is still being defined).
+template <class M>
+struct model_scalar;
+template <template <class> class M, class T>
+struct model_scalar<M<T>> {
+  using type = T;
+};
 
-/// The interfaces derived from Derived::walk (see the header comment).
+/// The interfaces derived from Derived::walk (see the header comment). Each for_each_* passes its
+/// visitor on as a FunctionRef to a visit_* member that is not a template: the walk is compiled
+/// once per model rather than once per lambda (src/models/ instantiates the UNet's).
 template <class Derived>
 class CompositeModule {
+  using T = typename model_scalar<Derived>::type;
+
  public:
+  using ParameterVisitor = FunctionRef<void(const std::string&, nn::Parameter<T>&)>;
+  using ConstParameterVisitor = FunctionRef<void(const std::string&, const nn::Parameter<T>&)>;
+  using ShapeVisitor = FunctionRef<void(const std::string&, const ParameterShape&)>;
+  using LinearVisitor = FunctionRef<void(const std::string&, nn::Linear<T>&)>;
+  using Conv2dVisitor = FunctionRef<void(const std::string&, nn::Conv2d<T>&)>;
+  /// One callable seen as a visitor of both slot types.
+  struct SlotVisitor {
+    FunctionRef<void(const std::string&, lora::LinearSlot<T>&)> linear;
+    FunctionRef<void(const std::string&, lora::Conv2dSlot<T>&)> conv2d;
+  };
+
   template <class V>
   void for_each_parameter(const std::string& prefix, V&& visit) {
-    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
-      layer.for_each_parameter(name, visit);
-    });
+    visit_parameters(prefix, ParameterVisitor(visit));
   }
   template <class V>
   void for_each_parameter(const std::string& prefix, V&& visit) const {
-    Derived::walk(self(), prefix, [&](const std::string& name, const auto& layer, const auto&) {
-      layer.for_each_parameter(name, visit);
-    });
+    visit_parameters(prefix, ConstParameterVisitor(visit));
   }
   /// visit(name, std::vector<std::size_t> shape) for every parameter, allocated or not.
   template <class V>
   void for_each_parameter_shape(const std::string& prefix, V&& visit) const {
-    Derived::walk(self(), prefix, [&](const std::string& name, const auto&, const auto& config) {
-      parameter_shapes(config, name, visit);
-    });
+    visit_parameter_shapes(prefix, ShapeVisitor(visit));
   }
   /// visit(module name, lora::LinearSlot<T>& or lora::Conv2dSlot<T>&) for every slot.
   template <class V>
   void for_each_slot(const std::string& prefix, V&& visit) {
-    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
-      if constexpr (is_lora_slot<std::remove_cvref_t<decltype(layer)>>) visit(name, layer);
-    });
+    visit_slots(prefix, SlotVisitor{visit, visit});
   }
   /// f(module name, nn::Linear<T>&) for every Linear (a slot's base; time_embedding's too).
   template <class F>
   void for_each_linear(const std::string& prefix, F&& f) {
-    using T = typename Derived::Scalar;
-    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
-      using Layer = std::remove_cvref_t<decltype(layer)>;
-      if constexpr (std::is_same_v<Layer, lora::LinearSlot<T>>) {
-        f(name, layer.base());
-      } else if constexpr (requires { layer.for_each_linear(name, f); }) {
-        layer.for_each_linear(name, f);
-      }
-    });
+    visit_linears(prefix, LinearVisitor(f));
   }
   /// f(module name, nn::Conv2d<T>&) for every Conv2d (a slot's base).
   template <class F>
   void for_each_conv2d(const std::string& prefix, F&& f) {
-    using T = typename Derived::Scalar;
-    Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
-      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(layer)>, lora::Conv2dSlot<T>>)
-        f(name, layer.base());
-    });
+    visit_conv2ds(prefix, Conv2dVisitor(f));
   }
+
+  void visit_parameters(const std::string& prefix, ParameterVisitor visit);
+  void visit_parameters(const std::string& prefix, ConstParameterVisitor visit) const;
+  void visit_parameter_shapes(const std::string& prefix, ShapeVisitor visit) const;
+  void visit_slots(const std::string& prefix, SlotVisitor visit);
+  void visit_linears(const std::string& prefix, LinearVisitor f);
+  void visit_conv2ds(const std::string& prefix, Conv2dVisitor f);
 
  protected:
   CompositeModule() = default;
@@ -153,5 +160,52 @@ class CompositeModule {
   Derived& self() { return static_cast<Derived&>(*this); }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 };
+
+template <class Derived>
+void CompositeModule<Derived>::visit_parameters(const std::string& prefix, ParameterVisitor visit) {
+  Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+    layer.for_each_parameter(name, visit);
+  });
+}
+template <class Derived>
+void CompositeModule<Derived>::visit_parameters(const std::string& prefix,
+                                                ConstParameterVisitor visit) const {
+  Derived::walk(self(), prefix, [&](const std::string& name, const auto& layer, const auto&) {
+    layer.for_each_parameter(name, visit);
+  });
+}
+template <class Derived>
+void CompositeModule<Derived>::visit_parameter_shapes(const std::string& prefix,
+                                                      ShapeVisitor visit) const {
+  Derived::walk(self(), prefix, [&](const std::string& name, const auto&, const auto& config) {
+    parameter_shapes(config, name, visit);
+  });
+}
+template <class Derived>
+void CompositeModule<Derived>::visit_slots(const std::string& prefix, SlotVisitor visit) {
+  Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+    using Layer = std::remove_cvref_t<decltype(layer)>;
+    if constexpr (std::is_same_v<Layer, lora::LinearSlot<T>>) visit.linear(name, layer);
+    if constexpr (std::is_same_v<Layer, lora::Conv2dSlot<T>>) visit.conv2d(name, layer);
+  });
+}
+template <class Derived>
+void CompositeModule<Derived>::visit_linears(const std::string& prefix, LinearVisitor f) {
+  Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+    using Layer = std::remove_cvref_t<decltype(layer)>;
+    if constexpr (std::is_same_v<Layer, lora::LinearSlot<T>>) {
+      f(name, layer.base());
+    } else if constexpr (requires { layer.for_each_linear(name, f); }) {
+      layer.for_each_linear(name, f);
+    }
+  });
+}
+template <class Derived>
+void CompositeModule<Derived>::visit_conv2ds(const std::string& prefix, Conv2dVisitor f) {
+  Derived::walk(self(), prefix, [&](const std::string& name, auto& layer, const auto&) {
+    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(layer)>, lora::Conv2dSlot<T>>)
+      f(name, layer.base());
+  });
+}
 
 }  // namespace difftrain::models

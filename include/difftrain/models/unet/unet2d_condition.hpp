@@ -365,6 +365,8 @@ void UNet2DConditionModel<T>::backward(const Tensor4<T>& grad_output) {
 }
 
 #ifdef DIFFTRAIN_EXTERN_TEMPLATES
+extern template class CompositeModule<UNet2DConditionModel<float>>;
+extern template class CompositeModule<UNet2DConditionModel<double>>;
 extern template class UNet2DConditionModel<float>;
 extern template class UNet2DConditionModel<double>;
 #endif
