@@ -159,24 +159,6 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
                                 std::move(class_examples));
 }
 
-/// TrainerOptions with the flags that have an "unset" form resolved (diffusers' None).
-train::TrainerOptions trainer_options(const TrainCommandOptions& o,
-                                      std::int64_t micro_batches_per_epoch) {
-  const std::int64_t accumulation =
-      std::max<std::int64_t>(1, o.trainer.gradient_accumulation_steps);
-  const std::int64_t updates_per_epoch =
-      (micro_batches_per_epoch + accumulation - 1) / accumulation;
-  train::TrainerOptions t = o.trainer;
-  t.max_train_steps =
-      o.max_train_steps > 0 ? o.max_train_steps : o.num_train_epochs * updates_per_epoch;
-  if (o.snr_gamma > 0) t.weighting.snr_gamma = o.snr_gamma;
-  if (!o.prediction_type.empty()) t.prediction_type = parse_prediction_type(o.prediction_type);
-  if (o.min_timestep >= 0) t.min_timestep = o.min_timestep;
-  if (o.max_timestep >= 0) t.max_timestep = o.max_timestep;
-  if (o.checkpoints_total_limit > 0) t.checkpoints_total_limit = o.checkpoints_total_limit;
-  return t;
-}
-
 /// The run's settings as kohya's ss_* metadata keys of the LoRA file.
 std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
                                                  const train::TrainerOptions& t, std::int64_t steps,
@@ -229,20 +211,59 @@ fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolde
 
 }  // namespace
 
+/// TrainerOptions with the flags that have an "unset" form resolved (diffusers' None).
+train::TrainerOptions trainer_options(const TrainCommandOptions& o,
+                                      std::int64_t micro_batches_per_epoch) {
+  const std::int64_t accumulation =
+      std::max<std::int64_t>(1, o.trainer.gradient_accumulation_steps);
+  const std::int64_t updates_per_epoch =
+      (micro_batches_per_epoch + accumulation - 1) / accumulation;
+  train::TrainerOptions t = o.trainer;
+  t.micro_batches_per_epoch = micro_batches_per_epoch;
+  t.max_train_steps =
+      o.max_train_steps > 0 ? o.max_train_steps : o.num_train_epochs * updates_per_epoch;
+  if (o.snr_gamma > 0) t.weighting.snr_gamma = o.snr_gamma;
+  if (o.p2_gamma > 0) t.weighting.p2_gamma = o.p2_gamma;
+  if (!o.prediction_type.empty()) t.prediction_type = parse_prediction_type(o.prediction_type);
+  if (o.v_parameterization) {
+    require(!t.prediction_type || *t.prediction_type == PredictionType::v_prediction, fn,
+            "--v_parameterization contradicts --prediction_type ", o.prediction_type);
+    t.prediction_type = PredictionType::v_prediction;
+  }
+  if (o.min_timestep >= 0) t.min_timestep = o.min_timestep;
+  if (o.max_timestep >= 0) t.max_timestep = o.max_timestep;
+  if (o.checkpoints_total_limit > 0) t.checkpoints_total_limit = o.checkpoints_total_limit;
+  return t;
+}
+
+lora::LoraConfig lora_config(const TrainCommandOptions& o) {
+  lora::LoraConfig c;
+  c.rank = o.rank;
+  c.alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
+  c.init = parse_choice("--init_lora_weights", o.init_lora_weights, lora::kLoraInits);
+  c.use_rslora = o.use_rslora;
+  c.dropout = o.lora_dropout;
+  c.rank_dropout = o.rank_dropout;
+  c.module_dropout = o.module_dropout;
+  c.validate("difftrain train: LoRA options");
+  return c;
+}
+
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                          const TrainStepHook& on_step) {
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
-  lora::LoraConfig lora_config;
-  lora_config.rank = o.rank;
-  lora_config.alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
-  lora_config.init = parse_choice("--init_lora_weights", o.init_lora_weights, lora::kLoraInits);
+  const lora::LoraConfig lora = lora_config(o);
 
-  pipeline::ModelFolder model = pipeline::load_model_folder(o.pretrained_model_name_or_path);
+  pipeline::ModelFolderOptions folder_options;
+  folder_options.clip_skip = o.clip_skip > 1 ? o.clip_skip - 1 : 0;  // kohya's count → diffusers'
+  pipeline::ModelFolder model =
+      pipeline::load_model_folder(o.pretrained_model_name_or_path, folder_options);
+  if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
-  lora::inject_lora(model.unet, o.lora_target_modules, lora_config,
+  lora::inject_lora(model.unet, o.lora_target_modules, lora,
                     RandomStream{o.trainer.seed, 0x6c6f7261});
 
   const std::int64_t micro_per_epoch = std::int64_t(data.steps_per_epoch());
@@ -276,6 +297,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     lora::LoraSaveOptions so;
     so.metadata = lora_metadata(o, t, trainer.global_step(), data.num_examples());
     const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
+    if (train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA weights are the result
     lora::save_lora(path.string(), lora::collect_lora(model.unet), format, so,
                     lora::module_names(model.unet));
     return path;
@@ -317,96 +339,129 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   return result;
 }
 
+void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
+  cmd.add_option("--config", o.config, "JSON file with the same keys as the flags");
+  cmd.add_option("--pretrained_model_name_or_path", o.pretrained_model_name_or_path,
+                 "diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)");
+  cmd.add_option("--train_data_dir", o.train_data_dir,
+                 "images with .txt captions or a metadata.jsonl");
+  cmd.add_option("--caption_column", o.caption_column, "metadata.jsonl caption key");
+  cmd.add_option("--caption_extension", o.caption_extension, "caption file extension");
+  cmd.add_option("--instance_data_dir", o.instance_data_dir, "DreamBooth instance images");
+  cmd.add_option("--instance_prompt", o.instance_prompt, "DreamBooth instance prompt");
+  cmd.add_option("--class_data_dir", o.class_data_dir, "DreamBooth class images");
+  cmd.add_option("--class_prompt", o.class_prompt, "DreamBooth class prompt");
+  cmd.add_flag("--with_prior_preservation", o.trainer.with_prior_preservation,
+               "add the class images' loss × prior_loss_weight");
+  cmd.add_option("--prior_loss_weight", o.trainer.prior_loss_weight, "λ of the prior loss");
+  cmd.add_option("--resolution", o.resolution, "training image size");
+  cmd.add_flag("--center_crop", o.center_crop, "center crop (default: random crop)");
+  cmd.add_flag("--random_flip", o.random_flip, "random horizontal flips");
+  cmd.add_flag("--cache_latents", o.cache_latents, "encode each image with the VAE once");
+  cmd.add_option("--clip_skip", o.clip_skip,
+                 "kohya's count: 2 uses the text encoder's penultimate layer (0, 1: the last)");
+  cmd.add_flag("--zero_terminal_snr", o.zero_terminal_snr,
+               "rescale the betas to zero terminal SNR (kohya; scheduler rescale_betas_zero_snr)");
+  cmd.add_option("--rank,--network_dim", o.rank, "LoRA rank");
+  cmd.add_option("--lora_alpha,--network_alpha", o.lora_alpha, "LoRA alpha (default: = rank)");
+  cmd.add_flag("--use_rslora", o.use_rslora, "rsLoRA: scale alpha/√rank (PEFT)");
+  cmd.add_option("--lora_dropout", o.lora_dropout, "dropout on the adapters' input (PEFT)");
+  cmd.add_option("--rank_dropout", o.rank_dropout, "dropout of LoRA ranks (kohya)");
+  cmd.add_option("--module_dropout", o.module_dropout,
+                 "probability of skipping an adapter in a forward (kohya)");
+  cmd.add_option("--init_lora_weights", o.init_lora_weights,
+                 "LoRA A init: gaussian (default, diffusers' scripts) or kaiming_uniform (kohya)");
+  cmd.add_option("--lora_target_modules", o.lora_target_modules,
+                 "module names to adapt (default to_q to_k to_v to_out.0)");
+  cmd.add_option("--save_format", o.save_format, "kohya (default) or peft");
+  cmd.add_option("--output_name", o.output_name, "LoRA file name without .safetensors");
+  cmd.add_option("--train_batch_size", o.trainer.train_batch_size, "micro-batch size");
+  cmd.add_option("--gradient_accumulation_steps", o.trainer.gradient_accumulation_steps,
+                 "micro-batches per optimizer step");
+  cmd.add_option("--max_train_steps", o.max_train_steps,
+                 "optimizer steps (default: num_train_epochs × steps per epoch)");
+  cmd.add_option("--num_train_epochs", o.num_train_epochs, "epochs when no max_train_steps");
+  cmd.add_option("--learning_rate", o.trainer.learning_rate, "AdamW learning rate");
+  cmd.add_flag("--scale_lr", o.trainer.scale_lr, "lr × accumulation × batch size");
+  cmd.add_option("--lr_scheduler", o.trainer.lr_scheduler,
+                 "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
+                 "polynomial");
+  cmd.add_option("--lr_warmup_steps", o.trainer.lr_warmup_steps, "warm-up steps");
+  cmd.add_option("--lr_num_cycles", o.trainer.lr_num_cycles,
+                 "cosine_with_restarts: number of cycles (default 1)");
+  cmd.add_option("--lr_power", o.trainer.lr_power, "polynomial: power");
+  cmd.add_option("--loraplus_lr_ratio", o.trainer.loraplus_lr_ratio,
+                 "LoRA+: learning rate of the up (B) matrices × ratio (kohya)");
+  cmd.add_flag("--use_ema", o.trainer.use_ema,
+               "keep an EMA of the trained weights (EMAModel defaults) and save it");
+  cmd.add_option("--max_grad_norm", o.trainer.max_grad_norm, "gradient clipping norm (<= 0: off)");
+  cmd.add_option("--snr_gamma,--min_snr_gamma", o.snr_gamma, "Min-SNR-γ weighting (0: off)");
+  cmd.add_option("--p2_gamma", o.p2_gamma, "P2 loss weighting strength (0: off)");
+  cmd.add_flag("--scale_v_pred_loss_like_noise_pred",
+               o.trainer.weighting.scale_v_pred_loss_like_noise_pred,
+               "v-prediction loss × SNR/(SNR + 1) (kohya)");
+  cmd.add_option("--noise_offset", o.trainer.noise.noise_offset, "offset noise strength");
+  cmd.add_flag("--noise_offset_random_strength", o.trainer.noise.noise_offset_random_strength,
+               "noise offset × U(0, 1) per batch (kohya)");
+  cmd.add_option("--adaptive_noise_scale", o.trainer.noise.adaptive_noise_scale,
+                 "noise offset + scale × |mean of the latents| (kohya; needs --noise_offset)");
+  cmd.add_option("--input_perturbation,--ip_noise_gamma", o.trainer.noise.input_perturbation,
+                 "input perturbation γ");
+  cmd.add_flag("--ip_noise_gamma_random_strength",
+               o.trainer.noise.input_perturbation_random_strength,
+               "input perturbation γ × U(0, 1) per batch (kohya)");
+  cmd.add_option("--prediction_type", o.prediction_type,
+                 "epsilon or v_prediction (default: the scheduler's)");
+  cmd.add_flag("--v_parameterization", o.v_parameterization,
+               "kohya's spelling of --prediction_type v_prediction");
+  cmd.add_flag("--debiased_estimation_loss", o.trainer.weighting.debiased_estimation_loss,
+               "kohya's debiased estimation weighting");
+  cmd.add_option("--loss_type", o.trainer.loss_type, "l2 (default), l1, huber or smooth_l1");
+  cmd.add_option("--huber_schedule", o.trainer.huber_schedule, "constant, exponential or snr");
+  cmd.add_option("--huber_c", o.trainer.huber_c, "Huber c in (0, 1]");
+  cmd.add_option("--huber_scale", o.trainer.huber_scale, "Huber c scale (kohya)");
+  cmd.add_option("--min_timestep", o.min_timestep, "lowest training timestep (kohya)");
+  cmd.add_option("--max_timestep", o.max_timestep, "training timesteps below this (kohya)");
+  cmd.add_option("--timestep_bias_strategy", o.trainer.timestep_bias_strategy,
+                 "none, earlier, later or range (diffusers)");
+  cmd.add_option("--timestep_bias_multiplier", o.trainer.timestep_bias_multiplier, "bias weight");
+  cmd.add_option("--timestep_bias_begin", o.trainer.timestep_bias_begin,
+                 "range bias: first timestep");
+  cmd.add_option("--timestep_bias_end", o.trainer.timestep_bias_end, "range bias: end timestep");
+  cmd.add_option("--timestep_bias_portion", o.trainer.timestep_bias_portion,
+                 "earlier/later bias: fraction of the timesteps");
+  cmd.add_option("--multires_noise_iterations", o.trainer.noise.multires_noise_iterations,
+                 "pyramid noise levels (kohya; 0: off)");
+  cmd.add_option("--multires_noise_discount", o.trainer.noise.multires_noise_discount,
+                 "pyramid noise discount");
+  cmd.add_option("--adam_beta1", o.trainer.adam_beta1, "AdamW beta1");
+  cmd.add_option("--adam_beta2", o.trainer.adam_beta2, "AdamW beta2");
+  cmd.add_option("--adam_weight_decay", o.trainer.adam_weight_decay, "AdamW weight decay");
+  cmd.add_option("--adam_epsilon", o.trainer.adam_epsilon, "AdamW epsilon");
+  cmd.add_option("--seed", o.trainer.seed, "seed of every random draw");
+  cmd.add_option("--output_dir", o.trainer.output_dir, "where the LoRA, checkpoints and logs go");
+  cmd.add_option("--checkpointing_steps", o.trainer.checkpointing_steps,
+                 "save a checkpoint every N steps (0: never)");
+  cmd.add_option("--checkpoints_total_limit", o.checkpoints_total_limit,
+                 "keep the last N checkpoints (0: all)");
+  cmd.add_option("--resume_from_checkpoint", o.trainer.resume_from_checkpoint,
+                 "\"latest\" or a checkpoint folder");
+  cmd.add_option("--validation_prompt", o.validation_prompt, "prompt of the validation grids");
+  cmd.add_option("--num_validation_images", o.num_validation_images, "images per grid");
+  cmd.add_option("--validation_epochs", o.validation_epochs, "validate every N epochs");
+  cmd.add_option("--validation_inference_steps", o.validation_inference_steps,
+                 "DDIM steps of the validation images");
+  cmd.add_option("--validation_guidance_scale", o.validation_guidance_scale,
+                 "classifier-free guidance of the validation images");
+  add_threads_option(cmd, o.threads);
+  cmd.add_flag("--plain_log", o.plain_log, "log lines instead of a progress bar");
+}
+
 void add_train_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<TrainCommandOptions>();
   CLI::App* cmd = app.add_subcommand(
       "train", "LoRA / DreamBooth fine-tuning of a diffusers model folder (diffusers' flags)");
-  cmd->add_option("--config", o->config, "JSON file with the same keys as the flags");
-  cmd->add_option("--pretrained_model_name_or_path", o->pretrained_model_name_or_path,
-                  "diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)");
-  cmd->add_option("--train_data_dir", o->train_data_dir,
-                  "images with .txt captions or a metadata.jsonl");
-  cmd->add_option("--caption_column", o->caption_column, "metadata.jsonl caption key");
-  cmd->add_option("--caption_extension", o->caption_extension, "caption file extension");
-  cmd->add_option("--instance_data_dir", o->instance_data_dir, "DreamBooth instance images");
-  cmd->add_option("--instance_prompt", o->instance_prompt, "DreamBooth instance prompt");
-  cmd->add_option("--class_data_dir", o->class_data_dir, "DreamBooth class images");
-  cmd->add_option("--class_prompt", o->class_prompt, "DreamBooth class prompt");
-  cmd->add_flag("--with_prior_preservation", o->trainer.with_prior_preservation,
-                "add the class images' loss × prior_loss_weight");
-  cmd->add_option("--prior_loss_weight", o->trainer.prior_loss_weight, "λ of the prior loss");
-  cmd->add_option("--resolution", o->resolution, "training image size");
-  cmd->add_flag("--center_crop", o->center_crop, "center crop (default: random crop)");
-  cmd->add_flag("--random_flip", o->random_flip, "random horizontal flips");
-  cmd->add_flag("--cache_latents", o->cache_latents, "encode each image with the VAE once");
-  cmd->add_option("--rank", o->rank, "LoRA rank");
-  cmd->add_option("--lora_alpha", o->lora_alpha, "LoRA alpha (default: = rank)");
-  cmd->add_option("--init_lora_weights", o->init_lora_weights,
-                  "LoRA A init: gaussian (default, diffusers' scripts) or kaiming_uniform (kohya)");
-  cmd->add_option("--lora_target_modules", o->lora_target_modules,
-                  "module names to adapt (default to_q to_k to_v to_out.0)");
-  cmd->add_option("--save_format", o->save_format, "kohya (default) or peft");
-  cmd->add_option("--output_name", o->output_name, "LoRA file name without .safetensors");
-  cmd->add_option("--train_batch_size", o->trainer.train_batch_size, "micro-batch size");
-  cmd->add_option("--gradient_accumulation_steps", o->trainer.gradient_accumulation_steps,
-                  "micro-batches per optimizer step");
-  cmd->add_option("--max_train_steps", o->max_train_steps,
-                  "optimizer steps (default: num_train_epochs × steps per epoch)");
-  cmd->add_option("--num_train_epochs", o->num_train_epochs, "epochs when no max_train_steps");
-  cmd->add_option("--learning_rate", o->trainer.learning_rate, "AdamW learning rate");
-  cmd->add_flag("--scale_lr", o->trainer.scale_lr, "lr × accumulation × batch size");
-  cmd->add_option("--lr_scheduler", o->trainer.lr_scheduler,
-                  "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
-                  "polynomial");
-  cmd->add_option("--lr_warmup_steps", o->trainer.lr_warmup_steps, "warm-up steps");
-  cmd->add_option("--max_grad_norm", o->trainer.max_grad_norm,
-                  "gradient clipping norm (<= 0: off)");
-  cmd->add_option("--snr_gamma", o->snr_gamma, "Min-SNR-γ weighting (0: off)");
-  cmd->add_option("--noise_offset", o->trainer.noise.noise_offset, "offset noise strength");
-  cmd->add_option("--input_perturbation", o->trainer.noise.input_perturbation,
-                  "input perturbation γ");
-  cmd->add_option("--prediction_type", o->prediction_type,
-                  "epsilon or v_prediction (default: the scheduler's)");
-  cmd->add_flag("--debiased_estimation_loss", o->trainer.weighting.debiased_estimation_loss,
-                "kohya's debiased estimation weighting");
-  cmd->add_option("--loss_type", o->trainer.loss_type, "l2 (default), huber or smooth_l1");
-  cmd->add_option("--huber_schedule", o->trainer.huber_schedule, "constant, exponential or snr");
-  cmd->add_option("--huber_c", o->trainer.huber_c, "Huber c in (0, 1]");
-  cmd->add_option("--min_timestep", o->min_timestep, "lowest training timestep (kohya)");
-  cmd->add_option("--max_timestep", o->max_timestep, "training timesteps below this (kohya)");
-  cmd->add_option("--timestep_bias_strategy", o->trainer.timestep_bias_strategy,
-                  "none, earlier, later or range (diffusers)");
-  cmd->add_option("--timestep_bias_multiplier", o->trainer.timestep_bias_multiplier, "bias weight");
-  cmd->add_option("--timestep_bias_begin", o->trainer.timestep_bias_begin,
-                  "range bias: first timestep");
-  cmd->add_option("--timestep_bias_end", o->trainer.timestep_bias_end, "range bias: end timestep");
-  cmd->add_option("--timestep_bias_portion", o->trainer.timestep_bias_portion,
-                  "earlier/later bias: fraction of the timesteps");
-  cmd->add_option("--multires_noise_iterations", o->trainer.noise.multires_noise_iterations,
-                  "pyramid noise levels (kohya; 0: off)");
-  cmd->add_option("--multires_noise_discount", o->trainer.noise.multires_noise_discount,
-                  "pyramid noise discount");
-  cmd->add_option("--adam_beta1", o->trainer.adam_beta1, "AdamW beta1");
-  cmd->add_option("--adam_beta2", o->trainer.adam_beta2, "AdamW beta2");
-  cmd->add_option("--adam_weight_decay", o->trainer.adam_weight_decay, "AdamW weight decay");
-  cmd->add_option("--adam_epsilon", o->trainer.adam_epsilon, "AdamW epsilon");
-  cmd->add_option("--seed", o->trainer.seed, "seed of every random draw");
-  cmd->add_option("--output_dir", o->trainer.output_dir, "where the LoRA, checkpoints and logs go");
-  cmd->add_option("--checkpointing_steps", o->trainer.checkpointing_steps,
-                  "save a checkpoint every N steps (0: never)");
-  cmd->add_option("--checkpoints_total_limit", o->checkpoints_total_limit,
-                  "keep the last N checkpoints (0: all)");
-  cmd->add_option("--resume_from_checkpoint", o->trainer.resume_from_checkpoint,
-                  "\"latest\" or a checkpoint folder");
-  cmd->add_option("--validation_prompt", o->validation_prompt, "prompt of the validation grids");
-  cmd->add_option("--num_validation_images", o->num_validation_images, "images per grid");
-  cmd->add_option("--validation_epochs", o->validation_epochs, "validate every N epochs");
-  cmd->add_option("--validation_inference_steps", o->validation_inference_steps,
-                  "DDIM steps of the validation images");
-  cmd->add_option("--validation_guidance_scale", o->validation_guidance_scale,
-                  "classifier-free guidance of the validation images");
-  add_threads_option(*cmd, o->threads);
-  cmd->add_flag("--plain_log", o->plain_log, "log lines instead of a progress bar");
+  add_train_options(*cmd, *o);
   cmd->callback([cmd, o, &exit_code] {
     bool interrupted = false;
     exit_code = run_command("train", [&] {

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "difftrain/lora/lora_linear.hpp"
 #include "difftrain/train/trainer.hpp"
 
 namespace CLI {
@@ -53,11 +54,16 @@ struct TrainCommandOptions {
   bool center_crop = false;
   bool random_flip = false;
   bool cache_latents = false;
+  std::size_t clip_skip = 0;       // kohya's --clip_skip: 2 = the penultimate layer; 0, 1: last
+  bool zero_terminal_snr = false;  // kohya: rescale the betas to zero terminal SNR
 
   // LoRA.
   std::size_t rank = 4;
-  double lora_alpha = 0;                       // 0: = rank (diffusers passes lora_alpha = rank)
-  std::string init_lora_weights = "gaussian";  // diffusers' scripts; kaiming_uniform: kohya's
+  double lora_alpha = 0;                        // 0: = rank (diffusers passes lora_alpha = rank)
+  std::string init_lora_weights = "gaussian";   // diffusers' scripts; kaiming_uniform: kohya's
+  bool use_rslora = false;                      // PEFT: scale alpha/√r
+  double lora_dropout = 0;                      // PEFT lora_dropout (on the adapter input)
+  double rank_dropout = 0, module_dropout = 0;  // kohya network_args
   std::vector<std::string> lora_target_modules = {"to_q", "to_k", "to_v", "to_out.0"};
   std::string save_format = "kohya";
   std::string output_name = "pytorch_lora_weights";
@@ -70,7 +76,9 @@ struct TrainCommandOptions {
   std::int64_t max_train_steps = 0;  // 0: num_train_epochs × update steps per epoch
   std::int64_t num_train_epochs = 100;
   double snr_gamma = 0;                               // 0: off
+  double p2_gamma = 0;                                // 0: off
   std::string prediction_type;                        // "": the scheduler's
+  bool v_parameterization = false;                    // kohya: prediction_type v_prediction
   std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
   std::int64_t checkpoints_total_limit = 0;           // 0: keep all
 
@@ -95,6 +103,17 @@ struct TrainRunResult {
 
 /// Called after every global step (after its log line and checkpoint).
 using TrainStepHook = std::function<void(const train::StepLog&)>;
+
+/// Registers every `difftrain train` flag on `cmd`, bound to `o` (the one flag table).
+void add_train_options(CLI::App& cmd, TrainCommandOptions& o);
+
+/// TrainerOptions with the flags that have an "unset" form resolved (diffusers' None);
+/// `micro_batches_per_epoch` turns num_train_epochs into max_train_steps.
+train::TrainerOptions trainer_options(const TrainCommandOptions& o,
+                                      std::int64_t micro_batches_per_epoch);
+
+/// The adapters' configuration from the LoRA flags (throws Error for bad values).
+lora::LoraConfig lora_config(const TrainCommandOptions& o);
 
 /// Runs `difftrain train` (see the top of the file).
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = stderr,

@@ -23,6 +23,8 @@ double elementwise(LossType type, double d, double c) {
   switch (type) {
     case LossType::l2:
       return d * d;
+    case LossType::l1:
+      return std::abs(d);
     case LossType::huber:
       return 2 * c * (std::sqrt(d * d + c * c) - c);
     case LossType::smooth_l1:
@@ -54,7 +56,7 @@ double reference_loss(const std::vector<double>& pred, const Tensor4<float>& tar
 }  // namespace
 
 TEST_CASE("loss_and_grad matches the reference loss and central differences") {
-  const LossType type = GENERATE(LossType::l2, LossType::huber, LossType::smooth_l1);
+  const LossType type = GENERATE(LossType::l2, LossType::l1, LossType::huber, LossType::smooth_l1);
   const int mask_kind = GENERATE(0, 1, 2);  // none, [B,1,H,W], [B,C,H,W]
   const std::vector<std::size_t> shape = {3, 5, 7, 9};
   const Tensor4<float> pred = random_tensor(shape, 1), target = random_tensor(shape, 2);
@@ -63,7 +65,7 @@ TEST_CASE("loss_and_grad matches the reference loss and central differences") {
   if (mask_kind == 2) mask = random_tensor(shape, 4) * 0.5f + 1.0f;
   const std::vector<float> w = {0.5f, 1.0f, 2.5f}, c = {0.1f, 0.3f, 1.0f};
   const std::vector<float> no_c;
-  const auto& cc = type == LossType::l2 ? no_c : c;
+  const auto& cc = uses_huber_c(type) ? c : no_c;
   Tensor4<float> grad;
   const LossResult r = loss_and_grad(pred, target, type, w, cc, mask_kind ? &mask : nullptr, &grad);
   std::vector<double> p(pred.begin(), pred.end()), per_sample;

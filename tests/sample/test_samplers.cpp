@@ -318,7 +318,19 @@ TEST_CASE("SamplingConfig reads scheduler_config.json", "[sample]") {
     "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
     "steps_offset": 1, "trained_betas": null, "clip_sample": false})");
   const auto c = SamplingConfig::from_json(sd15);
-  CHECK(c.timestep_spacing == TimestepSpacing::leading);
+  // No timestep_spacing key: each scheduler's own default, as in diffusers (DDIMScheduler
+  // "leading", EulerDiscreteScheduler "linspace"; difftrain used leading for both before).
+  CHECK_FALSE(c.timestep_spacing.has_value());
+  DdimScheduler ddim(c);
+  EulerDiscreteScheduler euler(c);
+  CHECK(ddim.config().timestep_spacing == TimestepSpacing::leading);
+  CHECK(euler.config().timestep_spacing == TimestepSpacing::linspace);
+  ddim.set_timesteps(10);
+  euler.set_timesteps(10);
+  CHECK(ddim.timesteps()[0] == 901);   // leading: 9·100 + steps_offset 1
+  CHECK(euler.timesteps()[0] == 999);  // linspace(0, 999, 10), descending
+  CHECK(euler.timesteps()[1] == 888);
+  CHECK(euler.init_noise_sigma() == Approx(euler.sigma(999)));  // linspace: max σ, no √(σ²+1)
   CHECK(c.steps_offset == 1);
   CHECK_FALSE(c.set_alpha_to_one);
   CHECK_FALSE(c.clip_sample);

@@ -262,6 +262,106 @@ TEST_CASE("difftrain train: LoRA A starts as diffusers' scripts draw it (gaussia
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected gaussian or kaiming_uniform"));
 }
 
+TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and kohya's names") {
+  CLI::App app;
+  TrainCommandOptions o;
+  tools::add_train_options(app, o);
+  const std::vector<std::string> args = {"--network_dim",
+                                         "8",
+                                         "--network_alpha",
+                                         "4",
+                                         "--use_rslora",
+                                         "--lora_dropout",
+                                         "0.1",
+                                         "--rank_dropout",
+                                         "0.2",
+                                         "--module_dropout",
+                                         "0.3",
+                                         "--init_lora_weights",
+                                         "kaiming_uniform",
+                                         "--min_snr_gamma",
+                                         "5",
+                                         "--p2_gamma",
+                                         "1.5",
+                                         "--scale_v_pred_loss_like_noise_pred",
+                                         "--noise_offset",
+                                         "0.05",
+                                         "--noise_offset_random_strength",
+                                         "--adaptive_noise_scale",
+                                         "0.01",
+                                         "--ip_noise_gamma",
+                                         "0.1",
+                                         "--ip_noise_gamma_random_strength",
+                                         "--huber_scale",
+                                         "2",
+                                         "--lr_num_cycles",
+                                         "3",
+                                         "--lr_power",
+                                         "2",
+                                         "--loraplus_lr_ratio",
+                                         "16",
+                                         "--use_ema",
+                                         "--v_parameterization",
+                                         "--clip_skip",
+                                         "2",
+                                         "--zero_terminal_snr"};
+  app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
+
+  const lora::LoraConfig l = tools::lora_config(o);
+  CHECK(l.rank == 8);
+  CHECK(l.alpha == 4);
+  CHECK(l.use_rslora);
+  CHECK(l.dropout == 0.1);
+  CHECK(l.rank_dropout == 0.2);
+  CHECK(l.module_dropout == 0.3);
+  CHECK(l.init == lora::LoraInit::kaiming_uniform);
+
+  const train::TrainerOptions t = tools::trainer_options(o, 10);
+  CHECK(t.weighting.snr_gamma == 5.0);
+  CHECK(t.weighting.p2_gamma == 1.5);
+  CHECK(t.weighting.scale_v_pred_loss_like_noise_pred);
+  CHECK(t.prediction_type == PredictionType::v_prediction);
+  CHECK(t.lr_num_cycles == 3);
+  CHECK(t.lr_power == 2);
+  CHECK(t.loraplus_lr_ratio == 16);
+  CHECK(t.use_ema);
+  const TrainStepOptions step = train::train_step_options(t);
+  CHECK(step.noise.noise_offset == 0.05f);
+  CHECK(step.noise.noise_offset_random_strength);
+  CHECK(step.noise.adaptive_noise_scale == 0.01f);
+  CHECK(step.noise.input_perturbation == 0.1f);
+  CHECK(step.noise.input_perturbation_random_strength);
+  CHECK(step.huber.huber_scale == 2);
+  CHECK(o.clip_skip == 2);
+  CHECK(o.zero_terminal_snr);
+
+  TrainCommandOptions bad;
+  bad.prediction_type = "epsilon";
+  bad.v_parameterization = true;
+  CHECK_THROWS_WITH(tools::trainer_options(bad, 10), Catch::Contains("--v_parameterization"));
+  bad = TrainCommandOptions{};
+  bad.module_dropout = 1.5;
+  CHECK_THROWS_WITH(tools::lora_config(bad), Catch::Contains("module_dropout"));
+}
+
+TEST_CASE("difftrain train: --clip_skip, --zero_terminal_snr and --use_ema change the result") {
+  // Each changes what is trained (the context, the noise schedule) or what is saved (the EMA of
+  // the adapters): the LoRA differs from the run without it, all else equal.
+  Fixture f;
+  auto lora_of = [&](const std::string& out, auto&& change) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.trainer.checkpointing_steps = 0;
+    change(o);
+    return read_all(tools::run_train(o).lora_file);
+  };
+  const auto base = lora_of("base", [](TrainCommandOptions&) {});
+  CHECK(base == lora_of("same", [](TrainCommandOptions&) {}));  // deterministic
+  CHECK(base != lora_of("skip", [](TrainCommandOptions& o) { o.clip_skip = 2; }));
+  CHECK(base == lora_of("skip1", [](TrainCommandOptions& o) { o.clip_skip = 1; }));  // last layer
+  CHECK(base != lora_of("zsnr", [](TrainCommandOptions& o) { o.zero_terminal_snr = true; }));
+  CHECK(base != lora_of("ema", [](TrainCommandOptions& o) { o.trainer.use_ema = true; }));
+}
+
 TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
   Fixture f;
   // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet

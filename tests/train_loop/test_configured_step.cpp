@@ -362,7 +362,7 @@ TEST_CASE("make_train_step: bad option values throw difftrain::Error naming them
   fails([](TrainerOptions& o) { o.weighting.p2_gamma = -1.0; }, "P2: gamma is -1");
   fails([](TrainerOptions& o) { o.weighting.scale_v_pred_loss_like_noise_pred = true; },
         "scale_v_pred_loss_like_noise_pred needs prediction_type v_prediction, got epsilon");
-  fails([](TrainerOptions& o) { o.loss_type = "l1"; }, "loss_type: unknown value 'l1'");
+  fails([](TrainerOptions& o) { o.loss_type = "l3"; }, "loss_type: unknown value 'l3'");
   fails([](TrainerOptions& o) { o.huber_schedule = "cosine"; },
         "huber_schedule: unknown value 'cosine'");
   fails(

@@ -250,6 +250,43 @@ TEST_CASE("accumulating 2 micro-batches of B/2 equals one batch of B (determinis
   REQUIRE(w1 != flat(*std::make_unique<TinyDenoiser>(4, 16, 3)));  // the weights did move
 }
 
+TEST_CASE("accumulation groups end with the epoch, as accelerate's (5 micro-batches, accum 2)") {
+  // accelerate also steps the optimizer after an epoch's last micro-batch: with 5 micro-batches
+  // per epoch and accumulation 2, every epoch is 3 optimizer steps of 2, 2 and 1 micro-batches
+  // (ceil(5/2), as diffusers' num_update_steps_per_epoch), and no group spans two epochs.
+  TrainerOptions o;
+  o.optimizer = "sgd";
+  o.learning_rate = 0.01;
+  o.lr_scheduler = "constant";
+  o.max_train_steps = 6;
+  o.gradient_accumulation_steps = 2;
+  o.micro_batches_per_epoch = 5;
+  Setup s(o);
+  std::vector<std::uint64_t> seen, index_after;
+  std::vector<std::size_t> rows;
+  auto data = [&](std::uint64_t m) {
+    seen.push_back(m);
+    return Plain{}(m);
+  };
+  for (int k = 0; k < 6; ++k) {
+    const StepLog log = s.trainer.train_step(data);
+    index_after.push_back(s.trainer.micro_batch_index());
+    rows.push_back(log.weights.size());
+  }
+  REQUIRE(index_after == std::vector<std::uint64_t>{2, 4, 5, 7, 9, 10});
+  REQUIRE(seen == std::vector<std::uint64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+  REQUIRE(rows == std::vector<std::size_t>{8, 8, 4, 8, 8, 4});
+  REQUIRE(s.trainer.optimizer_step() == 6);
+
+  // Without epochs (0) every group has 2 micro-batches.
+  o.micro_batches_per_epoch = 0;
+  Setup plain(o);
+  for (int k = 0; k < 3; ++k) plain.trainer.train_step(Plain{});
+  REQUIRE(plain.trainer.micro_batch_index() == 6);
+  o.micro_batches_per_epoch = -1;
+  REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("micro_batches_per_epoch"));
+}
+
 TEST_CASE("prior preservation: loss = L_instance + λ·L_prior, Min-SNR with each sample's t") {
   auto run = [](double lambda, StepLog* log_out, std::vector<std::int64_t>* seen) {
     TrainerOptions o;

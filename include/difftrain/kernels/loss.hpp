@@ -6,7 +6,8 @@
 //   L   = (1/B) Σ_b w_b·L_b                              weighted batch mean
 //   dL/dpred_i = w_b·m_i·ℓ'(d_i) / (B·C·P)
 //
-// ℓ: l2 d²; huber 2c(√(d²+c²) − c); smooth_l1 2(√(d²+c²) − c), with c per sample.
+// ℓ: l2 d²; l1 |d| (gradient sign d, 0 at 0, as PyTorch); huber 2c(√(d²+c²) − c);
+// smooth_l1 2(√(d²+c²) − c), with c per sample.
 // Sums are accumulated per fixed chunk of a sample and the chunks added in order in double, so
 // the result does not depend on the thread count.
 
@@ -26,18 +27,24 @@
 
 namespace difftrain::kernels {
 
-enum class LossType : std::uint8_t { l2, huber, smooth_l1 };
+enum class LossType : std::uint8_t { l2, huber, smooth_l1, l1 };
 
 /// kohya's names.
-inline constexpr std::array<Choice<LossType>, 3> kLossTypes{{
+inline constexpr std::array<Choice<LossType>, 4> kLossTypes{{
     {"l2", LossType::l2},
+    {"l1", LossType::l1},
     {"huber", LossType::huber},
     {"smooth_l1", LossType::smooth_l1},
 }};
 
 inline std::string_view to_string(LossType type) { return choice_name(type, kLossTypes); }
 
-/// kohya's names: "l2", "huber", "smooth_l1".
+/// Whether the loss takes the per-sample Huber c (huber, smooth_l1).
+constexpr bool uses_huber_c(LossType type) {
+  return type == LossType::huber || type == LossType::smooth_l1;
+}
+
+/// kohya's names: "l2", "l1", "huber", "smooth_l1".
 inline LossType parse_loss_type(std::string_view name) {
   return parse_choice("loss_type", name, kLossTypes);
 }
@@ -52,6 +59,18 @@ enum class MaskLayout : std::uint8_t { none, per_sample_plane, full };
 
 // sqrt for scalars and batches alike (used by the generic loss body below).
 inline float sqrt_of(float x) { return std::sqrt(x); }
+inline float abs_of(float x) { return std::abs(x); }
+inline float sign_of(float x) { return static_cast<float>((x > 0.0f) - (x < 0.0f)); }
+template <class Arch>
+inline xsimd::batch<float, Arch> abs_of(xsimd::batch<float, Arch> x) {
+  return xsimd::abs(x);
+}
+template <class Arch>
+inline xsimd::batch<float, Arch> sign_of(xsimd::batch<float, Arch> x) {
+  using F = xsimd::batch<float, Arch>;
+  return xsimd::select(x > F(0.0f), F(1.0f), F(0.0f)) -
+         xsimd::select(x < F(0.0f), F(1.0f), F(0.0f));
+}
 template <class Arch>
 inline xsimd::batch<float, Arch> sqrt_of(xsimd::batch<float, Arch> x) {
   return xsimd::sqrt(x);
@@ -74,6 +93,9 @@ inline double loss_chunk(const float* pred, const float* target, const float* ma
     if constexpr (type == LossType::l2) {
       slope = d + d;
       return d * d;
+    } else if constexpr (type == LossType::l1) {
+      slope = sign_of(d);
+      return abs_of(d);
     } else {
       // √(d²+c²) − c = d²/(√(d²+c²) + c): no cancellation when c ≫ |d|.
       using V = decltype(d);
@@ -122,9 +144,9 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
   constexpr const char* fn = "loss_and_grad";
   require(weights.size() == batch, fn, "weights has ", weights.size(), " entries, expected ",
           batch);
-  require(type == LossType::l2 || huber_c.size() == batch, fn, "huber_c has ", huber_c.size(),
+  require(!uses_huber_c(type) || huber_c.size() == batch, fn, "huber_c has ", huber_c.size(),
           " entries, expected ", batch, " for loss type ", to_string(type));
-  for (std::size_t b = 0; type != LossType::l2 && b < batch; ++b)
+  for (std::size_t b = 0; uses_huber_c(type) && b < batch; ++b)
     require(huber_c[b] > 0, fn, "huber_c[", b, "] is ", huber_c[b], ", expected > 0");
   require((mask == nullptr) == (mask_layout == MaskLayout::none), fn,
           "mask pointer and mask layout disagree");
@@ -161,7 +183,7 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
     }
     const std::size_t o = b * per_sample + lo;
     const std::size_t n = hi - lo;
-    const float c = type == LossType::l2 ? 0.0f : huber_c[b];
+    const float c = uses_huber_c(type) ? huber_c[b] : 0.0f;
     const float scale = static_cast<float>(static_cast<double>(weights[b]) * inv_count /
                                            static_cast<double>(batch));
     float* g = grad ? grad + o : nullptr;
@@ -169,6 +191,9 @@ LossResult loss_and_grad(const float* pred, const float* target, std::size_t bat
     switch (type) {
       case LossType::l2:
         sum = detail::loss_chunk<LossType::l2, Arch>(pred + o, target + o, m, n, c, scale, g);
+        break;
+      case LossType::l1:
+        sum = detail::loss_chunk<LossType::l1, Arch>(pred + o, target + o, m, n, c, scale, g);
         break;
       case LossType::huber:
         sum = detail::loss_chunk<LossType::huber, Arch>(pred + o, target + o, m, n, c, scale, g);

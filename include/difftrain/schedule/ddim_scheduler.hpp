@@ -27,6 +27,7 @@ namespace difftrain {
 class DdimScheduler {
  public:
   explicit DdimScheduler(SamplingConfig config) : config_(std::move(config)), ddpm_(config_.train) {
+    if (!config_.timestep_spacing) config_.timestep_spacing = TimestepSpacing::leading;
     final_alpha_cumprod_ = config_.set_alpha_to_one ? 1.0 : ddpm_.alphas_cumprod()[0];
   }
 

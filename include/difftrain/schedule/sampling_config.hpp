@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -47,7 +48,9 @@ inline TimestepSpacing parse_timestep_spacing(std::string_view name) {
 /// except clip_sample (false here, true in DDIMScheduler's constructor; SD checkpoints set false).
 struct SamplingConfig {
   DdpmSchedulerConfig train;  // betas, T, prediction_type, rescale_betas_zero_snr
-  TimestepSpacing timestep_spacing = TimestepSpacing::leading;
+  // Unset (no key in the file): the scheduler's own default, as diffusers' constructors have it:
+  // DDIM leading, Euler linspace.
+  std::optional<TimestepSpacing> timestep_spacing;
   std::int64_t steps_offset = 0;
   bool set_alpha_to_one = true;  // DDIM: ᾱ after the last step is 1 (else ᾱ_0)
   bool clip_sample = false;      // DDIM: clamp the predicted x0 to ±clip_sample_range
@@ -123,7 +126,9 @@ inline std::vector<double> inference_timesteps(std::string_view fn, const Sampli
   require(n >= 1 && n <= T, fn, "num_inference_steps is ", n, ", expected 1 to ",
           "num_train_timesteps = ", T);
   std::vector<double> t(static_cast<std::size_t>(n));
-  switch (config.timestep_spacing) {
+  require(config.timestep_spacing.has_value(), fn, "timestep_spacing is unset");
+  const TimestepSpacing spacing = *config.timestep_spacing;
+  switch (spacing) {
     case TimestepSpacing::leading: {
       const std::int64_t step_ratio = T / n;
       for (std::int64_t i = 0; i < n; ++i)
@@ -155,7 +160,7 @@ inline std::vector<double> inference_timesteps(std::string_view fn, const Sampli
   }
   for (double v : t) {
     require(v >= 0.0 && v <= static_cast<double>(T - 1), fn, "timestep ", v, " (",
-            to_string(config.timestep_spacing), " spacing, steps_offset ", config.steps_offset,
+            to_string(spacing), " spacing, steps_offset ", config.steps_offset,
             ") is out of range [0, ", T, ")");
   }
   return t;

@@ -84,7 +84,7 @@ class DiffusionTrainStep {
     options_.noise.validate();
     // StandardNoise takes its options from TrainStepOptions::noise (one source of truth).
     if constexpr (std::is_same_v<NoiseT, kernels::StandardNoise>) noise_.options = options_.noise;
-    if (options_.loss_type != kernels::LossType::l2) options_.huber.validate();
+    if (kernels::uses_huber_c(options_.loss_type)) options_.huber.validate();
   }
 
   /// Encodes images and token ids, then runs the step.
@@ -127,7 +127,7 @@ class DiffusionTrainStep {
               ", expected a finite value");
       result.weights[b] = w;
       weights[b] = static_cast<float>(w);
-      if (options_.loss_type != kernels::LossType::l2)
+      if (kernels::uses_huber_c(options_.loss_type))
         huber_c[b] = static_cast<float>(loss::huber_c(options_.huber, scheduler_, t));
     }
 
@@ -138,9 +138,9 @@ class DiffusionTrainStep {
     if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index);
     const Tensor4<float> pred = denoiser_.forward(x_t_, result.timesteps, context);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
-    const std::span<const float> c = options_.loss_type == kernels::LossType::l2
-                                         ? std::span<const float>()
-                                         : std::span<const float>(huber_c);
+    const std::span<const float> c = kernels::uses_huber_c(options_.loss_type)
+                                         ? std::span<const float>(huber_c)
+                                         : std::span<const float>();
     const kernels::LossResult l =
         kernels::loss_and_grad(pred, target_, options_.loss_type, weights, c, extras.mask, &grad_);
     if (!std::isfinite(l.loss)) {

@@ -3,7 +3,9 @@
 //
 // One call of train_step() is one optimizer step ("global step"):
 //   zero the gradients
-//   for k in [0, gradient_accumulation_steps): micro-batch m = micro_batch_index + k
+//   for k in [0, n): micro-batch m = micro_batch_index + k, n = gradient_accumulation_steps, or
+//       fewer at the end of an epoch (micro_batches_per_epoch set: accelerate also steps after
+//       an epoch's last micro-batch, so an accumulation group never spans two epochs)
 //       batch = data(m);  step.step(images, token_ids, m, {weights w_b / accum})  (backward +=)
 //   ‖g‖ = global grad norm (before clipping); clip to max_grad_norm
 //   a NaN/Inf loss or ‖g‖ → skip (gradients dropped, counted) or Error naming the step
@@ -13,7 +15,8 @@
 // (through its per-sample weights), as accelerate's backward() does, so the accumulated gradient
 // is the gradient of the mean loss over the micro-batches — the same as one batch of
 // accum × micro-batch samples — and learning rates keep their meaning when accum changes.
-// The optimizer, the LR schedule and the EMA advance only on these boundaries.
+// The optimizer, the LR schedule and the EMA advance only on these boundaries. A short group at
+// an epoch's end keeps the 1/gradient_accumulation_steps factor (accelerate divides by it too).
 //
 // Prior preservation (DreamBooth): the batch is the instance examples, then the class examples;
 // L = L_instance + λ·L_prior, each the weighted mean (Min-SNR etc. with the sample's own
@@ -84,13 +87,16 @@ struct TrainerOptions {
   // Learning-rate schedule (lr_schedule.hpp).
   std::string lr_scheduler = "constant";
   std::int64_t lr_warmup_steps = 500;
-  double lr_num_cycles = -1;  // < 0: the schedule's default (cosine 0.5, restarts 1)
+  double lr_num_cycles = -1;  // cosine_with_restarts only; < 0: its default, 1
   double lr_power = 1.0;
   double lr_end = 1e-7;
 
   // Loop.
   std::int64_t max_train_steps = 1000;
   std::int64_t gradient_accumulation_steps = 1;
+  // Micro-batches of one epoch (the data loader's length): accumulation groups end with the
+  // epoch, as with accelerate. 0: no epochs, every group has gradient_accumulation_steps.
+  std::int64_t micro_batches_per_epoch = 0;
   double max_grad_norm = 1.0;  // <= 0: no clipping (the norm is still computed and logged)
   NonFinitePolicy non_finite = NonFinitePolicy::skip;
 
@@ -112,7 +118,7 @@ struct TrainerOptions {
   loss::WeightingOptions weighting;
 
   // Loss type (kohya --loss_type, --huber_schedule, --huber_c, --huber_scale).
-  std::string loss_type = "l2";        // l2, huber or smooth_l1
+  std::string loss_type = "l2";        // l2, l1, huber or smooth_l1
   std::string huber_schedule = "snr";  // constant, exponential or snr (c per timestep)
   double huber_c = 0.1;                // in (0, 1]
   double huber_scale = 1.0;
@@ -149,7 +155,7 @@ inline TrainStepOptions train_step_options(const TrainerOptions& o) {
   s.huber.schedule = loss::parse_huber_schedule(o.huber_schedule);
   s.huber.huber_c = o.huber_c;
   s.huber.huber_scale = o.huber_scale;
-  if (s.loss_type != kernels::LossType::l2) s.huber.validate();
+  if (kernels::uses_huber_c(s.loss_type)) s.huber.validate();
   s.seed = o.seed;
   return s;
 }
@@ -279,6 +285,8 @@ class Trainer {
       : step_(step), model_(model), options_(std::move(options)) {
     constexpr const char* fn = "Trainer";
     const TrainerOptions& o = options_;
+    require(o.micro_batches_per_epoch >= 0, fn, "micro_batches_per_epoch is ",
+            o.micro_batches_per_epoch, ", expected >= 0 (0: no epochs)");
     require(o.gradient_accumulation_steps >= 1, fn, "gradient_accumulation_steps is ",
             o.gradient_accumulation_steps, ", expected >= 1");
     require(o.max_train_steps >= 1, fn, "max_train_steps is ", o.max_train_steps,
@@ -336,12 +344,13 @@ class Trainer {
   StepLog train_step(D&& data) {
     const auto start = std::chrono::steady_clock::now();
     const std::int64_t accum = options_.gradient_accumulation_steps;
+    const std::int64_t group = group_size();
     StepLog log;
     log.step = global_step_ + 1;
     nn::zero_grad<float>(model_);
     std::optional<std::string> non_finite;
     try {
-      for (std::int64_t k = 0; k < accum && !non_finite; ++k) {
+      for (std::int64_t k = 0; k < group && !non_finite; ++k) {
         const std::uint64_t m = micro_batch_index_ + std::uint64_t(k);
         const TrainBatch batch = data(m);
         const ComposedBatch c = compose_batch(batch, options_.with_prior_preservation,
@@ -389,7 +398,7 @@ class Trainer {
       if (ema_) ema_->step();
       nn::zero_grad<float>(model_);
     }
-    micro_batch_index_ += std::uint64_t(accum);
+    micro_batch_index_ += std::uint64_t(group);
     ++global_step_;
     log.skipped_steps = skipped_steps_;
     const double seconds =
@@ -439,6 +448,7 @@ class Trainer {
         {"optimizer", options_.optimizer},
         {"seed", options_.seed},
         {"gradient_accumulation_steps", options_.gradient_accumulation_steps},
+        {"micro_batches_per_epoch", options_.micro_batches_per_epoch},
         {"lr_scheduler", options_.lr_scheduler},
         {"learning_rate", base_lr_},
         {"use_ema", ema_.has_value()},
@@ -477,6 +487,9 @@ class Trainer {
     same("optimizer", options_.optimizer);
     same("seed", options_.seed);
     same("gradient_accumulation_steps", options_.gradient_accumulation_steps);
+    // Where accumulation groups end; checkpoints written before it existed had no epochs.
+    if (m.contains("micro_batches_per_epoch") || options_.micro_batches_per_epoch != 0)
+      same("micro_batches_per_epoch", options_.micro_batches_per_epoch);
     same("use_ema", ema_.has_value());
     auto file = [&](const std::string& name) -> const TensorMap& {
       auto it = c.tensor_files.find(name);
@@ -554,6 +567,16 @@ class Trainer {
   void set_checkpoint_hook(CheckpointHook hook) { before_rename_ = std::move(hook); }
 
  private:
+  // Micro-batches of the next optimizer step: gradient_accumulation_steps, or what is left of
+  // the epoch.
+  std::int64_t group_size() const {
+    const std::int64_t accum = options_.gradient_accumulation_steps,
+                       per_epoch = options_.micro_batches_per_epoch;
+    if (per_epoch <= 0) return accum;
+    const auto left = per_epoch - std::int64_t(micro_batch_index_ % std::uint64_t(per_epoch));
+    return std::min(accum, left);
+  }
+
   double first_group_lr() const {
     return std::visit([](const auto& opt) { return opt.param_groups().front().lr; }, optimizer_);
   }
