@@ -5,21 +5,24 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <utility>
 
 #include "cmd_sample.hpp"
+#include "config_file.hpp"
 #include "dataset.hpp"
+#include "difftrain/lora/kohya_metadata.hpp"
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
 #include "difftrain/pipeline/pipeline.hpp"
 #include "difftrain/schedule/sample.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "image_io.hpp"
-#include "json_config.hpp"
 #include "progress.hpp"
 #include "tool_common.hpp"
 
@@ -93,20 +96,13 @@ class CachedLatentSource {
   std::map<std::size_t, models::DiagonalGaussian<float>> cache_[2];
 };
 
-std::string number(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.9g", v);
-  return buf;
-}
-// A float flag as typed (0.05f prints "0.05", not its double value 0.0500000007).
-std::string number(float v) {
-  char buf[64];
-  const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;
-  return std::string(buf, end);
-}
-
 namespace fs = std::filesystem;
 constexpr const char* fn = "train";
+
+// Seconds since the epoch (Python's time.time()), for kohya's ss_training_*_at keys.
+double unix_time_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
 
 /// Checks the flags that depend on each other; returns the LoRA file format.
 lora::LoraFormat check_options(const TrainCommandOptions& o) {
@@ -131,6 +127,19 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
   require(o.num_validation_images >= 1, fn, "--num_validation_images is ", o.num_validation_images,
           ", expected >= 1");
   require(!o.trainer.output_dir.empty(), fn, "--output_dir is empty");
+  require(o.num_class_images >= 1, fn, "--num_class_images is ", o.num_class_images,
+          ", expected >= 1");
+  require(o.sample_batch_size >= 1, fn, "--sample_batch_size is ", o.sample_batch_size,
+          ", expected >= 1");
+  if (o.full_finetune) {
+    std::error_code ec;
+    require(!fs::equivalent(o.pretrained_model_name_or_path, o.trainer.output_dir, ec), fn,
+            "--full_finetune writes a model folder to --output_dir, which is the base model's "
+            "folder '",
+            o.pretrained_model_name_or_path, "': give another one");
+  }
+  require(o.save_model_as == "safetensors", fn, "--save_model_as is '", o.save_model_as,
+          "', expected safetensors (ckpt and pt files are not written)");
   return lora::parse_lora_format(o.save_format);
 }
 
@@ -143,6 +152,8 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   data_options.resolution = o.resolution;
   data_options.center_crop = o.center_crop;
   data_options.random_flip = o.random_flip;
+  data_options.interpolation =
+      parse_choice("--image_interpolation_mode", o.image_interpolation_mode, kInterpolations);
   data_options.train_batch_size = std::size_t(o.trainer.train_batch_size);
   data_options.seed = o.trainer.seed;
   data_options.cache_images = true;
@@ -153,38 +164,113 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
       !o.instance_data_dir.empty() ? scan_dreambooth_folder(o.instance_data_dir, o.instance_prompt)
                                    : scan_image_folder(o.train_data_dir, folder_options);
   std::vector<Example> class_examples;
-  if (o.trainer.with_prior_preservation)
+  if (o.trainer.with_prior_preservation) {
     class_examples = scan_dreambooth_folder(o.class_data_dir, o.class_prompt);
+    if (class_examples.size() > std::size_t(o.num_class_images))  // diffusers: the first N
+      class_examples.resize(std::size_t(o.num_class_images));
+  }
   return ImageCaptionDataSource(std::move(examples), tokenize, data_options,
                                 std::move(class_examples));
 }
 
-/// The run's settings as kohya's ss_* metadata keys of the LoRA file.
+// The Python class kohya records as ss_optimizer for each optimizer (module + "." + name).
+std::string kohya_optimizer_class(const std::string& name) {
+  static const std::map<std::string, std::string> classes = {
+      {"adamw", "torch.optim.adamw.AdamW"},
+      {"sgd", "torch.optim.sgd.SGD"},
+      {"lion", "lion_pytorch.lion_pytorch.Lion"},
+      {"adafactor", "transformers.optimization.Adafactor"},
+      {"prodigy", "prodigyopt.prodigy.Prodigy"},
+      {"adamw_schedulefree", "schedulefree.adamw_schedulefree.AdamWScheduleFree"}};
+  return classes.at(name);
+}
+
+std::vector<std::pair<std::string, std::string>> key_values(const std::vector<std::string>& args) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const std::string& a : args) {
+    const auto eq = a.find('=');
+    out.emplace_back(a.substr(0, eq), eq == std::string::npos ? "" : a.substr(eq + 1));
+  }
+  return out;
+}
+
+/// The run as kohya's train_network.py describes it in a LoRA file (ss_* and modelspec.* keys;
+/// kohya_metadata.hpp formats them).
 std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
-                                                 const train::TrainerOptions& t, std::int64_t steps,
-                                                 std::size_t num_images) {
-  std::map<std::string, std::string> m;
-  m["ss_training_comment"] = "difftrain train";
-  m["ss_learning_rate"] = number(t.learning_rate);
-  m["ss_unet_lr"] = number(t.learning_rate);
-  m["ss_lr_scheduler"] = t.lr_scheduler;
-  m["ss_lr_warmup_steps"] = std::to_string(t.lr_warmup_steps);
-  m["ss_max_train_steps"] = std::to_string(t.max_train_steps);
-  m["ss_steps"] = std::to_string(steps);
-  m["ss_num_train_images"] = std::to_string(num_images);
-  m["ss_batch_size_per_device"] = std::to_string(t.train_batch_size);
-  m["ss_gradient_accumulation_steps"] = std::to_string(t.gradient_accumulation_steps);
-  m["ss_max_grad_norm"] = number(t.max_grad_norm);
-  m["ss_resolution"] =
-      "(" + std::to_string(o.resolution) + ", " + std::to_string(o.resolution) + ")";
-  m["ss_seed"] = std::to_string(t.seed);
-  m["ss_noise_offset"] = number(t.noise.noise_offset);
-  m["ss_min_snr_gamma"] = number(o.snr_gamma);
-  m["ss_prior_loss_weight"] = number(t.prior_loss_weight);
-  m["ss_optimizer"] = "AdamW";
-  m["ss_v2"] = "False";
-  if (!o.prediction_type.empty()) m["ss_prediction_type"] = o.prediction_type;
-  return m;
+                                                 const train::TrainerOptions& t,
+                                                 const pipeline::ModelFolder& model,
+                                                 std::int64_t steps, std::size_t num_images,
+                                                 std::int64_t micro_per_epoch, double started_at) {
+  lora::KohyaRunInfo r;
+  const auto& unet = model.unet.config();
+  r.base = unet.cross_attention_dim.front() == 1024 ? lora::KohyaBaseModel::sd_v2
+                                                    : lora::KohyaBaseModel::sd_v1;
+  r.v_parameterization = t.prediction_type.value_or(model.scheduler.train.prediction_type) ==
+                         PredictionType::v_prediction;
+  r.sd_model_name = fs::path(o.pretrained_model_name_or_path).filename().string();
+  r.resolution_width = r.resolution_height = o.resolution;
+  r.network_dim = std::int64_t(o.rank);
+  r.network_alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
+  if (o.use_rslora) *r.network_alpha *= std::sqrt(double(o.rank));  // the file's plain alpha
+  if (o.conv_dim > 0) {
+    r.network_args.emplace_back("conv_dim", std::to_string(o.conv_dim));
+    r.network_args.emplace_back("conv_alpha", lora::python_float(o.conv_alpha));
+  }
+  for (auto& kv : key_values(o.network_args)) r.network_args.push_back(kv);
+  const train::OptimizerName opt = train::parse_optimizer_name(t.optimizer);
+  r.optimizer = kohya_optimizer_class(opt.name);
+  r.optimizer_args =
+      opt.name == "adamw"
+          ? lora::torch_adamw_args(t.adam_beta1, t.adam_beta2, t.adam_weight_decay, t.adam_epsilon)
+          : key_values(t.optimizer_args);
+  r.learning_rate = t.learning_rate;
+  if (o.unet_lr > 0) r.unet_lr = o.unet_lr;
+  r.lr_scheduler = t.lr_scheduler;
+  r.lr_warmup_steps = o.lr_warmup_steps;
+  r.max_grad_norm = t.max_grad_norm;
+  r.max_train_steps = t.max_train_steps;
+  const std::int64_t updates_per_epoch =
+      (micro_per_epoch + t.gradient_accumulation_steps - 1) / t.gradient_accumulation_steps;
+  r.num_epochs = (t.max_train_steps + updates_per_epoch - 1) / updates_per_epoch;
+  r.num_batches_per_epoch = micro_per_epoch;
+  r.train_batch_size = t.train_batch_size;
+  r.gradient_accumulation_steps = t.gradient_accumulation_steps;
+  r.steps = steps;
+  r.epoch = steps / std::max<std::int64_t>(1, updates_per_epoch);
+  r.seed = t.seed;
+  r.cache_latents = o.cache_latents;
+  r.prior_loss_weight = t.prior_loss_weight;
+  if (o.snr_gamma > 0) r.min_snr_gamma = o.snr_gamma;
+  r.debiased_estimation = t.weighting.debiased_estimation_loss;
+  if (t.noise.noise_offset != 0) r.noise_offset = lora::decimal_double(t.noise.noise_offset);
+  r.noise_offset_random_strength = t.noise.noise_offset_random_strength;
+  if (t.noise.adaptive_noise_scale != 0)
+    r.adaptive_noise_scale = lora::decimal_double(t.noise.adaptive_noise_scale);
+  if (t.noise.multires_noise_iterations > 0)
+    r.multires_noise_iterations = std::int64_t(t.noise.multires_noise_iterations);
+  r.multires_noise_discount = lora::decimal_double(t.noise.multires_noise_discount);
+  if (t.noise.input_perturbation != 0)
+    r.ip_noise_gamma = lora::decimal_double(t.noise.input_perturbation);
+  r.ip_noise_gamma_random_strength = t.noise.input_perturbation_random_strength;
+  r.zero_terminal_snr = o.zero_terminal_snr;
+  r.loss_type = t.loss_type;
+  r.huber_schedule = t.huber_schedule;
+  r.huber_c = t.huber_c;
+  r.huber_scale = t.huber_scale;
+  if (o.min_timestep >= 0) r.min_timestep = o.min_timestep;
+  if (o.max_timestep >= 0) r.max_timestep = o.max_timestep;
+  if (o.clip_skip > 0) r.clip_skip = std::int64_t(o.clip_skip);
+  r.num_train_images = std::int64_t(num_images);
+  r.flip_aug = o.random_flip;
+  r.random_crop = !o.center_crop;
+  const std::string data_dir = o.train_data_dir.empty() ? o.instance_data_dir : o.train_data_dir;
+  r.dataset_dirs.push_back({fs::path(data_dir).filename().string(), 1, std::int64_t(num_images)});
+  r.output_name = o.output_name;
+  r.training_comment = "difftrain train";
+  r.session_id = std::int64_t(std::random_device{}());
+  r.training_started_at = started_at;
+  r.saved_at = unix_time_now();
+  return lora::kohya_metadata(r);
 }
 
 /// validation/step-<n>.png: a grid of the validation prompt, DDIM with classifier-free guidance,
@@ -224,6 +310,16 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
       o.max_train_steps > 0 ? o.max_train_steps : o.num_train_epochs * updates_per_epoch;
   if (o.snr_gamma > 0) t.weighting.snr_gamma = o.snr_gamma;
   if (o.p2_gamma > 0) t.weighting.p2_gamma = o.p2_gamma;
+  if (o.v_pred_like_loss > 0) t.weighting.v_pred_like_loss = o.v_pred_like_loss;
+  if (o.unet_lr > 0) t.learning_rate = o.unet_lr;
+  // kohya: a warm-up below 1 is a ratio of the training steps (truncated), else a step count.
+  require(std::isfinite(o.lr_warmup_steps) && o.lr_warmup_steps >= 0 &&
+              (o.lr_warmup_steps < 1 || o.lr_warmup_steps == std::floor(o.lr_warmup_steps)),
+          fn, "--lr_warmup_steps is ", o.lr_warmup_steps,
+          ", expected a whole number of steps or a ratio in [0, 1)");
+  t.lr_warmup_steps = o.lr_warmup_steps < 1
+                          ? std::int64_t(o.lr_warmup_steps * double(t.max_train_steps))
+                          : std::int64_t(o.lr_warmup_steps);
   if (!o.prediction_type.empty()) t.prediction_type = parse_prediction_type(o.prediction_type);
   if (o.v_parameterization) {
     require(!t.prediction_type || *t.prediction_type == PredictionType::v_prediction, fn,
@@ -236,35 +332,164 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
   return t;
 }
 
+namespace {
+
+// kohya's --network_args that difftrain has ("key=value"), applied over the flags.
+struct NetworkArgs {
+  std::size_t conv_dim;
+  double conv_alpha, rank_dropout, module_dropout;
+};
+NetworkArgs network_args(const TrainCommandOptions& o) {
+  NetworkArgs a{o.conv_dim, o.conv_alpha, o.rank_dropout, o.module_dropout};
+  for (const std::string& arg : o.network_args) {
+    const auto eq = arg.find('=');
+    require(eq != std::string::npos, fn, "--network_args '", arg, "': expected key=value");
+    const std::string key = arg.substr(0, eq), value = arg.substr(eq + 1);
+    double v = 0;
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+    require(ec == std::errc{} && end == value.data() + value.size() && std::isfinite(v), fn,
+            "--network_args '", arg, "': the value is not a number");
+    if (key == "conv_dim") {
+      require(v >= 0 && v == std::floor(v), fn, "--network_args conv_dim is ", value,
+              ", expected a whole number >= 0");
+      a.conv_dim = std::size_t(v);
+    } else if (key == "conv_alpha") {
+      a.conv_alpha = v;
+    } else if (key == "rank_dropout") {
+      a.rank_dropout = v;
+    } else if (key == "module_dropout") {
+      a.module_dropout = v;
+    } else {
+      fail(fn, "--network_args key '", key,
+           "' is not supported (supported: conv_dim, conv_alpha, rank_dropout, module_dropout)");
+    }
+  }
+  return a;
+}
+
+}  // namespace
+
 lora::LoraConfig lora_config(const TrainCommandOptions& o) {
+  const NetworkArgs args = network_args(o);
   lora::LoraConfig c;
   c.rank = o.rank;
   c.alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
   c.init = parse_choice("--init_lora_weights", o.init_lora_weights, lora::kLoraInits);
   c.use_rslora = o.use_rslora;
   c.dropout = o.lora_dropout;
-  c.rank_dropout = o.rank_dropout;
-  c.module_dropout = o.module_dropout;
+  c.rank_dropout = args.rank_dropout;
+  c.module_dropout = args.module_dropout;
   c.validate("difftrain train: LoRA options");
   return c;
+}
+
+std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& unet,
+                                         const TrainCommandOptions& o) {
+  const lora::LoraConfig config = lora_config(o);
+  const NetworkArgs args = network_args(o);
+  require(o.lora_target_set == "attention" || o.lora_target_set == "kohya", fn,
+          "--lora_target_set is '", o.lora_target_set, "', expected attention or kohya");
+  const std::vector<std::string> modules = lora::module_names(unet);
+  std::vector<std::string> targets =
+      o.lora_target_set == "kohya"
+          ? lora::present_targets(lora::kohya_transformer_targets(), modules)
+          : o.lora_target_modules;
+  std::vector<std::string> conv_targets;
+  if (args.conv_dim > 0) {
+    for (const auto& t : lora::present_targets(lora::kohya_resnet_targets(), modules))
+      targets.push_back(t);
+    conv_targets = lora::present_targets(lora::kohya_conv3x3_targets(), modules);
+  }
+  const RandomStream rs{o.trainer.seed, 0x6c6f7261};
+  std::vector<std::string> adapted = lora::inject_lora(unet, targets, config, rs);
+  if (!conv_targets.empty()) {
+    lora::LoraConfig conv = config;
+    conv.rank = args.conv_dim;
+    conv.alpha = args.conv_alpha;
+    conv.validate("difftrain train: --conv_dim / --conv_alpha");
+    for (auto& name : lora::inject_lora(unet, conv_targets, conv, rs))
+      adapted.push_back(std::move(name));
+  }
+  return adapted;
+}
+
+fs::path save_finetuned_folder(const fs::path& base, models::UNet2DConditionModel<float>& unet,
+                               const fs::path& output_dir) {
+  // diffusers' train_text_to_image.py saves the whole pipeline: the base folder's other
+  // components as they were, the UNet's weights as trained (one F32 file, whatever the base's
+  // sharding or variants were).
+  const fs::path unet_dir = output_dir / "unet";
+  for (const auto& entry : fs::directory_iterator(base)) {
+    const fs::path to = output_dir / entry.path().filename();
+    if (entry.path().filename() == "unet") continue;
+    if (entry.is_directory())
+      fs::copy(entry.path(), to,
+               fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+    else if (entry.is_regular_file())
+      fs::copy_file(entry.path(), to, fs::copy_options::overwrite_existing);
+  }
+  fs::create_directories(unet_dir);
+  for (const auto& entry : fs::directory_iterator(unet_dir))
+    if (entry.is_regular_file() && entry.path().filename() != "config.json")
+      fs::remove(entry.path());
+  fs::copy_file(base / "unet" / "config.json", unet_dir / "config.json",
+                fs::copy_options::overwrite_existing);
+  const fs::path weights = unet_dir / "diffusion_pytorch_model.safetensors";
+  pipeline::save_model_weights(unet, weights);
+  return weights;
+}
+
+std::size_t generate_class_images(const TrainCommandOptions& o, pipeline::ModelFolder& model) {
+  if (!o.trainer.with_prior_preservation) return 0;
+  const fs::path dir = o.class_data_dir;
+  std::size_t have = 0;
+  if (fs::is_directory(dir)) {
+    try {
+      have = scan_dreambooth_folder(dir.string(), o.class_prompt).size();
+    } catch (const Error&) {  // no images yet; a bad image is reported by the scan that follows
+    }
+  }
+  const auto wanted = std::size_t(o.num_class_images);
+  if (have >= wanted) return 0;
+  fs::create_directories(dir);
+  SampleOptions so;
+  so.num_inference_steps = 50;  // StableDiffusionPipeline's defaults, as diffusers calls it
+  so.guidance_scale = 7.5;
+  const auto size = std::size_t(o.resolution);
+  std::size_t written = 0;
+  for (std::size_t batch = 0; have + written < wanted; ++batch) {
+    const std::size_t n = std::min(std::size_t(o.sample_batch_size), wanted - have - written);
+    so.seed = o.trainer.seed + batch;
+    const Tensor4<float> images = pipeline::generate_images(
+        model, {o.class_prompt}, "", n, pipeline::SamplerKind::ddim, size, size, so);
+    for (std::size_t i = 0; i < n; ++i, ++written) {
+      const fs::path path = dir / (std::to_string(have + written) + "-generated.png");
+      require(!fs::exists(path), fn, "cannot write the class image '", path.string(),
+              "': the file exists");
+      const Tensor3<float> image = xt::view(images, i);
+      save_png(path.string(), tensor_to_image(image));
+    }
+  }
+  return written;
 }
 
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                          const TrainStepHook& on_step) {
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
-  const lora::LoraConfig lora = lora_config(o);
 
   pipeline::ModelFolderOptions folder_options;
   folder_options.clip_skip = o.clip_skip > 1 ? o.clip_skip - 1 : 0;  // kohya's count → diffusers'
   pipeline::ModelFolder model =
       pipeline::load_model_folder(o.pretrained_model_name_or_path, folder_options);
   if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
+  if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
+    std::fprintf(log, "difftrain train: drew %zu class images into %s\n", n,
+                 o.class_data_dir.c_str());
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
-  lora::inject_lora(model.unet, o.lora_target_modules, lora,
-                    RandomStream{o.trainer.seed, 0x6c6f7261});
+  if (!o.full_finetune) inject_adapters(model.unet, o);
 
   const std::int64_t micro_per_epoch = std::int64_t(data.steps_per_epoch());
   const train::TrainerOptions t = trainer_options(o, micro_per_epoch);
@@ -290,14 +515,22 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   TrainRunResult result;
   result.max_train_steps = t.max_train_steps;
   auto validate = [&](std::int64_t step_number) {
-    if (!o.validation_prompt.empty())
-      result.validation_images.push_back(save_validation_grid(o, model, step_number));
+    if (o.validation_prompt.empty()) return;
+    trainer.eval_weights();  // schedule-free: sample with the evaluation weights
+    result.validation_images.push_back(save_validation_grid(o, model, step_number));
+    trainer.train_weights();
   };
-  auto save_lora_file = [&] {
-    lora::LoraSaveOptions so;
-    so.metadata = lora_metadata(o, t, trainer.global_step(), data.num_examples());
-    const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
+  // The result: the LoRA file, or with --full_finetune the model folder with the trained UNet.
+  const double started_at = unix_time_now();
+  auto save_result = [&] {
+    trainer.eval_weights();  // schedule-free: the evaluation weights are the result
     if (train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA weights are the result
+    if (o.full_finetune)
+      return save_finetuned_folder(o.pretrained_model_name_or_path, model.unet, t.output_dir);
+    lora::LoraSaveOptions so;
+    so.metadata = lora_metadata(o, t, model, trainer.global_step(), data.num_examples(),
+                                micro_per_epoch, started_at);
+    const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
     lora::save_lora(path.string(), lora::collect_lora(model.unet), format, so,
                     lora::module_names(model.unet));
     return path;
@@ -324,7 +557,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     if (on_step) on_step(s);
     if (interrupt.interrupted()) {
       const fs::path where = trainer.save_checkpoint();
-      result.lora_file = save_lora_file();
+      result.lora_file = save_result();
       progress.message(message("interrupted at step ", s.step, ": saved ", where.string(), " and ",
                                result.lora_file.string()));
       result.interrupted = true;
@@ -332,7 +565,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       return result;
     }
   }
-  result.lora_file = save_lora_file();
+  result.lora_file = save_result();
   validate(trainer.global_step());
   result.global_step = trainer.global_step();
   progress.message("saved " + result.lora_file.string());
@@ -340,7 +573,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
 }
 
 void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
-  cmd.add_option("--config", o.config, "JSON file with the same keys as the flags");
+  cmd.add_option("--config,--config_file", o.config,
+                 "JSON or kohya TOML file with the flags as keys (the command line wins)");
   cmd.add_option("--pretrained_model_name_or_path", o.pretrained_model_name_or_path,
                  "diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)");
   cmd.add_option("--train_data_dir", o.train_data_dir,
@@ -351,12 +585,19 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--instance_prompt", o.instance_prompt, "DreamBooth instance prompt");
   cmd.add_option("--class_data_dir", o.class_data_dir, "DreamBooth class images");
   cmd.add_option("--class_prompt", o.class_prompt, "DreamBooth class prompt");
+  cmd.add_option("--num_class_images", o.num_class_images,
+                 "prior preservation: class images used; missing ones are generated (default 100)");
+  cmd.add_option("--sample_batch_size", o.sample_batch_size,
+                 "images per batch when generating class images");
   cmd.add_flag("--with_prior_preservation", o.trainer.with_prior_preservation,
                "add the class images' loss × prior_loss_weight");
   cmd.add_option("--prior_loss_weight", o.trainer.prior_loss_weight, "λ of the prior loss");
   cmd.add_option("--resolution", o.resolution, "training image size");
   cmd.add_flag("--center_crop", o.center_crop, "center crop (default: random crop)");
   cmd.add_flag("--random_flip", o.random_flip, "random horizontal flips");
+  cmd.add_option("--image_interpolation_mode", o.image_interpolation_mode,
+                 "resize filter, as PIL: bilinear (default, diffusers v0.26), lanczos (newer "
+                 "diffusers' default), bicubic, box, hamming, nearest, nearest_exact");
   cmd.add_flag("--cache_latents", o.cache_latents, "encode each image with the VAE once");
   cmd.add_option("--clip_skip", o.clip_skip,
                  "kohya's count: 2 uses the text encoder's penultimate layer (0, 1: the last)");
@@ -373,20 +614,47 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "LoRA A init: gaussian (default, diffusers' scripts) or kaiming_uniform (kohya)");
   cmd.add_option("--lora_target_modules", o.lora_target_modules,
                  "module names to adapt (default to_q to_k to_v to_out.0)");
+  cmd.add_option("--lora_target_set", o.lora_target_set,
+                 "attention (--lora_target_modules, diffusers) or kohya (every Linear and 1×1 "
+                 "conv of the transformer blocks, as kohya's networks.lora)");
+  cmd.add_option("--conv_dim", o.conv_dim,
+                 "kohya LoCon: rank of the ResNet and sampler 3×3 convs (their Linear and 1×1 "
+                 "convs take --rank; 0: off)");
+  cmd.add_option("--conv_alpha", o.conv_alpha, "kohya LoCon: alpha of the 3×3 convs (default 1)");
+  cmd.add_option("--network_args", o.network_args,
+                 "kohya key=value network arguments: conv_dim, conv_alpha, rank_dropout, "
+                 "module_dropout");
   cmd.add_option("--save_format", o.save_format, "kohya (default) or peft");
+  cmd.add_flag("--full_finetune", o.full_finetune,
+               "train every UNet weight (diffusers' train_text_to_image.py) and write a model "
+               "folder to --output_dir instead of a LoRA");
   cmd.add_option("--output_name", o.output_name, "LoRA file name without .safetensors");
+  cmd.add_option("--save_model_as", o.save_model_as,
+                 "file type of the LoRA (kohya): safetensors, the only one written");
   cmd.add_option("--train_batch_size", o.trainer.train_batch_size, "micro-batch size");
   cmd.add_option("--gradient_accumulation_steps", o.trainer.gradient_accumulation_steps,
                  "micro-batches per optimizer step");
   cmd.add_option("--max_train_steps", o.max_train_steps,
                  "optimizer steps (default: num_train_epochs × steps per epoch)");
   cmd.add_option("--num_train_epochs", o.num_train_epochs, "epochs when no max_train_steps");
-  cmd.add_option("--learning_rate", o.trainer.learning_rate, "AdamW learning rate");
+  cmd.add_option("--learning_rate", o.trainer.learning_rate, "learning rate");
+  cmd.add_option("--optimizer_type,--optimizer", o.trainer.optimizer,
+                 "adamw (default), sgd, lion, adafactor, prodigy, adamw_schedulefree (kohya's "
+                 "spellings too: AdamW, SGDNesterov, Lion, Adafactor, Prodigy, AdamWScheduleFree)");
+  cmd.add_option("--optimizer_args", o.trainer.optimizer_args,
+                 "kohya key=value optimizer arguments, e.g. relative_step=False betas=0.9,0.99");
+  cmd.add_option("--unet_lr", o.unet_lr,
+                 "learning rate of the UNet's adapters (kohya; 0: the "
+                 "learning rate)");
+  cmd.add_flag("--network_train_unet_only", o.network_train_unet_only,
+               "train the UNet's adapters only (kohya; difftrain's only mode until the text "
+               "encoder trains)");
   cmd.add_flag("--scale_lr", o.trainer.scale_lr, "lr × accumulation × batch size");
   cmd.add_option("--lr_scheduler", o.trainer.lr_scheduler,
                  "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
                  "polynomial");
-  cmd.add_option("--lr_warmup_steps", o.trainer.lr_warmup_steps, "warm-up steps");
+  cmd.add_option("--lr_warmup_steps", o.lr_warmup_steps,
+                 "warm-up steps, or below 1 a ratio of the training steps (kohya)");
   cmd.add_option("--lr_num_cycles", o.trainer.lr_num_cycles,
                  "cosine_with_restarts: number of cycles (default 1)");
   cmd.add_option("--lr_power", o.trainer.lr_power, "polynomial: power");
@@ -397,6 +665,8 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--max_grad_norm", o.trainer.max_grad_norm, "gradient clipping norm (<= 0: off)");
   cmd.add_option("--snr_gamma,--min_snr_gamma", o.snr_gamma, "Min-SNR-γ weighting (0: off)");
   cmd.add_option("--p2_gamma", o.p2_gamma, "P2 loss weighting strength (0: off)");
+  cmd.add_option("--v_pred_like_loss", o.v_pred_like_loss,
+                 "add λ × a v-prediction-like loss (kohya; 0: off)");
   cmd.add_flag("--scale_v_pred_loss_like_noise_pred",
                o.trainer.weighting.scale_v_pred_loss_like_noise_pred,
                "v-prediction loss × SNR/(SNR + 1) (kohya)");
@@ -457,6 +727,16 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_flag("--plain_log", o.plain_log, "log lines instead of a progress bar");
 }
 
+void apply_dreambooth_defaults(const CLI::App& cmd, TrainCommandOptions& o) {
+  if (o.instance_data_dir.empty()) return;
+  auto unset = [&](const std::string& flag) { return cmd.get_option(flag)->count() == 0; };
+  if (unset("--train_batch_size")) o.trainer.train_batch_size = 4;
+  if (unset("--learning_rate")) o.trainer.learning_rate = 5e-4;
+  if (unset("--num_train_epochs")) o.num_train_epochs = 1;
+  if (unset("--validation_epochs")) o.validation_epochs = 50;
+  if (unset("--output_dir")) o.trainer.output_dir = "lora-dreambooth-model";
+}
+
 void add_train_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<TrainCommandOptions>();
   CLI::App* cmd = app.add_subcommand(
@@ -465,7 +745,8 @@ void add_train_command(CLI::App& app, int& exit_code) {
   cmd->callback([cmd, o, &exit_code] {
     bool interrupted = false;
     exit_code = run_command("train", [&] {
-      if (!o->config.empty()) apply_json_config(*cmd, o->config);
+      if (!o->config.empty()) apply_config_file(*cmd, o->config);
+      apply_dreambooth_defaults(*cmd, *o);
       interrupted = run_train(*o).interrupted;
     });
     if (exit_code == 0 && interrupted) exit_code = 130;

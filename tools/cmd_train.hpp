@@ -6,6 +6,7 @@
 //   difftrain train --pretrained_model_name_or_path MODEL --train_data_dir DATA
 //                   --output_dir OUT [--resolution 512] [--rank 4] [--learning_rate 1e-4] ...
 //   difftrain train --config train.json        (the same keys, without "--")
+//   difftrain train --config_file kohya.toml   (kohya's TOML config: sections group keys)
 //
 // MODEL: unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/ (without it the model
 // works in pixel space). DATA: images with same-named .txt captions (kohya) or a
@@ -25,6 +26,8 @@
 #include <vector>
 
 #include "difftrain/lora/lora_linear.hpp"
+#include "difftrain/models/unet/unet2d_condition.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
 #include "difftrain/train/trainer.hpp"
 
 namespace CLI {
@@ -50,9 +53,12 @@ struct TrainCommandOptions {
   std::string caption_column = "text";
   std::string caption_extension = ".txt";
   std::string instance_data_dir, instance_prompt, class_data_dir, class_prompt;
+  std::int64_t num_class_images = 100;  // diffusers: the first N class images, generated if fewer
+  std::int64_t sample_batch_size = 4;   // diffusers: images per batch when generating them
   int resolution = 512;
   bool center_crop = false;
   bool random_flip = false;
+  std::string image_interpolation_mode = "bilinear";  // diffusers; newer versions: lanczos
   bool cache_latents = false;
   std::size_t clip_skip = 0;       // kohya's --clip_skip: 2 = the penultimate layer; 0, 1: last
   bool zero_terminal_snr = false;  // kohya: rescale the betas to zero terminal SNR
@@ -65,8 +71,15 @@ struct TrainCommandOptions {
   double lora_dropout = 0;                      // PEFT lora_dropout (on the adapter input)
   double rank_dropout = 0, module_dropout = 0;  // kohya network_args
   std::vector<std::string> lora_target_modules = {"to_q", "to_k", "to_v", "to_out.0"};
+  std::string lora_target_set = "attention";  // kohya: every Linear of the transformer blocks
+  std::size_t conv_dim = 0;                   // kohya LoCon: ResNet and sampler convs; 0: off
+  double conv_alpha = 1;                      // kohya's default when conv_dim is given
+  std::vector<std::string> network_args;      // kohya "key=value": conv_dim, conv_alpha, ...
   std::string save_format = "kohya";
   std::string output_name = "pytorch_lora_weights";
+  std::string save_model_as = "safetensors";  // kohya --save_model_as
+  bool network_train_unet_only = false;       // kohya; the only mode for now (no TE training)
+  bool full_finetune = false;                 // every UNet weight; a model folder instead of a LoRA
 
   // The loop and the step: every TrainerOptions member with a flag of its own is bound to it
   // directly (add_train_command), with diffusers' script defaults where they differ from the
@@ -77,6 +90,9 @@ struct TrainCommandOptions {
   std::int64_t num_train_epochs = 100;
   double snr_gamma = 0;                               // 0: off
   double p2_gamma = 0;                                // 0: off
+  double v_pred_like_loss = 0;                        // kohya; 0: off
+  double lr_warmup_steps = 500;                       // < 1: a ratio of max_train_steps (kohya)
+  double unet_lr = 0;                                 // kohya; 0: learning_rate
   std::string prediction_type;                        // "": the scheduler's
   bool v_parameterization = false;                    // kohya: prediction_type v_prediction
   std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
@@ -97,7 +113,7 @@ struct TrainCommandOptions {
 struct TrainRunResult {
   std::int64_t global_step = 0, max_train_steps = 0;
   bool interrupted = false;
-  std::filesystem::path lora_file;
+  std::filesystem::path lora_file;  // with --full_finetune: the folder's UNet weights
   std::vector<std::filesystem::path> validation_images;
 };
 
@@ -107,6 +123,24 @@ using TrainStepHook = std::function<void(const train::StepLog&)>;
 /// Registers every `difftrain train` flag on `cmd`, bound to `o` (the one flag table).
 void add_train_options(CLI::App& cmd, TrainCommandOptions& o);
 
+/// --full_finetune's result: `base`'s model folder copied to output_dir with the UNet's weights
+/// replaced by `unet`'s (one F32 safetensors file); returns the path of that file.
+std::filesystem::path save_finetuned_folder(const std::filesystem::path& base,
+                                            models::UNet2DConditionModel<float>& unet,
+                                            const std::filesystem::path& output_dir);
+
+/// DreamBooth mode (--instance_data_dir): the defaults of diffusers' train_dreambooth_lora.py
+/// where they differ from train_text_to_image_lora.py's (batch 4, learning rate 5e-4, 1 epoch,
+/// validation every 50 epochs, output_dir lora-dreambooth-model), for the flags of `cmd` that were
+/// given neither on the command line nor in the config file.
+void apply_dreambooth_defaults(const CLI::App& cmd, TrainCommandOptions& o);
+
+/// --with_prior_preservation: when --class_data_dir holds fewer than --num_class_images images,
+/// draws the missing ones from the base model with --class_prompt (as diffusers' DreamBooth
+/// scripts do: 50 steps, guidance 7.5; DDIM here, at --resolution) into that folder as
+/// <index>-generated.png. Returns how many it wrote.
+std::size_t generate_class_images(const TrainCommandOptions& o, pipeline::ModelFolder& model);
+
 /// TrainerOptions with the flags that have an "unset" form resolved (diffusers' None);
 /// `micro_batches_per_epoch` turns num_train_epochs into max_train_steps.
 train::TrainerOptions trainer_options(const TrainCommandOptions& o,
@@ -114,6 +148,11 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
 
 /// The adapters' configuration from the LoRA flags (throws Error for bad values).
 lora::LoraConfig lora_config(const TrainCommandOptions& o);
+
+/// Adapts the UNet as the LoRA flags say (--lora_target_set, --lora_target_modules, --conv_dim,
+/// --network_args); returns the adapted module names.
+std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& unet,
+                                         const TrainCommandOptions& o);
 
 /// Runs `difftrain train` (see the top of the file).
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = stderr,

@@ -79,7 +79,7 @@ std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderO
   const fs::path file = dir / "metadata.jsonl";
   std::ifstream in(file);
   require(bool(in), fn, "cannot read '", file.string(), "'");
-  std::map<std::string, std::string> captions;  // file_name → caption, sorted by file_name
+  std::map<std::string, Example> captions;  // file_name → captions, sorted by file_name
   std::string line;
   for (std::size_t number = 1; std::getline(in, line); ++number) {
     if (strip(line).empty()) continue;
@@ -92,9 +92,22 @@ std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderO
     require(row.is_object() && row.contains("file_name") && row["file_name"].is_string(), fn,
             file.string(), " line ", number, " has no string \"file_name\"");
     const std::string name = row["file_name"].get<std::string>();
-    std::string caption;
-    if (row.contains(o.caption_column) && row[o.caption_column].is_string()) {
-      caption = row[o.caption_column].get<std::string>();
+    Example caption;
+    const auto column = row.find(o.caption_column);
+    if (column != row.end() && column->is_string()) {
+      caption.caption = column->get<std::string>();
+    } else if (column != row.end() && column->is_array()) {
+      // diffusers: random.choice(caption) in training, caption[0] otherwise.
+      require(!column->empty(), fn, file.string(), " line ", number, " ('", name,
+              "') has an empty list in the caption column \"", o.caption_column, "\"");
+      for (const auto& c : *column) {
+        require(c.is_string(), fn, file.string(), " line ", number, " ('", name,
+                "') has a non-string element in the caption list \"", o.caption_column,
+                "\": ", c.dump());
+        caption.caption_choices.push_back(c.get<std::string>());
+      }
+      caption.caption = caption.caption_choices[0];
+      if (caption.caption_choices.size() == 1) caption.caption_choices.clear();
     } else {
       require(o.allow_missing_captions, fn, file.string(), " line ", number, " ('", name,
               "') has no string caption column \"", o.caption_column, "\"");
@@ -103,13 +116,14 @@ std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderO
             " repeats file_name '", name, "'");
   }
   std::vector<Example> out;
-  for (const auto& [name, caption] : captions) {
+  for (auto& [name, caption] : captions) {
     const fs::path image = dir / name;
     check_readable_kind(fn, image);
     std::error_code ec;
     require(fs::is_regular_file(image, ec), fn, file.string(), " lists '", name,
             "', which does not exist");
-    out.push_back({image.string(), caption});
+    caption.image_path = image.string();
+    out.push_back(std::move(caption));
   }
   return out;
 }
@@ -207,10 +221,10 @@ train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
   const std::uint64_t epoch = m / steps_per_epoch();
   train::TrainBatch batch;
   batch.images = make_images(rows, epoch, 0);
-  batch.token_ids = tokenize(rows, 0);
+  batch.token_ids = tokenize(rows, epoch, 0);
   if (with_prior_preservation()) {
     batch.class_images = make_images(rows, epoch, 1);
-    batch.class_token_ids = tokenize(rows, 1);
+    batch.class_token_ids = tokenize(rows, epoch, 1);
   }
   return batch;
 }
@@ -218,7 +232,7 @@ train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
 TokenIds ImageCaptionDataSource::batch_token_ids(std::uint64_t m, bool class_set) {
   require(!class_set || with_prior_preservation(), "batch_token_ids",
           "there are no class examples");
-  return tokenize(batch_indices(m), class_set ? 1 : 0);
+  return tokenize(batch_indices(m), m / steps_per_epoch(), class_set ? 1 : 0);
 }
 
 const std::vector<std::size_t>& ImageCaptionDataSource::order(std::uint64_t epoch) const {
@@ -236,7 +250,7 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k) {
   auto load = [&] {
     const Image image = load_image(sets_[s][k].image_path);
     const auto [w, h] = shorter_side_size(image.width, image.height, options_.resolution);
-    return resize_image(image, w, h);
+    return resize_image(image, w, h, options_.interpolation);
   };
   if (!options_.cache_images) {
     scratch_ = load();
@@ -256,9 +270,22 @@ Tensor4<float> ImageCaptionDataSource::make_images(const std::vector<std::size_t
   return images;
 }
 
-TokenIds ImageCaptionDataSource::tokenize(const std::vector<std::size_t>& rows, int s) const {
+const std::string& ImageCaptionDataSource::example_caption(std::size_t i, std::uint64_t epoch,
+                                                           bool class_set) const {
+  const int s = class_set ? 1 : 0;
+  require(!sets_[s].empty(), "example_caption", "there are no class examples");
+  const Example& example = sets_[s][i % sets_[s].size()];
+  const std::vector<std::string>& choices = example.caption_choices;
+  if (choices.empty()) return example.caption;
+  const RandomStream rs =
+      stream().derive(epoch, purpose_id(StreamPurpose::data_caption) + std::uint32_t(s));
+  return choices[std::size_t(uniform_int(rs, i, 0, std::int64_t(choices.size())))];
+}
+
+TokenIds ImageCaptionDataSource::tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch,
+                                          int s) const {
   std::vector<std::string> captions;
-  for (std::size_t i : rows) captions.push_back(sets_[s][i % sets_[s].size()].caption);
+  for (std::size_t i : rows) captions.push_back(example_caption(i, epoch, s == 1));
   TokenIds token_ids = tokenize_(captions);
   require(token_ids.dimension() == 2 && token_ids.shape()[0] == rows.size(),
           "ImageCaptionDataSource", "the tokenizer returned token ids of shape ",

@@ -9,7 +9,7 @@
 //                                             micro-batch of an epoch is short, as a DataLoader
 //                                             without drop_last: each example once per epoch)
 //   row i → resize_and_crop(image, resolution, center_crop, crop_seed(seed, e, i), flip(seed, e,
-//   i))
+//   i), interpolation), with the caption; a list of captions gives choice(seed, e, i) of them
 // With class examples (DreamBooth prior preservation, diffusers' DreamBoothDataset):
 // N = max(#instance, #class) and row i pairs instance i mod #instance with class i mod #class.
 // The definitions are in dataset.cpp.
@@ -34,7 +34,10 @@ namespace difftrain::tools {
 /// One training image and its caption.
 struct Example {
   std::string image_path;
-  std::string caption;
+  std::string caption;  // with caption_choices: the first of them (diffusers' non-train choice)
+  /// A metadata.jsonl caption given as a list of two or more strings: training draws one per
+  /// epoch (diffusers: random.choice(caption)); empty for a single caption.
+  std::vector<std::string> caption_choices = {};
   bool operator==(const Example&) const = default;
 };
 
@@ -49,6 +52,8 @@ struct ImageFolderOptions {
 /// imagefolder: one JSON object per line with "file_name", relative to the folder, and the
 /// caption column) the images it lists; otherwise every PNG/JPEG/BMP directly in the folder
 /// (not recursive) with the first line of its same-named caption file (kohya: a.png → a.txt).
+/// A metadata.jsonl caption is a string or a non-empty list of strings (Example::caption_choices;
+/// anything else in the column is an Error naming the file and line).
 /// WEBP, GIF, TIFF, ... → Error (stb_image cannot read them); other files are ignored.
 std::vector<Example> scan_image_folder(const std::string& folder,
                                        const ImageFolderOptions& options = {});
@@ -68,6 +73,10 @@ struct DataSourceOptions {
   std::size_t train_batch_size = 1;
   std::uint64_t seed = 0;
   bool cache_images = false;  // keep decoded, resized (not yet cropped) images in memory
+  // diffusers' --image_interpolation_mode, the filter of the Resize (resize_image). Bilinear is
+  // torchvision's default and diffusers v0.26's behaviour; newer diffusers scripts default to
+  // lanczos.
+  Interpolation interpolation = Interpolation::bilinear;
 };
 
 /// Micro-batches of examples (see the top of the file); satisfies train::TrainDataSource.
@@ -99,6 +108,11 @@ class ImageCaptionDataSource {
   /// with i): crop and flip drawn from (seed, e, i), separately for the two sets.
   Image example_image(std::size_t i, std::uint64_t epoch, bool class_set = false);
 
+  /// The caption of dataset index i in epoch e (class_set: of the class example paired with i):
+  /// the example's caption, or one of its caption_choices drawn uniformly from (seed, e, i).
+  const std::string& example_caption(std::size_t i, std::uint64_t epoch,
+                                     bool class_set = false) const;
+
   /// Micro-batch m: images [b,3,R,R] in [-1,1] and token ids, plus the paired class rows.
   train::TrainBatch operator()(std::uint64_t m);
 
@@ -119,7 +133,7 @@ class ImageCaptionDataSource {
 
   Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s);
 
-  TokenIds tokenize(const std::vector<std::size_t>& rows, int s) const;
+  TokenIds tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s) const;
 
   std::vector<Example> sets_[2];  // instance (or plain) examples, class examples
   Tokenize tokenize_;

@@ -1,9 +1,14 @@
-// The image functions of image_io.hpp, on top of stb_image, stb_image_write and stb_image_resize.
+// The image functions of image_io.hpp, on top of stb_image and stb_image_write; the EXIF
+// orientation parser and PIL's resampling (libImaging/Resample.c) are written here.
 #include "image_io.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <numbers>
 #include <system_error>
 
 #include "difftrain/core/error.hpp"
@@ -24,19 +29,135 @@ void check_image(const char* fn, const Image& image) {
 }  // namespace
 
 Image load_image(const std::string& path) {
+  constexpr const char* fn = "load_image";
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  require(bool(in), fn, "cannot read image '", path, "': cannot open the file");
+  const std::streamoff size = in.tellg();
+  require(size >= 0 && size <= INT_MAX, fn, "cannot read image '", path, "': its size (", size,
+          " bytes) is not readable");
+  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(size));
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(bytes.data()), size);
+  require(bool(in), fn, "cannot read image '", path, "': reading the file failed");
   int w = 0, h = 0, channels = 0;
-  stbi_uc* data = stbi_load(path.c_str(), &w, &h, &channels, 3);
+  stbi_uc* data = stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels, 3);
   if (data == nullptr) {
     const char* reason = stbi_failure_reason();
     throw Error(
-        message("load_image: cannot read image '", path, "': ", reason ? reason : "unknown error"));
+        message(fn, ": cannot read image '", path, "': ", reason ? reason : "unknown error"));
   }
   Image image;
   image.width = w;
   image.height = h;
   image.rgb.assign(data, data + std::size_t(w) * std::size_t(h) * 3);
   stbi_image_free(data);
-  return image;
+  return exif_transpose(image, exif_orientation(bytes));
+}
+
+namespace {
+
+// The orientation in a TIFF structure (an Exif segment's payload after "Exif\0\0"): IFD0's
+// entries in order, as PIL reads them (a later 0x0112 entry replaces an earlier one, an entry of
+// an unsupported type is skipped, a truncated IFD keeps what was read before the cut).
+int tiff_orientation(std::span<const std::uint8_t> tiff) {
+  if (tiff.size() < 8) return 1;
+  bool big_endian;
+  if (tiff[0] == 'I' && tiff[1] == 'I')
+    big_endian = false;
+  else if (tiff[0] == 'M' && tiff[1] == 'M')
+    big_endian = true;
+  else
+    return 1;
+  // Callers check that [at, at + n) lies in `tiff`.
+  auto read = [&](std::size_t at, int n) {
+    std::uint32_t v = 0;
+    for (int i = 0; i < n; ++i)
+      v |= std::uint32_t(tiff[at + std::size_t(i)]) << (8 * (big_endian ? n - 1 - i : i));
+    return v;
+  };
+  if (read(2, 2) != 42) return 1;
+  const std::size_t ifd = read(4, 4);
+  if (ifd > tiff.size() || tiff.size() - ifd < 2) return 1;
+  const std::size_t entries = read(ifd, 2);
+  int orientation = 1;
+  for (std::size_t e = 0; e < entries; ++e) {
+    const std::size_t at = ifd + 2 + 12 * e;
+    if (tiff.size() - at < 12) break;  // truncated IFD (at ≤ size: the previous entry fit)
+    if (read(at, 2) != 0x0112) continue;
+    const std::uint32_t type = read(at + 2, 2), count = read(at + 4, 4);
+    std::uint32_t value;
+    if (type == 1 || type == 6)  // BYTE, SBYTE: the first byte of the value field
+      value = tiff[at + 8];
+    else if (type == 3 || type == 8)  // SHORT, SSHORT
+      value = read(at + 8, 2);
+    else if (type == 4 || type == 9)  // LONG, SLONG
+      value = read(at + 8, 4);
+    else
+      continue;
+    orientation = count == 1 && value >= 1 && value <= 8 ? int(value) : 1;
+  }
+  return orientation;
+}
+
+}  // namespace
+
+int exif_orientation(std::span<const std::uint8_t> file) {
+  if (file.size() < 4 || file[0] != 0xFF || file[1] != 0xD8) return 1;  // not a JPEG (SOI)
+  std::size_t at = 2;
+  while (file.size() - at >= 4) {  // a marker and a segment length
+    if (file[at] != 0xFF) return 1;
+    const std::uint8_t marker = file[at + 1];
+    if (marker == 0xFF) {  // fill byte
+      ++at;
+      continue;
+    }
+    at += 2;
+    if (marker == 0x01 || marker == 0xD8 || (marker >= 0xD0 && marker <= 0xD7)) continue;
+    if (marker == 0xD9 || marker == 0xDA) return 1;  // end of image, start of scan
+    const std::size_t length = std::size_t(file[at]) << 8 | file[at + 1];  // with its 2 bytes
+    if (length < 2 || length > file.size() - at) return 1;
+    if (marker == 0xE1 && length >= 8 && std::memcmp(&file[at + 2], "Exif\0\0", 6) == 0)
+      return tiff_orientation(file.subspan(at + 8, length - 8));  // the first Exif segment
+    at += length;
+  }
+  return 1;
+}
+
+Image exif_transpose(const Image& image, int orientation) {
+  if (orientation < 2 || orientation > 8) return image;
+  check_image("exif_transpose", image);
+  const int w = image.width, h = image.height;
+  const bool swap = orientation >= 5;
+  Image out(swap ? h : w, swap ? w : h);
+  for (int y = 0; y < out.height; ++y)
+    for (int x = 0; x < out.width; ++x) {
+      int sx, sy;  // out(x, y) = in(sx, sy)
+      switch (orientation) {
+        case 2:
+          sx = w - 1 - x, sy = y;
+          break;  // FLIP_LEFT_RIGHT
+        case 3:
+          sx = w - 1 - x, sy = h - 1 - y;
+          break;  // ROTATE_180
+        case 4:
+          sx = x, sy = h - 1 - y;
+          break;  // FLIP_TOP_BOTTOM
+        case 5:
+          sx = y, sy = x;
+          break;  // TRANSPOSE
+        case 6:
+          sx = y, sy = h - 1 - x;
+          break;  // ROTATE_270
+        case 7:
+          sx = w - 1 - y, sy = h - 1 - x;
+          break;  // TRANSVERSE
+        default:
+          sx = w - 1 - y, sy = x;
+          break;  // 8: ROTATE_90
+      }
+      std::copy_n(image.pixel(sx, sy), 3, out.pixel(x, y));
+    }
+  return out;
 }
 
 void save_png(const std::string& path, const Image& image) {
@@ -123,19 +244,176 @@ void save_png_grid(const std::string& path, const Tensor4<float>& images, std::s
   save_png(path, zoom_nearest(image_grid(images, columns, padding), zoom));
 }
 
-Image resize_image(const Image& image, int width, int height) {
+namespace {
+
+// PIL's resampling (libImaging/Resample.c): the filters, their supports, the weights.
+
+double sinc(double x) {
+  if (x == 0.0) return 1.0;
+  x *= std::numbers::pi;
+  return std::sin(x) / x;
+}
+
+struct ResampleFilter {
+  double (*f)(double);
+  double support;
+};
+
+ResampleFilter resample_filter(Interpolation interpolation) {
+  switch (interpolation) {
+    case Interpolation::box:
+      return {[](double x) { return x > -0.5 && x <= 0.5 ? 1.0 : 0.0; }, 0.5};
+    case Interpolation::hamming:
+      return {[](double x) {
+                x = std::abs(x);
+                if (x == 0.0) return 1.0;
+                if (x >= 1.0) return 0.0;
+                x *= std::numbers::pi;
+                // PIL writes the constants as floats: 0.54f, 0.46f.
+                return std::sin(x) / x * (double(0.54f) + double(0.46f) * std::cos(x));
+              },
+              1.0};
+    case Interpolation::bicubic:
+      return {[](double x) {
+                constexpr double a = -0.5;
+                x = std::abs(x);
+                if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+                if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+                return 0.0;
+              },
+              2.0};
+    case Interpolation::lanczos:
+      return {[](double x) { return -3.0 <= x && x < 3.0 ? sinc(x) * sinc(x / 3) : 0.0; }, 3.0};
+    default:  // bilinear (nearest does not filter)
+      return {[](double x) {
+                x = std::abs(x);
+                return x < 1.0 ? 1.0 - x : 0.0;
+              },
+              1.0};
+  }
+}
+
+constexpr int kPrecisionBits = 32 - 8 - 2;  // PIL's fixed-point weights
+
+// Output pixel j of an axis reads `count[j]` input pixels from `first[j]` with weights
+// weight[j·ksize + t] (fixed point, kPrecisionBits fraction bits): PIL's precompute_coeffs and
+// normalize_coeffs_8bpc.
+struct ResampleWeights {
+  int ksize = 0;
+  std::vector<int> first, count;
+  std::vector<std::int32_t> weight;
+};
+
+ResampleWeights resample_weights(int in_size, int out_size, const ResampleFilter& filter) {
+  const double scale = double(in_size) / out_size;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = filter.support * filterscale;
+  ResampleWeights r;
+  r.ksize = int(std::ceil(support)) * 2 + 1;
+  r.first.resize(std::size_t(out_size));
+  r.count.resize(std::size_t(out_size));
+  r.weight.assign(std::size_t(out_size) * std::size_t(r.ksize), 0);
+  std::vector<double> k(std::size_t(r.ksize));
+  for (int j = 0; j < out_size; ++j) {
+    const double center = (j + 0.5) * scale, ss = 1.0 / filterscale;
+    const int xmin = std::max(int(center - support + 0.5), 0);
+    const int xmax = std::min(int(center + support + 0.5), in_size);
+    const int n = std::clamp(xmax - xmin, 0, r.ksize);
+    double ww = 0.0;
+    for (int x = 0; x < n; ++x) {
+      k[std::size_t(x)] = filter.f((double(x + xmin) - center + 0.5) * ss);
+      ww += k[std::size_t(x)];
+    }
+    std::int32_t* w = &r.weight[std::size_t(j) * std::size_t(r.ksize)];
+    for (int x = 0; x < n; ++x) {
+      const double v = ww != 0.0 ? k[std::size_t(x)] / ww : k[std::size_t(x)];
+      w[x] =
+          std::int32_t(v < 0 ? -0.5 + v * (1 << kPrecisionBits) : 0.5 + v * (1 << kPrecisionBits));
+    }
+    r.first[std::size_t(j)] = xmin;
+    r.count[std::size_t(j)] = n;
+  }
+  return r;
+}
+
+// PIL's clip8: the fixed-point sum (with its rounding half added) to 0..255.
+std::uint8_t clip8(std::int32_t sum) {
+  return std::uint8_t(std::clamp(sum >> kPrecisionBits, 0, 255));
+}
+
+// The horizontal pass: every row resampled to `width` pixels.
+Image resample_horizontal(const Image& in, int width, const ResampleWeights& r) {
+  Image out(width, in.height);
+  for (int y = 0; y < in.height; ++y)
+    for (int x = 0; x < width; ++x) {
+      const std::int32_t* w = &r.weight[std::size_t(x) * std::size_t(r.ksize)];
+      const std::uint8_t* src = in.pixel(r.first[std::size_t(x)], y);
+      std::int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+      for (int t = 0; t < r.count[std::size_t(x)]; ++t) {
+        s0 += src[3 * t] * w[t];
+        s1 += src[3 * t + 1] * w[t];
+        s2 += src[3 * t + 2] * w[t];
+      }
+      std::uint8_t* dst = out.pixel(x, y);
+      dst[0] = clip8(s0), dst[1] = clip8(s1), dst[2] = clip8(s2);
+    }
+  return out;
+}
+
+// The vertical pass: every column resampled to `height` pixels.
+Image resample_vertical(const Image& in, int height, const ResampleWeights& r) {
+  Image out(in.width, height);
+  const std::size_t row = 3 * std::size_t(in.width);
+  std::vector<std::int32_t> sum(row);
+  for (int y = 0; y < height; ++y) {
+    const std::int32_t* w = &r.weight[std::size_t(y) * std::size_t(r.ksize)];
+    std::fill(sum.begin(), sum.end(), std::int32_t{1} << (kPrecisionBits - 1));
+    for (int t = 0; t < r.count[std::size_t(y)]; ++t) {
+      const std::uint8_t* src = in.pixel(0, r.first[std::size_t(y)] + t);
+      for (std::size_t i = 0; i < row; ++i) sum[i] += src[i] * w[t];
+    }
+    std::uint8_t* dst = out.pixel(0, y);
+    for (std::size_t i = 0; i < row; ++i) dst[i] = clip8(sum[i]);
+  }
+  return out;
+}
+
+// PIL's NEAREST (ImagingScaleAffine): source index floor(x·scale + scale/2), accumulated in
+// double as PIL does.
+std::vector<int> nearest_indices(int in_size, int out_size) {
+  const double scale = double(in_size) / out_size;
+  std::vector<int> index(static_cast<std::size_t>(out_size));
+  double pos = scale * 0.5;
+  for (auto& i : index) {
+    i = std::min(int(pos), in_size - 1);
+    pos += scale;
+  }
+  return index;
+}
+
+}  // namespace
+
+Image resize_image(const Image& image, int width, int height, Interpolation interpolation) {
   constexpr const char* fn = "resize_image";
   check_image(fn, image);
   require(width > 0 && height > 0, fn, "target size is ", width, "x", height,
           ", expected positive");
   if (width == image.width && height == image.height) return image;
-  Image out(width, height);
-  const int ok =
-      stbir_resize_uint8_generic(image.rgb.data(), image.width, image.height, 0, out.rgb.data(),
-                                 width, height, 0, 3, STBIR_ALPHA_CHANNEL_NONE, 0, STBIR_EDGE_CLAMP,
-                                 STBIR_FILTER_TRIANGLE, STBIR_COLORSPACE_LINEAR, nullptr);
-  require(ok != 0, fn, "stb_image_resize failed for ", image.width, "x", image.height, " → ", width,
-          "x", height);
+  if (interpolation == Interpolation::nearest || interpolation == Interpolation::nearest_exact) {
+    const std::vector<int> xs = nearest_indices(image.width, width);
+    const std::vector<int> ys = nearest_indices(image.height, height);
+    Image out(width, height);
+    for (int y = 0; y < height; ++y)
+      for (int x = 0; x < width; ++x)
+        std::copy_n(image.pixel(xs[std::size_t(x)], ys[std::size_t(y)]), 3, out.pixel(x, y));
+    return out;
+  }
+  const ResampleFilter filter = resample_filter(interpolation);
+  Image out = width == image.width
+                  ? image
+                  : resample_horizontal(image, width, resample_weights(image.width, width, filter));
+  if (height != image.height)
+    out = resample_vertical(out, height, resample_weights(image.height, height, filter));
   return out;
 }
 
@@ -171,12 +449,12 @@ std::pair<int, int> crop_origin(int width, int height, int resolution, bool cent
 }
 
 Image resize_and_crop(const Image& image, int resolution, bool center_crop, std::uint64_t crop_seed,
-                      bool hflip) {
+                      bool hflip, Interpolation interpolation) {
   constexpr const char* fn = "resize_and_crop";
   check_image(fn, image);
   require(resolution > 0, fn, "resolution is ", resolution, ", expected > 0");
   const auto [w, h] = shorter_side_size(image.width, image.height, resolution);
-  const Image resized = resize_image(image, w, h);
+  const Image resized = resize_image(image, w, h, interpolation);
   const auto [left, top] = crop_origin(w, h, resolution, center_crop, crop_seed);
   return crop_image(resized, left, top, resolution, hflip);
 }

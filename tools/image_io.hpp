@@ -1,16 +1,20 @@
 #pragma once
-// 8-bit RGB images for the tools: load (PNG, JPEG, BMP, TGA, GIF, PSD, PNM via stb_image), save
-// PNG, convert to and from [3,H,W] tensors in [-1,1], image grids, and diffusers'
-// train_text_to_image preprocessing (resize the shorter side, crop, flip).
+// 8-bit RGB images for the tools: load (PNG, JPEG, BMP, TGA, GIF, PSD, PNM via stb_image, with a
+// JPEG's EXIF orientation applied as PIL's ImageOps.exif_transpose), save PNG, convert to and from
+// [3,H,W] tensors in [-1,1], image grids, and diffusers' train_text_to_image preprocessing (resize
+// the shorter side with PIL's resampling filters, crop, flip).
 // The definitions are in image_io.cpp; stb_impl.hpp gives stb's declarations to the users of this
 // header that write or read image files with stb directly (e.g. tests making fixtures).
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "stb_impl.hpp"
 
@@ -32,8 +36,22 @@ struct Image {
   bool operator==(const Image&) const = default;
 };
 
-/// Any channel count (grey, grey+alpha, RGB, RGBA) → RGB; alpha is dropped, not composited.
+/// Any channel count (grey, grey+alpha, RGB, RGBA) → RGB; alpha is dropped, not composited. A
+/// JPEG is turned upright by its EXIF orientation (exif_transpose(image, exif_orientation(file))),
+/// as diffusers' scripts do with PIL.ImageOps.exif_transpose right after opening an image.
 Image load_image(const std::string& path);
+
+/// The Orientation tag (0x0112) of a JPEG file's first APP1 "Exif" segment, in either byte order
+/// ("II" or "MM" TIFF header), 1 to 8; 1 (upright) when the file has none, or when the JPEG
+/// markers, the TIFF header, IFD0 or the tag are malformed or out of range (as PIL, which ignores
+/// what it cannot read). Every read is bounds-checked: any bytes are safe to pass.
+int exif_orientation(std::span<const std::uint8_t> file);
+
+/// The transpose PIL's ImageOps.exif_transpose applies for an EXIF orientation (others: a copy):
+///   2 FLIP_LEFT_RIGHT  3 ROTATE_180  4 FLIP_TOP_BOTTOM  5 TRANSPOSE (out(x,y) = in(y,x))
+///   6 ROTATE_270 (90° clockwise)  7 TRANSVERSE (out(x,y) = in(W−1−y, H−1−x))
+///   8 ROTATE_90 (90° counter-clockwise); 5 to 8 swap width and height.
+Image exif_transpose(const Image& image, int orientation);
 
 /// Written to `path.tmp`, then renamed into place: a failed write never leaves a partial file.
 void save_png(const std::string& path, const Image& image);
@@ -60,10 +78,33 @@ Image zoom_nearest(const Image& image, int zoom);
 void save_png_grid(const std::string& path, const Tensor4<float>& images, std::size_t columns,
                    int padding = 2, int zoom = 1);
 
-/// Resampled to width × height with a triangle (tent) filter, stretched over the source pixels
-/// when shrinking: bilinear upsampling and antialiased (area-like) downsampling, as PIL's
-/// BILINEAR that torchvision's Resize uses on images; 8-bit values, no gamma conversion.
-Image resize_image(const Image& image, int width, int height);
+/// torchvision's InterpolationMode, by the lower-case names of diffusers'
+/// --image_interpolation_mode. torchvision's Resize hands a PIL image to PIL's Image.resize with
+/// pil_modes_mapping: nearest and nearest_exact are both PIL's NEAREST there.
+enum class Interpolation { nearest, nearest_exact, bilinear, bicubic, box, hamming, lanczos };
+
+inline constexpr std::array<Choice<Interpolation>, 7> kInterpolations{{
+    {"nearest", Interpolation::nearest},
+    {"nearest_exact", Interpolation::nearest_exact},
+    {"bilinear", Interpolation::bilinear},
+    {"bicubic", Interpolation::bicubic},
+    {"box", Interpolation::box},
+    {"hamming", Interpolation::hamming},
+    {"lanczos", Interpolation::lanczos},
+}};
+
+/// Resampled to width × height as PIL's Image.resize (libImaging/Resample.c), 8-bit values, no
+/// gamma conversion. Filters (separable; horizontal pass, rounded to 8 bits, then vertical):
+/// out[j] = Σ_i in[i]·k(i), k(i) = f((i + ½ − c)/s) normalized to sum 1 over the window of
+/// input pixels within the support around c = (j + ½)·scale (cut at the image's edges), where
+/// scale = in/out and s = max(scale, 1) (when shrinking, the filter stretches over s source
+/// pixels: antialiasing); weights in 22-bit fixed point, as PIL. f and its support:
+///   box 1 on (−½, ½] (½)   bilinear 1 − |x| (1)   hamming sinc(x)·(0.54 + 0.46·cos(πx)) (1)
+///   bicubic Keys a = −½ (2)   lanczos sinc(x)·sinc(x/3) (3)
+/// nearest (and nearest_exact): in[floor((j + ½)·scale)]. A dimension that keeps its size is
+/// not resampled.
+Image resize_image(const Image& image, int width, int height,
+                   Interpolation interpolation = Interpolation::bilinear);
 
 /// The size torchvision's Resize(resolution) gives: shorter side → resolution, longer side →
 /// floor(resolution · long / short).
@@ -78,10 +119,10 @@ Image crop_image(const Image& image, int left, int top, int size, bool hflip);
 std::pair<int, int> crop_origin(int width, int height, int resolution, bool center_crop,
                                 std::uint64_t crop_seed);
 
-/// diffusers' train_text_to_image preprocessing: Resize(resolution) on the shorter side
-/// (resize_image), CenterCrop or RandomCrop(resolution) (deterministic in crop_seed), then the
-/// horizontal flip when `hflip`.
+/// diffusers' train_text_to_image preprocessing: Resize(resolution, interpolation) on the shorter
+/// side (resize_image), CenterCrop or RandomCrop(resolution) (deterministic in crop_seed), then
+/// the horizontal flip when `hflip`.
 Image resize_and_crop(const Image& image, int resolution, bool center_crop, std::uint64_t crop_seed,
-                      bool hflip);
+                      bool hflip, Interpolation interpolation = Interpolation::bilinear);
 
 }  // namespace difftrain::tools

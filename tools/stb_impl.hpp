@@ -17,5 +17,4 @@
 #define STBI_NO_LINEAR
 #define STBI_FAILURE_USERMSG  // readable reasons from stbi_failure_reason()
 #include <stb/stb_image.h>
-#include <stb/stb_image_resize.h>
 #include <stb/stb_image_write.h>

@@ -1,5 +1,6 @@
-// tools/dataset.hpp: folder scanning (kohya .txt captions, diffusers metadata.jsonl, DreamBooth),
-// its errors, and the micro-batches of ImageCaptionDataSource.
+// tools/dataset.hpp: folder scanning (kohya .txt captions, diffusers metadata.jsonl with caption
+// lists, DreamBooth), its errors, and the micro-batches of ImageCaptionDataSource (caption lists
+// drawn per epoch, the resize filter).
 
 #include <algorithm>
 #include <catch2/catch.hpp>
@@ -305,4 +306,107 @@ TEST_CASE("data source errors", "[dataset]") {
   tools::ImageCaptionDataSource two({{dir / "ok.png", "a"}, {dir / "ok.png", "b"}}, wrong_rows,
                                     {.resolution = 8, .train_batch_size = 2});
   REQUIRE_THROWS_WITH(two(0), Catch::Contains("tokenizer"));
+}
+
+TEST_CASE("scan_image_folder: a metadata.jsonl caption may be a list of strings", "[dataset]") {
+  TempDir dir;
+  write_solid(dir / "a.png", 0);
+  write_solid(dir / "b.png", 1);
+  write_solid(dir / "c.png", 2);
+  dir.write("metadata.jsonl",
+            "{\"file_name\": \"a.png\", \"text\": [\"caption 1\", \"caption 2\", \"caption 3\"]}\n"
+            "{\"file_name\": \"b.png\", \"text\": [\"only one\"]}\n"
+            "{\"file_name\": \"c.png\", \"text\": \"plain\"}\n");
+  const auto ex = tools::scan_image_folder(dir.str());
+  REQUIRE(ex.size() == 3);
+  CHECK(ex[0].caption == "caption 1");  // the first: diffusers' caption[0] outside training
+  CHECK(ex[0].caption_choices == std::vector<std::string>{"caption 1", "caption 2", "caption 3"});
+  CHECK(ex[1] == Example{dir / "b.png", "only one"});  // a list of one is that caption
+  CHECK(ex[2] == Example{dir / "c.png", "plain"});
+
+  // An empty list or a non-string element: an Error naming the file and the line.
+  dir.write("metadata.jsonl",
+            "{\"file_name\": \"a.png\", \"text\": \"ok\"}\n"
+            "{\"file_name\": \"b.png\", \"text\": []}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("metadata.jsonl") &&
+                                                               Catch::Contains("line 2") &&
+                                                               Catch::Contains("empty list"));
+  dir.write("metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": [\"x\", 7]}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()),
+                      Catch::Contains("metadata.jsonl") && Catch::Contains("line 1") &&
+                          Catch::Contains("non-string") && Catch::Contains("7"));
+  dir.write("metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": [[\"nested\"]]}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("line 1"));
+  // allow_missing_captions is about a missing column, not a malformed list.
+  REQUIRE_THROWS_AS(tools::scan_image_folder(dir.str(), {.allow_missing_captions = true}), Error);
+}
+
+TEST_CASE("data source: a caption list gives one caption per epoch, drawn from (seed, epoch, i)",
+          "[dataset]") {
+  TempDir dir;
+  std::vector<Example> ex;
+  for (int i = 0; i < 3; ++i) {
+    write_solid(dir / png_name("img", i), i);
+    ex.push_back({dir / png_name("img", i), "caption " + std::to_string(10 * i)});
+  }
+  // Example 1 has the captions "caption 10" .. "caption 14" (token id 10..14).
+  ex[1].caption_choices = {"caption 10", "caption 11", "caption 12", "caption 13", "caption 14"};
+  const tools::DataSourceOptions o{
+      .resolution = 8, .center_crop = true, .train_batch_size = 2, .seed = 5};
+  tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+  const std::size_t steps = data.steps_per_epoch();  // 2
+  std::map<int, int> drawn;                          // caption id of example 1 → epochs
+  for (std::uint64_t e = 0; e < 60; ++e) {
+    const std::string& c = data.example_caption(1, e);
+    drawn[std::stoi(c.substr(c.rfind(' ') + 1))] += 1;
+    CHECK(data.example_caption(0, e) == "caption 0");  // a single caption every epoch
+    // The micro-batches of epoch e tokenize example 1 with the caption of (seed, e, 1).
+    for (std::uint64_t m = e * steps; m < (e + 1) * steps; ++m) {
+      const auto rows = data.batch_indices(m);
+      const TokenIds ids = data.batch_token_ids(m);
+      for (std::size_t j = 0; j < rows.size(); ++j) {
+        const std::string& expected = data.example_caption(rows[j], e);
+        CHECK(ids(j, 0) == std::stoll(expected.substr(expected.rfind(' ') + 1)));
+      }
+      if (e % 20 == 0) REQUIRE(bool(data(m).token_ids == ids));
+    }
+  }
+  CHECK(drawn.size() == 5);  // every caption is drawn in 60 epochs (each with probability 1/5)
+  for (const auto& [id, count] : drawn) {
+    CHECK(id >= 10);
+    CHECK(id <= 14);
+  }
+
+  // Deterministic: a fresh source (e.g. a resumed run) draws the same; another seed draws others.
+  tools::ImageCaptionDataSource fresh(ex, number_tokenizer, o);
+  auto other_options = o;
+  other_options.seed = 6;
+  tools::ImageCaptionDataSource other(ex, number_tokenizer, other_options);
+  bool differs = false;
+  for (std::uint64_t m : {9u, 3u, 40u, 3u}) REQUIRE(bool(fresh(m).token_ids == data(m).token_ids));
+  for (std::uint64_t e = 0; e < 30; ++e)
+    differs = differs || other.example_caption(1, e) != data.example_caption(1, e);
+  CHECK(differs);
+}
+
+TEST_CASE("data source: the interpolation option picks resize_image's filter", "[dataset]") {
+  TempDir dir;
+  // 20×12 noise: resolution 6 resizes it to 10×6 before the center crop.
+  Image im(20, 12);
+  std::uint32_t state = 3;
+  for (auto& v : im.rgb) v = std::uint8_t((state = state * 1664525u + 1013904223u) >> 24);
+  tools::save_png(dir / "noise.png", im);
+  const std::vector<Example> ex{{dir / "noise.png", "caption 0"}};
+  std::set<std::vector<std::uint8_t>> distinct;
+  for (const auto& choice : tools::kInterpolations) {
+    INFO(choice.name);
+    tools::ImageCaptionDataSource data(
+        ex, number_tokenizer,
+        {.resolution = 6, .center_crop = true, .interpolation = choice.value});
+    const Image out = data.example_image(0, 0);
+    CHECK(out == tools::resize_and_crop(im, 6, true, 0, false, choice.value));
+    distinct.insert(out.rgb);
+  }
+  CHECK(distinct.size() == 6);  // nearest and nearest_exact are the same filter (PIL's NEAREST)
+  CHECK(tools::DataSourceOptions{}.interpolation == tools::Interpolation::bilinear);
 }

@@ -1,10 +1,15 @@
-// tools/image_io.hpp: PNG round trips, tensor conversion, grid layout, resize/crop/flip.
+// tools/image_io.hpp: PNG round trips, tensor conversion, grid layout, resize/crop/flip, EXIF
+// orientation, PIL's resampling filters.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "image_io.hpp"
@@ -249,4 +254,407 @@ TEST_CASE("zoom_nearest repeats each pixel as a block", "[image_io]") {
     }
   CHECK(difftrain::tools::zoom_nearest(image, 1).rgb == image.rgb);
   CHECK_THROWS_AS(difftrain::tools::zoom_nearest(image, 0), Error);
+}
+
+// ---- EXIF orientation (PIL.ImageOps.exif_transpose) ----
+
+namespace {
+
+// The bytes of `im` as a JPEG (stb_image_write, quality 100: no chroma subsampling).
+std::vector<std::uint8_t> jpeg_bytes(const Image& im) {
+  std::vector<std::uint8_t> out;
+  const auto append = [](void* context, void* data, int size) {
+    auto* bytes = static_cast<std::vector<std::uint8_t>*>(context);
+    const auto* p = static_cast<const std::uint8_t*>(data);
+    bytes->insert(bytes->end(), p, p + size);
+  };
+  REQUIRE(stbi_write_jpg_to_func(append, &out, im.width, im.height, 3, im.rgb.data(), 100));
+  REQUIRE(out.size() > 4);
+  REQUIRE(out[0] == 0xFF);
+  REQUIRE(out[1] == 0xD8);
+  return out;
+}
+
+// A TIFF structure whose IFD0 holds an unrelated entry (Model, ASCII, at a bogus offset) and then
+// Orientation = `orientation` of TIFF type `type` (3 SHORT, 4 LONG, 1 BYTE, 2 ASCII, ...).
+std::vector<std::uint8_t> tiff_bytes(int orientation, bool big_endian, int type = 3) {
+  std::vector<std::uint8_t> t;
+  const auto put = [&](std::uint32_t v, int n) {
+    for (int i = 0; i < n; ++i) t.push_back(std::uint8_t(v >> (8 * (big_endian ? n - 1 - i : i))));
+  };
+  t.push_back(big_endian ? 'M' : 'I');
+  t.push_back(big_endian ? 'M' : 'I');
+  put(42, 2);
+  put(8, 4);  // IFD0 right after the header
+  put(2, 2);  // two entries
+  put(0x0110, 2), put(2, 2), put(20, 4), put(0xFFFFFF, 4);
+  put(0x0112, 2), put(std::uint32_t(type), 2), put(1, 4);
+  if (type == 3)
+    put(std::uint32_t(orientation), 2), put(0, 2);  // a SHORT fills the field's first 2 bytes
+  else if (type == 4)
+    put(std::uint32_t(orientation), 4);
+  else
+    t.push_back(std::uint8_t(orientation)), put(0, 2), t.push_back(0);
+  put(0, 4);  // no next IFD
+  return t;
+}
+
+// An APP1 segment: FF E1, its length (with the 2 length bytes), "Exif\0\0", then `tiff`.
+std::vector<std::uint8_t> exif_segment(const std::vector<std::uint8_t>& tiff) {
+  const std::size_t length = 2 + 6 + tiff.size();
+  std::vector<std::uint8_t> s{
+      0xFF, 0xE1, std::uint8_t(length >> 8), std::uint8_t(length & 255), 'E', 'x', 'i', 'f', 0, 0};
+  s.insert(s.end(), tiff.begin(), tiff.end());
+  return s;
+}
+
+// The JPEG with `segment` spliced in right after its SOI marker.
+std::vector<std::uint8_t> splice(std::vector<std::uint8_t> jpeg,
+                                 const std::vector<std::uint8_t>& segment) {
+  jpeg.insert(jpeg.begin() + 2, segment.begin(), segment.end());
+  return jpeg;
+}
+
+void write_bytes(const std::string& path, const std::vector<std::uint8_t>& bytes) {
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+}
+
+// Which of the six labelled pixels of `labels` each pixel of `im` is, row by row: its position in
+// `labels` (the original's row-major order), by the pixel values of `decoded` (exact equality:
+// both come from the same JPEG data).
+std::vector<std::string> layout(const Image& im, const Image& decoded, const char* labels) {
+  std::vector<std::string> rows;
+  for (int y = 0; y < im.height; ++y) {
+    std::string row;
+    for (int x = 0; x < im.width; ++x) {
+      char label = '?';
+      for (int i = 0; i < decoded.width * decoded.height; ++i)
+        if (px(decoded, i % decoded.width, i / decoded.width) == px(im, x, y)) label = labels[i];
+      row += label;
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+}  // namespace
+
+TEST_CASE("load_image applies a JPEG's EXIF orientation as PIL's exif_transpose", "[image_io]") {
+  difftrain::test::TempDir dir;
+  // 3×2, six distinct colours:  a b c
+  //                             d e f
+  Image im(3, 2);
+  const std::uint8_t colours[6][3] = {{250, 10, 10},  {10, 250, 10},  {10, 10, 250},
+                                      {250, 250, 10}, {10, 250, 250}, {250, 10, 250}};
+  for (int i = 0; i < 6; ++i) std::copy_n(colours[i], 3, im.pixel(i % 3, i / 3));
+  const std::vector<std::uint8_t> jpeg = jpeg_bytes(im);
+  write_bytes(dir / "plain.jpg", jpeg);
+  const Image decoded = tools::load_image(dir / "plain.jpg");
+  REQUIRE(decoded.width == 3);
+  REQUIRE(decoded.height == 2);
+  REQUIRE_CLOSE(decoded.rgb, im.rgb, 0, 40);  // lossy, but the six colours stay apart
+  REQUIRE(layout(decoded, decoded, "abcdef") == std::vector<std::string>{"abc", "def"});
+
+  // Where each pixel lands (EXIF 2.3, Orientation; PIL's Image.Transpose for each).
+  const std::vector<std::string> expected[9] = {
+      {},
+      {},
+      {"cba", "fed"},      // 2 mirrored left-right
+      {"fed", "cba"},      // 3 rotated 180°
+      {"def", "abc"},      // 4 mirrored top-bottom
+      {"ad", "be", "cf"},  // 5 transposed
+      {"da", "eb", "fc"},  // 6 rotated 90° clockwise
+      {"fc", "eb", "da"},  // 7 transversed
+      {"cf", "be", "ad"},  // 8 rotated 90° counter-clockwise
+  };
+  for (const bool big_endian : {false, true})
+    for (int orientation = 1; orientation <= 8; ++orientation) {
+      INFO("orientation " << orientation << (big_endian ? " MM" : " II"));
+      const auto file = splice(jpeg, exif_segment(tiff_bytes(orientation, big_endian)));
+      CHECK(tools::exif_orientation(file) == orientation);
+      const std::string path = dir / "o.jpg";
+      write_bytes(path, file);
+      const Image upright = tools::load_image(path);
+      if (orientation == 1) {
+        REQUIRE(upright == decoded);
+        continue;
+      }
+      CHECK(upright.width == (orientation >= 5 ? 2 : 3));
+      CHECK(layout(upright, decoded, "abcdef") == expected[orientation]);
+    }
+
+  // A LONG or a BYTE holding the value counts too (PIL reads the tag whatever its integer type).
+  CHECK(tools::exif_orientation(splice(jpeg, exif_segment(tiff_bytes(6, true, 4)))) == 6);
+  CHECK(tools::exif_orientation(splice(jpeg, exif_segment(tiff_bytes(3, false, 1)))) == 3);
+  // PNG files are not read for EXIF; a JPEG without an Exif segment is upright.
+  CHECK(tools::exif_orientation(jpeg) == 1);
+}
+
+TEST_CASE("malformed EXIF is ignored: the image is unchanged, never an error", "[image_io]") {
+  difftrain::test::TempDir dir;
+  const Image im = noise_image(5, 3, 11);
+  const std::vector<std::uint8_t> jpeg = jpeg_bytes(im);
+  write_bytes(dir / "plain.jpg", jpeg);
+  const Image decoded = tools::load_image(dir / "plain.jpg");
+
+  std::vector<std::vector<std::uint8_t>> bad_tiffs;
+  bad_tiffs.push_back({});                                   // empty
+  bad_tiffs.push_back({'I', 'I', 42});                       // truncated header
+  bad_tiffs.push_back({'X', 'Y', 42, 0, 8, 0, 0, 0});        // no byte order
+  bad_tiffs.push_back({'I', 'I', 43, 0, 8, 0, 0, 0});        // not 42
+  bad_tiffs.push_back({'I', 'I', 42, 0, 0xFF, 0xFF, 0, 0});  // IFD0 past the end
+  bad_tiffs.push_back({'M', 'M', 0, 42, 0xFF, 0xFF, 0xFF, 0xFF});
+  bad_tiffs.push_back({'I', 'I', 42, 0, 8, 0, 0, 0, 0xFF, 0xFF});  // 65535 entries, none there
+  for (const int value : {0, 9, 0xFFFF}) bad_tiffs.push_back(tiff_bytes(value, false));
+  bad_tiffs.push_back(tiff_bytes(6, false, 2));  // ASCII: not an orientation
+  bad_tiffs.push_back(tiff_bytes(6, true, 5));   // RATIONAL
+  auto cut = tiff_bytes(6, false);
+  cut.resize(8 + 2 + 12 + 11);  // the orientation entry cut short
+  bad_tiffs.push_back(cut);
+  for (std::size_t b = 0; b < bad_tiffs.size(); ++b) {
+    INFO("bad TIFF " << b);
+    const auto file = splice(jpeg, exif_segment(bad_tiffs[b]));
+    CHECK(tools::exif_orientation(file) == 1);
+    write_bytes(dir / "bad.jpg", file);
+    REQUIRE(tools::load_image(dir / "bad.jpg") == decoded);
+  }
+
+  // A segment length past the end of the file, or below 2.
+  auto segment = exif_segment(tiff_bytes(6, false));
+  auto too_long = segment;
+  too_long[2] = 0xFF;
+  CHECK(tools::exif_orientation(
+            splice(std::vector<std::uint8_t>(jpeg.begin(), jpeg.begin() + 2), too_long)) == 1);
+  auto too_short = segment;
+  too_short[2] = 0, too_short[3] = 1;
+  CHECK(tools::exif_orientation(splice(jpeg, too_short)) == 1);
+
+  // Every truncation and every single-byte change of a valid file's first segments: a value in
+  // 1..8 and no read out of bounds (the sanitizer build checks that).
+  const auto good = splice(jpeg, segment);
+  const std::size_t head = 2 + segment.size() + 24;
+  for (std::size_t n = 0; n <= head; ++n) {
+    const int o = tools::exif_orientation(std::span(good.data(), n));
+    REQUIRE((o >= 1 && o <= 8));
+  }
+  for (std::size_t i = 0; i < head; ++i)
+    for (const std::uint8_t v : {0x00, 0x01, 0x7F, 0xFF}) {
+      auto bytes = std::vector<std::uint8_t>(good.begin(), good.begin() + std::ptrdiff_t(head));
+      bytes[i] = v;
+      const int o = tools::exif_orientation(bytes);
+      REQUIRE((o >= 1 && o <= 8));
+    }
+  // Not a JPEG at all.
+  const std::uint8_t png_magic[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  CHECK(tools::exif_orientation(png_magic) == 1);
+  CHECK(tools::exif_orientation({}) == 1);
+  // exif_transpose ignores values outside 2..8.
+  CHECK(tools::exif_transpose(im, 0) == im);
+  CHECK(tools::exif_transpose(im, 9) == im);
+}
+
+// ---- resampling filters (PIL's Image.resize, which torchvision's Resize calls on PIL images) ----
+
+namespace {
+
+using tools::Interpolation;
+
+double sinc_pi(double x) {
+  const double pi = 3.14159265358979323846;
+  return x == 0.0 ? 1.0 : std::sin(pi * x) / (pi * x);
+}
+
+// The filters as Pillow's libImaging/Resample.c defines them.
+double filter_value(Interpolation f, double x) {
+  const double ax = std::abs(x);
+  switch (f) {
+    case Interpolation::box:
+      return x > -0.5 && x <= 0.5 ? 1.0 : 0.0;
+    case Interpolation::bilinear:
+      return ax < 1.0 ? 1.0 - ax : 0.0;
+    case Interpolation::hamming:
+      return ax >= 1.0 ? 0.0
+                       : sinc_pi(ax) * (double(0.54f) +
+                                        double(0.46f) * std::cos(3.14159265358979323846 * ax));
+    case Interpolation::bicubic:  // Keys, a = −0.5
+      return ax < 1.0   ? 1.5 * ax * ax * ax - 2.5 * ax * ax + 1.0
+             : ax < 2.0 ? -0.5 * ax * ax * ax + 2.5 * ax * ax - 4.0 * ax + 2.0
+                        : 0.0;
+    default:  // lanczos, a = 3
+      return -3.0 <= x && x < 3.0 ? sinc_pi(x) * sinc_pi(x / 3.0) : 0.0;
+  }
+}
+
+// One line resampled in double: output j centred on c = (j + ½)·in/out, weights
+// f((i + ½ − c)/s) over the input pixels (s = max(in/out, 1)), normalized,
+// rounded half up and clamped to 8 bits. Nearest: in[floor((j + ½)·in/out)].
+std::vector<int> resample_line(const std::vector<int>& in, int out, Interpolation f) {
+  const int n = int(in.size());
+  const double scale = double(n) / out, s = std::max(scale, 1.0);
+  std::vector<int> result;
+  for (int j = 0; j < out; ++j) {
+    const double c = (j + 0.5) * scale;
+    if (f == Interpolation::nearest || f == Interpolation::nearest_exact) {
+      result.push_back(in[std::size_t(std::min(int(std::floor(c)), n - 1))]);
+      continue;
+    }
+    double sum = 0, weights = 0;  // the filters vanish outside their support
+    for (int i = 0; i < n; ++i) {
+      const double w = filter_value(f, (i + 0.5 - c) / s);
+      sum += w * in[std::size_t(i)], weights += w;
+    }
+    result.push_back(std::clamp(int(std::floor(sum / weights + 0.5)), 0, 255));
+  }
+  return result;
+}
+
+// Rows then columns, each through resample_line (8-bit between the passes, as PIL).
+Image resample_reference(const Image& im, int w, int h, Interpolation f) {
+  Image mid(w, im.height), out(w, h);
+  for (int c = 0; c < 3; ++c) {
+    for (int y = 0; y < im.height; ++y) {
+      std::vector<int> line;
+      for (int x = 0; x < im.width; ++x) line.push_back(im.pixel(x, y)[c]);
+      if (w != im.width) line = resample_line(line, w, f);
+      for (int x = 0; x < w; ++x) mid.pixel(x, y)[c] = std::uint8_t(line[std::size_t(x)]);
+    }
+    for (int x = 0; x < w; ++x) {
+      std::vector<int> line;
+      for (int y = 0; y < im.height; ++y) line.push_back(mid.pixel(x, y)[c]);
+      if (h != im.height) line = resample_line(line, h, f);
+      for (int y = 0; y < h; ++y) out.pixel(x, y)[c] = std::uint8_t(line[std::size_t(y)]);
+    }
+  }
+  return out;
+}
+
+Image row_image(const std::vector<int>& values) {
+  Image im(int(values.size()), 1);
+  for (std::size_t x = 0; x < values.size(); ++x)
+    for (int c = 0; c < 3; ++c) im.pixel(int(x), 0)[c] = std::uint8_t(values[x]);
+  return im;
+}
+
+std::vector<int> red_row(const Image& im) {
+  std::vector<int> v;
+  for (int x = 0; x < im.width; ++x) v.push_back(im.pixel(x, 0)[0]);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("resize_image: each filter on a 1-D row, by hand and against PIL's formulas",
+          "[image_io]") {
+  // Shrinking 4 → 2 with bilinear, by hand: scale 2 stretches the triangle to support 2; output 0
+  // is centred at 1, so pixels 0, 1, 2 (centres ½, 1½, 2½) get 1 − |x − 1|/2 = ¾, ¾, ¼ → 3/7, 3/7,
+  // 1/7: (3·10 + 3·50 + 90)/7 = 38.6 → 39; output 1 at 3: (50 + 3·90 + 3·250)/7 = 152.9 → 153.
+  const std::vector<int> four{10, 50, 90, 250}, two{10, 250};
+  CHECK(red_row(tools::resize_image(row_image(four), 2, 1)) == std::vector<int>{39, 153});
+  // Growing 2 → 5 with bilinear: centres 0.2, 0.6, 1.0, 1.4, 1.8; output 1 (at 0.6) weighs pixel
+  // 0 (at ½) by 0.9 and pixel 1 by 0.1: 9 + 25 = 34; the ends clamp to the edge pixels.
+  CHECK(red_row(tools::resize_image(row_image(two), 5, 1)) ==
+        std::vector<int>{10, 34, 130, 226, 250});
+
+  // Every filter: the values Pillow 9.4 gives (Image.resize on a 1-row RGB image) and the
+  // double-precision reference above agree with resize_image.
+  const std::vector<int> nine{0, 255, 0, 255, 255, 0, 40, 200, 100}, three{30, 200, 90};
+  struct Case {
+    Interpolation f;
+    std::vector<int> down4to2, up2to5, down9to4, up3to7;
+  };
+  const Case cases[] = {
+      {Interpolation::nearest,
+       {50, 250},
+       {10, 10, 250, 250, 250},
+       {255, 255, 0, 200},
+       {30, 30, 200, 200, 200, 90, 90}},
+      {Interpolation::nearest_exact,
+       {50, 250},
+       {10, 10, 250, 250, 250},
+       {255, 255, 0, 200},
+       {30, 30, 200, 200, 200, 90, 90}},
+      {Interpolation::bilinear,
+       {39, 153},
+       {10, 34, 130, 226, 250},
+       {109, 180, 88, 131},
+       {30, 54, 127, 200, 153, 106, 90}},
+      {Interpolation::bicubic,
+       {29, 162},
+       {0, 26, 130, 234, 255},
+       {103, 187, 86, 129},
+       {14, 47, 132, 200, 163, 102, 79}},
+      {Interpolation::box,
+       {30, 170},
+       {10, 10, 250, 250, 250},
+       {128, 170, 20, 150},
+       {30, 30, 200, 200, 200, 90, 90}},
+      {Interpolation::hamming,
+       {32, 165},
+       {10, 13, 130, 247, 250},
+       {126, 182, 61, 143},
+       {30, 34, 143, 200, 163, 92, 90}},
+      {Interpolation::lanczos,
+       {23, 164},
+       {0, 31, 130, 229, 255},
+       {94, 194, 91, 122},
+       {1, 50, 133, 200, 170, 106, 67}},
+  };
+  for (const Case& c : cases) {
+    INFO("filter " << difftrain::choice_name(c.f, tools::kInterpolations));
+    CHECK(red_row(tools::resize_image(row_image(four), 2, 1, c.f)) == c.down4to2);
+    CHECK(red_row(tools::resize_image(row_image(two), 5, 1, c.f)) == c.up2to5);
+    CHECK(red_row(tools::resize_image(row_image(nine), 4, 1, c.f)) == c.down9to4);
+    CHECK(red_row(tools::resize_image(row_image(three), 7, 1, c.f)) == c.up3to7);
+    CHECK(resample_line(four, 2, c.f) == c.down4to2);
+    CHECK(resample_line(two, 5, c.f) == c.up2to5);
+    CHECK(resample_line(nine, 4, c.f) == c.down9to4);
+    CHECK(resample_line(three, 7, c.f) == c.up3to7);
+    // A column is resampled as a row is.
+    Image column(1, 9);
+    for (int y = 0; y < 9; ++y)
+      for (int ch = 0; ch < 3; ++ch) column.pixel(0, y)[ch] = std::uint8_t(nine[std::size_t(y)]);
+    const Image col = tools::resize_image(column, 1, 4, c.f);
+    for (int y = 0; y < 4; ++y) CHECK(int(col.pixel(0, y)[0]) == c.down9to4[std::size_t(y)]);
+  }
+}
+
+TEST_CASE("resize_image: 2-D, rows then columns with 8-bit rounding between", "[image_io]") {
+  const Image im = noise_image(23, 17, 5);
+  for (const auto& choice : tools::kInterpolations)
+    for (const auto& [w, h] : {std::pair{7, 31}, std::pair{40, 6}, std::pair{23, 5},
+                               std::pair{11, 17}, std::pair{9, 9}}) {
+      INFO(choice.name << " " << w << "x" << h);
+      const Image out = tools::resize_image(im, w, h, choice.value);
+      REQUIRE(out.width == w);
+      REQUIRE(out.height == h);
+      // Fixed-point weights (PIL's 22 bits) may differ from the double reference by one level.
+      REQUIRE_CLOSE(out.rgb, resample_reference(im, w, h, choice.value).rgb, 0, 1);
+    }
+  // The same size is a copy; a solid colour stays solid under every filter.
+  CHECK(tools::resize_image(im, 23, 17, Interpolation::lanczos) == im);
+  const Image teal = solid(13, 7, 0, 128, 128);
+  for (const auto& choice : tools::kInterpolations) {
+    CHECK(tools::resize_image(teal, 5, 19, choice.value) == solid(5, 19, 0, 128, 128));
+    CHECK(tools::resize_and_crop(teal, 4, true, 0, false, choice.value) ==
+          solid(4, 4, 0, 128, 128));
+  }
+}
+
+TEST_CASE("Interpolation names are diffusers' --image_interpolation_mode choices", "[image_io]") {
+  using difftrain::parse_choice;
+  CHECK(parse_choice("--image_interpolation_mode", "lanczos", tools::kInterpolations) ==
+        Interpolation::lanczos);
+  CHECK(parse_choice("--image_interpolation_mode", "nearest_exact", tools::kInterpolations) ==
+        Interpolation::nearest_exact);
+  CHECK(difftrain::choice_name(Interpolation::bicubic, tools::kInterpolations) == "bicubic");
+  for (const char* name :
+       {"nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"})
+    CHECK(difftrain::choice_name(parse_choice("x", name, tools::kInterpolations),
+                                 tools::kInterpolations) == name);
+  REQUIRE_THROWS_WITH(parse_choice("--image_interpolation_mode", "area", tools::kInterpolations),
+                      Catch::Contains("'area'") && Catch::Contains("lanczos"));
+  // The default of the data options and of resize_image: bilinear.
+  const Image im = noise_image(9, 6, 3);
+  CHECK(tools::resize_image(im, 4, 3) == tools::resize_image(im, 4, 3, Interpolation::bilinear));
 }

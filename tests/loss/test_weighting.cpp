@@ -98,3 +98,27 @@ TEST_CASE("Debiased estimation, P2 and scale-v-like-eps: closed forms and limits
   const double snr = 2.5, e2 = 0.3;  // ‖ê − e‖²
   REQUIRE(e2 * (snr + 1) / snr * s.weight(snr, v) == Approx(e2));
 }
+
+TEST_CASE("v_pred_like_loss: loss + loss/w·λ with w = S'/(S'+1), as kohya adds it") {
+  // kohya add_v_prediction_like_loss: loss + loss / (S'/(S'+1)) · λ, S' = min(S, 1000).
+  const loss::VPredLikeLoss v(0.5);
+  CHECK(v.weight(3.0, PredictionType::epsilon) == Approx(1.0 + 0.5 * 4.0 / 3.0).epsilon(1e-15));
+  CHECK(v.weight(3.0, PredictionType::v_prediction) == v.weight(3.0, PredictionType::epsilon));
+  CHECK(v.weight(5000.0, PredictionType::epsilon) ==
+        Approx(1.0 + 0.5 * 1001.0 / 1000.0).epsilon(1e-15));
+  CHECK(loss::VPredLikeLoss(0.0).weight(0.25, PredictionType::epsilon) == 1.0);
+  CHECK_THROWS_WITH(v.weight(0.0, PredictionType::epsilon), Catch::Contains("SNR 0"));
+  CHECK_THROWS_WITH(loss::VPredLikeLoss(-1.0), Catch::Contains("v_pred_like_loss is -1"));
+
+  // Stacked after Min-SNR in ConfiguredWeighting: the product.
+  loss::WeightingOptions o;
+  o.snr_gamma = 5.0;
+  o.v_pred_like_loss = 0.5;
+  const loss::ConfiguredWeighting w(o);
+  CHECK(!w.uniform());
+  for (double S : {0.01, 0.7, 4.0, 30.0, 2000.0})
+    CHECK(w.weight(S, PredictionType::epsilon) ==
+          Approx(loss::MinSnr(5.0).weight(S, PredictionType::epsilon) *
+                 (1.0 + 0.5 * (std::min(S, 1000.0) + 1.0) / std::min(S, 1000.0)))
+              .epsilon(1e-14));
+}

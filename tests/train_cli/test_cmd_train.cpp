@@ -4,16 +4,18 @@
 #include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <csignal>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "cmd_train.hpp"
+#include "config_file.hpp"
+#include "difftrain/io/sha256.hpp"
 #include "difftrain/nn/init.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
 #include "image_io.hpp"
-#include "json_config.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
@@ -67,7 +69,7 @@ struct Fixture {
     o.trainer.train_batch_size = 2;
     o.max_train_steps = 4;
     o.trainer.checkpointing_steps = 2;
-    o.trainer.lr_warmup_steps = 0;
+    o.lr_warmup_steps = 0;
     o.trainer.learning_rate = 1e-3;
     o.trainer.seed = 11;
     o.plain_log = true;
@@ -126,6 +128,24 @@ TEST_CASE("difftrain train: LoRA from a captioned folder, checkpoints, log, vali
   CHECK(meta.at("ss_network_dim") == "4");
   CHECK(meta.at("ss_max_train_steps") == "4");
   CHECK(meta.at("ss_num_train_images") == "6");
+  // kohya's metadata from the model and options (kohya_metadata.hpp formats it).
+  CHECK(meta.at("ss_v2") == "False");
+  CHECK(meta.at("ss_base_model_version") == "sd_v1");
+  CHECK(meta.at("ss_learning_rate") == "0.001");
+  CHECK(meta.at("ss_optimizer") == "torch.optim.adamw.AdamW");
+  CHECK(meta.count("ss_network_args") == 0);  // kohya writes it only with network args
+  CHECK(meta.at("modelspec.architecture") == "stable-diffusion-v1/lora");
+  CHECK(meta.at("modelspec.resolution") == "8x8");
+  CHECK(meta.at("modelspec.title") == o.output_name);
+  // sshs_model_hash: SHA-256 of the bytes after the header, as sd-webui-additional-networks.
+  {
+    std::ifstream in(r.lora_file, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::uint64_t n = 0;
+    std::memcpy(&n, bytes.data(), 8);
+    CHECK(meta.at("sshs_model_hash") == io::sha256_hex(std::string_view(bytes).substr(8 + n)));
+    CHECK(meta.at("sshs_legacy_hash") == "e3b0c442");  // < 1 MiB: the hash of nothing
+  }
 
   // One CSV row per step, finite losses; checkpoints at 2 and 4; the final validation grid.
   const auto lines = read_lines(fs::path(out) / "training_log.csv");
@@ -181,7 +201,7 @@ TEST_CASE("difftrain train: DreamBooth with prior preservation, PEFT output") {
   for (const auto& [name, v] : tensors) CHECK(name.rfind("unet.", 0) == 0);
 }
 
-TEST_CASE("difftrain train: JSON config, command line wins, errors") {
+TEST_CASE("difftrain train: JSON and TOML configs, command line wins, errors") {
   Fixture f;
   const std::string out = f.dir / "cfg";
   f.dir.write("config.json", "{\"pretrained_model_name_or_path\": \"" + f.model +
@@ -198,8 +218,52 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   CLI::App app;
   int code = 0;
   tools::add_train_command(app, code);
-  CHECK_THROWS_WITH(tools::apply_json_config(*app.get_subcommand("train"), f.dir / "bad.json"),
+  CHECK_THROWS_WITH(tools::apply_config_file(*app.get_subcommand("train"), f.dir / "bad.json"),
                     Catch::Contains("unknown key 'learning_rat'"));
+
+  // kohya's TOML config (--config_file, ".toml" implied): [sections] only group keys; kohya's
+  // spellings (network_dim) are keys too.
+  const std::string toml_out = f.dir / "toml";
+  f.dir.write("kohya.toml", "[model_arguments]\npretrained_model_name_or_path = '" + f.model +
+                                "'\n[dataset_arguments]\ntrain_data_dir = '" + f.data +
+                                "'\nresolution = 8\n[training_arguments]\n"
+                                "train_batch_size = 2\nmax_train_steps = 2\nnetwork_dim = 2\n"
+                                "learning_rate = 1e-4\nlr_warmup_steps = 0\n"
+                                "checkpointing_steps = 0\nplain_log = true\n");
+  CHECK(run_cli({"--config_file", f.dir / "kohya", "--output_dir", toml_out}) == 0);
+  CHECK(read_lines(fs::path(toml_out) / "training_log.csv").size() == 3);
+  const std::vector<tools::ConfigEntry> entries = tools::read_config_file(f.dir / "kohya.toml");
+  REQUIRE(entries.size() == 10);
+  auto value_of = [&](const std::string& key) {
+    for (const auto& e : entries)
+      if (e.key == key) return e.values;
+    return std::vector<std::string>{"missing"};
+  };
+  CHECK(std::stod(value_of("learning_rate").at(0)) == 1e-4);  // the shortest round-trip text
+  CHECK(value_of("network_dim") == std::vector<std::string>{"2"});
+  CHECK(value_of("plain_log") == std::vector<std::string>{"true"});
+  f.dir.write("list.toml", "lora_target_modules = ['to_q', 'to_v']\n");
+  CHECK(tools::read_config_file(f.dir / "list.toml").at(0).values ==
+        std::vector<std::string>{"to_q", "to_v"});
+  auto toml_error = [&](const std::string& text) {
+    f.dir.write("bad.toml", text);
+    CLI::App a;
+    int c = 0;
+    tools::add_train_command(a, c);
+    try {
+      tools::apply_config_file(*a.get_subcommand("train"), f.dir / "bad.toml");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK_THAT(toml_error("[a]\nlearning_rat = 1.0\n"),
+             Catch::Contains("unknown key 'learning_rat'"));
+  CHECK_THAT(toml_error("rank = 4\n[b]\nnetwork_dim = 8\n"), Catch::Contains("sets --rank twice"));
+  CHECK_THAT(toml_error("rank = = 4\n"), Catch::Contains("not valid TOML (line 1"));
+  CHECK_THAT(toml_error("rank = 'four'\n"), Catch::Contains("key 'rank' has value"));
+  CHECK_THAT(toml_error("seed = 1979-05-27\n"), Catch::Contains("expected a string, number"));
+  CHECK_THROWS_WITH(tools::read_config_file(f.dir / "nothing"), Catch::Contains("does not exist"));
 
   TrainCommandOptions o = f.options(f.dir / "err");
   o.pretrained_model_name_or_path = f.dir / "missing";
@@ -210,6 +274,12 @@ TEST_CASE("difftrain train: JSON config, command line wins, errors") {
   o = f.options(f.dir / "err");
   o.save_format = "ckpt";
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("expected kohya or peft"));
+  o = f.options(f.dir / "err");
+  o.image_interpolation_mode = "cubic";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--image_interpolation_mode"));
+  o = f.options(f.dir / "err");
+  o.save_model_as = "ckpt";
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--save_model_as is 'ckpt'"));
   o = f.options(f.dir / "err");
   o.trainer.loss_type = "l3";
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("l3"));
@@ -304,7 +374,18 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
                                          "--v_parameterization",
                                          "--clip_skip",
                                          "2",
-                                         "--zero_terminal_snr"};
+                                         "--zero_terminal_snr",
+                                         "--v_pred_like_loss",
+                                         "0.3",
+                                         "--lr_warmup_steps",
+                                         "0.25",
+                                         "--unet_lr",
+                                         "3e-4",
+                                         "--network_train_unet_only",
+                                         "--save_model_as",
+                                         "safetensors",
+                                         "--image_interpolation_mode",
+                                         "lanczos"};
   app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
 
   const lora::LoraConfig l = tools::lora_config(o);
@@ -325,6 +406,15 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
   CHECK(t.lr_power == 2);
   CHECK(t.loraplus_lr_ratio == 16);
   CHECK(t.use_ema);
+  CHECK(t.weighting.v_pred_like_loss == 0.3);
+  CHECK(o.image_interpolation_mode == "lanczos");
+  CHECK(t.learning_rate == 3e-4);
+  CHECK(t.max_train_steps == 1000);  // 100 epochs of 10 steps
+  CHECK(t.lr_warmup_steps == 250);   // kohya: a ratio below 1
+  o.lr_warmup_steps = 7;
+  CHECK(tools::trainer_options(o, 10).lr_warmup_steps == 7);
+  o.lr_warmup_steps = 7.5;
+  CHECK_THROWS_WITH(tools::trainer_options(o, 10), Catch::Contains("--lr_warmup_steps is 7.5"));
   const TrainStepOptions step = train::train_step_options(t);
   CHECK(step.noise.noise_offset == 0.05f);
   CHECK(step.noise.noise_offset_random_strength);
@@ -393,4 +483,160 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
     const double loss = std::stod(lines[2].substr(lines[2].find(',') + 1));
     CHECK(std::isfinite(loss));
   }
+}
+
+TEST_CASE("difftrain train: kohya's target set and LoCon (--conv_dim) train every adapter") {
+  Fixture f;
+  auto run = [&](const std::string& out, auto&& change) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.trainer.checkpointing_steps = 0;
+    o.rank = 4;
+    o.lora_target_set = "kohya";
+    change(o);
+    const auto r = tools::run_train(o);
+    auto m = pipeline::load_model_folder(f.model);
+    return lora::read_lora(r.lora_file.string(), lora::module_names(m.unet));
+  };
+  const lora::LoraState state = run("locon", [](TrainCommandOptions& o) {
+    o.conv_dim = 2;
+    o.conv_alpha = 1;
+  });
+  // The expected set, from the model's module names by kohya's rule (its module classes).
+  auto m = pipeline::load_model_folder(f.model);
+  std::map<std::string, std::size_t> expected;  // name → rank
+  for (const std::string& name : lora::module_names(m.unet)) {
+    const bool in_transformer = name.find(".attentions.") != std::string::npos;
+    const bool in_resnet_or_sampler =
+        name.find(".resnets.") != std::string::npos || name.find("samplers.") != std::string::npos;
+    auto leaf_is = [&](std::string_view leaf) {
+      return name.size() > leaf.size() && name.ends_with(leaf) &&
+             name[name.size() - leaf.size() - 1] == '.';
+    };
+    if (in_transformer) expected[name] = 4;
+    if (in_resnet_or_sampler)
+      expected[name] = (leaf_is("time_emb_proj") || leaf_is("conv_shortcut")) ? 4 : 2;
+  }
+  REQUIRE(expected.size() > 20);
+  REQUIRE(state.size() == expected.size());
+  for (const auto& [name, w] : state) {
+    INFO(name);
+    REQUIRE(expected.count(name));
+    CHECK(w.rank() == expected.at(name));
+    CHECK(w.alpha == (expected.at(name) == 2 ? 1.0 : 4.0));
+    CHECK(xt::amax(xt::abs(w.up))() > 0);  // trained: B starts at zero
+  }
+  CHECK(state.count("conv_in") == 0);
+  CHECK(state.count("time_embedding.linear_1") == 0);
+
+  // kohya's --network_args spelling gives the same file; without conv_dim only the transformers.
+  const lora::LoraState via_args = run("args", [](TrainCommandOptions& o) {
+    o.network_args = {"conv_dim=2", "conv_alpha=1"};
+  });
+  REQUIRE(via_args.size() == state.size());
+  for (const auto& [name, w] : state) CHECK(via_args.at(name).up == w.up);
+  const lora::LoraState linear_only = run("linear", [](TrainCommandOptions&) {});
+  for (const auto& [name, w] : linear_only) CHECK(name.find(".attentions.") != std::string::npos);
+
+  TrainCommandOptions bad = f.options(f.dir / "bad");
+  bad.network_args = {"conv_dims=2"};
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("key 'conv_dims' is not supported"));
+  bad.network_args = {"conv_dim"};
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("expected key=value"));
+  bad.network_args = {};
+  bad.lora_target_set = "all";
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--lora_target_set is 'all'"));
+}
+
+TEST_CASE("difftrain train: DreamBooth defaults and --num_class_images generation") {
+  // train_dreambooth_lora.py's defaults apply in DreamBooth mode to the flags not given.
+  {
+    CLI::App app;
+    TrainCommandOptions o;
+    tools::add_train_options(app, o);
+    const std::vector<std::string> args = {"--instance_data_dir", "x", "--learning_rate", "2e-4"};
+    app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
+    tools::apply_dreambooth_defaults(app, o);
+    CHECK(o.trainer.train_batch_size == 4);
+    CHECK(o.trainer.learning_rate == 2e-4);  // given: kept
+    CHECK(o.num_train_epochs == 1);
+    CHECK(o.validation_epochs == 50);
+    CHECK(o.trainer.output_dir == "lora-dreambooth-model");
+    CHECK(o.num_class_images == 100);
+  }
+  {
+    CLI::App app;
+    TrainCommandOptions o;
+    tools::add_train_options(app, o);
+    app.parse(std::vector<std::string>{"data", "--train_data_dir"});
+    tools::apply_dreambooth_defaults(app, o);
+    CHECK(o.trainer.train_batch_size == 16);  // train_text_to_image_lora.py's
+    CHECK(o.trainer.output_dir == "sd-model-finetuned-lora");
+  }
+
+  // Fewer class images than --num_class_images: the missing ones are drawn by the base model.
+  Fixture f;
+  TrainCommandOptions o = f.options(f.dir / "gen");
+  o.train_data_dir.clear();
+  o.instance_data_dir = f.instance;
+  o.instance_prompt = "a sks shape";
+  o.class_data_dir = f.dir / "class_gen";
+  o.class_prompt = "a shape";
+  o.trainer.with_prior_preservation = true;
+  o.max_train_steps = 1;
+  o.num_class_images = 3;
+  o.sample_batch_size = 2;
+  auto model = pipeline::load_model_folder(f.model);
+  CHECK(tools::generate_class_images(o, model) == 3);  // an empty (missing) folder: 2 + 1
+  for (int i = 0; i < 3; ++i) {
+    const fs::path p = fs::path(o.class_data_dir) / (std::to_string(i) + "-generated.png");
+    REQUIRE(fs::exists(p));
+    const tools::Image image = tools::load_image(p.string());
+    CHECK(image.width == 8);
+    CHECK(image.height == 8);
+  }
+  CHECK(tools::generate_class_images(o, model) == 0);  // enough now
+  o.num_class_images = 4;
+  CHECK(tools::generate_class_images(o, model) == 1);
+  CHECK(fs::exists(fs::path(o.class_data_dir) / "3-generated.png"));
+  // The same draws as generate_images with the seed of their batch: image 0 is batch 0's first.
+  SampleOptions so;
+  so.num_inference_steps = 50;
+  so.guidance_scale = 7.5;
+  so.seed = o.trainer.seed;
+  const Tensor4<float> direct =
+      pipeline::generate_images(model, {"a shape"}, "", 2, pipeline::SamplerKind::ddim, 8, 8, so);
+  const tools::Image first =
+      tools::load_image((fs::path(o.class_data_dir) / "0-generated.png").string());
+  const Tensor3<float> direct0 = xt::view(direct, 0);
+  CHECK(first.rgb == tools::tensor_to_image(direct0).rgb);
+  CHECK(tools::run_train(o).global_step == 1);
+  o.num_class_images = 0;
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--num_class_images is 0"));
+}
+
+TEST_CASE("difftrain train: --full_finetune trains every UNet weight and writes a model folder") {
+  Fixture f;
+  TrainCommandOptions o = f.options(f.dir / "full");
+  o.full_finetune = true;
+  o.trainer.checkpointing_steps = 0;
+  o.max_train_steps = 2;
+  const auto r = tools::run_train(o);
+  CHECK(r.lora_file ==
+        fs::path(o.trainer.output_dir) / "unet" / "diffusion_pytorch_model.safetensors");
+  auto base = pipeline::load_model_folder(f.model);
+  auto tuned = pipeline::load_model_folder(o.trainer.output_dir);  // a complete folder
+  std::size_t changed = 0, total = 0;
+  auto tuned_params = nn::named_parameters<float>(tuned.unet);
+  std::map<std::string, nn::Parameter<float>*> by_name(tuned_params.begin(), tuned_params.end());
+  for (auto& [name, p] : nn::named_parameters<float>(base.unet)) {
+    ++total;
+    changed += by_name.at(name)->value != p->value ? 1 : 0;
+  }
+  CHECK(changed > total / 2);  // not adapters: the weights themselves moved
+  CHECK(read_all(fs::path(o.trainer.output_dir) / "text_encoder" / "model.safetensors") ==
+        read_all(fs::path(f.model) / "text_encoder" / "model.safetensors"));
+  CHECK(fs::exists(fs::path(o.trainer.output_dir) / "model_index.json"));
+
+  o.trainer.output_dir = f.model;
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("give another one"));
 }

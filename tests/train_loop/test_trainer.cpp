@@ -544,8 +544,16 @@ TEST_CASE("trainer option and batch errors") {
   o.gradient_accumulation_steps = 0;
   REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("gradient_accumulation_steps is 0"));
   o = {};
-  o.optimizer = "lion";
-  REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("optimizer is 'lion', expected adamw or sgd"));
+  o.optimizer = "lamb";
+  REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("optimizer is 'lamb', expected adamw, sgd, lion"));
+  o = {};
+  o.optimizer = "Adafactor";
+  o.optimizer_args = {"relative_step=False", "scale_paramter=False"};
+  REQUIRE_THROWS_WITH(Setup(o),
+                      Catch::Contains("key 'scale_paramter' is not an argument of adafactor"));
+  o.optimizer_args = {"relative_step=Maybe"};
+  REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("relative_step=Maybe: expected True or False"));
+
   o = {};
   o.lr_scheduler = "warmup_stable_decay";
   REQUIRE_THROWS_WITH(Setup(o), Catch::Contains("unknown lr_scheduler"));
@@ -569,4 +577,91 @@ TEST_CASE("trainer option and batch errors") {
   b.sample_weights = {1, 2};
   REQUIRE_THROWS_WITH(compose_batch(b, false, 1.0, 1),
                       Catch::Contains("sample_weights has 2 entries, expected 4"));
+}
+
+TEST_CASE("every optimizer by name (ours and kohya's), its args, and bitwise resume") {
+  // name, args, and a direct construction of the same optimizer to compare one step with.
+  struct Case {
+    std::string name;
+    std::vector<std::string> args;
+  };
+  const std::vector<Case> cases = {
+      {"AdamW", {"betas=(0.8, 0.95)", "weight_decay=0.1"}},
+      {"SGDNesterov", {"momentum=0.5"}},
+      {"Lion", {"betas=0.95,0.98", "weight_decay=0.01"}},
+      {"Adafactor", {"relative_step=False", "scale_parameter=False", "warmup_init=False"}},
+      {"Prodigy", {"d_coef=2", "use_bias_correction=True"}},
+      {"AdamWScheduleFree", {"warmup_steps=2"}},
+  };
+  const Plain data{4, 9};
+  for (const Case& c : cases) {
+    INFO(c.name);
+    TrainerOptions o;
+    o.optimizer = c.name;
+    o.optimizer_args = c.args;
+    o.learning_rate = c.name == "Prodigy" ? 1.0 : 1e-3;
+    o.lr_warmup_steps = 0;
+    o.max_train_steps = 4;
+    o.seed = 5;
+
+    // The args reach the optimizer of the trainer, which takes a step.
+    Setup s(o);
+    const std::vector<float> before = flat(s.model);
+    s.trainer.train_step(data);
+    REQUIRE(flat(s.model) != before);
+    const AnyOptimizer& used = s.trainer.optimizer();
+    const std::vector<std::size_t> index = {0, 1, 2, 3, 4, 5};  // the cases' variant order
+    CHECK(used.index() == index[std::size_t(&c - cases.data())]);
+    if (c.name == "AdamW") {
+      const ParamGroup& g = std::get<AdamW>(used).param_groups().front();
+      CHECK(g.betas == std::array<double, 2>{0.8, 0.95});
+      CHECK(g.weight_decay == 0.1);
+    }
+    if (c.name == "SGDNesterov") {
+      const ParamGroup& g = std::get<Sgd>(used).param_groups().front();
+      CHECK(g.nesterov);
+      CHECK(g.momentum == 0.5);
+    }
+    if (c.name == "Lion") CHECK(std::get<Lion>(used).param_groups().front().weight_decay == 0.01);
+    if (c.name == "Adafactor") {
+      CHECK(!std::get<Adafactor>(used).options().relative_step);
+      CHECK(!std::get<Adafactor>(used).options().scale_parameter);
+    }
+    if (c.name == "Prodigy") {
+      CHECK(std::get<Prodigy>(used).options().d_coef == 2);
+      CHECK(std::get<Prodigy>(used).options().use_bias_correction);
+    }
+    if (c.name == "AdamWScheduleFree")
+      CHECK(std::get<ScheduleFreeAdamW>(used).options().warmup_steps == 2);
+
+    // Resume after 2 of 4 steps repeats the uninterrupted run bitwise.
+    test::TempDir dir("optimizer_resume");
+    o.output_dir = dir.path().string();
+    o.checkpointing_steps = 2;
+    Setup full(o);
+    std::vector<double> full_losses;
+    full.trainer.fit(data, [&](const StepLog& l) { full_losses.push_back(l.loss); });
+    fs::remove_all(checkpoint_path(dir.path(), 4));
+    o.resume_from_checkpoint = "latest";
+    Setup resumed(o, /*init_seed=*/77);
+    std::vector<double> resumed_losses;
+    resumed.trainer.fit(data, [&](const StepLog& l) { resumed_losses.push_back(l.loss); });
+    CHECK(resumed_losses == std::vector<double>(full_losses.begin() + 2, full_losses.end()));
+    CHECK(flat(resumed.model) == flat(full.model));
+
+    // Schedule-free: eval_weights() puts x in the model, train_weights() y back (≈, as the
+    // reference's lerps round); a no-op for the others.
+    const std::vector<float> y = flat(full.model);
+    full.trainer.eval_weights();
+    const std::vector<float> x = flat(full.model);
+    full.trainer.train_weights();
+    const std::vector<float> y2 = flat(full.model);
+    if (c.name == "AdamWScheduleFree") {
+      CHECK(x != y);
+      for (std::size_t i = 0; i < y.size(); ++i) CHECK(y2[i] == Approx(y[i]).margin(1e-6));
+    } else {
+      CHECK(x == y);
+      CHECK(y2 == y);
+    }
+  }
 }

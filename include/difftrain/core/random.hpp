@@ -83,8 +83,9 @@ enum class StreamPurpose : std::uint32_t {
 
   // tools/dataset.cpp. Parent: ImageCaptionDataSource's RandomStream{seed, "data"}; step = epoch.
   data_permutation = 1,
-  data_crop = 2,  // + set (0 instance, 1 class): ids 2, 3
-  data_flip = 4,  // + set (0 instance, 1 class): ids 4, 5
+  data_crop = 2,     // + set (0 instance, 1 class): ids 2, 3
+  data_flip = 4,     // + set (0 instance, 1 class): ids 4, 5
+  data_caption = 6,  // + set: ids 6, 7 (a metadata.jsonl caption list's choice)
 
   // tools/cmd_train.cpp. Parent: the cached-latents source's RandomStream{seed, "lat"}; step =
   // micro-batch m. The id of row r is base + 4·r.
@@ -137,7 +138,9 @@ static_assert(random_detail::distinct_ids(StreamPurpose::lora_init, StreamPurpos
 static_assert(random_detail::distinct_ids(StreamPurpose::data_permutation, StreamPurpose::data_crop,
                                           purpose_id(StreamPurpose::data_crop) + 1,
                                           StreamPurpose::data_flip,
-                                          purpose_id(StreamPurpose::data_flip) + 1),
+                                          purpose_id(StreamPurpose::data_flip) + 1,
+                                          StreamPurpose::data_caption,
+                                          purpose_id(StreamPurpose::data_caption) + 1),
               "purposes under the data source's stream collide");
 static_assert(purpose_id(StreamPurpose::latent_sample_instance) < 4 &&
                   purpose_id(StreamPurpose::latent_sample_class) < 4 &&

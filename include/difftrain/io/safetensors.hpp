@@ -1,5 +1,7 @@
 #pragma once
-// safetensors files: reading through a memory map (validated at open) and atomic writing.
+// safetensors files: reading through a memory map (validated at open), atomic writing, and the
+// same bytes in memory (SafetensorsLayout: one plan for save_safetensors and
+// serialize_safetensors).
 //
 // Layout: [0, 8) header length N (u64, little-endian) · [8, 8+N) UTF-8 JSON object
 // {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {string: string}},
@@ -903,29 +905,67 @@ inline bool write_all(int fd, std::span<const std::byte> bytes) {
 
 }  // namespace safetensors_detail
 
-/// Writes a safetensors file: the header (metadata first) padded with spaces to a multiple of 8
-/// bytes, then the tensors back to back ordered by dtype width (widest first) and then by name,
-/// so every tensor is aligned to its element size in the file. The file is written next to
-/// `path` under a temporary name and renamed over it only when complete: on any failure `path`
-/// is untouched. Duplicate, empty or reserved names and byte counts that do not match
-/// dtype × shape are Errors raised before anything is written.
-inline void save_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                             const std::map<std::string, std::string>& metadata = {}) {
-  constexpr std::string_view kFunction = "save_safetensors";
-  using safetensors_detail::errno_text;
+/// The bytes save_safetensors writes, planned without copying any tensor: the 8-byte header
+/// length, the header (metadata first) padded with spaces to a multiple of 8 bytes, then the
+/// tensors back to back ordered by dtype width (widest first) and then by name, so every tensor
+/// is aligned to its element size in the file (safetensors' own order). The plan points into
+/// the TensorToWrite list it was made from, which must outlive it.
+class SafetensorsLayout {
+ public:
+  /// Validates `tensors` (duplicate, empty or reserved names, byte counts that do not match
+  /// dtype × shape, strings that are not UTF-8: Errors from `function`, after `context`, e.g.
+  /// "save_safetensors: 'out.safetensors': tensor name 'x' appears twice") and plans the file.
+  static SafetensorsLayout plan(const std::vector<TensorToWrite>& tensors,
+                                const std::map<std::string, std::string>& metadata,
+                                std::string_view function = "plan_safetensors",
+                                std::string_view context = "");
 
-  require(!path.empty(), kFunction, "the path is empty");
-  std::vector<const TensorToWrite*> order;
+  /// N: the header's length in bytes, padding included (the file's first 8 bytes).
+  std::uint64_t header_size() const { return header_.size(); }
+  /// The header text, padding included.
+  const std::string& header() const { return header_; }
+  /// The tensors in file order.
+  const std::vector<const TensorToWrite*>& order() const { return order_; }
+  /// Bytes of the data buffer ([8 + N, EOF)).
+  std::size_t data_size() const { return data_size_; }
+  /// Bytes of the whole file: 8 + N + data_size().
+  std::size_t file_size() const { return 8 + header_.size() + data_size_; }
+
+  /// Calls `sink(std::span<const std::byte>)` with the file's bytes in order (the length, the
+  /// header, each tensor's bytes); stops and returns false as soon as sink returns false.
+  template <class Sink>
+  bool for_each_chunk(Sink&& sink) const {
+    if (!sink(std::span<const std::byte>(length_))) return false;
+    if (!sink(std::as_bytes(std::span(header_)))) return false;
+    for (const TensorToWrite* t : order_) {
+      if (!sink(t->data)) return false;
+    }
+    return true;
+  }
+
+ private:
+  std::array<std::byte, 8> length_{};  // N, little-endian (the host's order, see the top)
+  std::string header_;
+  std::vector<const TensorToWrite*> order_;
+  std::size_t data_size_ = 0;
+};
+
+inline SafetensorsLayout SafetensorsLayout::plan(const std::vector<TensorToWrite>& tensors,
+                                                 const std::map<std::string, std::string>& metadata,
+                                                 std::string_view function,
+                                                 std::string_view context) {
+  SafetensorsLayout layout;
+  std::vector<const TensorToWrite*>& order = layout.order_;
   order.reserve(tensors.size());
   for (const TensorToWrite& t : tensors) {
-    require(!t.name.empty(), kFunction, "'", path, "': a tensor has an empty name");
-    require(t.name != "__metadata__", kFunction, "'", path,
-            "': '__metadata__' is reserved, not a tensor name");
+    require(!t.name.empty(), function, context, "a tensor has an empty name");
+    require(t.name != "__metadata__", function, context,
+            "'__metadata__' is reserved, not a tensor name");
     const auto expected = safetensors_detail::byte_size(t.dtype, t.shape);
-    require(expected.has_value(), kFunction, "'", path, "': tensor '", t.name,
-            "': ", to_string(t.dtype), " ", shape_string(t.shape),
+    require(expected.has_value(), function, context, "tensor '", t.name, "': ", to_string(t.dtype),
+            " ", shape_string(t.shape),
             " has no valid byte size (overflow, or it does not end on a byte boundary)");
-    require(t.data.size() == *expected, kFunction, "'", path, "': tensor '", t.name, "' has ",
+    require(t.data.size() == *expected, function, context, "tensor '", t.name, "' has ",
             t.data.size(), " bytes, expected ", *expected, " for ", to_string(t.dtype), " ",
             shape_string(t.shape));
     order.push_back(&t);
@@ -933,7 +973,7 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
   std::sort(order.begin(), order.end(),
             [](const TensorToWrite* a, const TensorToWrite* b) { return a->name < b->name; });
   for (std::size_t i = 1; i < order.size(); ++i) {
-    require(order[i]->name != order[i - 1]->name, kFunction, "'", path, "': tensor name '",
+    require(order[i]->name != order[i - 1]->name, function, context, "tensor name '",
             order[i]->name, "' appears twice");
   }
   std::stable_sort(order.begin(), order.end(), [](const TensorToWrite* a, const TensorToWrite* b) {
@@ -949,14 +989,53 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
                        {"data_offsets", {offset, offset + t->data.size()}}};
     offset += t->data.size();
   }
-  std::string text;
+  layout.data_size_ = offset;
   try {
-    text = header.dump();
+    layout.header_ = header.dump();
   } catch (const nlohmann::json::exception& e) {
-    fail(kFunction, "'", path, "': a name or metadata string is not valid UTF-8: ", e.what());
+    fail(function, context, "a name or metadata string is not valid UTF-8: ", e.what());
   }
-  text.append((8 - text.size() % 8) % 8, ' ');  // the data buffer starts 8-byte aligned
-  const std::uint64_t header_size = text.size();
+  // the data buffer starts 8-byte aligned
+  layout.header_.append((8 - layout.header_.size() % 8) % 8, ' ');
+  const std::uint64_t header_size = layout.header_.size();
+  std::memcpy(layout.length_.data(), &header_size, sizeof header_size);
+  return layout;
+}
+
+/// The layout save_safetensors(path, tensors, metadata) writes (see SafetensorsLayout).
+inline SafetensorsLayout plan_safetensors(const std::vector<TensorToWrite>& tensors,
+                                          const std::map<std::string, std::string>& metadata = {}) {
+  return SafetensorsLayout::plan(tensors, metadata, "plan_safetensors");
+}
+
+/// The bytes of the file save_safetensors(path, tensors, metadata) writes, in memory (what
+/// Python's safetensors.torch.save returns, up to the header's key order).
+inline std::vector<std::byte> serialize_safetensors(
+    const std::vector<TensorToWrite>& tensors,
+    const std::map<std::string, std::string>& metadata = {}) {
+  const SafetensorsLayout layout =
+      SafetensorsLayout::plan(tensors, metadata, "serialize_safetensors");
+  std::vector<std::byte> bytes;
+  bytes.reserve(layout.file_size());
+  layout.for_each_chunk([&](std::span<const std::byte> chunk) {
+    bytes.insert(bytes.end(), chunk.begin(), chunk.end());
+    return true;
+  });
+  return bytes;
+}
+
+/// Writes a safetensors file laid out as SafetensorsLayout says (the bytes serialize_safetensors
+/// returns). The file is written next to `path` under a temporary name and renamed over it only
+/// when complete: on any failure `path` is untouched. Duplicate, empty or reserved names and
+/// byte counts that do not match dtype × shape are Errors raised before anything is written.
+inline void save_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                             const std::map<std::string, std::string>& metadata = {}) {
+  constexpr std::string_view kFunction = "save_safetensors";
+  using safetensors_detail::errno_text;
+
+  require(!path.empty(), kFunction, "the path is empty");
+  const std::string context = message("'", path, "': ");
+  const SafetensorsLayout layout = SafetensorsLayout::plan(tensors, metadata, kFunction, context);
 
   // Unique temporary name in the target's folder, so that rename() is atomic.
   // O_EXCL never reuses a leftover file; a stale one (same pid, crashed run) is skipped.
@@ -977,11 +1056,8 @@ inline void save_safetensors(const std::string& path, const std::vector<TensorTo
     ::unlink(temporary.c_str());
     fail(kFunction, what, " '", path, "': ", errno_text(error));
   };
-  bool ok = safetensors_detail::write_all(fd, std::as_bytes(std::span(&header_size, 1))) &&
-            safetensors_detail::write_all(fd, std::as_bytes(std::span(text)));
-  for (std::size_t i = 0; ok && i < order.size(); ++i) {
-    ok = safetensors_detail::write_all(fd, order[i]->data);
-  }
+  const bool ok = layout.for_each_chunk(
+      [&](std::span<const std::byte> chunk) { return safetensors_detail::write_all(fd, chunk); });
   if (!ok) abandon("cannot write");
   if (::fsync(fd) != 0) abandon("cannot flush");
   if (::close(fd) != 0) {

@@ -123,14 +123,25 @@ inline bool matches_target(std::string_view name, std::string_view target) {
          name[name.size() - target.size() - 1] == '.';
 }
 
+/// True for the names of adapter parameters ("…lora_A.weight", "…lora_B.weight").
+inline bool is_adapter_parameter(std::string_view name) {
+  for (std::string_view leaf : {"lora_A.weight", "lora_B.weight"})
+    if (name == leaf || (name.ends_with(leaf) && name[name.size() - leaf.size() - 1] == '.'))
+      return true;
+  return false;
+}
+
 /// Adapts every slot matching a target (all parameters but the adapters are frozen) and returns
 /// the adapted names. Throws if a target matches nothing or a matching slot is already adapted.
+/// Calls stack: adapters of an earlier call stay trainable (e.g. convs at another rank).
 template <class M>
 requires HasLoraSlots<M> && nn::Module<M> std::vector<std::string> inject_lora(
     M& model, const std::vector<std::string>& targets, const LoraConfig& config, RandomStream rs) {
   config.validate("inject_lora");
   require(!targets.empty(), "inject_lora", "no target modules given");
-  model.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
+  model.for_each_parameter("", [](const std::string& name, auto& p) {
+    if (!is_adapter_parameter(name)) p.set_trainable(false);
+  });
   std::vector<std::string> adapted;
   std::set<std::string> used;
   model.for_each_slot("", [&](const std::string& name, auto& slot) {
@@ -152,6 +163,33 @@ requires HasLoraSlots<M> && nn::Module<M> std::vector<std::string> inject_lora(
     if (!used.count(target)) unmatched += (unmatched.empty() ? "" : ", ") + target;
   require(unmatched.empty(), "inject_lora", "target modules not found in the model: ", unmatched);
   return adapted;
+}
+
+/// kohya networks.lora's targets in an SD UNet (LoRANetwork.UNET_TARGET_REPLACE_MODULE): every
+/// Linear and 1×1 convolution inside the Transformer2DModel blocks.
+inline std::vector<std::string> kohya_transformer_targets() {
+  return {"proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"};
+}
+/// With kohya's conv_dim (LoCon, UNET_TARGET_REPLACE_MODULE_CONV2D_3X3: ResnetBlock2D,
+/// Downsample2D, Upsample2D): their Linear and 1×1 convolutions take the network's rank, …
+inline std::vector<std::string> kohya_resnet_targets() {
+  return {"time_emb_proj", "conv_shortcut"};
+}
+/// … their 3×3 convolutions take conv_dim / conv_alpha.
+inline std::vector<std::string> kohya_conv3x3_targets() { return {"conv1", "conv2", "conv"}; }
+
+/// The targets that match at least one of `modules` (a preset set on a model lacking some, e.g.
+/// a UNet without conv_shortcut).
+inline std::vector<std::string> present_targets(const std::vector<std::string>& targets,
+                                                const std::vector<std::string>& modules) {
+  std::vector<std::string> out;
+  for (const auto& t : targets)
+    for (const auto& m : modules)
+      if (matches_target(m, t)) {
+        out.push_back(t);
+        break;
+      }
+  return out;
 }
 
 /// Calls f(name, adapter) for every adapted slot.
@@ -190,14 +228,6 @@ void remove_lora(M& model, bool merge) {
   model.for_each_slot("", [&](const std::string&, auto& slot) {
     if (slot.has_adapter()) slot.remove_adapter(merge);
   });
-}
-
-/// True for the names of adapter parameters ("…lora_A.weight", "…lora_B.weight").
-inline bool is_adapter_parameter(std::string_view name) {
-  for (std::string_view leaf : {"lora_A.weight", "lora_B.weight"})
-    if (name == leaf || (name.ends_with(leaf) && name[name.size() - leaf.size() - 1] == '.'))
-      return true;
-  return false;
 }
 
 /// nn::Module view of a model's adapter parameters only.

@@ -37,6 +37,7 @@
 #include "difftrain/core/warning.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
+#include "difftrain/lora/kohya_metadata.hpp"
 
 namespace difftrain::lora {
 
@@ -177,6 +178,7 @@ inline void save_lora(const std::string& path, const LoraState& state, LoraForma
     metadata.emplace("ss_network_dim", std::to_string(rank));
     metadata.emplace("ss_network_alpha", format_number(alpha));
     metadata.emplace("ss_base_model_version", options.base_model_version);
+    add_kohya_hashes(tensors, metadata);  // sshs_*: kohya's, over the tensors and ss_* keys
   } else {
     nlohmann::json rank_pattern = nlohmann::json::object(),
                    alpha_pattern = nlohmann::json::object();

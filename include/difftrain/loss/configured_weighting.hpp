@@ -5,7 +5,8 @@
 //   w(S, type) = Π over the enabled policies of policy.weight(S, type)
 //
 // Policies stack multiplicatively, as kohya's post_process_loss does (Min-SNR, then
-// scale-v-like-eps, then debiased; order does not matter for a product). None enabled: w = 1.
+// scale-v-like-eps, then v-pred-like loss, then debiased; order does not matter for a product).
+// None enabled: w = 1.
 
 #include <cmath>
 #include <optional>
@@ -22,6 +23,7 @@ struct WeightingOptions {
   bool debiased_estimation_loss = false;           // kohya --debiased_estimation_loss
   std::optional<double> p2_gamma;                  // OneTrainer loss_weight_fn=P2 (its strength)
   bool scale_v_pred_loss_like_noise_pred = false;  // kohya; only with v_prediction
+  std::optional<double> v_pred_like_loss;          // kohya --v_pred_like_loss (its λ)
 };
 
 /// A LossWeighting built from WeightingOptions; each enabled flag is one of weighting.hpp's
@@ -34,6 +36,7 @@ class ConfiguredWeighting {
     debiased_ = options.debiased_estimation_loss;
     if (options.p2_gamma) p2_.emplace(*options.p2_gamma);
     scale_v_pred_ = options.scale_v_pred_loss_like_noise_pred;
+    if (options.v_pred_like_loss) v_like_.emplace(*options.v_pred_like_loss);
   }
 
   /// Throws unless every enabled policy is defined for `type` (scale-v-like-eps needs v).
@@ -47,19 +50,21 @@ class ConfiguredWeighting {
     double w = 1.0;
     if (min_snr_) w *= min_snr_->weight(snr, type);
     if (scale_v_pred_) w *= ScaleVPredLikeNoisePred{}.weight(snr, type);
+    if (v_like_) w *= v_like_->weight(snr, type);
     if (debiased_) w *= DebiasedEstimation{}.weight(snr, type);
     if (p2_) w *= p2_->weight(snr, type);
     return w;
   }
 
   /// True when no policy is enabled (w = 1 everywhere).
-  bool uniform() const { return !min_snr_ && !debiased_ && !p2_ && !scale_v_pred_; }
+  bool uniform() const { return !min_snr_ && !debiased_ && !p2_ && !scale_v_pred_ && !v_like_; }
 
  private:
   std::optional<MinSnr> min_snr_;
   bool debiased_ = false;
   std::optional<P2> p2_;
   bool scale_v_pred_ = false;
+  std::optional<VPredLikeLoss> v_like_;
 };
 
 }  // namespace difftrain::loss

@@ -98,6 +98,24 @@ struct ScaleVPredLikeNoisePred {
   }
 };
 
+/// kohya --v_pred_like_loss λ: adds λ × a v-prediction-like loss to the loss,
+/// loss + loss/w·λ with w = S'/(S'+1), S' = min(S, 1000): a factor of 1 + λ(S'+1)/S'.
+/// Any prediction type. Undefined at S = 0 (zero terminal SNR; kohya gets inf): an Error.
+struct VPredLikeLoss {
+  double lambda = 0;
+  explicit VPredLikeLoss(double v_pred_like_loss) : lambda(v_pred_like_loss) {
+    require(std::isfinite(lambda) && lambda >= 0, "VPredLikeLoss", "v_pred_like_loss is ", lambda,
+            ", expected a finite value >= 0");
+  }
+  double weight(double snr, PredictionType) const {
+    const double s = std::min(snr, 1000.0);
+    require(s > 0, "VPredLikeLoss",
+            "v_pred_like_loss is undefined at SNR 0 (a zero-terminal-SNR schedule's last "
+            "timestep); use it without zero terminal SNR or cap max_timestep");
+    return 1.0 + lambda * (s + 1.0) / s;
+  }
+};
+
 /// Two weightings applied together (kohya stacks them multiplicatively).
 template <class First, class Second>
 struct Product {

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <set>
 #include <string>
@@ -245,6 +246,53 @@ inline void finish_import(std::string_view fn, const std::map<std::string, xt::x
   std::string message = std::string(fn) + ": optimizer state does not match the parameters: ";
   for (std::size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + problems[i];
   throw Error(message);
+}
+
+// f(0), …, f(n − 1) spread over OpenMP threads (each call must write only its own outputs).
+template <class F>
+void parallel_items(std::size_t n, F&& f) {
+  const auto m = static_cast<std::ptrdiff_t>(n);
+#pragma omp parallel for schedule(static) if (m > 1)
+  for (std::ptrdiff_t i = 0; i < m; ++i) f(std::size_t(i));
+}
+
+// Optimizer scalars (a double) in float32 state, exactly: shape [5], element 0 the value rounded
+// to float (for reading), elements 1..4 the four 16-bit pieces of its binary64 bits, low first.
+inline void export_scalar(std::map<std::string, xt::xarray<float>>& out, const std::string& key,
+                          double value) {
+  xt::xarray<float> t = xt::xarray<float>::from_shape({5});
+  std::uint64_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  t(0) = float(value);
+  for (std::size_t i = 0; i < 4; ++i) t(i + 1) = float((bits >> (16 * i)) & 0xffffu);
+  out.emplace(key, std::move(t));
+}
+
+inline void import_scalar(const std::map<std::string, xt::xarray<float>>& in,
+                          const std::string& key, double& value, std::set<std::string>& used,
+                          std::vector<std::string>& problems) {
+  auto it = in.find(key);
+  if (it == in.end()) {
+    problems.push_back("missing " + key);
+    return;
+  }
+  used.insert(key);
+  const xt::xarray<float>& t = it->second;
+  if (t.dimension() != 1 || t.size() != 5) {
+    problems.push_back(key + " has shape " + shape_string(t.shape()) + ", expected [5]");
+    return;
+  }
+  std::uint64_t bits = 0;
+  for (std::size_t i = 0; i < 4; ++i) {
+    const float piece = t(i + 1);
+    if (!(piece >= 0 && piece <= 65535 && piece == std::floor(piece))) {
+      problems.push_back(key + " element " + std::to_string(i + 1) + " is " +
+                         std::to_string(piece) + ", expected an integer in [0, 65535]");
+      return;
+    }
+    bits |= std::uint64_t(piece) << (16 * i);
+  }
+  std::memcpy(&value, &bits, sizeof value);
 }
 
 }  // namespace detail

@@ -57,7 +57,7 @@
 #include "difftrain/train/ema.hpp"
 #include "difftrain/train/grad_clip.hpp"
 #include "difftrain/train/lr_schedule.hpp"
-#include "difftrain/train/optimizer.hpp"
+#include "difftrain/train/optimizers.hpp"
 
 namespace difftrain::train {
 
@@ -70,8 +70,10 @@ enum class NonFinitePolicy : std::uint8_t {
 
 /// The loop's settings, named after diffusers' training-script arguments where they exist.
 struct TrainerOptions {
-  // Optimizer: "adamw" (diffusers' default) or "sgd" (with momentum).
+  // Optimizer (optimizers.hpp): adamw (diffusers' default), sgd, lion, adafactor, prodigy,
+  // adamw_schedulefree, or kohya's spellings; optimizer_args: kohya's "key=value" extras.
   std::string optimizer = "adamw";
+  std::vector<std::string> optimizer_args;
   double learning_rate = 1e-4;
   bool scale_lr = false;              // lr ← lr · accum · train_batch_size (one process)
   std::int64_t train_batch_size = 1;  // only used by scale_lr
@@ -297,8 +299,6 @@ class Trainer {
     require(!o.checkpoints_total_limit || *o.checkpoints_total_limit >= 1, fn,
             "checkpoints_total_limit is ", o.checkpoints_total_limit.value_or(0),
             ", expected >= 1");
-    require(o.optimizer == AdamW::kName || o.optimizer == Sgd::kName, fn, "optimizer is '",
-            o.optimizer, "', expected adamw or sgd");
     double lr = o.learning_rate;
     if (o.scale_lr) lr = train::scale_lr(lr, o.gradient_accumulation_steps, o.train_batch_size);
     require(std::isfinite(lr) && lr >= 0, fn, "learning_rate is ", lr,
@@ -317,17 +317,14 @@ class Trainer {
 
     ParamGroup hyper;
     hyper.lr = lr;
-    if (o.optimizer == AdamW::kName) {
-      hyper.weight_decay = o.adam_weight_decay;
-      hyper.betas = {o.adam_beta1, o.adam_beta2};
-      hyper.eps = o.adam_epsilon;
-      optimizer_.template emplace<AdamW>(make_param_groups(model_, hyper, o.loraplus_lr_ratio));
-    } else {
-      hyper.weight_decay = o.sgd_weight_decay;
-      hyper.momentum = o.sgd_momentum;
-      hyper.nesterov = o.sgd_nesterov;
-      optimizer_.template emplace<Sgd>(make_param_groups(model_, hyper, o.loraplus_lr_ratio));
-    }
+    const bool sgd = parse_optimizer_name(o.optimizer).name == Sgd::kName;
+    hyper.weight_decay = sgd ? o.sgd_weight_decay : o.adam_weight_decay;
+    hyper.betas = {o.adam_beta1, o.adam_beta2};
+    hyper.eps = o.adam_epsilon;
+    hyper.momentum = o.sgd_momentum;
+    hyper.nesterov = o.sgd_nesterov;
+    optimizer_ = make_optimizer(o.optimizer, make_param_groups(model_, hyper, o.loraplus_lr_ratio),
+                                hyper, o.optimizer_args);
     LrScheduleOptions so;
     so.num_warmup_steps = o.lr_warmup_steps;
     so.num_training_steps = o.max_train_steps;
@@ -445,7 +442,7 @@ class Trainer {
         {"micro_batch_index", micro_batch_index_},
         {"skipped_steps", skipped_steps_},
         {"ema_optimization_step", ema_ ? ema_->optimization_step() : 0},
-        {"optimizer", options_.optimizer},
+        {"optimizer", parse_optimizer_name(options_.optimizer).name},
         {"seed", options_.seed},
         {"gradient_accumulation_steps", options_.gradient_accumulation_steps},
         {"micro_batches_per_epoch", options_.micro_batches_per_epoch},
@@ -484,7 +481,7 @@ class Trainer {
       require(actual == expected, fn, "checkpoint '", where, "' has ", key, " = ", actual,
               ", expected ", expected, " (TrainerOptions)");
     };
-    same("optimizer", options_.optimizer);
+    same("optimizer", parse_optimizer_name(options_.optimizer).name);
     same("seed", options_.seed);
     same("gradient_accumulation_steps", options_.gradient_accumulation_steps);
     // Where accumulation groups end; checkpoints written before it existed had no epochs.
@@ -558,7 +555,11 @@ class Trainer {
   double current_lr() const { return first_group_lr() * schedule_.multiplier(scheduler_step_); }
   const LrSchedule& lr_schedule() const { return schedule_; }
   const TrainerOptions& options() const { return options_; }
-  std::variant<AdamW, Sgd>& optimizer() { return optimizer_; }
+  AnyOptimizer& optimizer() { return optimizer_; }
+  /// Schedule-free optimizers: the weights to evaluate (x) into the model before sampling or
+  /// saving them, and back to the training weights (y) before the next step. Else no-ops.
+  void eval_weights() { train::eval_weights(optimizer_); }
+  void train_weights() { train::train_weights(optimizer_); }
   EmaModel* ema() { return ema_ ? &*ema_ : nullptr; }
   const std::vector<std::pair<std::string, nn::Parameter<float>*>>& trainable_parameters() const {
     return trainable_;
@@ -587,7 +588,7 @@ class Trainer {
   double base_lr_ = 0;
   std::vector<std::pair<std::string, nn::Parameter<float>*>> trainable_;
   std::vector<nn::Parameter<float>*> params_;
-  std::variant<AdamW, Sgd> optimizer_{std::in_place_type<Sgd>, std::vector<ParamGroup>{}};
+  AnyOptimizer optimizer_{std::in_place_type<Sgd>, std::vector<ParamGroup>{}};
   LrSchedule schedule_;
   std::optional<EmaModel> ema_;
   std::int64_t global_step_ = 0, scheduler_step_ = 0, skipped_steps_ = 0;

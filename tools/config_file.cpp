@@ -1,0 +1,157 @@
+// read_config_file / apply_config_file (config_file.hpp): a subcommand's flags from a file.
+#include "config_file.hpp"
+
+#include <toml++/toml.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <charconv>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "difftrain/core/error.hpp"
+
+namespace difftrain::tools {
+
+namespace {
+
+constexpr const char* fn = "config";
+
+// The shortest text that reads back as the same double (1e-4 stays "0.0001").
+std::string shortest(double v) {
+  char buf[64];
+  const auto end = std::to_chars(buf, buf + sizeof buf, v).ptr;
+  return std::string(buf, end);
+}
+
+std::vector<ConfigEntry> read_json(const std::string& path) {
+  std::ifstream in(path);
+  require(in.good(), fn, "cannot open config file '", path, "'");
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(message(fn, ": '", path, "' is not valid JSON: ", e.what()));
+  }
+  require(json.is_object(), fn, "'", path, "' holds ", json.type_name(),
+          ", expected a JSON object of flag names to values");
+  std::vector<ConfigEntry> out;
+  for (const auto& [key, value] : json.items()) {
+    if (value.is_null()) continue;  // diffusers' None: the default
+    auto scalar = [&](const nlohmann::json& v) -> std::string {
+      if (v.is_string()) return v.get<std::string>();
+      if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+      if (v.is_number_integer()) return std::to_string(v.get<long long>());
+      if (v.is_number()) return shortest(v.get<double>());
+      throw Error(message(fn, ": '", path, "' key '", key, "' has value ", v.dump(),
+                          ", expected a string, number or boolean"));
+    };
+    ConfigEntry e{key, {}, value.dump()};
+    if (value.is_array())
+      for (const auto& v : value) e.values.push_back(scalar(v));
+    else
+      e.values.push_back(scalar(value));
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+// A TOML value as written (for errors).
+std::string shown(const toml::node& v) {
+  std::ostringstream out;
+  v.visit([&](const auto& n) { out << n; });
+  return out.str();
+}
+
+// A TOML scalar as a command-line string; tables and dates are errors naming the key.
+std::string toml_scalar(const std::string& path, const std::string& key, const toml::node& v) {
+  if (auto s = v.as_string()) return s->get();
+  if (auto b = v.as_boolean()) return b->get() ? "true" : "false";
+  if (auto i = v.as_integer()) return std::to_string(i->get());
+  if (auto d = v.as_floating_point()) return shortest(d->get());
+  throw Error(message(fn, ": '", path, "' key '", key, "' has value ", shown(v),
+                      ", expected a string, number, boolean or an array of them"));
+}
+
+void add_toml_entry(const std::string& path, const std::string& key, const toml::node& value,
+                    std::vector<ConfigEntry>& out) {
+  ConfigEntry e{key, {}, shown(value)};
+  if (auto array = value.as_array())
+    for (const toml::node& v : *array) e.values.push_back(toml_scalar(path, key, v));
+  else
+    e.values.push_back(toml_scalar(path, key, value));
+  out.push_back(std::move(e));
+}
+
+std::vector<ConfigEntry> read_toml(const std::string& path) {
+  toml::table table;
+  try {
+    table = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    const auto& where = e.source().begin;
+    throw Error(message(fn, ": '", path, "' is not valid TOML (line ", where.line, ", column ",
+                        where.column, "): ", e.description()));
+  }
+  // kohya's read_config_from_file: a table's keys count as top-level keys (sections only group).
+  std::vector<ConfigEntry> out;
+  for (const auto& [key, value] : table) {
+    if (auto section = value.as_table()) {
+      for (const auto& [inner, v] : *section) {
+        require(!v.is_table(), fn, "'", path, "' has a table [", key.str(), ".", inner.str(),
+                "], expected key = value pairs, optionally in one level of [sections]");
+        add_toml_entry(path, std::string(inner.str()), v, out);
+      }
+    } else {
+      add_toml_entry(path, std::string(key.str()), value, out);
+    }
+  }
+  return out;
+}
+
+bool is_toml(const std::filesystem::path& p) { return p.extension() == ".toml"; }
+
+}  // namespace
+
+std::vector<ConfigEntry> read_config_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(path, ec) && !is_toml(path) && fs::exists(path + ".toml", ec))
+    return read_toml(path + ".toml");
+  require(fs::is_regular_file(path, ec), fn, "config file '", path, "' does not exist");
+  return is_toml(path) ? read_toml(path) : read_json(path);
+}
+
+void apply_config_file(CLI::App& cmd, const std::string& path,
+                       const std::vector<std::string>& skip) {
+  // Resolve every key first: a flag given on the command line wins over the file, and two keys
+  // naming one flag (an alias and its flag) are an error rather than a silent choice.
+  const std::vector<ConfigEntry> entries = read_config_file(path);
+  std::vector<CLI::Option*> options;
+  std::vector<bool> from_command_line;
+  for (const ConfigEntry& e : entries) {
+    CLI::Option* opt = cmd.get_option_no_throw("--" + e.key);
+    const bool skipped = std::find(skip.begin(), skip.end(), e.key) != skip.end();
+    require(opt != nullptr && !skipped, fn, "'", path, "' has unknown key '", e.key,
+            "' (keys are the flags of `", cmd.get_name(), "` without --)");
+    const auto twice = std::find(options.begin(), options.end(), opt);
+    require(twice == options.end(), fn, "'", path, "' sets ", opt->get_name(), " twice (as '",
+            twice == options.end() ? "" : entries[std::size_t(twice - options.begin())].key,
+            "' and '", e.key, "')");
+    options.push_back(opt);
+    from_command_line.push_back(opt->count() > 0);
+  }
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    if (from_command_line[i]) continue;
+    try {
+      for (const auto& s : entries[i].values) options[i]->add_result(s);
+      options[i]->run_callback();
+    } catch (const CLI::Error& error) {
+      throw Error(message(fn, ": '", path, "' key '", entries[i].key, "' has value ",
+                          entries[i].shown, ": ", error.what()));
+    }
+  }
+}
+
+}  // namespace difftrain::tools
