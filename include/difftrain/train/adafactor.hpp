@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <map>
 #include <optional>
-#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -101,32 +100,6 @@ double ordered_sum(std::size_t n, F&& f) {
   return total;
 }
 
-inline void export_shaped(std::map<std::string, xt::xarray<float>>& out, const std::string& key,
-                          const std::vector<std::size_t>& shape, const std::vector<float>& values) {
-  xt::xarray<float> t = xt::xarray<float>::from_shape(shape);
-  std::copy(values.begin(), values.end(), t.begin());
-  out.emplace(key, std::move(t));
-}
-
-inline void import_shaped(const std::map<std::string, xt::xarray<float>>& in,
-                          const std::string& key, const std::vector<std::size_t>& shape,
-                          std::vector<float>& values, std::set<std::string>& used,
-                          std::vector<std::string>& problems) {
-  auto it = in.find(key);
-  if (it == in.end()) {
-    problems.push_back("missing " + key);
-    return;
-  }
-  used.insert(key);
-  const std::vector<std::size_t> actual(it->second.shape().begin(), it->second.shape().end());
-  if (actual != shape) {
-    problems.push_back(key + " has shape " + shape_string(actual) + ", expected " +
-                       shape_string(shape));
-    return;
-  }
-  values.assign(it->second.begin(), it->second.end());
-}
-
 }  // namespace detail
 
 /// Adafactor (transformers.optimization.Adafactor). Per update t = 1, 2, … and parameter:
@@ -139,30 +112,25 @@ inline void import_shaped(const std::map<std::string, xt::xarray<float>>& in,
 // p ← p − wd·lr·p − u
 /// Differences: the reductions accumulate in double (the reference: float32), and RMS(p) is
 /// computed only with scale_parameter (the reference computes it always; it is only used then).
-class Adafactor {
+class Adafactor : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adafactor";
 
   explicit Adafactor(std::vector<ParamGroup> groups, AdafactorOptions options = {})
-      : groups_(std::move(groups)), options_(options) {
+      : OptimizerBase(std::move(groups)), options_(options) {
     constexpr std::string_view fn = "Adafactor";
     const auto& o = options_;
-    require(std::isfinite(o.eps1) && o.eps1 >= 0, fn, "eps1 is ", o.eps1,
-            ", expected a finite value >= 0");
-    require(std::isfinite(o.eps2) && o.eps2 >= 0, fn, "eps2 is ", o.eps2,
-            ", expected a finite value >= 0");
-    require(std::isfinite(o.clip_threshold) && o.clip_threshold > 0, fn, "clip_threshold is ",
-            o.clip_threshold, ", expected a finite value > 0");
+    detail::require_nonnegative(fn, "eps1", o.eps1);
+    detail::require_nonnegative(fn, "eps2", o.eps2);
+    detail::require_positive(fn, "clip_threshold", o.clip_threshold);
     require(std::isfinite(o.decay_rate) && o.decay_rate <= 0, fn, "decay_rate is ", o.decay_rate,
             ", expected a finite value <= 0");
-    if (o.beta1)
-      require(*o.beta1 >= 0 && *o.beta1 < 1, fn, "beta1 is ", *o.beta1, ", expected in [0, 1)");
-    require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, fn, "weight_decay is ",
-            o.weight_decay, ", expected a finite value >= 0");
+    if (o.beta1) detail::require_beta(fn, "beta1", *o.beta1);
+    detail::require_nonnegative(fn, "weight_decay", o.weight_decay);
     require(!o.warmup_init || o.relative_step, fn,
             "warmup_init is true but relative_step is false, expected relative_step with "
             "warmup_init");
-    detail::check_groups(groups_, fn, false);
+    build(fn);
     for (const ParamGroup& g : groups_)
       for (const auto* p : g.params) {
         Slot s;
@@ -187,69 +155,38 @@ class Adafactor {
   /// One update from the current gradients (lr as in the class comment).
   void step(double lr_scale = 1.0) {
     constexpr std::string_view fn = "Adafactor::step";
-    require(std::isfinite(lr_scale) && lr_scale >= 0, fn, "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], fn);
-        require(g.params[i]->value.size() == slots_[slot].n, fn, "parameter '", g.names[i],
-                "' changed size since the optimizer was built");
-      }
+    check_lr_scale(fn, lr_scale);
+    const std::vector<nn::Parameter<float>*> params = checked_params(fn);
     ++step_count_;
     const double t = double(step_count_);
     const double beta2t = 1.0 - std::pow(t, options_.decay_rate);
     std::vector<float> u(scratch_size_);
-    slot = 0;
+    std::size_t slot = 0;
     for (const ParamGroup& g : groups_)
       for (std::size_t i = 0; i < g.params.size(); ++i, ++slot)
-        update(*g.params[i], slots_[slot], g.lr * lr_scale, t, beta2t, u.data());
+        update(*params[slot], slots_[slot], g.lr * lr_scale, t, beta2t, u.data());
   }
 
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
   const AdafactorOptions& options() const { return options_; }
 
   /// The second moments (factored or not) and exp_avg (with beta1) of every parameter.
   std::map<std::string, xt::xarray<float>> state_dict() const {
     std::map<std::string, xt::xarray<float>> out;
-    for_each_state(
-        [&](const std::string& key, const std::vector<std::size_t>& shape,
-            const std::vector<float>& values) { detail::export_shaped(out, key, shape, values); });
+    for_each_state(slots_, [&](const std::string& key, const std::vector<std::size_t>& shape,
+                               const std::vector<float>& values) {
+      detail::export_shaped(out, key, shape, values);
+    });
     return out;
   }
 
   /// Strict: every key of state_dict() with its shape, nothing else.
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    constexpr std::string_view fn = "Adafactor::load_state_dict";
-    require(step_count >= 0, fn, "step_count is ", step_count, ", expected >= 0");
+    detail::StateReader in = read_state("Adafactor::load_state_dict", state, step_count);
     std::vector<Slot> slots = slots_;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    std::size_t k = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++k) {
-        Slot& s = slots[k];
-        const std::string& name = g.names[i];
-        if (s.factored) {
-          detail::import_shaped(state, name + ".exp_avg_sq_row", row_shape(s), s.row, used,
-                                problems);
-          detail::import_shaped(state, name + ".exp_avg_sq_col", col_shape(s), s.col, used,
-                                problems);
-        } else {
-          detail::import_shaped(state, name + ".exp_avg_sq", s.shape, s.v, used, problems);
-        }
-        if (options_.beta1)
-          detail::import_shaped(state, name + ".exp_avg", s.shape, s.m, used, problems);
-      }
-    detail::finish_import(fn, state, used, std::move(problems));
+    for_each_state(slots, [&](const std::string& key, const std::vector<std::size_t>& shape,
+                              std::vector<float>& values) { in.read(key, shape, values); });
+    in.finish();
     slots_ = std::move(slots);
     step_count_ = step_count;
   }
@@ -271,12 +208,13 @@ class Adafactor {
     return shape;
   }
 
-  template <class F>
-  void for_each_state(F&& f) const {
+  // f(key, shape, values) for every state vector of `slots` (slots_ or a copy of it).
+  template <class Slots, class F>
+  void for_each_state(Slots& slots, F&& f) const {
     std::size_t k = 0;
     for (const ParamGroup& g : groups_)
       for (std::size_t i = 0; i < g.params.size(); ++i, ++k) {
-        const Slot& s = slots_[k];
+        auto& s = slots[k];
         if (s.factored) {
           f(g.names[i] + ".exp_avg_sq_row", row_shape(s), s.row);
           f(g.names[i] + ".exp_avg_sq_col", col_shape(s), s.col);
@@ -383,11 +321,9 @@ class Adafactor {
                            });
   }
 
-  std::vector<ParamGroup> groups_;
   AdafactorOptions options_;
   std::vector<Slot> slots_;
   std::size_t scratch_size_ = 0;
-  std::int64_t step_count_ = 0;
 };
 
 }  // namespace difftrain::train

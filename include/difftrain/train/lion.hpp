@@ -11,7 +11,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -62,33 +61,22 @@ void lion_kernel(float* p, const float* g, float* m, std::size_t n, const LionCo
 /// lr and weight_decay from each group (lr · lr_scale), betas from LionOptions. sign(0) = 0 as
 /// torch.sign. With c = β1·m + (1−β1)·g:
 // p ← p·(1 − lr·wd) − lr·sign(c);  m ← β2·m + (1 − β2)·g
-class Lion {
+class Lion : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "lion";
 
   explicit Lion(std::vector<ParamGroup> groups, LionOptions options = {})
-      : groups_(std::move(groups)), options_(options) {
+      : OptimizerBase(std::move(groups)), options_(options) {
     for (int k = 0; k < 2; ++k)
-      require(options_.betas[k] >= 0 && options_.betas[k] <= 1, "Lion", "betas[", k, "] is ",
-              options_.betas[k], ", expected in [0, 1]");
-    chunks_ = detail::check_groups(groups_, "Lion", false);
-    for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) exp_avg_.emplace_back(p->value.size(), 0.0f);
+      detail::require_beta("Lion", "betas[" + std::to_string(k) + "]", options_.betas[k], true);
+    build("Lion");
+    exp_avg_ = zero_state();
   }
 
   /// One update from the current gradients, with lr = group.lr · lr_scale.
   void step(double lr_scale = 1.0) {
-    require(std::isfinite(lr_scale) && lr_scale >= 0, "Lion::step", "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
-    std::vector<nn::Parameter<float>*> params;
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], "Lion::step");
-        require(g.params[i]->value.size() == exp_avg_[slot].size(), "Lion::step", "parameter '",
-                g.names[i], "' changed size since the optimizer was built");
-        params.push_back(g.params[i]);
-      }
+    check_lr_scale("Lion::step", lr_scale);
+    const std::vector<nn::Parameter<float>*> params = checked_params("Lion::step");
     std::vector<detail::LionCoefficients> k(groups_.size());
     const double b1 = options_.betas[0], b2 = options_.betas[1];
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -100,26 +88,15 @@ class Lion {
                float(b2),
                float(1.0 - b2)};
     }
-    const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (std::ptrdiff_t c = 0; c < n; ++c) {
-      const detail::UpdateChunk& ch = chunks_[std::size_t(c)];
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       nn::Parameter<float>& p = *params[ch.slot];
       detail::lion_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset,
           exp_avg_[ch.slot].data() + ch.offset, ch.size, k[ch.group]);
-    }
+    });
     ++step_count_;
   }
 
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
   const LionOptions& options() const { return options_; }
 
   /// "<name>.exp_avg" for every parameter.
@@ -132,23 +109,16 @@ class Lion {
   /// Strict: every key of state_dict() with its shape, nothing else.
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    require(step_count >= 0, "Lion::load_state_dict", "step_count is ", step_count,
-            ", expected >= 0");
-    auto m = exp_avg_;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    detail::import_state(state, groups_, "exp_avg", m, used, problems);
-    detail::finish_import("Lion::load_state_dict", state, used, std::move(problems));
+    detail::StateReader in = read_state("Lion::load_state_dict", state, step_count);
+    auto m = in.per_parameter("exp_avg");
+    in.finish();
     exp_avg_ = std::move(m);
     step_count_ = step_count;
   }
 
  private:
-  std::vector<ParamGroup> groups_;
   LionOptions options_;
-  std::vector<detail::UpdateChunk> chunks_;
   std::vector<std::vector<float>> exp_avg_;
-  std::int64_t step_count_ = 0;
 };
 
 }  // namespace difftrain::train

@@ -9,6 +9,11 @@
 // State for checkpoints: state_dict() maps "<parameter name>.<state>" to a tensor shaped like the
 // parameter (exp_avg, exp_avg_sq for AdamW; momentum_buffer for SGD); step_count() is the number
 // of updates taken (AdamW's bias-correction t).
+//
+// What all optimizers (here, lion.hpp, adafactor.hpp, prodigy.hpp, schedule_free_adamw.hpp)
+// share is written once below: detail::OptimizerBase (the groups, their chunks, the step count,
+// zero_grad / param_groups / step_count, the checks of each step) and detail::StateReader (strict
+// load_state_dict).
 
 #include <algorithm>
 #include <array>
@@ -86,8 +91,22 @@ struct UpdateChunk {
   std::size_t group, slot, offset, size;
 };
 
-// Checks the groups (pointers, trainable, gradient shapes, names, hyperparameters) and flattens
-// them into slots and fixed chunks.
+// Option checks, each with one message form: "<what> is <x>, expected …".
+inline void require_nonnegative(std::string_view fn, const std::string& what, double x) {
+  require(std::isfinite(x) && x >= 0, fn, what, " is ", x, ", expected a finite value >= 0");
+}
+inline void require_positive(std::string_view fn, const std::string& what, double x) {
+  require(std::isfinite(x) && x > 0, fn, what, " is ", x, ", expected a finite value > 0");
+}
+// A decay rate β in [0, 1), or [0, 1] with `one_allowed`.
+inline void require_beta(std::string_view fn, const std::string& what, double x,
+                         bool one_allowed = false) {
+  require(x >= 0 && (one_allowed ? x <= 1 : x < 1), fn, what, " is ", x,
+          one_allowed ? ", expected in [0, 1]" : ", expected in [0, 1)");
+}
+
+// Checks the groups (pointers, trainable, names, hyperparameters) and flattens them into slots
+// and fixed chunks.
 inline std::vector<UpdateChunk> check_groups(const std::vector<ParamGroup>& groups,
                                              std::string_view fn, bool adam) {
   std::vector<UpdateChunk> chunks;
@@ -96,22 +115,18 @@ inline std::vector<UpdateChunk> check_groups(const std::vector<ParamGroup>& grou
   std::size_t slot = 0;
   for (std::size_t gi = 0; gi < groups.size(); ++gi) {
     const ParamGroup& g = groups[gi];
-    require(g.names.size() == g.params.size(), fn, "group ", gi, " has ", g.params.size(),
+    const std::string group = "group " + std::to_string(gi);
+    require(g.names.size() == g.params.size(), fn, group, " has ", g.params.size(),
             " parameters but ", g.names.size(), " names");
-    require(std::isfinite(g.lr) && g.lr >= 0, fn, "group ", gi, " lr is ", g.lr,
-            ", expected a finite value >= 0");
-    require(std::isfinite(g.weight_decay) && g.weight_decay >= 0, fn, "group ", gi,
-            " weight_decay is ", g.weight_decay, ", expected a finite value >= 0");
+    require_nonnegative(fn, group + " lr", g.lr);
+    require_nonnegative(fn, group + " weight_decay", g.weight_decay);
     if (adam) {
       for (int k = 0; k < 2; ++k)
-        require(g.betas[k] >= 0 && g.betas[k] < 1, fn, "group ", gi, " betas[", k, "] is ",
-                g.betas[k], ", expected in [0, 1)");
-      require(std::isfinite(g.eps) && g.eps >= 0, fn, "group ", gi, " eps is ", g.eps,
-              ", expected a finite value >= 0");
+        require_beta(fn, group + " betas[" + std::to_string(k) + "]", g.betas[k]);
+      require_nonnegative(fn, group + " eps", g.eps);
     } else {
-      require(std::isfinite(g.momentum) && g.momentum >= 0, fn, "group ", gi, " momentum is ",
-              g.momentum, ", expected a finite value >= 0");
-      require(!g.nesterov || g.momentum > 0, fn, "group ", gi,
+      require_nonnegative(fn, group + " momentum", g.momentum);
+      require(!g.nesterov || g.momentum > 0, fn, group,
               " nesterov needs momentum > 0, got momentum ", g.momentum);
     }
     for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
@@ -127,12 +142,6 @@ inline std::vector<UpdateChunk> check_groups(const std::vector<ParamGroup>& grou
     }
   }
   return chunks;
-}
-
-inline void check_gradient(const nn::Parameter<float>& p, const std::string& name,
-                           std::string_view fn) {
-  require(p.grad.shape() == p.value.shape(), fn, "gradient of '", name, "' has shape ",
-          shape_string(p.grad.shape()), ", expected ", shape_string(p.value.shape()));
 }
 
 // Scalars of one AdamW update, in float as the update runs in the parameter's precision.
@@ -201,53 +210,6 @@ void sgd_kernel(float* p, const float* g, float* buf, std::size_t n, const SgdCo
   }
 }
 
-// Copies of flat state vectors as tensors shaped like their parameters, keyed "<name>.<state>".
-inline void export_state(std::map<std::string, xt::xarray<float>>& out,
-                         const std::vector<ParamGroup>& groups, std::string_view state,
-                         const std::vector<std::vector<float>>& values) {
-  std::size_t slot = 0;
-  for (const ParamGroup& g : groups)
-    for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-      xt::xarray<float> t = xt::xarray<float>::from_shape(g.params[i]->value.shape());
-      std::copy(values[slot].begin(), values[slot].end(), t.begin());
-      out.emplace(g.names[i] + "." + std::string(state), std::move(t));
-    }
-}
-
-// Reads "<name>.<state>" for every parameter into `values`; records the keys used.
-inline void import_state(const std::map<std::string, xt::xarray<float>>& in,
-                         const std::vector<ParamGroup>& groups, std::string_view state,
-                         std::vector<std::vector<float>>& values, std::set<std::string>& used,
-                         std::vector<std::string>& problems) {
-  std::size_t slot = 0;
-  for (const ParamGroup& g : groups)
-    for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-      const std::string key = g.names[i] + "." + std::string(state);
-      auto it = in.find(key);
-      if (it == in.end()) {
-        problems.push_back("missing " + key);
-        continue;
-      }
-      used.insert(key);
-      if (it->second.shape() != g.params[i]->value.shape()) {
-        problems.push_back(key + " has shape " + shape_string(it->second.shape()) + ", expected " +
-                           shape_string(g.params[i]->value.shape()));
-        continue;
-      }
-      values[slot].assign(it->second.begin(), it->second.end());
-    }
-}
-
-inline void finish_import(std::string_view fn, const std::map<std::string, xt::xarray<float>>& in,
-                          const std::set<std::string>& used, std::vector<std::string> problems) {
-  for (const auto& [key, value] : in)
-    if (!used.count(key)) problems.push_back("unexpected " + key);
-  if (problems.empty()) return;
-  std::string message = std::string(fn) + ": optimizer state does not match the parameters: ";
-  for (std::size_t i = 0; i < problems.size(); ++i) message += (i ? "; " : "") + problems[i];
-  throw Error(message);
-}
-
 // f(0), …, f(n − 1) spread over OpenMP threads (each call must write only its own outputs).
 template <class F>
 void parallel_items(std::size_t n, F&& f) {
@@ -268,56 +230,214 @@ inline void export_scalar(std::map<std::string, xt::xarray<float>>& out, const s
   out.emplace(key, std::move(t));
 }
 
-inline void import_scalar(const std::map<std::string, xt::xarray<float>>& in,
-                          const std::string& key, double& value, std::set<std::string>& used,
-                          std::vector<std::string>& problems) {
-  auto it = in.find(key);
-  if (it == in.end()) {
-    problems.push_back("missing " + key);
-    return;
-  }
-  used.insert(key);
-  const xt::xarray<float>& t = it->second;
-  if (t.dimension() != 1 || t.size() != 5) {
-    problems.push_back(key + " has shape " + shape_string(t.shape()) + ", expected [5]");
-    return;
-  }
-  std::uint64_t bits = 0;
-  for (std::size_t i = 0; i < 4; ++i) {
-    const float piece = t(i + 1);
-    if (!(piece >= 0 && piece <= 65535 && piece == std::floor(piece))) {
-      problems.push_back(key + " element " + std::to_string(i + 1) + " is " +
-                         std::to_string(piece) + ", expected an integer in [0, 65535]");
+// A copy of `values` as a tensor of `shape` at `key`.
+template <class Shape>
+void export_shaped(std::map<std::string, xt::xarray<float>>& out, const std::string& key,
+                   const Shape& shape, const std::vector<float>& values) {
+  xt::xarray<float> t = xt::xarray<float>::from_shape(shape);
+  std::copy(values.begin(), values.end(), t.begin());
+  out.emplace(key, std::move(t));
+}
+
+// One state vector per parameter (slot) as "<name>.<state>", shaped like the parameter.
+inline void export_state(std::map<std::string, xt::xarray<float>>& out,
+                         const std::vector<ParamGroup>& groups, std::string_view state,
+                         const std::vector<std::vector<float>>& values) {
+  std::size_t slot = 0;
+  for (const ParamGroup& g : groups)
+    for (std::size_t i = 0; i < g.params.size(); ++i, ++slot)
+      export_shaped(out, g.names[i] + "." + std::string(state), g.params[i]->value.shape(),
+                    values[slot]);
+}
+
+// Strict reading of a state_dict (load_state_dict): each read notes its key as used or a problem
+// (missing, wrong shape); finish() adds the keys never read and throws every problem in one
+// Error. Reads go into copies, so a load that throws leaves the optimizer as it was.
+class StateReader {
+ public:
+  StateReader(std::string_view fn, const std::map<std::string, xt::xarray<float>>& in,
+              const std::vector<ParamGroup>& groups)
+      : fn_(fn), in_(in), groups_(groups) {}
+
+  // `values` ← the tensor at `key`, which must have `shape`.
+  void read(const std::string& key, const std::vector<std::size_t>& shape,
+            std::vector<float>& values) {
+    const xt::xarray<float>* t = find(key);
+    if (!t) return;
+    const std::vector<std::size_t> actual(t->shape().begin(), t->shape().end());
+    if (actual != shape) {
+      problem(key + " has shape " + shape_string(actual) + ", expected " + shape_string(shape));
       return;
     }
-    bits |= std::uint64_t(piece) << (16 * i);
+    values.assign(t->begin(), t->end());
   }
-  std::memcpy(&value, &bits, sizeof value);
-}
+
+  // "<name>.<state>" of every parameter (the inverse of export_state).
+  std::vector<std::vector<float>> per_parameter(std::string_view state) {
+    std::vector<std::vector<float>> values;
+    for (const ParamGroup& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i) {
+        const auto& shape = g.params[i]->value.shape();
+        read(g.names[i] + "." + std::string(state),
+             std::vector<std::size_t>(shape.begin(), shape.end()), values.emplace_back());
+      }
+    return values;
+  }
+
+  // The double export_scalar stored at `key`; `fallback` when it is missing or malformed.
+  double scalar(const std::string& key, double fallback = 0) {
+    const xt::xarray<float>* t = find(key);
+    if (!t) return fallback;
+    if (t->dimension() != 1 || t->size() != 5) {
+      problem(key + " has shape " + shape_string(t->shape()) + ", expected [5]");
+      return fallback;
+    }
+    std::uint64_t bits = 0;
+    for (std::size_t i = 0; i < 4; ++i) {
+      const float piece = (*t)(i + 1);
+      if (!(piece >= 0 && piece <= 65535 && piece == std::floor(piece))) {
+        problem(key + " element " + std::to_string(i + 1) + " is " + std::to_string(piece) +
+                ", expected an integer in [0, 65535]");
+        return fallback;
+      }
+      bits |= std::uint64_t(piece) << (16 * i);
+    }
+    double value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+
+  void problem(std::string text) { problems_.push_back(std::move(text)); }
+
+  // Throws unless every read succeeded and every key was read.
+  void finish() {
+    for (const auto& [key, value] : in_)
+      if (!used_.count(key)) problem("unexpected " + key);
+    if (problems_.empty()) return;
+    std::string message = std::string(fn_) + ": optimizer state does not match the parameters: ";
+    for (std::size_t i = 0; i < problems_.size(); ++i) message += (i ? "; " : "") + problems_[i];
+    throw Error(message);
+  }
+
+ private:
+  const xt::xarray<float>* find(const std::string& key) {
+    auto it = in_.find(key);
+    if (it == in_.end()) {
+      problem("missing " + key);
+      return nullptr;
+    }
+    used_.insert(key);
+    return &it->second;
+  }
+
+  std::string_view fn_;
+  const std::map<std::string, xt::xarray<float>>& in_;
+  const std::vector<ParamGroup>& groups_;
+  std::set<std::string> used_;
+  std::vector<std::string> problems_;
+};
+
+// What every optimizer shares: its groups, their slots (parameters numbered over the groups in
+// order) cut into fixed chunks, the step count, the checks each step and load make, and
+// zero_grad / param_groups / step_count. An optimizer derives from it, checks its own options,
+// then calls build(); its step() starts with check_lr_scale() and checked_params().
+class OptimizerBase {
+ public:
+  void zero_grad() {
+    for (ParamGroup& g : groups_)
+      for (auto* p : g.params) p->zero_grad();
+  }
+
+  std::vector<ParamGroup>& param_groups() { return groups_; }
+  const std::vector<ParamGroup>& param_groups() const { return groups_; }
+  std::int64_t step_count() const { return step_count_; }
+
+ protected:
+  explicit OptimizerBase(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {}
+
+  // Checks the groups (check_groups; `adam`: betas and eps too) and cuts them into chunks.
+  void build(std::string_view fn, bool adam = false) {
+    chunks_ = check_groups(groups_, fn, adam);
+    for (const ParamGroup& g : groups_)
+      for (const auto* p : g.params) sizes_.push_back(p->value.size());
+  }
+
+  // A zero state vector per slot, sized like the parameter.
+  std::vector<std::vector<float>> zero_state() const {
+    std::vector<std::vector<float>> out;
+    for (std::size_t n : sizes_) out.emplace_back(n, 0.0f);
+    return out;
+  }
+
+  // A copy of every parameter's values, per slot.
+  std::vector<std::vector<float>> parameter_values() const {
+    std::vector<std::vector<float>> out;
+    for (const ParamGroup& g : groups_)
+      for (const auto* p : g.params) out.emplace_back(p->value.begin(), p->value.end());
+    return out;
+  }
+
+  static void check_lr_scale(std::string_view fn, double lr_scale) {
+    require(std::isfinite(lr_scale) && lr_scale >= 0, fn, "lr_scale is ", lr_scale,
+            ", expected a finite value >= 0");
+  }
+
+  // The parameters per slot, each checked: its gradient's shape (with `gradients`) and its size.
+  std::vector<nn::Parameter<float>*> checked_params(std::string_view fn,
+                                                    bool gradients = true) const {
+    std::vector<nn::Parameter<float>*> params;
+    std::size_t slot = 0;
+    for (const ParamGroup& g : groups_)
+      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
+        nn::Parameter<float>& p = *g.params[i];
+        if (gradients)
+          require(p.grad.shape() == p.value.shape(), fn, "gradient of '", g.names[i],
+                  "' has shape ", shape_string(p.grad.shape()), ", expected ",
+                  shape_string(p.value.shape()));
+        require(p.value.size() == sizes_[slot], fn, "parameter '", g.names[i],
+                "' changed size since the optimizer was built");
+        params.push_back(&p);
+      }
+    return params;
+  }
+
+  // f(chunk) for every chunk, spread over OpenMP threads.
+  template <class F>
+  void for_each_chunk(F&& f) const {
+    parallel_items(chunks_.size(), [&](std::size_t c) { f(chunks_[c]); });
+  }
+
+  // Starts load_state_dict(state, step_count): checks step_count, then reads through the result.
+  StateReader read_state(std::string_view fn, const std::map<std::string, xt::xarray<float>>& state,
+                         std::int64_t step_count) const {
+    require(step_count >= 0, fn, "step_count is ", step_count, ", expected >= 0");
+    return StateReader(fn, state, groups_);
+  }
+
+  std::vector<ParamGroup> groups_;
+  std::vector<UpdateChunk> chunks_;
+  std::vector<std::size_t> sizes_;  // elements per slot when built
+  std::int64_t step_count_ = 0;
+};
 
 }  // namespace detail
 
 /// AdamW (Loshchilov & Hutter; PyTorch torch.optim.AdamW, amsgrad off). Per update t = 1, 2, …
 /// with the group's lr scaled by lr_scale (the LR schedule's multiplier):
 // p ← p(1−lr·wd); m ← β1m + (1−β1)g; v ← β2v + (1−β2)g²; p ← p − lr/(1−β1^t)·m/(√v/√(1−β2^t) + ε)
-class AdamW {
+class AdamW : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adamw";
 
-  explicit AdamW(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {
-    chunks_ = detail::check_groups(groups_, "AdamW", true);
-    for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) {
-        exp_avg_.emplace_back(p->value.size(), 0.0f);
-        exp_avg_sq_.emplace_back(p->value.size(), 0.0f);
-      }
+  explicit AdamW(std::vector<ParamGroup> groups) : OptimizerBase(std::move(groups)) {
+    build("AdamW", true);
+    exp_avg_ = exp_avg_sq_ = zero_state();
   }
 
   /// One update from the current gradients, with lr = group.lr · lr_scale.
   void step(double lr_scale = 1.0) {
-    require(std::isfinite(lr_scale) && lr_scale >= 0, "AdamW::step", "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
-    check_shapes();
+    check_lr_scale("AdamW::step", lr_scale);
+    const std::vector<nn::Parameter<float>*> params = checked_params("AdamW::step");
     ++step_count_;
     std::vector<detail::AdamWCoefficients> k(groups_.size());
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -333,27 +453,14 @@ class AdamW {
                float(std::sqrt(bc2)),
                float(g.eps)};
     }
-    const std::vector<nn::Parameter<float>*> params = flat_params();
-    const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (std::ptrdiff_t c = 0; c < n; ++c) {
-      const detail::UpdateChunk& ch = chunks_[std::size_t(c)];
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       nn::Parameter<float>& p = *params[ch.slot];
       detail::adamw_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset,
           exp_avg_[ch.slot].data() + ch.offset, exp_avg_sq_[ch.slot].data() + ch.offset, ch.size,
           k[ch.group]);
-    }
+    });
   }
-
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
 
   /// "<name>.exp_avg" and "<name>.exp_avg_sq" for every parameter.
   std::map<std::string, xt::xarray<float>> state_dict() const {
@@ -366,91 +473,47 @@ class AdamW {
   /// Strict: every key of state_dict() with its shape, nothing else.
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    require(step_count >= 0, "AdamW::load_state_dict", "step_count is ", step_count,
-            ", expected >= 0");
-    auto m = exp_avg_, v = exp_avg_sq_;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    detail::import_state(state, groups_, "exp_avg", m, used, problems);
-    detail::import_state(state, groups_, "exp_avg_sq", v, used, problems);
-    detail::finish_import("AdamW::load_state_dict", state, used, std::move(problems));
+    detail::StateReader in = read_state("AdamW::load_state_dict", state, step_count);
+    auto m = in.per_parameter("exp_avg");
+    auto v = in.per_parameter("exp_avg_sq");
+    in.finish();
     exp_avg_ = std::move(m);
     exp_avg_sq_ = std::move(v);
     step_count_ = step_count;
   }
 
  private:
-  std::vector<nn::Parameter<float>*> flat_params() const {
-    std::vector<nn::Parameter<float>*> out;
-    for (const ParamGroup& g : groups_) out.insert(out.end(), g.params.begin(), g.params.end());
-    return out;
-  }
-  void check_shapes() const {
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], "AdamW::step");
-        require(g.params[i]->value.size() == exp_avg_[slot].size(), "AdamW::step", "parameter '",
-                g.names[i], "' changed size since the optimizer was built");
-      }
-  }
-
-  std::vector<ParamGroup> groups_;
-  std::vector<detail::UpdateChunk> chunks_;
   std::vector<std::vector<float>> exp_avg_, exp_avg_sq_;
-  std::int64_t step_count_ = 0;
 };
 
 /// SGD with momentum (PyTorch torch.optim.SGD, dampening 0). With d = g + wd·p:
 // b ← d (first update) or μ·b + d;  d ← d + μ·b (nesterov) or b (momentum > 0);  p ← p − lr·d
-class Sgd {
+class Sgd : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "sgd";
 
-  explicit Sgd(std::vector<ParamGroup> groups) : groups_(std::move(groups)) {
-    chunks_ = detail::check_groups(groups_, "Sgd", false);
-    for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) momentum_buffer_.emplace_back(p->value.size(), 0.0f);
+  explicit Sgd(std::vector<ParamGroup> groups) : OptimizerBase(std::move(groups)) {
+    build("Sgd");
+    momentum_buffer_ = zero_state();
   }
 
   void step(double lr_scale = 1.0) {
-    require(std::isfinite(lr_scale) && lr_scale >= 0, "Sgd::step", "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
-    std::vector<nn::Parameter<float>*> params;
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], "Sgd::step");
-        require(g.params[i]->value.size() == momentum_buffer_[slot].size(), "Sgd::step",
-                "parameter '", g.names[i], "' changed size since the optimizer was built");
-        params.push_back(g.params[i]);
-      }
+    check_lr_scale("Sgd::step", lr_scale);
+    const std::vector<nn::Parameter<float>*> params = checked_params("Sgd::step");
     std::vector<detail::SgdCoefficients> k(groups_.size());
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       const ParamGroup& g = groups_[gi];
       k[gi] = {float(g.lr * lr_scale), float(g.weight_decay), float(g.momentum), g.nesterov,
                step_count_ == 0};
     }
-    const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (std::ptrdiff_t c = 0; c < n; ++c) {
-      const detail::UpdateChunk& ch = chunks_[std::size_t(c)];
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       nn::Parameter<float>& p = *params[ch.slot];
       detail::sgd_kernel<xsimd::default_arch>(p.value.data() + ch.offset, p.grad.data() + ch.offset,
                                               momentum_buffer_[ch.slot].data() + ch.offset, ch.size,
                                               k[ch.group]);
-    }
+    });
     ++step_count_;
   }
-
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
 
   /// "<name>.momentum_buffer" for every parameter.
   std::map<std::string, xt::xarray<float>> state_dict() const {
@@ -461,22 +524,15 @@ class Sgd {
 
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    require(step_count >= 0, "Sgd::load_state_dict", "step_count is ", step_count,
-            ", expected >= 0");
-    auto b = momentum_buffer_;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    detail::import_state(state, groups_, "momentum_buffer", b, used, problems);
-    detail::finish_import("Sgd::load_state_dict", state, used, std::move(problems));
+    detail::StateReader in = read_state("Sgd::load_state_dict", state, step_count);
+    auto b = in.per_parameter("momentum_buffer");
+    in.finish();
     momentum_buffer_ = std::move(b);
     step_count_ = step_count;
   }
 
  private:
-  std::vector<ParamGroup> groups_;
-  std::vector<detail::UpdateChunk> chunks_;
   std::vector<std::vector<float>> momentum_buffer_;
-  std::int64_t step_count_ = 0;
 };
 
 }  // namespace difftrain::train

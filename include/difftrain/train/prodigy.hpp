@@ -22,7 +22,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -121,51 +120,38 @@ void prodigy_step_kernel(float* p, const float* m, const float* v, std::size_t n
 /// Differences: the sums ⟨g, p0 − p⟩ and Σ|s| accumulate in double (the reference: float32
 /// torch.dot and sum); the gradient is left as it was (coupled decay is added on the fly, the
 /// reference adds it to p.grad in place).
-class Prodigy {
+class Prodigy : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "prodigy";
 
   explicit Prodigy(std::vector<ParamGroup> groups, ProdigyOptions options = {})
-      : groups_(std::move(groups)), options_(options) {
+      : OptimizerBase(std::move(groups)), options_(options) {
     constexpr std::string_view fn = "Prodigy";
     const auto& o = options_;
     for (int k = 0; k < 2; ++k)
-      require(o.betas[k] >= 0 && o.betas[k] < 1, fn, "betas[", k, "] is ", o.betas[k],
-              ", expected in [0, 1)");
-    if (o.beta3)
-      require(*o.beta3 >= 0 && *o.beta3 <= 1, fn, "beta3 is ", *o.beta3, ", expected in [0, 1]");
-    require(std::isfinite(o.eps) && o.eps > 0, fn, "eps is ", o.eps,
-            ", expected a finite value > 0");
-    require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, fn, "weight_decay is ",
-            o.weight_decay, ", expected a finite value >= 0");
-    require(std::isfinite(o.d0) && o.d0 > 0, fn, "d0 is ", o.d0, ", expected a finite value > 0");
-    require(std::isfinite(o.d_coef) && o.d_coef > 0, fn, "d_coef is ", o.d_coef,
-            ", expected a finite value > 0");
+      detail::require_beta(fn, "betas[" + std::to_string(k) + "]", o.betas[k]);
+    if (o.beta3) detail::require_beta(fn, "beta3", *o.beta3, true);
+    detail::require_positive(fn, "eps", o.eps);
+    detail::require_nonnegative(fn, "weight_decay", o.weight_decay);
+    detail::require_positive(fn, "d0", o.d0);
+    detail::require_positive(fn, "d_coef", o.d_coef);
     require(o.growth_rate > 0, fn, "growth_rate is ", o.growth_rate,
             ", expected a value > 0 (inf: unlimited)");
-    chunks_ = detail::check_groups(groups_, fn, false);
+    build(fn);
     check_group_lrs(fn);
-    for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) {
-        s_.emplace_back(p->value.size(), 0.0f);
-        p0_.emplace_back(p->value.size(), 0.0f);
-        exp_avg_.emplace_back(p->value.size(), 0.0f);
-        exp_avg_sq_.emplace_back(p->value.size(), 0.0f);
-      }
+    s_ = exp_avg_ = exp_avg_sq_ = zero_state();  // p0_ comes with the first step
     d_ = d_max_ = o.d0;
   }
 
   /// One update from the current gradients, with lr = group.lr · lr_scale.
   void step(double lr_scale = 1.0) {
     constexpr std::string_view fn = "Prodigy::step";
-    require(std::isfinite(lr_scale) && lr_scale >= 0, fn, "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
+    check_lr_scale(fn, lr_scale);
     check_group_lrs(fn);
     const std::vector<nn::Parameter<float>*> params = checked_params(fn);
     ++step_count_;
     if (!p0_ready_) {
-      for (std::size_t slot = 0; slot < params.size(); ++slot)
-        std::copy(params[slot]->value.begin(), params[slot]->value.end(), p0_[slot].begin());
+      p0_ = parameter_values();
       p0_ready_ = true;
     }
     const auto& o = options_;
@@ -238,8 +224,7 @@ class Prodigy {
     const float decoupled_decay =
         o.decouple && o.weight_decay != 0 ? float(-o.weight_decay * dlr) : 0.0f;
     const detail::ProdigyStepCoefficients sk{float(d_new * o.eps), decoupled_decay, float(-dlr)};
-    detail::parallel_items(chunks_.size(), [&](std::size_t c) {
-      const detail::UpdateChunk& ch = chunks_[c];
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       detail::prodigy_step_kernel<xsimd::default_arch>(
           params[ch.slot]->value.data() + ch.offset, exp_avg_[ch.slot].data() + ch.offset,
           exp_avg_sq_[ch.slot].data() + ch.offset, ch.size, sk);
@@ -247,14 +232,6 @@ class Prodigy {
     ++k_;
   }
 
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
   const ProdigyOptions& options() const { return options_; }
   /// The current estimate d (kohya logs d·lr) and the reference's update count k.
   double d() const { return d_; }
@@ -264,14 +241,10 @@ class Prodigy {
   std::map<std::string, xt::xarray<float>> state_dict() const {
     std::map<std::string, xt::xarray<float>> out;
     detail::export_state(out, groups_, "s", s_);
-    if (p0_ready_) {
+    if (p0_ready_)
       detail::export_state(out, groups_, "p0", p0_);
-    } else {  // what the first step will copy
-      std::vector<std::vector<float>> p0;
-      for (const ParamGroup& g : groups_)
-        for (const auto* p : g.params) p0.emplace_back(p->value.begin(), p->value.end());
-      detail::export_state(out, groups_, "p0", p0);
-    }
+    else  // what the first step will copy
+      detail::export_state(out, groups_, "p0", parameter_values());
     detail::export_state(out, groups_, "exp_avg", exp_avg_);
     detail::export_state(out, groups_, "exp_avg_sq", exp_avg_sq_);
     detail::export_scalar(out, "prodigy.d", d_);
@@ -284,25 +257,18 @@ class Prodigy {
   /// Strict: every key of state_dict() with its shape, nothing else.
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    constexpr std::string_view fn = "Prodigy::load_state_dict";
-    require(step_count >= 0, fn, "step_count is ", step_count, ", expected >= 0");
-    auto s = s_, p0 = p0_, m = exp_avg_, v = exp_avg_sq_;
-    double d = 0, d_max = 0, d_numerator = 0, k = 0;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    detail::import_state(state, groups_, "s", s, used, problems);
-    detail::import_state(state, groups_, "p0", p0, used, problems);
-    detail::import_state(state, groups_, "exp_avg", m, used, problems);
-    detail::import_state(state, groups_, "exp_avg_sq", v, used, problems);
-    detail::import_scalar(state, "prodigy.d", d, used, problems);
-    detail::import_scalar(state, "prodigy.d_max", d_max, used, problems);
-    detail::import_scalar(state, "prodigy.d_numerator", d_numerator, used, problems);
-    detail::import_scalar(state, "prodigy.k", k, used, problems);
+    detail::StateReader in = read_state("Prodigy::load_state_dict", state, step_count);
+    auto s = in.per_parameter("s");
+    auto p0 = in.per_parameter("p0");
+    auto m = in.per_parameter("exp_avg");
+    auto v = in.per_parameter("exp_avg_sq");
+    const double d = in.scalar("prodigy.d"), d_max = in.scalar("prodigy.d_max");
+    const double d_numerator = in.scalar("prodigy.d_numerator"), k = in.scalar("prodigy.k");
     if (!(k >= 0 && k <= 9e15 && k == std::floor(k)))
-      problems.push_back("prodigy.k is " + std::to_string(k) + ", expected an integer >= 0");
+      in.problem("prodigy.k is " + std::to_string(k) + ", expected an integer >= 0");
     if (!(std::isfinite(d) && d > 0))
-      problems.push_back("prodigy.d is " + std::to_string(d) + ", expected a finite value > 0");
-    detail::finish_import(fn, state, used, std::move(problems));
+      in.problem("prodigy.d is " + std::to_string(d) + ", expected a finite value > 0");
+    in.finish();
     s_ = std::move(s);
     p0_ = std::move(p0);
     exp_avg_ = std::move(m);
@@ -327,27 +293,11 @@ class Prodigy {
               ") or 0: Prodigy supports no other per-group lr (no LoRA+ ratio)");
   }
 
-  std::vector<nn::Parameter<float>*> checked_params(std::string_view fn) const {
-    std::vector<nn::Parameter<float>*> params;
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], fn);
-        require(g.params[i]->value.size() == s_[slot].size(), fn, "parameter '", g.names[i],
-                "' changed size since the optimizer was built");
-        params.push_back(g.params[i]);
-      }
-    return params;
-  }
-
-  std::vector<ParamGroup> groups_;
   ProdigyOptions options_;
-  std::vector<detail::UpdateChunk> chunks_;
   std::vector<std::vector<float>> s_, p0_, exp_avg_, exp_avg_sq_;
   double d_ = 0, d_max_ = 0, d_numerator_ = 0;
   std::int64_t k_ = 0;
   bool p0_ready_ = false;
-  std::int64_t step_count_ = 0;
 };
 
 }  // namespace difftrain::train

@@ -20,7 +20,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -103,32 +102,24 @@ void schedule_free_adamw_kernel(float* y, const float* g, float* z, float* v, st
 // v ← β2·v + (1−β2)·g²;  y ← lerp(y, z, c) + lr_k·(β1·(1−c) − 1)·ĝ;  z ← z − lr_k·ĝ
 /// Differences: the gradient is left as it was (the reference divides p.grad in place); step() in
 /// eval mode throws before touching anything (the reference first updates lr_max and weight_sum).
-class ScheduleFreeAdamW {
+class ScheduleFreeAdamW : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adamw_schedulefree";
 
   explicit ScheduleFreeAdamW(std::vector<ParamGroup> groups, ScheduleFreeAdamWOptions options = {})
-      : groups_(std::move(groups)), options_(options) {
+      : OptimizerBase(std::move(groups)), options_(options) {
     constexpr std::string_view fn = "ScheduleFreeAdamW";
     const auto& o = options_;
     require(o.betas[0] > 0 && o.betas[0] < 1, fn, "betas[0] is ", o.betas[0],
             ", expected in (0, 1)");
-    require(o.betas[1] >= 0 && o.betas[1] < 1, fn, "betas[1] is ", o.betas[1],
-            ", expected in [0, 1)");
-    require(std::isfinite(o.eps) && o.eps >= 0, fn, "eps is ", o.eps,
-            ", expected a finite value >= 0");
-    require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, fn, "weight_decay is ",
-            o.weight_decay, ", expected a finite value >= 0");
+    detail::require_beta(fn, "betas[1]", o.betas[1]);
+    detail::require_nonnegative(fn, "eps", o.eps);
+    detail::require_nonnegative(fn, "weight_decay", o.weight_decay);
     require(o.warmup_steps >= 0, fn, "warmup_steps is ", o.warmup_steps, ", expected >= 0");
-    require(std::isfinite(o.r) && o.r >= 0, fn, "r is ", o.r, ", expected a finite value >= 0");
-    require(std::isfinite(o.weight_lr_power) && o.weight_lr_power >= 0, fn, "weight_lr_power is ",
-            o.weight_lr_power, ", expected a finite value >= 0");
-    chunks_ = detail::check_groups(groups_, fn, false);
-    for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) {
-        z_.emplace_back(p->value.size(), 0.0f);
-        exp_avg_sq_.emplace_back(p->value.size(), 0.0f);
-      }
+    detail::require_nonnegative(fn, "r", o.r);
+    detail::require_nonnegative(fn, "weight_lr_power", o.weight_lr_power);
+    build(fn);
+    exp_avg_sq_ = zero_state();  // z_ comes with the first step
     weight_sum_.assign(groups_.size(), 0.0);
     lr_max_.assign(groups_.size(), -1.0);
   }
@@ -137,11 +128,13 @@ class ScheduleFreeAdamW {
   /// eval mode.
   void step(double lr_scale = 1.0) {
     constexpr std::string_view fn = "ScheduleFreeAdamW::step";
-    require(std::isfinite(lr_scale) && lr_scale >= 0, fn, "lr_scale is ", lr_scale,
-            ", expected a finite value >= 0");
+    check_lr_scale(fn, lr_scale);
     require(train_mode_, fn, "the optimizer is in eval mode, expected train mode (call train())");
     const std::vector<nn::Parameter<float>*> params = checked_params(fn);
-    if (!z_ready_) copy_parameters_to_z(params);
+    if (!z_ready_) {
+      z_ = parameter_values();
+      z_ready_ = true;
+    }
     const auto& o = options_;
     const double beta1 = o.betas[0], beta2 = o.betas[1], k = double(step_count_);
     std::vector<detail::ScheduleFreeCoefficients> c(groups_.size());
@@ -158,15 +151,12 @@ class ScheduleFreeAdamW {
                float(ckp1),  float(lr * (beta1 * (1 - ckp1) - 1)),
                float(lr)};
     }
-    const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (std::ptrdiff_t i = 0; i < n; ++i) {
-      const detail::UpdateChunk& ch = chunks_[std::size_t(i)];
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       nn::Parameter<float>& p = *params[ch.slot];
       detail::schedule_free_adamw_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset, z_[ch.slot].data() + ch.offset,
           exp_avg_sq_[ch.slot].data() + ch.offset, ch.size, c[ch.group]);
-    }
+    });
     ++step_count_;
   }
 
@@ -187,27 +177,15 @@ class ScheduleFreeAdamW {
 
   bool is_train_mode() const { return train_mode_; }
 
-  void zero_grad() {
-    for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
-  }
-
-  std::vector<ParamGroup>& param_groups() { return groups_; }
-  const std::vector<ParamGroup>& param_groups() const { return groups_; }
-  std::int64_t step_count() const { return step_count_; }
   const ScheduleFreeAdamWOptions& options() const { return options_; }
 
   /// "<name>.z", "<name>.exp_avg_sq" for every parameter; the scalars named in the file comment.
   std::map<std::string, xt::xarray<float>> state_dict() const {
     std::map<std::string, xt::xarray<float>> out;
-    if (z_ready_) {
+    if (z_ready_)
       detail::export_state(out, groups_, "z", z_);
-    } else {  // what the first step will copy
-      std::vector<std::vector<float>> z;
-      for (const ParamGroup& g : groups_)
-        for (const auto* p : g.params) z.emplace_back(p->value.begin(), p->value.end());
-      detail::export_state(out, groups_, "z", z);
-    }
+    else  // what the first step will copy
+      detail::export_state(out, groups_, "z", parameter_values());
     detail::export_state(out, groups_, "exp_avg_sq", exp_avg_sq_);
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       detail::export_scalar(out, group_key(gi, "weight_sum"), weight_sum_[gi]);
@@ -220,24 +198,18 @@ class ScheduleFreeAdamW {
   /// Strict: every key of state_dict() with its shape, nothing else. Restores the mode too.
   void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
                        std::int64_t step_count) {
-    constexpr std::string_view fn = "ScheduleFreeAdamW::load_state_dict";
-    require(step_count >= 0, fn, "step_count is ", step_count, ", expected >= 0");
-    auto z = z_, v = exp_avg_sq_;
-    auto weight_sum = weight_sum_, lr_max = lr_max_;
-    double mode = 1;
-    std::set<std::string> used;
-    std::vector<std::string> problems;
-    detail::import_state(state, groups_, "z", z, used, problems);
-    detail::import_state(state, groups_, "exp_avg_sq", v, used, problems);
+    detail::StateReader in = read_state("ScheduleFreeAdamW::load_state_dict", state, step_count);
+    auto z = in.per_parameter("z");
+    auto v = in.per_parameter("exp_avg_sq");
+    std::vector<double> weight_sum(groups_.size()), lr_max(groups_.size());
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
-      detail::import_scalar(state, group_key(gi, "weight_sum"), weight_sum[gi], used, problems);
-      detail::import_scalar(state, group_key(gi, "lr_max"), lr_max[gi], used, problems);
+      weight_sum[gi] = in.scalar(group_key(gi, "weight_sum"));
+      lr_max[gi] = in.scalar(group_key(gi, "lr_max"));
     }
-    detail::import_scalar(state, "schedule_free.train_mode", mode, used, problems);
+    const double mode = in.scalar("schedule_free.train_mode", 1);
     if (mode != 0 && mode != 1)
-      problems.push_back("schedule_free.train_mode is " + std::to_string(mode) +
-                         ", expected 0 or 1");
-    detail::finish_import(fn, state, used, std::move(problems));
+      in.problem("schedule_free.train_mode is " + std::to_string(mode) + ", expected 0 or 1");
+    in.finish();
     z_ = std::move(z);
     exp_avg_sq_ = std::move(v);
     weight_sum_ = std::move(weight_sum);
@@ -252,50 +224,19 @@ class ScheduleFreeAdamW {
     return "schedule_free.group" + std::to_string(gi) + "." + std::string(what);
   }
 
-  std::vector<nn::Parameter<float>*> checked_params(std::string_view fn) const {
-    std::vector<nn::Parameter<float>*> params;
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        detail::check_gradient(*g.params[i], g.names[i], fn);
-        require(g.params[i]->value.size() == z_[slot].size(), fn, "parameter '", g.names[i],
-                "' changed size since the optimizer was built");
-        params.push_back(g.params[i]);
-      }
-    return params;
-  }
-
-  void copy_parameters_to_z(const std::vector<nn::Parameter<float>*>& params) {
-    for (std::size_t slot = 0; slot < params.size(); ++slot)
-      std::copy(params[slot]->value.begin(), params[slot]->value.end(), z_[slot].begin());
-    z_ready_ = true;
-  }
-
   void lerp_parameters(float weight) {
-    std::vector<nn::Parameter<float>*> params;
-    std::size_t slot = 0;
-    for (const ParamGroup& g : groups_)
-      for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        require(g.params[i]->value.size() == z_[slot].size(), "ScheduleFreeAdamW::eval/train",
-                "parameter '", g.names[i], "' changed size since the optimizer was built");
-        params.push_back(g.params[i]);
-      }
-    const auto n = static_cast<std::ptrdiff_t>(chunks_.size());
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (std::ptrdiff_t i = 0; i < n; ++i) {
-      const detail::UpdateChunk& ch = chunks_[std::size_t(i)];
+    const std::vector<nn::Parameter<float>*> params =
+        checked_params("ScheduleFreeAdamW::eval/train", false);
+    for_each_chunk([&](const detail::UpdateChunk& ch) {
       detail::lerp_kernel<xsimd::default_arch>(params[ch.slot]->value.data() + ch.offset,
                                                z_[ch.slot].data() + ch.offset, ch.size, weight);
-    }
+    });
   }
 
-  std::vector<ParamGroup> groups_;
   ScheduleFreeAdamWOptions options_;
-  std::vector<detail::UpdateChunk> chunks_;
   std::vector<std::vector<float>> z_, exp_avg_sq_;
   std::vector<double> weight_sum_, lr_max_;  // per group, as the reference keeps them
   bool train_mode_ = true, z_ready_ = false;
-  std::int64_t step_count_ = 0;
 };
 
 }  // namespace difftrain::train
