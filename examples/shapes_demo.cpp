@@ -117,19 +117,19 @@ int main(int argc, char** argv) try {
                 return n;
               }());
   std::printf(
-      "[1/4] training the base model: %lld steps of %zu images (AdamW lr %.0e, %s, "
-      "%s)\n",
-      static_cast<long long>(base.steps), base.batch, base.learning_rate,
+      "[1/4] training the base model: %lld steps of %zu images (AdamW lr %.0e %s, %s, %s%s)\n",
+      static_cast<long long>(base.steps), base.batch, base.learning_rate, base.lr_scheduler.c_str(),
       base.snr_gamma ? ("Min-SNR-" + std::to_string(*base.snr_gamma)).c_str()
                      : "uniform loss weights",
-      std::string(difftrain::to_string(base.prediction_type)).c_str());
+      std::string(difftrain::to_string(base.prediction_type)).c_str(),
+      base.ema_decay ? (", EMA " + std::to_string(*base.ema_decay).substr(0, 5)).c_str() : "");
   std::ofstream csv(out / "loss.csv");
   csv << "phase,step,loss,lr,grad_norm\n";
   auto logger = [&](const char* phase, std::int64_t total) {
     return [&csv, phase, total](const difftrain::train::StepLog& log) {
       csv << phase << "," << log.step << "," << log.loss << "," << log.lr << "," << log.grad_norm
           << "\n";
-      if (log.step == 1 || log.step % 50 == 0 || log.step == total)
+      if (log.step == 1 || log.step % 200 == 0 || log.step == total)
         std::printf("  step %4lld/%lld  loss %.4f  lr %.2e  %.1f it/s\n",
                     static_cast<long long>(log.step), static_cast<long long>(total), log.loss,
                     log.lr, log.it_per_s);

@@ -264,13 +264,14 @@ constexpr auto kClass = difftrain::StreamPurpose::shapes_class;
 
 /// One training run's settings; the defaults are the demo's base training.
 struct TrainSettings {
-  std::int64_t steps = 400;
+  std::int64_t steps = 1600;
   std::size_t batch = 32;
   double learning_rate = 2e-3;
   std::int64_t warmup = 20;
   std::string lr_scheduler = "cosine";
   std::optional<double> snr_gamma;  // Min-SNR-γ; none: uniform weights
   double caption_dropout = 0.1;     // fraction of captions replaced by "" (CFG's unconditional)
+  std::optional<double> ema_decay = 0.999;  // EMA of the weights (diffusers' EMAModel): the result
   difftrain::PredictionType prediction_type = difftrain::PredictionType::v_prediction;
   std::uint64_t seed = 0;
 };
@@ -283,6 +284,7 @@ inline TrainSettings lora_train_settings() {
   s.learning_rate = 5e-3;
   s.warmup = 10;
   s.lr_scheduler = "constant_with_warmup";
+  s.ema_decay.reset();
   s.seed = 1;
   return s;
 }
@@ -304,6 +306,10 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
   o.prediction_type = s.prediction_type;
   o.seed = s.seed;
   o.adam_weight_decay = 0;
+  if (s.ema_decay) {
+    o.use_ema = true;
+    o.ema.decay = *s.ema_decay;
+  }
   difftrain::IdentityEncoder pixels;
   std::vector<double> losses;
   auto run = [&](auto weighting) {
@@ -315,6 +321,7 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
       losses.push_back(log.loss);
       if (callback) callback(log);
     });
+    if (difftrain::train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA is the result
   };
   if (s.snr_gamma)
     run(difftrain::loss::MinSnr(*s.snr_gamma));
