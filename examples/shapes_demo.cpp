@@ -13,18 +13,24 @@
 //                                                                   lora_after.png
 //  6. writes the losses                                             → loss.csv, loss.png,
 //  loss_lora.png
+//  7. with --compare_text_encoder: trains the LoRA again from the base model, UNet only and
+//     UNet + text encoder (diffusers' --train_text_encoder), sampling the instance and class
+//     prompts every 10 steps                                        → te_compare.csv
 // A pixel classifier (shapes.hpp) scores every grid: the fraction of samples whose colour and
 // shape match their prompt.
 //
-// Usage: shapes_demo [--output DIR] [--scale F]    (F multiplies the training steps; default 1)
+// Usage: shapes_demo [--output DIR] [--scale F] [--compare_text_encoder]
+//        (F multiplies the training steps; default 1)
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -53,6 +59,45 @@ struct GridResult {
   difftrain::Tensor4<float> images;
   std::vector<std::size_t> hits;  // per prompt
 };
+
+/// Hits at one step of the comparison: [UNet only, UNet + TE][instance prompt, class prompt read
+/// as the instance].
+struct CompareRow {
+  std::int64_t step = 0;
+  std::size_t hits[2][2] = {};
+};
+
+/// Trains the DreamBooth LoRA twice from `base` (copies): UNet only, then UNet + text encoder;
+/// every 10 steps samples `per_prompt` images of the instance and of the class prompt and counts
+/// those read as the instance.
+std::vector<CompareRow> compare_text_encoder_training(const shapes::Models& base,
+                                                      const shapes::DreamBoothSettings& db,
+                                                      const shapes::SampleSettings& sampling,
+                                                      std::size_t per_prompt) {
+  const std::int64_t every = 10;
+  std::vector<CompareRow> rows;
+  for (int te = 0; te < 2; ++te) {
+    shapes::Models models = base;
+    shapes::DreamBoothSettings d = db;
+    d.train_text_encoder = te == 1;
+    std::size_t row = 0;
+    auto evaluate = [&](std::int64_t step) {
+      std::vector<std::string> prompts(per_prompt, d.instance_prompt);
+      prompts.insert(prompts.end(), per_prompt, d.class_prompt);
+      const auto images = shapes::sample(models, prompts, sampling);
+      const auto readings = shapes::classify_batch(images);
+      if (rows.size() <= row) rows.push_back(CompareRow{step});
+      for (std::size_t b = 0; b < readings.size(); ++b)
+        rows[row].hits[te][b / per_prompt] += readings[b].found && readings[b].spec == d.instance;
+      ++row;
+    };
+    evaluate(0);
+    shapes::train_lora(models, d, [&](const difftrain::train::StepLog& log) {
+      if (log.step % every == 0) evaluate(log.step);
+    });
+  }
+  return rows;
+}
 
 GridResult sample_grid(shapes::Models& models, const GridSpec& grid, std::size_t per_prompt,
                        const shapes::SampleSettings& settings, const std::string& path) {
@@ -85,14 +130,18 @@ void print_scores(const GridSpec& grid, const GridResult& r, std::size_t per_pro
 int main(int argc, char** argv) try {
   fs::path out = "demo-output";
   double scale = 1.0;
+  bool compare_text_encoder = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--output" && i + 1 < argc) {
       out = argv[++i];
     } else if (a == "--scale" && i + 1 < argc) {
       scale = std::atof(argv[++i]);
+    } else if (a == "--compare_text_encoder") {
+      compare_text_encoder = true;
     } else {
-      std::fprintf(stderr, "usage: shapes_demo [--output DIR] [--scale F]\n");
+      std::fprintf(stderr,
+                   "usage: shapes_demo [--output DIR] [--scale F] [--compare_text_encoder]\n");
       return 2;
     }
   }
@@ -190,6 +239,9 @@ int main(int argc, char** argv) try {
   const GridResult before =
       sample_grid(models, lora_grid, per_prompt, sampling, (out / "lora_before.png").string());
   sample_seconds += seconds_since(t);
+  // the base model, for the comparison below (LoRA training adapts models in place)
+  std::optional<shapes::Models> base_models;
+  if (compare_text_encoder) base_models = models;
   t = Clock::now();
   const std::vector<double> lora_losses =
       shapes::train_lora(models, db, logger("lora", db.train.steps));
@@ -210,6 +262,35 @@ int main(int argc, char** argv) try {
                 shapes::name(lora_grid.expected[p].colour),
                 shapes::name(lora_grid.expected[p].shape), before.hits[p], per_prompt,
                 after.hits[p], per_prompt);
+
+  std::vector<CompareRow> compare_rows;
+  if (base_models) {
+    std::printf("[compare] the same LoRA from the base model: UNet only vs UNet + text encoder\n");
+    t = Clock::now();
+    compare_rows = compare_text_encoder_training(*base_models, db, sampling, per_prompt);
+    std::printf("  %6s  %-26s  %-26s\n", "step", "UNet only: instance, class",
+                "UNet + TE: instance, class");
+    std::ofstream te_csv(out / "te_compare.csv");
+    te_csv << "step,unet_only_instance_hits,unet_only_class_drift,unet_te_instance_hits,"
+              "unet_te_class_drift,samples\n";
+    for (const auto& r : compare_rows) {
+      std::printf("  %6lld  %5zu/%zu, %5zu/%zu            %5zu/%zu, %5zu/%zu\n",
+                  static_cast<long long>(r.step), r.hits[0][0], per_prompt, r.hits[0][1],
+                  per_prompt, r.hits[1][0], per_prompt, r.hits[1][1], per_prompt);
+      te_csv << r.step << "," << r.hits[0][0] << "," << r.hits[0][1] << "," << r.hits[1][0] << ","
+             << r.hits[1][1] << "," << per_prompt << "\n";
+    }
+    for (int te = 0; te < 2; ++te) {
+      const auto learned =
+          std::find_if(compare_rows.begin(), compare_rows.end(),
+                       [&](const auto& r) { return 8 * r.hits[te][0] >= 7 * per_prompt; });
+      std::printf(
+          "  %s: instance read in >= 7/8 samples first at step %s\n",
+          te ? "UNet + text encoder" : "UNet only",
+          learned == compare_rows.end() ? "(never)" : std::to_string(learned->step).c_str());
+    }
+    std::printf("  comparison: %.1f s\n", seconds_since(t));
+  }
   fs::remove_all(work);
 
   const double total = seconds_since(start);

@@ -292,9 +292,10 @@ inline TrainSettings lora_train_settings() {
 /// Called after every global step with the trainer's log.
 using StepCallback = std::function<void(const difftrain::train::StepLog&)>;
 
-/// Trains the UNet's trainable parameters on micro-batches data(m) with the settings `s` (on top
-/// of the trainer options `o`): DiffusionTrainStep (identity "VAE", the frozen text model) +
-/// train::Trainer (AdamW). Returns the loss of every step.
+/// Trains the trainable parameters on micro-batches data(m) with the settings `s` (on top of the
+/// trainer options `o`): DiffusionTrainStep (identity "VAE", the text model) + train::Trainer
+/// (AdamW) over the UNet, or over the UNet and the text model when it has trainable parameters
+/// (its adapters then train too, under "text_encoder."). Returns the loss of every step.
 template <class Data>
 std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train::TrainerOptions o,
                         Data&& data, const StepCallback& callback) {
@@ -316,12 +317,21 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
     difftrain::DiffusionTrainStep step(make_scheduler(s.prediction_type), models.unet, pixels,
                                        models.text, weighting,
                                        difftrain::train::train_step_options(o));
-    difftrain::train::Trainer trainer(step, models.unet, o);
-    trainer.fit(data, [&](const difftrain::train::StepLog& log) {
-      losses.push_back(log.loss);
-      if (callback) callback(log);
-    });
-    if (difftrain::train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA is the result
+    auto train = [&](auto& trained) {
+      difftrain::train::Trainer trainer(step, trained, o);
+      trainer.fit(data, [&](const difftrain::train::StepLog& log) {
+        losses.push_back(log.loss);
+        if (callback) callback(log);
+      });
+      if (difftrain::train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA is the result
+    };
+    if (models.text.is_training()) {
+      difftrain::nn::ModulePair<UNet2DConditionModel<float>, ClipTextEncoder> both{
+          models.unet, models.text, "text_encoder"};
+      train(both);
+    } else {
+      train(models.unet);
+    }
   };
   if (s.snr_gamma)
     run(difftrain::loss::MinSnr(*s.snr_gamma));
@@ -364,11 +374,15 @@ struct DreamBoothSettings {
   double prior_loss_weight = 1.0;
   std::size_t rank = 8;
   double alpha = 8;
+  // diffusers' --train_text_encoder: adapters (same rank, alpha and learning rate) on the text
+  // model's q_proj, k_proj, v_proj and out_proj as well
+  bool train_text_encoder = false;
 };
 
 /// Injects LoRA adapters on the attention projections (to_q, to_k, to_v, to_out.0; the base is
-/// frozen) and trains them: instance rows show `instance` captioned instance_prompt, class rows
-/// random base images captioned class_prompt (prior preservation). Returns the losses.
+/// frozen; with train_text_encoder also on the text model's) and trains them: instance rows show
+/// `instance` captioned instance_prompt, class rows random base images captioned class_prompt
+/// (prior preservation). Returns the losses.
 inline std::vector<double> train_lora(Models& models, const DreamBoothSettings& d,
                                       const StepCallback& callback = {}) {
   difftrain::lora::LoraConfig lora;
@@ -377,6 +391,9 @@ inline std::vector<double> train_lora(Models& models, const DreamBoothSettings& 
   lora.init = difftrain::lora::LoraInit::gaussian;
   difftrain::lora::inject_lora(models.unet, {"to_q", "to_k", "to_v", "to_out.0"}, lora,
                                RandomStream{d.train.seed, 201});
+  if (d.train_text_encoder)
+    difftrain::lora::inject_lora(models.text, difftrain::lora::diffusers_text_encoder_targets(),
+                                 lora, RandomStream{d.train.seed, 202});
   const auto specs = base_specs();
   const RandomStream rs{d.train.seed, 8};
   const std::size_t bi = d.train.batch, bc = d.class_batch;

@@ -16,6 +16,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <span>
 #include <string_view>
 #include <utility>
 
@@ -369,6 +370,9 @@ nlohmann::ordered_json run_bench_clip(const EncoderBenchOptions& o) {
   constexpr const char* fn = "bench-clip";
   if (!o.config.empty()) require_file(o.config, fn);
   check_steps(fn, o.steps, o.warmup);
+  require(o.train == "none" || o.train == "lora" || o.train == "full", fn, "--train is '", o.train,
+          "', expected none, lora or full");
+  require(o.rank > 0, fn, "--rank is 0, expected at least 1");
   const int threads = set_threads("bench", o.threads);
   const auto config = o.config.empty() ? models::ClipTextConfig::sd15()
                                        : models::ClipTextConfig::from_file(o.config);
@@ -379,19 +383,41 @@ nlohmann::ordered_json run_bench_clip(const EncoderBenchOptions& o) {
   models::ClipTextModel<float> model(config);
   nn::init_like_pytorch<float>(model, RandomStream{o.seed, 1});
   models::ClipTextEncoder encoder(std::move(model));
+  if (o.train == "lora") {
+    lora::LoraConfig lora;
+    lora.rank = o.rank;
+    lora.alpha = static_cast<double>(o.rank);
+    lora::inject_lora(encoder, lora::kohya_text_encoder_targets(), lora, RandomStream{o.seed, 3});
+  } else if (o.train == "full") {
+    nn::set_trainable<float>(encoder, true);
+  }
   TokenIds ids(std::array<std::size_t, 2>{o.batch, o.seq_len});
   const RandomStream id_stream{o.seed, 2};
   const auto vocab = static_cast<std::int64_t>(config.vocab_size);
   for (std::size_t i = 0; i < ids.size(); ++i) ids.data()[i] = uniform_int(id_stream, i, 0, vocab);
+  Tensor3<float> grad_context;
+  if (o.train != "none") {
+    grad_context = Tensor3<float>::from_shape({o.batch, o.seq_len, config.hidden_size});
+    fill_normal(std::span<float>(grad_context.data(), grad_context.size()),
+                RandomStream{o.seed, 4});
+  }
   const double setup_peak = peak_rss_mb();
   const StepPeakRss step_peak;
   Tensor3<float> context;
-  const StepTimes times =
-      time_steps(o.warmup, o.steps, [&](std::uint64_t) { context = encoder.encode(ids); });
+  const StepTimes times = time_steps(o.warmup, o.steps, [&](std::uint64_t) {
+    if (o.train == "none") {
+      context = encoder.encode(ids);
+    } else {
+      context = encoder.encode_train(ids);
+      encoder.backward(grad_context);
+    }
+  });
   for (float v : context) require(std::isfinite(v), fn, "the context is not finite");
-  auto j = encoder_json("clip_text_encode", o, times, setup_peak, step_peak, threads,
-                        parameter_count(encoder.model(), false));
+  auto j = encoder_json(o.train == "none" ? "clip_text_encode" : "clip_text_train", o, times,
+                        setup_peak, step_peak, threads, parameter_count(encoder.model(), false));
   j["seq_len"] = o.seq_len;
+  j["train"] = o.train;
+  j["trainable"] = parameter_count(encoder.model(), true);
   return j;
 }
 
@@ -424,6 +450,9 @@ void add_bench_commands(CLI::App& app, int& exit_code) {
     } else {
       e->batch = 8;
       c->add_option("--seq-len", e->seq_len, "tokens per prompt (default 77)");
+      c->add_option("--train", e->train,
+                    "none (encode), lora or full: encode_train + backward (default none)");
+      c->add_option("--rank", e->rank, "LoRA rank (= alpha) with --train lora (default 4)");
     }
     c->add_option("--steps", e->steps, "timed encodes");
     c->add_option("--warmup", e->warmup, "untimed encodes first (default 1)");

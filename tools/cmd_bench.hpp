@@ -14,8 +14,11 @@
 //     VaeEncoder::encode (latents sampled from q(z|x), scaled) of random images (SD 1.5 VAE
 //     config when --config is not given).
 //   bench-clip [--config TEXT.json] [--batch 8] [--seq-len 77] [--steps 5] [--warmup 1]
-//              [--threads N]
+//              [--threads N] [--train none|lora|full] [--rank 4]
 //     ClipTextEncoder::encode of random token ids (SD 1.5 text config when --config is not given).
+//     --train lora|full: the text encoder's share of a training step instead — encode_train and
+//     backward of a fixed random dL/dcontext (LoRA: rank r, alpha r on kohya's targets q_proj,
+//     k_proj, v_proj, out_proj, fc1, fc2, base frozen; full: every parameter trainable).
 //
 // Timing: steady-clock wall time of each step after the warmup steps (median, min, mean), and the
 // median process CPU time (all threads; gflops_per_cpu_s, the rate per busy core, is what to
@@ -117,8 +120,9 @@ struct BenchOptions {
 };
 
 struct EncoderBenchOptions {
-  std::string config;  // empty: the SD 1.5 preset
-  std::size_t batch = 1, size = 512, seq_len = 77;
+  std::string config;          // empty: the SD 1.5 preset
+  std::string train = "none";  // bench-clip: none (encode), lora or full (encode_train + backward)
+  std::size_t batch = 1, size = 512, seq_len = 77, rank = 4;
   int steps = 3, warmup = 1, threads = 0;
   std::uint64_t seed = 0;
 };

@@ -27,8 +27,7 @@ void run_sample(const SampleCommandOptions& o) {
   // Inference only: no gradient buffers for the base weights.
   model.unet.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
   if (!o.lora.empty()) {
-    lora::apply_lora(model.unet, lora::read_lora(o.lora, lora::module_names(model.unet)),
-                     o.lora_scale);
+    model.apply_lora(o.lora, o.lora_scale);  // UNet and text-encoder parts
   } else {
     require(o.lora_scale == 1.0, fn, "--lora_scale is given without --lora");
   }

@@ -8,10 +8,12 @@
 #include <iterator>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <string_view>
 #include <vector>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/safetensors.hpp"
+#include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/clip/clip_text_model.hpp"
 #include "difftrain/models/clip_tokenizer.hpp"
 #include "tool_common.hpp"
@@ -20,21 +22,78 @@ namespace difftrain::tools {
 
 namespace {
 
-/// Runs the text model of `model_dir` on the `input_ids` of `inputs_path`, writing every output.
-void text_encode(const std::string& model_dir, const std::string& inputs_path,
-                 const std::string& out_path) {
-  auto model = models::load_clip_text_model<float>(model_dir);
-  const auto inputs = io::SafetensorsFile::open(inputs_path);
+struct TextEncodeOptions {
+  std::string model, inputs, out, lora;
+  double lora_scale = 1.0;
+  int threads = 0;
+};
+
+/// The output gradients named `grad_output.<X>` in `inputs` (Error for any other X).
+models::ClipTextOutputGrads<float> read_output_grads(const io::SafetensorsFile& inputs,
+                                                     const std::string& path, std::size_t layers) {
+  constexpr std::string_view prefix = "grad_output.";
+  models::ClipTextOutputGrads<float> grads;
+  for (const std::string& name : inputs.names()) {
+    if (!name.starts_with(prefix)) continue;
+    const std::string x = name.substr(prefix.size());
+    if (x == "last_hidden_state") {
+      grads.last_hidden_state = inputs.read_tensor<float, 3>(name);
+    } else if (x == "pooler_output") {
+      grads.pooler_output = inputs.read_tensor<float, 2>(name);
+    } else if (x.starts_with("hidden_states.") &&
+               x.find_first_not_of("0123456789", 14) == std::string::npos && x.size() > 14 &&
+               x.size() < 20) {
+      const std::size_t i = std::stoul(x.substr(14));
+      require(i <= layers, "text-encode", "'", path, "' has ", name,
+              ", but the model has hidden_states.0 to hidden_states.", layers);
+      grads.hidden_states[i] = inputs.read_tensor<float, 3>(name);
+    } else if (x == "text_embeds") {
+      fail("text-encode", "'", path, "' has ", name,
+           ", but the model is a CLIPTextModel (text_embeds needs a projection model)");
+    } else {
+      fail("text-encode", "'", path, "' has ", name,
+           ", expected grad_output.last_hidden_state, grad_output.pooler_output or "
+           "grad_output.hidden_states.<i>");
+    }
+  }
+  return grads;
+}
+
+/// Runs the text model of `model_dir` on the `input_ids` of `inputs_path`, writing every output
+/// (and, given output gradients, the parameter gradients).
+void text_encode(const TextEncodeOptions& o) {
+  constexpr const char* fn = "text-encode";
+  set_threads(fn, o.threads);
+  auto model = models::load_clip_text_model<float>(o.model);
+  const auto inputs = io::SafetensorsFile::open(o.inputs);
   const TokenIds ids = inputs.read_tensor<std::int64_t, 2>("input_ids");
-  const auto out = model.forward(ids);
+  const auto grads = read_output_grads(inputs, o.inputs, model.layers.size());
+  const bool backward = grads.last_hidden_state.size() > 0 || grads.pooler_output.size() > 0 ||
+                        !grads.hidden_states.empty();
+  if (!o.lora.empty()) {
+    const auto state = lora::read_lora(o.lora, lora::module_names(model), lora::kLoraTextEncoder);
+    require(!state.empty(), fn, "'", o.lora, "' has no text-encoder entries");
+    lora::apply_lora(model, state, o.lora_scale);  // only the adapters are trainable
+  } else {
+    require(o.lora_scale == 1.0, fn, "--lora-scale is given without --lora");
+    nn::set_trainable<float>(model, backward);
+  }
+  const auto out = backward ? model.forward_train(ids) : model.forward(ids);
   std::vector<io::TensorToWrite> tensors;
   tensors.push_back(io::TensorToWrite::from_tensor("last_hidden_state", out.last_hidden_state));
   tensors.push_back(io::TensorToWrite::from_tensor("pooler_output", out.pooler_output));
   for (std::size_t i = 0; i < out.hidden_states.size(); ++i)
     tensors.push_back(
         io::TensorToWrite::from_tensor("hidden_states." + std::to_string(i), out.hidden_states[i]));
-  io::save_safetensors(out_path, tensors,
-                       {{"generator", "difftrain text-encode"}, {"model", model_dir}});
+  if (backward) {
+    nn::zero_grad<float>(model);
+    model.backward(grads);
+    model.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
+      if (p.trainable) tensors.push_back(io::TensorToWrite::from_tensor("grad." + name, p.grad));
+    });
+  }
+  io::save_safetensors(o.out, tensors,
+                       {{"generator", "difftrain text-encode"}, {"model", o.model}});
 }
 
 /// The prompts of a text file: one per '\n'-terminated line (an unterminated last line counts).
@@ -78,23 +137,34 @@ void tokenize(const std::string& tokenizer_dir, const std::string& prompts_path,
 
 void add_text_commands(CLI::App& app, int& exit_code) {
   struct Options {
-    std::string model, inputs, out, tokenizer, prompts;
+    std::string tokenizer, prompts;
   };
   auto options = std::make_shared<Options>();
+  auto encode_options = std::make_shared<TextEncodeOptions>();
 
   CLI::App* encode = app.add_subcommand(
-      "text-encode", "Run a CLIP text model (transformers CLIPTextModel folder) on input_ids");
-  encode->add_option("--model", options->model, "folder with config.json + model.safetensors")
-      ->required();
-  encode->add_option("--inputs", options->inputs, "safetensors file with input_ids [B,L]")
+      "text-encode",
+      "Run a CLIP text model (transformers CLIPTextModel folder) on input_ids, and backward when "
+      "the inputs hold grad_output.<output> tensors");
+  encode
+      ->add_option("--model", encode_options->model, "folder with config.json + model.safetensors")
       ->required();
   encode
-      ->add_option("--out", options->out,
-                   "safetensors file for last_hidden_state, pooler_output, hidden_states.<i>")
+      ->add_option("--inputs", encode_options->inputs,
+                   "safetensors file with input_ids [B,L] (and grad_output.<output>)")
       ->required();
-  encode->callback([options, &exit_code] {
-    exit_code = run_command("text-encode",
-                            [&] { text_encode(options->model, options->inputs, options->out); });
+  encode
+      ->add_option("--out", encode_options->out,
+                   "safetensors file for last_hidden_state, pooler_output, hidden_states.<i> "
+                   "(and grad.<parameter>)")
+      ->required();
+  encode->add_option("--lora", encode_options->lora,
+                     "LoRA file whose text-encoder part is applied (kohya or PEFT naming)");
+  encode->add_option("--lora-scale", encode_options->lora_scale,
+                     "multiplier of the LoRA branch (default 1)");
+  add_threads_option(*encode, encode_options->threads);
+  encode->callback([encode_options, &exit_code] {
+    exit_code = run_command("text-encode", [&] { text_encode(*encode_options); });
   });
 
   CLI::App* tok = app.add_subcommand(

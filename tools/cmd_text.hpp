@@ -1,11 +1,18 @@
 #pragma once
 // `difftrain text-encode` and `difftrain tokenize`: the CLIP text side of the library.
 //
-//   text-encode --model DIR --inputs IN.safetensors --out OUT.safetensors
+//   text-encode --model DIR --inputs IN.safetensors --out OUT.safetensors [--lora FILE]
+//               [--lora-scale M]
 //     DIR: a transformers CLIPTextModel folder (config.json + model.safetensors);
 //     IN: `input_ids` [B, L] (integer dtype); OUT: `last_hidden_state` [B, L, D],
 //     `pooler_output` [B, D] and `hidden_states.<i>` [B, L, D] for i = 0..num_hidden_layers
 //     (0: embeddings; i: after encoder layer i, before final_layer_norm), all F32.
+//     --lora: the file's text-encoder part (kohya lora_te_*, PEFT text_encoder.*; UNet entries
+//     are ignored) applied with multiplier M.
+//     With `grad_output.<X>` tensors in IN (X = last_hidden_state, pooler_output,
+//     hidden_states.<i>): the loss Σ_X ⟨grad_output.X, X⟩ is backpropagated and OUT also holds
+//     `grad.<param>` for every parameter (transformers names), or with --lora only
+//     `grad.<module>.lora_A.weight` / `.lora_B.weight`.
 //   tokenize --tokenizer DIR --inputs PROMPTS.txt
 //     one prompt per line (UTF-8, lines end with '\n'; an empty line is the empty prompt; a last
 //     line without '\n' is a prompt too); prints one JSON array of model_max_length ids per line,

@@ -138,6 +138,15 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
             "folder '",
             o.pretrained_model_name_or_path, "': give another one");
   }
+  require(
+      !(o.network_train_unet_only && (o.train_text_encoder || o.network_train_text_encoder_only)),
+      fn, "--network_train_unet_only contradicts ",
+      o.train_text_encoder ? "--train_text_encoder" : "--network_train_text_encoder_only");
+  require(!(o.full_finetune && (o.train_text_encoder || o.network_train_text_encoder_only)), fn,
+          "--full_finetune trains the UNet's weights only; --train_text_encoder and "
+          "--network_train_text_encoder_only need a LoRA run");
+  require(std::isfinite(o.text_encoder_lr) && o.text_encoder_lr >= 0, fn, "--text_encoder_lr is ",
+          o.text_encoder_lr, ", expected a finite value >= 0 (0: the learning rate)");
   require(o.save_model_as == "safetensors", fn, "--save_model_as is '", o.save_model_as,
           "', expected safetensors (ckpt and pt files are not written)");
   return lora::parse_lora_format(o.save_format);
@@ -225,6 +234,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
           : key_values(t.optimizer_args);
   r.learning_rate = t.learning_rate;
   if (o.unet_lr > 0) r.unet_lr = o.unet_lr;
+  if (o.text_encoder_lr > 0) r.text_encoder_lr = o.text_encoder_lr;
   r.lr_scheduler = t.lr_scheduler;
   r.lr_warmup_steps = o.lr_warmup_steps;
   r.max_grad_norm = t.max_grad_norm;
@@ -278,6 +288,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
 fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolder& model,
                               std::int64_t step_number) {
   lora::set_lora_training(model.unet, false);
+  lora::set_lora_training(model.text_encoder, false);
   SampleOptions so;
   so.num_inference_steps = o.validation_inference_steps;
   so.guidance_scale = o.validation_guidance_scale;
@@ -292,6 +303,7 @@ fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolde
   save_png_grid(path.string(), images,
                 std::size_t(std::ceil(std::sqrt(double(o.num_validation_images)))));
   lora::set_lora_training(model.unet, true);
+  lora::set_lora_training(model.text_encoder, true);
   return path;
 }
 
@@ -312,6 +324,7 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
   if (o.p2_gamma > 0) t.weighting.p2_gamma = o.p2_gamma;
   if (o.v_pred_like_loss > 0) t.weighting.v_pred_like_loss = o.v_pred_like_loss;
   if (o.unet_lr > 0) t.learning_rate = o.unet_lr;
+  if (o.text_encoder_lr > 0) t.text_encoder_lr = o.text_encoder_lr;
   // kohya: a warm-up below 1 is a ratio of the training steps (truncated), else a step count.
   require(std::isfinite(o.lr_warmup_steps) && o.lr_warmup_steps >= 0 &&
               (o.lr_warmup_steps < 1 || o.lr_warmup_steps == std::floor(o.lr_warmup_steps)),
@@ -413,6 +426,16 @@ std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& un
   return adapted;
 }
 
+std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& text_encoder,
+                                                      const TrainCommandOptions& o) {
+  if (!o.train_text_encoder && !o.network_train_text_encoder_only) return {};
+  const std::vector<std::string> targets = o.lora_target_set == "kohya"
+                                               ? lora::kohya_text_encoder_targets()
+                                               : lora::diffusers_text_encoder_targets();
+  return lora::inject_lora(text_encoder, targets, lora_config(o),
+                           RandomStream{o.trainer.seed, 0x6c6f7465});
+}
+
 fs::path save_finetuned_folder(const fs::path& base, models::UNet2DConditionModel<float>& unet,
                                const fs::path& output_dir) {
   // diffusers' train_text_to_image.py saves the whole pipeline: the base folder's other
@@ -489,7 +512,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
-  if (!o.full_finetune) inject_adapters(model.unet, o);
+  if (o.network_train_text_encoder_only)
+    nn::set_trainable<float>(model.unet, false);
+  else if (!o.full_finetune)
+    inject_adapters(model.unet, o);
+  const bool text_encoder_adapted = !inject_text_encoder_adapters(model.text_encoder, o).empty();
 
   const std::int64_t micro_per_epoch = std::int64_t(data.steps_per_epoch());
   const train::TrainerOptions t = trainer_options(o, micro_per_epoch);
@@ -503,7 +530,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   }
   auto step = train::make_train_step(DdpmScheduler(model.scheduler.train), model.unet,
                                      latent_encoder, model.text_encoder, t);
-  train::Trainer trainer(step, model.unet, t);
+  // The trained parameters: the UNet's under their own names, the text encoder's (if any are
+  // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr).
+  nn::ModulePair<models::UNet2DConditionModel<float>, models::ClipTextEncoder> trained{
+      model.unet, model.text_encoder, "text_encoder"};
+  train::Trainer trainer(step, trained, t);
 
   fs::create_directories(t.output_dir);
   const std::string& from = t.resume_from_checkpoint;
@@ -531,8 +562,14 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     so.metadata = lora_metadata(o, t, model, trainer.global_step(), data.num_examples(),
                                 micro_per_epoch, started_at);
     const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
-    lora::save_lora(path.string(), lora::collect_lora(model.unet), format, so,
-                    lora::module_names(model.unet));
+    std::vector<lora::LoraPart> parts;  // one file: the UNet's part, the text encoder's
+    if (!o.network_train_text_encoder_only)
+      parts.push_back(
+          {lora::kLoraUnet, lora::collect_lora(model.unet), lora::module_names(model.unet)});
+    if (text_encoder_adapted)
+      parts.push_back({lora::kLoraTextEncoder, lora::collect_lora(model.text_encoder),
+                       lora::module_names(model.text_encoder)});
+    lora::save_lora(path.string(), parts, format, so);
     return path;
   };
 
@@ -646,9 +683,14 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--unet_lr", o.unet_lr,
                  "learning rate of the UNet's adapters (kohya; 0: the "
                  "learning rate)");
+  cmd.add_option("--text_encoder_lr", o.text_encoder_lr,
+                 "learning rate of the text encoder's adapters (kohya; 0: the learning rate)");
+  cmd.add_flag("--train_text_encoder", o.train_text_encoder,
+               "train a LoRA on the text encoder too (diffusers)");
   cmd.add_flag("--network_train_unet_only", o.network_train_unet_only,
-               "train the UNet's adapters only (kohya; difftrain's only mode until the text "
-               "encoder trains)");
+               "train the UNet's adapters only (kohya; the default without --train_text_encoder)");
+  cmd.add_flag("--network_train_text_encoder_only", o.network_train_text_encoder_only,
+               "train the text encoder's adapters only (kohya)");
   cmd.add_flag("--scale_lr", o.trainer.scale_lr, "lr × accumulation × batch size");
   cmd.add_option("--lr_scheduler", o.trainer.lr_scheduler,
                  "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "

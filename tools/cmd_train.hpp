@@ -77,9 +77,11 @@ struct TrainCommandOptions {
   std::vector<std::string> network_args;      // kohya "key=value": conv_dim, conv_alpha, ...
   std::string save_format = "kohya";
   std::string output_name = "pytorch_lora_weights";
-  std::string save_model_as = "safetensors";  // kohya --save_model_as
-  bool network_train_unet_only = false;       // kohya; the only mode for now (no TE training)
-  bool full_finetune = false;                 // every UNet weight; a model folder instead of a LoRA
+  std::string save_model_as = "safetensors";     // kohya --save_model_as
+  bool train_text_encoder = false;               // diffusers: a LoRA on the text encoder too
+  bool network_train_unet_only = false;          // kohya: no text-encoder LoRA (the default here)
+  bool network_train_text_encoder_only = false;  // kohya: the text encoder's LoRA only
+  bool full_finetune = false;  // every UNet weight; a model folder instead of a LoRA
 
   // The loop and the step: every TrainerOptions member with a flag of its own is bound to it
   // directly (add_train_command), with diffusers' script defaults where they differ from the
@@ -93,6 +95,7 @@ struct TrainCommandOptions {
   double v_pred_like_loss = 0;                        // kohya; 0: off
   double lr_warmup_steps = 500;                       // < 1: a ratio of max_train_steps (kohya)
   double unet_lr = 0;                                 // kohya; 0: learning_rate
+  double text_encoder_lr = 0;                         // kohya; 0: learning_rate
   std::string prediction_type;                        // "": the scheduler's
   bool v_parameterization = false;                    // kohya: prediction_type v_prediction
   std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
@@ -153,6 +156,13 @@ lora::LoraConfig lora_config(const TrainCommandOptions& o);
 /// --network_args); returns the adapted module names.
 std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& unet,
                                          const TrainCommandOptions& o);
+
+/// With --train_text_encoder or --network_train_text_encoder_only: adapts the text encoder's
+/// Linear layers (q_proj, k_proj, v_proj, out_proj as diffusers' DreamBooth LoRA script; with
+/// --lora_target_set kohya also mlp.fc1, mlp.fc2 as kohya) with the LoRA flags' configuration;
+/// returns the adapted module names (none when the text encoder is not trained).
+std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& text_encoder,
+                                                      const TrainCommandOptions& o);
 
 /// Runs `difftrain train` (see the top of the file).
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = stderr,

@@ -71,6 +71,23 @@ concept LatentEncoder = EncoderOf<E, Tensor4<float>, Tensor4<float>>;
 template <class E>
 concept TextEncoder = EncoderOf<E, TokenIds, Tensor3<float>>;
 
+/// A TextEncoder that can also be trained: encode_train(ids) saves what backward(dL/dcontext)
+/// needs to accumulate its parameter gradients; is_training() says whether it has trainable
+/// parameters now (a step calls encode() alone otherwise, at frozen speed).
+template <class E>
+concept TrainableTextEncoder = TextEncoder<E> &&
+    requires(E& e, const TokenIds& ids, const Tensor3<float>& grad_context) {
+  { e.encode_train(ids) } -> std::convertible_to<Tensor3<float>>;
+  e.backward(grad_context);
+  { e.is_training() } -> std::convertible_to<bool>;
+};
+
+/// A Denoiser that gives dL/dcontext of its last backward (to train the text encoder).
+template <class D>
+concept DenoiserWithContextGrad = Denoiser<D> && requires(const D& d) {
+  { d.grad_encoder_hidden_states() } -> std::convertible_to<Tensor3<float>>;
+};
+
 /// Per-sample loss weight w(SNR(t), prediction type), multiplied into that sample's mean
 /// loss. Must be finite for every SNR in [0, ∞) (zero terminal SNR gives SNR = 0).
 template <class W>

@@ -193,10 +193,11 @@ TEST_CASE("the causal mask: earlier positions ignore later tokens", "[clip][caus
   REQUIRE_CLOSE(short_state, full_prefix, 1e-5, 1e-6);
 }
 
-TEST_CASE("causal_attention_forward equals a naive masked softmax attention", "[clip][causal]") {
+TEST_CASE("causal attention equals a naive masked softmax attention", "[clip][causal]") {
   // L = 150 > kQueryBlock exercises the second query block (keys up to its last row)
   const std::size_t B = 2, L = 150, Hn = 3, Hd = 5, I = Hn * Hd;
-  const nn::AttentionShape s{B, L, L, Hn, Hd};
+  nn::AttentionShape s{B, L, L, Hn, Hd};
+  s.causal = true;
   std::vector<double> q(B * L * I), k(q.size()), v(q.size()), o(q.size());
   std::vector<float> noise(3 * q.size());
   fill_normal(std::span<float>(noise), RandomStream{7, 1}, 0);
@@ -207,7 +208,7 @@ TEST_CASE("causal_attention_forward equals a naive masked softmax attention", "[
   }
   const double scale = 0.7;
   nn::AttentionWorkspace<double> ws;
-  models::causal_attention_forward(q.data(), k.data(), v.data(), o.data(), s, scale, ws);
+  nn::scaled_dot_product_attention_forward(q.data(), k.data(), v.data(), o.data(), s, scale, ws);
 
   double worst = 0;
   for (std::size_t b = 0; b < B; ++b)
@@ -235,9 +236,10 @@ TEST_CASE("causal_attention_forward equals a naive masked softmax attention", "[
   CHECK(worst < 1e-12);
 
   nn::AttentionShape cross{B, L, L - 1, Hn, Hd};
-  CHECK_THROWS_WITH(
-      models::causal_attention_forward(q.data(), k.data(), v.data(), o.data(), cross, scale, ws),
-      Contains("queries (150) and keys (149) differ"));
+  cross.causal = true;
+  CHECK_THROWS_WITH(nn::scaled_dot_product_attention_forward(q.data(), k.data(), v.data(), o.data(),
+                                                             cross, scale, ws),
+                    Contains("causal attention needs queries (150) == keys (149)"));
 }
 
 TEST_CASE("pooling: first eos, or argmax of the ids for legacy eos_token_id 2", "[clip][pool]") {

@@ -382,6 +382,10 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
                                          "--unet_lr",
                                          "3e-4",
                                          "--network_train_unet_only",
+                                         "--text_encoder_lr",
+                                         "3e-5",
+                                         "--train_text_encoder",
+                                         "--network_train_text_encoder_only",
                                          "--save_model_as",
                                          "safetensors",
                                          "--image_interpolation_mode",
@@ -409,6 +413,9 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
   CHECK(t.weighting.v_pred_like_loss == 0.3);
   CHECK(o.image_interpolation_mode == "lanczos");
   CHECK(t.learning_rate == 3e-4);
+  CHECK(t.text_encoder_lr == 3e-5);
+  CHECK(o.train_text_encoder);
+  CHECK(o.network_train_text_encoder_only);
   CHECK(t.max_train_steps == 1000);  // 100 epochs of 10 steps
   CHECK(t.lr_warmup_steps == 250);   // kohya: a ratio below 1
   o.lr_warmup_steps = 7;
@@ -639,4 +646,109 @@ TEST_CASE("difftrain train: --full_finetune trains every UNet weight and writes 
 
   o.trainer.output_dir = f.model;
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("give another one"));
+}
+
+namespace {
+
+std::size_t count_prefixed(const std::map<std::string, std::vector<float>>& tensors,
+                           const std::string& prefix) {
+  std::size_t n = 0;
+  for (const auto& [name, v] : tensors) n += name.starts_with(prefix) ? 1 : 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("difftrain train: --train_text_encoder trains a text-encoder LoRA in the same file") {
+  Fixture f;
+  for (const std::string format : {"kohya", "peft"}) {
+    INFO(format);
+    TrainCommandOptions o = f.options(f.dir / ("te_" + format));
+    o.train_text_encoder = true;
+    o.text_encoder_lr = 2e-3;
+    o.max_train_steps = 3;
+    o.trainer.checkpointing_steps = 0;
+    o.save_format = format;
+    if (format == "peft") o.lora_target_set = "kohya";  // the text encoder's MLP too
+    const auto r = tools::run_train(o, stdout);
+    const auto tensors = read_all(r.lora_file);
+    const bool kohya = format == "kohya";
+    // one text-encoder layer: 4 modules (diffusers' set) or 6 (kohya's), A and B (+ alpha) each
+    const std::size_t te_modules = kohya ? 4 : 6;
+    CHECK(count_prefixed(tensors, kohya ? "lora_te_" : "text_encoder.") ==
+          te_modules * (kohya ? 3 : 2));
+    CHECK(count_prefixed(tensors, kohya ? "lora_unet_" : "unet.") > 0);
+
+    auto m = pipeline::load_model_folder(f.model);
+    const auto te = lora::read_lora(r.lora_file.string(), lora::module_names(m.text_encoder),
+                                    lora::kLoraTextEncoder);
+    REQUIRE(te.size() == te_modules);
+    for (const auto& [name, w] : te) {
+      INFO(name);
+      CHECK(xt::amax(xt::abs(w.up))() > 0);  // every text-encoder adapter trained
+    }
+    const auto meta = io::SafetensorsFile::open(r.lora_file.string()).metadata();
+    if (kohya) CHECK(meta.at("ss_text_encoder_lr") == "0.002");
+
+    // The file applied to the pipeline changes the prompts' context (its text-encoder part); at
+    // multiplier 0 the context is the base model's.
+    const std::vector<std::string> prompts{"a red circle", "a blue square"};
+    const Tensor3<float> base = m.encode_prompts(prompts);
+    auto adapted = pipeline::load_model_folder(f.model);
+    const auto applied = adapted.apply_lora(r.lora_file.string());
+    CHECK(applied.size() ==
+          te.size() + count_prefixed(tensors, kohya ? "lora_unet_" : "unet.") / (kohya ? 3 : 2));
+    CHECK(xt::amax(xt::abs(adapted.encode_prompts(prompts) - base))() > 1e-6);
+    auto off = pipeline::load_model_folder(f.model);
+    off.apply_lora(r.lora_file.string(), 0.0);
+    CHECK(xt::amax(xt::abs(off.encode_prompts(prompts) - base))() == 0);
+  }
+}
+
+TEST_CASE("difftrain train: resume with a trained text encoder repeats the uninterrupted run") {
+  Fixture f;
+  auto options = [&](const std::string& out) {
+    TrainCommandOptions o = f.options(out);
+    o.train_text_encoder = true;
+    o.network_args = {"rank_dropout=0.25"};  // masks redrawn each step, the same on resume
+    o.clip_skip = 0;
+    return o;
+  };
+  const std::string a = f.dir / "a", b = f.dir / "b";
+  const auto full = tools::run_train(options(a), stdout);
+  const auto first = tools::run_train(options(b), stdout, [](const train::StepLog& s) {
+    if (s.step == 2) std::raise(SIGINT);
+  });
+  CHECK(first.global_step == 2);
+  TrainCommandOptions resumed = options(b);
+  resumed.trainer.resume_from_checkpoint = "latest";
+  const auto second = tools::run_train(resumed, stdout);
+  CHECK(second.global_step == 4);
+  const auto got = read_all(second.lora_file), want = read_all(full.lora_file);
+  CHECK(count_prefixed(want, "lora_te_") > 0);
+  CHECK(got == want);
+}
+
+TEST_CASE("difftrain train: --network_train_text_encoder_only and the text-encoder flag errors") {
+  Fixture f;
+  TrainCommandOptions o = f.options(f.dir / "te_only");
+  o.network_train_text_encoder_only = true;
+  o.max_train_steps = 2;
+  const auto r = tools::run_train(o, stdout);
+  const auto tensors = read_all(r.lora_file);
+  CHECK(count_prefixed(tensors, "lora_unet_") == 0);
+  CHECK(count_prefixed(tensors, "lora_te_") == 4 * 3);
+
+  TrainCommandOptions both = f.options(f.dir / "bad");
+  both.train_text_encoder = true;
+  both.network_train_unet_only = true;
+  CHECK_THROWS_WITH(tools::run_train(both, stdout),
+                    Catch::Contains("--network_train_unet_only contradicts --train_text_encoder"));
+  TrainCommandOptions full = f.options(f.dir / "bad2");
+  full.full_finetune = true;
+  full.network_train_text_encoder_only = true;
+  CHECK_THROWS_WITH(tools::run_train(full, stdout), Catch::Contains("--full_finetune"));
+  TrainCommandOptions lr = f.options(f.dir / "bad3");
+  lr.text_encoder_lr = -1;
+  CHECK_THROWS_WITH(tools::run_train(lr, stdout), Catch::Contains("--text_encoder_lr is -1"));
 }

@@ -223,6 +223,30 @@ TEST_CASE("make_param_groups: trainable parameters only, LoRA+ group with lr·ra
                       Catch::Contains("loraplus_lr_ratio is 0"));
 }
 
+TEST_CASE("make_param_groups: a prefix with its own lr (text_encoder_lr) over a ModulePair") {
+  LoraLike unet, text;
+  nn::ModulePair<LoraLike, LoraLike> both{unet, text, "text_encoder"};
+  ParamGroup hyper;
+  hyper.lr = 1e-4;
+  const std::vector<train::PrefixLr> te{{"text_encoder.", 5e-5}};
+  auto groups = train::make_param_groups(both, hyper, 1.0, te);
+  REQUIRE(groups.size() == 2);
+  REQUIRE(groups[0].params.size() == 5);
+  REQUIRE(groups[0].lr == 1e-4);
+  REQUIRE(groups[1].names.front() == "text_encoder.to_q.lora_A.weight");
+  REQUIRE(groups[1].params.size() == 5);
+  REQUIRE(groups[1].params.front() == &text.a);
+  REQUIRE(groups[1].lr == 5e-5);
+  // with LoRA+: four groups, each B group × ratio
+  auto plus = train::make_param_groups(both, hyper, 4.0, te);
+  REQUIRE(plus.size() == 4);
+  REQUIRE(plus[1].lr == Approx(4e-4));
+  REQUIRE(plus[3].lr == Approx(2e-4));
+  REQUIRE(plus[3].params.front() == &text.b);
+  REQUIRE_THROWS_WITH(train::make_param_groups(both, hyper, 1.0, {{"text_encoder.", -1.0}}),
+                      Catch::Contains("learning rate of 'text_encoder.' is -1"));
+}
+
 TEST_CASE("optimizer state: save, load into a fresh optimizer, continue identically") {
   std::vector<float> v0(40), g(40);
   fill_normal(v0, {3, 1});

@@ -178,6 +178,16 @@ inline std::vector<std::string> kohya_resnet_targets() {
 /// … their 3×3 convolutions take conv_dim / conv_alpha.
 inline std::vector<std::string> kohya_conv3x3_targets() { return {"conv1", "conv2", "conv"}; }
 
+/// kohya's text-encoder targets (TEXT_ENCODER_TARGET_REPLACE_MODULE: CLIPAttention, CLIPMLP):
+/// every Linear of the attention and the MLP.
+inline std::vector<std::string> kohya_text_encoder_targets() {
+  return {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"};
+}
+/// diffusers' text-encoder LoRA targets (the DreamBooth LoRA script's text_lora_config).
+inline std::vector<std::string> diffusers_text_encoder_targets() {
+  return {"q_proj", "k_proj", "v_proj", "out_proj"};
+}
+
 /// The targets that match at least one of `modules` (a preset set on a model lacking some, e.g.
 /// a UNet without conv_shortcut).
 inline std::vector<std::string> present_targets(const std::vector<std::string>& targets,

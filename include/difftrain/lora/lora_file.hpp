@@ -11,6 +11,10 @@
 //     reads them ("unet.r", "unet.lora_alpha", "unet.alpha_pattern", "unet.use_rslora", …), and
 //     "format": "pt". Also read: unprefixed keys (older diffusers), no tensor prefix,
 //     "base_model.model.", ".default" adapter names. No alpha anywhere: alpha = r, with a warning.
+// One file may hold parts for several components (LoraComponent: the UNet and the text
+// encoders), each under its own prefix: kohya lora_unet_ / lora_te_ (SD 1.x/2.x) / lora_te1_,
+// lora_te2_ (SDXL); PEFT unet. / text_encoder. / text_encoder_2., one lora_adapter_metadata with
+// every part's config under its prefix. Reading one component skips the other components' keys.
 // rsLoRA (scale alpha/√r): PEFT files say use_rslora; kohya readers always apply alpha/r, so a
 // kohya file stores alpha·√r, the alpha that gives the trained scale.
 //   legacy diffusers (read only): ….processor.to_q_lora.down.weight, ….lora.down.weight,
@@ -20,12 +24,14 @@
 // the model's own module list.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -68,9 +74,38 @@ struct LoraModuleWeights {
 /// module path → weights.
 using LoraState = std::map<std::string, LoraModuleWeights>;
 
+/// A component of the pipeline a LoRA file can hold a part for, by its two key prefixes:
+/// PEFT / diffusers "<peft>.<module>.lora_A.weight" (and "<peft>.r", … in lora_adapter_metadata),
+/// kohya "<kohya>_<module with "." → "_">.lora_down.weight".
+struct LoraComponent {
+  std::string peft;   // unet, text_encoder, text_encoder_2
+  std::string kohya;  // lora_unet, lora_te, lora_te1, lora_te2
+};
+
+/// The UNet.
+inline const LoraComponent kLoraUnet{"unet", "lora_unet"};
+/// SD 1.x / 2.x: the one text encoder (kohya lora_te_).
+inline const LoraComponent kLoraTextEncoder{"text_encoder", "lora_te"};
+/// SDXL: the first text encoder, CLIPTextModel (kohya lora_te1_, PEFT text_encoder.) …
+inline const LoraComponent kLoraSdxlTextEncoder1{"text_encoder", "lora_te1"};
+/// … and the second, CLIPTextModelWithProjection (kohya lora_te2_, PEFT text_encoder_2.).
+inline const LoraComponent kLoraSdxlTextEncoder2{"text_encoder_2", "lora_te2"};
+
+/// Every known component: reading one component skips the keys under another one's prefix.
+inline const std::array<LoraComponent, 4> kLoraComponents{
+    kLoraUnet, kLoraTextEncoder, kLoraSdxlTextEncoder1, kLoraSdxlTextEncoder2};
+
+/// One component's adapters, to save with others into one file. `all_modules` (the component's
+/// module names) lets PEFT metadata name the shortest target suffixes.
+struct LoraPart {
+  LoraComponent component;
+  LoraState state;
+  std::vector<std::string> all_modules;
+};
+
 struct LoraSaveOptions {
-  std::string component = "unet";               // PEFT key prefix; kohya uses lora_<component>
-  std::string kohya_prefix = "lora_unet";       // lora_unet, lora_te, lora_te1, …
+  std::string component = "unet";               // PEFT key prefix (one-component save_lora)
+  std::string kohya_prefix = "lora_unet";       // kohya key prefix (one-component save_lora)
   std::string base_model_version = "sd_v1";     // ss_base_model_version
   std::map<std::string, std::string> metadata;  // extra metadata (training settings, …)
 };
@@ -79,6 +114,10 @@ namespace lora_file_detail {
 inline std::string underscored(std::string name) {
   std::replace(name.begin(), name.end(), '.', '_');
   return name;
+}
+
+inline bool starts_with(std::string_view s, std::string_view prefix) {
+  return s.substr(0, prefix.size()) == prefix;
 }
 
 inline bool ends_with(std::string_view s, std::string_view suffix) {
@@ -140,92 +179,171 @@ LoraState collect_lora(M& model) {
   return state;
 }
 
-/// Writes `state` in the given format (atomically, through io::save_safetensors).
-/// `all_modules` (the model's module names) lets PEFT metadata name the shortest target suffixes.
-inline void save_lora(const std::string& path, const LoraState& state, LoraFormat format,
-                      const LoraSaveOptions& options = {},
-                      const std::vector<std::string>& all_modules = {}) {
-  using namespace lora_file_detail;
-  require(!state.empty(), "save_lora", "no adapters to save to '", path, "'");
+namespace lora_file_detail {
+// One part to write: pointers into the caller's component, adapters and module names.
+struct PartView {
+  const LoraComponent* component;
+  const LoraState* state;
+  const std::vector<std::string>* all_modules;
+};
+
+inline void save_parts(const std::string& path, std::span<const PartView> parts, LoraFormat format,
+                       const LoraSaveOptions& options) {
+  constexpr const char* fn = "save_lora";
+  const bool kohya = format == LoraFormat::kohya;
+  require(!parts.empty(), fn, "no adapters to save to '", path, "'");
+  std::set<std::string> prefixes;
+  for (const PartView& part : parts) {
+    const LoraComponent& c = *part.component;
+    const std::string& prefix = kohya ? c.kohya : c.peft;
+    require(!part.state->empty(), fn, "no adapters to save to '", path, "'",
+            parts.size() > 1 ? " for the part " + prefix : "");
+    require(parts.size() == 1 || !prefix.empty(), fn, "'", path, "': a part of a file with ",
+            parts.size(), " parts has an empty ", kohya ? "kohya" : "PEFT",
+            " prefix, expected one per component");
+    require(prefixes.insert(prefix).second, fn, "'", path, "': two parts have the ",
+            kohya ? "kohya" : "PEFT", " prefix '", prefix, "', expected one part per component");
+  }
   std::vector<io::TensorToWrite> tensors;
   std::map<std::string, std::string> metadata = options.metadata;
-  // A PEFT file has one use_rslora: kept when every adapter uses rsLoRA, else all written plain.
-  bool all_rslora = true;
-  for (const auto& [name, w] : state) all_rslora = all_rslora && w.use_rslora;
-  const bool rslora = format == LoraFormat::peft && all_rslora;
-  auto file_alpha = [&](const LoraModuleWeights& w) { return rslora ? w.alpha : w.plain_alpha(); };
-  std::set<std::size_t> ranks;
-  std::set<double> alphas;
-  std::vector<std::string> adapted;
-  for (const auto& [name, w] : state) {
-    ranks.insert(w.rank());
-    alphas.insert(file_alpha(w));
-    adapted.push_back(name);
-  }
-  const std::size_t rank = *ranks.begin();
-  const double alpha = *alphas.begin();
-  if (format == LoraFormat::kohya) {
-    for (const auto& [name, w] : state) {
-      const std::string key = options.kohya_prefix + "_" + underscored(name);
-      tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_down.weight", w.down));
-      tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_up.weight", w.up));
-      const xt::xarray<float> a = xt::xarray<float>::from_shape(std::vector<std::size_t>{});
-      xt::xarray<float> alpha_tensor = a;
-      alpha_tensor() = static_cast<float>(file_alpha(w));
-      tensors.push_back(io::TensorToWrite::from_tensor(key + ".alpha", alpha_tensor));
+  if (kohya) {
+    // kohya readers apply alpha/r: rsLoRA adapters store alpha·√r (plain_alpha).
+    std::set<std::size_t> ranks;
+    std::set<double> alphas;
+    for (const PartView& part : parts) {
+      for (const auto& [name, w] : *part.state) {
+        const std::string key = part.component->kohya + "_" + underscored(name);
+        tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_down.weight", w.down));
+        tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_up.weight", w.up));
+        xt::xarray<float> alpha_tensor = xt::xarray<float>::from_shape(std::vector<std::size_t>{});
+        alpha_tensor() = static_cast<float>(w.plain_alpha());
+        tensors.push_back(io::TensorToWrite::from_tensor(key + ".alpha", alpha_tensor));
+        ranks.insert(w.rank());
+        alphas.insert(w.plain_alpha());
+      }
     }
     metadata.emplace("ss_network_module", "networks.lora");
-    metadata.emplace("ss_network_dim", std::to_string(rank));
-    metadata.emplace("ss_network_alpha", format_number(alpha));
+    metadata.emplace("ss_network_dim", std::to_string(*ranks.begin()));
+    metadata.emplace("ss_network_alpha", format_number(*alphas.begin()));
     metadata.emplace("ss_base_model_version", options.base_model_version);
     add_kohya_hashes(tensors, metadata);  // sshs_*: kohya's, over the tensors and ss_* keys
   } else {
-    nlohmann::json rank_pattern = nlohmann::json::object(),
-                   alpha_pattern = nlohmann::json::object();
-    for (const auto& [name, w] : state) {
-      const std::string key = options.component.empty() ? name : options.component + "." + name;
-      tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_A.weight", w.down));
-      tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_B.weight", w.up));
-      if (w.rank() != rank) rank_pattern[name] = w.rank();
-      if (file_alpha(w) != alpha) alpha_pattern[name] = file_alpha(w);
-    }
-    const std::vector<std::string> targets =
-        all_modules.empty() ? adapted : target_modules(adapted, all_modules);
-    const nlohmann::json config = {{"peft_type", "LORA"},
-                                   {"r", rank},
-                                   {"lora_alpha", alpha},
-                                   {"rank_pattern", rank_pattern},
-                                   {"alpha_pattern", alpha_pattern},
-                                   {"target_modules", targets},
-                                   {"bias", "none"},
-                                   {"lora_dropout", 0.0},
-                                   {"use_rslora", rslora},
-                                   {"use_dora", false},
-                                   {"fan_in_fan_out", false}};
-    // diffusers >= 0.34 keeps only the keys under "<component>." (and fails without them).
+    // One JSON object: each part's LoraConfig under "<component>." (diffusers' _save_lora_weights
+    // packs every component's metadata with _pack_dict_with_prefix).
     nlohmann::json prefixed = nlohmann::json::object();
-    for (const auto& [key, value] : config.items())
-      prefixed[options.component.empty() ? key : options.component + "." + key] = value;
+    for (const PartView& part : parts) {
+      const LoraState& state = *part.state;
+      const std::string& component = part.component->peft;
+      // A PEFT config has one use_rslora: kept when every adapter of the part uses rsLoRA, else
+      // the part is written plain (alpha·√r).
+      bool rslora = true;
+      for (const auto& [name, w] : state) rslora = rslora && w.use_rslora;
+      auto file_alpha = [&](const LoraModuleWeights& w) {
+        return rslora ? w.alpha : w.plain_alpha();
+      };
+      std::set<std::size_t> ranks;
+      std::set<double> alphas;
+      std::vector<std::string> adapted;
+      for (const auto& [name, w] : state) {
+        ranks.insert(w.rank());
+        alphas.insert(file_alpha(w));
+        adapted.push_back(name);
+      }
+      const std::size_t rank = *ranks.begin();
+      const double alpha = *alphas.begin();
+      nlohmann::json rank_pattern = nlohmann::json::object(),
+                     alpha_pattern = nlohmann::json::object();
+      for (const auto& [name, w] : state) {
+        const std::string key = component.empty() ? name : component + "." + name;
+        tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_A.weight", w.down));
+        tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_B.weight", w.up));
+        if (w.rank() != rank) rank_pattern[name] = w.rank();
+        if (file_alpha(w) != alpha) alpha_pattern[name] = file_alpha(w);
+      }
+      const std::vector<std::string>& all_modules = *part.all_modules;
+      const std::vector<std::string> targets =
+          all_modules.empty() ? adapted : target_modules(adapted, all_modules);
+      const nlohmann::json config = {{"peft_type", "LORA"},
+                                     {"r", rank},
+                                     {"lora_alpha", alpha},
+                                     {"rank_pattern", rank_pattern},
+                                     {"alpha_pattern", alpha_pattern},
+                                     {"target_modules", targets},
+                                     {"bias", "none"},
+                                     {"lora_dropout", 0.0},
+                                     {"use_rslora", rslora},
+                                     {"use_dora", false},
+                                     {"fan_in_fan_out", false}};
+      // diffusers >= 0.34 keeps only the keys under "<component>." (and fails without them).
+      for (const auto& [key, value] : config.items())
+        prefixed[component.empty() ? key : component + "." + key] = value;
+    }
     metadata.emplace("lora_adapter_metadata", prefixed.dump(2));
     metadata.emplace("format", "pt");
   }
   io::save_safetensors(path, tensors, metadata);
 }
 
-/// Reads a LoRA file in any of the supported conventions for the component whose module names
-/// are `modules` (PEFT prefix `component`, kohya prefix `kohya_prefix`). Every tensor must belong
-/// to one of the modules; an unknown key is an Error naming it.
+// The known component whose prefix starts `key`: kohya "<kohya>_…" (kohya = true) or PEFT
+// "<peft>.…". Whole prefixes with their separator: "text_encoder." does not start
+// "text_encoder_2.…", nor "lora_te_" "lora_te1_…".
+struct KeyOwner {
+  const LoraComponent* component = nullptr;
+  bool kohya = false;
+};
+
+inline std::optional<KeyOwner> known_owner(std::string_view key) {
+  for (const LoraComponent& c : kLoraComponents) {
+    if (starts_with(key, c.kohya + "_")) return KeyOwner{&c, true};
+    if (starts_with(key, c.peft + ".")) return KeyOwner{&c, false};
+  }
+  return std::nullopt;
+}
+}  // namespace lora_file_detail
+
+/// Writes the parts (each component's adapters under its prefix) into one file, atomically
+/// (io::save_safetensors). kohya: "<kohya>_<module>.…" tensors; ss_network_dim / ss_network_alpha
+/// the smallest rank / alpha over all parts; sshs_* hashes over all tensors. PEFT:
+/// "<peft>.<module>.lora_A.weight" and one `lora_adapter_metadata` holding each part's LoraConfig
+/// under "<peft>." ("unet.r", "text_encoder.r", …), as diffusers' save_lora_weights writes it.
+/// `options.component` / `kohya_prefix` are not used (each part names its component). Each part
+/// needs adapters and its own prefix.
+inline void save_lora(const std::string& path, const std::vector<LoraPart>& parts,
+                      LoraFormat format, const LoraSaveOptions& options = {}) {
+  std::vector<lora_file_detail::PartView> views;
+  for (const LoraPart& part : parts)
+    views.push_back({&part.component, &part.state, &part.all_modules});
+  lora_file_detail::save_parts(path, views, format, options);
+}
+
+/// Writes `state` as one component (PEFT prefix options.component, kohya options.kohya_prefix).
+/// `all_modules` (the model's module names) lets PEFT metadata name the shortest target suffixes.
+inline void save_lora(const std::string& path, const LoraState& state, LoraFormat format,
+                      const LoraSaveOptions& options = {},
+                      const std::vector<std::string>& all_modules = {}) {
+  const LoraComponent component{options.component, options.kohya_prefix};
+  const lora_file_detail::PartView part{&component, &state, &all_modules};
+  lora_file_detail::save_parts(path, std::span(&part, 1), format, options);
+}
+
+/// Reads the part of `component` from a LoRA file in any of the supported conventions; its
+/// module names are `modules`. Keys of another known component (kLoraComponents: lora_unet_,
+/// lora_te_, lora_te1_, lora_te2_, unet., text_encoder., text_encoder_2.) are skipped, so a file
+/// without a part for `component` gives an empty state (lora_file_components says which parts a
+/// file has). Every other tensor must belong to one of the modules: an unknown key is an Error
+/// naming it.
 inline LoraState read_lora(const std::string& path, const std::vector<std::string>& modules,
-                           std::string_view component = "unet",
-                           std::string_view kohya_prefix = "lora_unet") {
+                           const LoraComponent& component = kLoraUnet) {
   using namespace lora_file_detail;
   constexpr const char* fn = "read_lora";
   const io::SafetensorsFile file = io::SafetensorsFile::open(path);
   std::map<std::string, std::string> by_underscored;
   const std::set<std::string> known(modules.begin(), modules.end());
   for (const auto& m : modules) by_underscored.emplace(underscored(m), m);
+  const std::string kohya = component.kohya + "_";
+  const std::string peft = component.peft + ".";
 
-  // PEFT alpha: lora_adapter_metadata ("component."-prefixed keys, else plain); default alpha = r.
+  // PEFT alpha: lora_adapter_metadata ("<peft>."-prefixed keys, else plain); default alpha = r.
   std::optional<double> peft_alpha;
   bool use_rslora = false;
   nlohmann::json alpha_pattern = nlohmann::json::object();
@@ -236,12 +354,13 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
     } catch (const std::exception& e) {
       fail(fn, "'", path, "' has lora_adapter_metadata that is not JSON: ", e.what());
     }
-    const std::string prefixed = std::string(component) + ".";
-    for (const std::string& key : {std::string("lora_alpha"), prefixed + "lora_alpha"})
+    require(meta.is_object(), fn, "'", path,
+            "' has lora_adapter_metadata that is not a JSON object: ", meta.dump());
+    for (const std::string& key : {std::string("lora_alpha"), peft + "lora_alpha"})
       if (meta.contains(key) && meta[key].is_number()) peft_alpha = meta[key].get<double>();
-    for (const std::string& key : {std::string("alpha_pattern"), prefixed + "alpha_pattern"})
+    for (const std::string& key : {std::string("alpha_pattern"), peft + "alpha_pattern"})
       if (meta.contains(key) && meta[key].is_object()) alpha_pattern = meta[key];
-    for (const std::string& key : {std::string("use_rslora"), prefixed + "use_rslora"})
+    for (const std::string& key : {std::string("use_rslora"), peft + "use_rslora"})
       if (meta.contains(key) && meta[key].is_boolean()) use_rslora = meta[key].get<bool>();
   }
 
@@ -254,8 +373,7 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   for (const std::string& key : file.names()) {
     std::string module, part;  // part: down, up, alpha
     std::string_view k = key;
-    const std::string kohya = std::string(kohya_prefix) + "_";
-    if (k.substr(0, kohya.size()) == kohya) {
+    if (starts_with(k, kohya)) {
       const auto dot = k.find('.');
       const std::string stem(k.substr(kohya.size(), dot - kohya.size()));
       const std::string_view rest = dot == std::string_view::npos ? "" : k.substr(dot);
@@ -263,11 +381,12 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
       if (rest == ".lora_up.weight") part = "up";
       if (rest == ".alpha") part = "alpha";
       if (auto it = by_underscored.find(stem); it != by_underscored.end()) module = it->second;
+    } else if (!starts_with(k, peft) && known_owner(k)) {
+      continue;  // another component's part
     } else {
       std::string s(k);
-      for (const std::string& prefix :
-           {std::string(component) + ".", std::string("base_model.model.")})
-        if (s.rfind(prefix, 0) == 0) s = s.substr(prefix.size());
+      for (const std::string& prefix : {peft, std::string("base_model.model.")})
+        if (starts_with(s, prefix)) s = s.substr(prefix.size());
       // Legacy attention-processor names.
       auto replace = [&](std::string_view from, std::string_view to) {
         for (auto p = s.find(from); p != std::string::npos; p = s.find(from, p + to.size()))
@@ -312,7 +431,8 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   if (!unknown.empty()) {
     std::string list;
     for (std::size_t i = 0; i < unknown.size() && i < 8; ++i) list += (i ? ", " : "") + unknown[i];
-    fail(fn, "'", path, "' has ", unknown.size(), " keys that name no module of the model: ", list);
+    fail(fn, "'", path, "' has ", unknown.size(), " keys that name no module of the model: ", list,
+         " (reading the part ", component.peft, " / ", component.kohya, "_)");
   }
   LoraState state;
   std::size_t without_alpha = 0;
@@ -344,6 +464,50 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
     warn(fn, "'", path, "' gives no alpha for ", without_alpha,
          " adapters (no .alpha tensor, no lora_adapter_metadata lora_alpha): using alpha = rank");
   return state;
+}
+
+/// read_lora for the component with PEFT prefix `component` and kohya prefix `kohya_prefix`.
+inline LoraState read_lora(const std::string& path, const std::vector<std::string>& modules,
+                           std::string_view component,
+                           std::string_view kohya_prefix = "lora_unet") {
+  return read_lora(path, modules, LoraComponent{std::string(component), std::string(kohya_prefix)});
+}
+
+/// The known components (kLoraComponents) a LoRA file has parts for, by their PEFT names
+/// ("unet", "text_encoder", "text_encoder_2"), found from the kohya or PEFT key prefixes. Keys
+/// under no known prefix (e.g. "base_model.model.…") are not counted.
+inline std::set<std::string> lora_file_components(const std::string& path) {
+  const io::SafetensorsFile file = io::SafetensorsFile::open(path);
+  std::set<std::string> components;
+  for (const std::string& key : file.names())
+    if (const auto owner = lora_file_detail::known_owner(key))
+      components.insert(owner->component->peft);
+  return components;
+}
+
+/// Throws an Error naming the file, the component and its first key when the file has a part for
+/// a known component the model does not have: a kohya key needs a component of `available` with
+/// its kohya prefix (lora_te1_ is not lora_te_), a PEFT key one with its PEFT prefix.
+inline void require_lora_components(const std::string& path,
+                                    const std::vector<LoraComponent>& available) {
+  const io::SafetensorsFile file = io::SafetensorsFile::open(path);
+  for (const std::string& key : file.names()) {
+    const auto owner = lora_file_detail::known_owner(key);
+    if (!owner) continue;
+    const LoraComponent& c = *owner->component;
+    const bool present = std::any_of(available.begin(), available.end(), [&](const auto& a) {
+      return owner->kohya ? a.kohya == c.kohya : a.peft == c.peft;
+    });
+    if (present) continue;
+    std::string have;
+    for (const LoraComponent& a : available)
+      have += (have.empty() ? "" : ", ") + a.peft + " (" + a.kohya + "_)";
+    fail("require_lora_components", "'", path, "' has a LoRA part for ", c.peft,
+         owner->kohya ? " (kohya prefix " + c.kohya + "_)"
+                      : std::string(" (PEFT prefix ") + c.peft + ".)",
+         ", first key ", key, ", but the model has no such component (it has ",
+         have.empty() ? "none" : have, ")");
+  }
 }
 
 /// Adds adapters to the model for every module of `state` (rank and alpha from the file) and

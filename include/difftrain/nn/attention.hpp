@@ -45,7 +45,10 @@ struct AttentionShape {
   std::size_t keys = 0;      // Lc
   std::size_t heads = 0;     // Hn
   std::size_t head_dim = 0;  // Hd
+  bool causal = false;       // query i sees keys 0..i only (CLIP's text transformer; L = Lc)
   std::size_t inner() const { return heads * head_dim; }
+  // keys a block of query rows r0..r0+n−1 can see
+  std::size_t visible_keys(std::size_t r0, std::size_t n) const { return causal ? r0 + n : keys; }
   // multiply-adds of S = QKᵀ and O = PV
   std::size_t work() const { return 2 * batch * heads * queries * keys * head_dim; }
 };
@@ -86,6 +89,28 @@ void softmax_rows_inplace(Block&& P) {
     row *= T(1) / row.sum();
   }
 }
+// The same with a causal mask: row i of a block starting at query r0 takes the softmax of its
+// first r0 + i + 1 scores; the rest is exactly 0 (= exp(−∞)), so backward needs no mask.
+template <class Block>
+void causal_softmax_rows_inplace(Block&& P, std::size_t r0) {
+  using T = typename std::remove_cvref_t<Block>::Scalar;
+  for (Eigen::Index i = 0; i < P.rows(); ++i) {
+    const auto allowed = static_cast<Eigen::Index>(r0) + i + 1;
+    Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(&P(i, 0), allowed);
+    const T m = row.maxCoeff();
+    row = (row - m).exp();
+    row *= T(1) / row.sum();
+    std::fill(&P(i, 0) + allowed, &P(i, 0) + P.cols(), T(0));
+  }
+}
+template <class Block>
+void masked_softmax_rows_inplace(Block&& P, const AttentionShape& s, std::size_t r0) {
+  if (s.causal) {
+    causal_softmax_rows_inplace(P, r0);
+  } else {
+    softmax_rows_inplace(P);
+  }
+}
 // dx_j = y_j · (dy_j − Σ_k dy_k y_k), dx written over dy
 template <class BlockY, class BlockD>
 void softmax_rows_backward_inplace(const BlockY& P, BlockD&& dS) {
@@ -119,10 +144,13 @@ struct AttentionWorkspace {
 };
 
 // o_bh = softmax(q_bh k_bhᵀ · scale) v_bh for every (b, h); q, o [B, L, I]; k, v [B, Lc, I].
+// With s.causal, query i sees keys 0..i (scores of a block are computed up to its last row only).
 template <class T>
 void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T* o,
                                           const AttentionShape& s, T scale,
                                           AttentionWorkspace<T>& ws) {
+  require(!s.causal || s.queries == s.keys, "scaled_dot_product_attention_forward",
+          "causal attention needs queries (", s.queries, ") == keys (", s.keys, ")");
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, false);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
@@ -136,22 +164,25 @@ void scaled_dot_product_attention_forward(const T* q, const T* k, const T* v, T*
     auto O = detail::head_view(o, s, L, b, h);
     RowMatrix<T>& buffer = ws.scores[parallel::thread_id()];
     for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {
-      const std::size_t n = std::min(kQueryBlock, L - r0);
-      auto P = buffer.topRows(n);
-      P.noalias() = scale * (Q.middleRows(r0, n) * K.transpose());
-      detail::softmax_rows_inplace(P);
-      O.middleRows(r0, n).noalias() = P * V;
+      const std::size_t n = std::min(kQueryBlock, L - r0), visible = s.visible_keys(r0, n);
+      auto P = buffer.topLeftCorner(n, visible);
+      P.noalias() = scale * (Q.middleRows(r0, n) * K.topRows(visible).transpose());
+      detail::masked_softmax_rows_inplace(P, s, r0);
+      O.middleRows(r0, n).noalias() = P * V.topRows(visible);
     }
   }
 }
 
 // Backward of the core, P recomputed from q and k:
 // dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = scale·dS K, dK = scale·dSᵀ Q.
-// dq, dk, dv are overwritten.
+// dq, dk, dv are overwritten. Masked scores have P = 0, hence dS = 0: the causal case needs only
+// the visible columns.
 template <class T>
 void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, const T* d_o, T* dq,
                                            T* dk, T* dv, const AttentionShape& s, T scale,
                                            AttentionWorkspace<T>& ws) {
+  require(!s.causal || s.queries == s.keys, "scaled_dot_product_attention_backward",
+          "causal attention needs queries (", s.queries, ") == keys (", s.keys, ")");
   const std::size_t L = s.queries, Lc = s.keys;
   ws.reserve(std::min(kQueryBlock, L), Lc, true);
   const auto jobs = static_cast<std::ptrdiff_t>(s.batch * s.heads);
@@ -172,16 +203,16 @@ void scaled_dot_product_attention_backward(const T* q, const T* k, const T* v, c
     RowMatrix<T>& p_buffer = ws.scores[thread];
     RowMatrix<T>& g_buffer = ws.grad_scores[thread];
     for (std::size_t r0 = 0; r0 < L; r0 += kQueryBlock) {
-      const std::size_t n = std::min(kQueryBlock, L - r0);
-      auto P = p_buffer.topRows(n);
-      auto dS = g_buffer.topRows(n);
-      P.noalias() = scale * (Q.middleRows(r0, n) * K.transpose());
-      detail::softmax_rows_inplace(P);
-      dV.noalias() += P.transpose() * dO.middleRows(r0, n);
-      dS.noalias() = dO.middleRows(r0, n) * V.transpose();
+      const std::size_t n = std::min(kQueryBlock, L - r0), visible = s.visible_keys(r0, n);
+      auto P = p_buffer.topLeftCorner(n, visible);
+      auto dS = g_buffer.topLeftCorner(n, visible);
+      P.noalias() = scale * (Q.middleRows(r0, n) * K.topRows(visible).transpose());
+      detail::masked_softmax_rows_inplace(P, s, r0);
+      dV.topRows(visible).noalias() += P.transpose() * dO.middleRows(r0, n);
+      dS.noalias() = dO.middleRows(r0, n) * V.topRows(visible).transpose();
       detail::softmax_rows_backward_inplace(P, dS);
-      dQ.middleRows(r0, n).noalias() = scale * (dS * K);
-      dK.noalias() += scale * (dS.transpose() * Q.middleRows(r0, n));
+      dQ.middleRows(r0, n).noalias() = scale * (dS * K.topRows(visible));
+      dK.topRows(visible).noalias() += scale * (dS.transpose() * Q.middleRows(r0, n));
     }
   }
 }

@@ -71,6 +71,26 @@ void set_trainable(M& module, bool on) {
   module.for_each_parameter("", [&](const std::string&, Parameter<T>& p) { p.set_trainable(on); });
 }
 
+/// Two modules trained as one (by reference): `first`'s parameters under their own names, then
+/// `second`'s under `second_prefix` (e.g. a UNet and its text encoder under "text_encoder").
+template <Module A, Module B>
+struct ModulePair {
+  A& first;
+  B& second;
+  std::string second_prefix;
+
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) {
+    first.for_each_parameter(prefix, visit);
+    second.for_each_parameter(join_name(prefix, second_prefix), visit);
+  }
+  template <class F>
+  void for_each_parameter(const std::string& prefix, F&& visit) const {
+    std::as_const(first).for_each_parameter(prefix, visit);
+    std::as_const(second).for_each_parameter(join_name(prefix, second_prefix), visit);
+  }
+};
+
 /// name → value copies (as float for saving).
 template <class T, Module M>
 std::map<std::string, xt::xarray<T>> state_dict(M& module) {

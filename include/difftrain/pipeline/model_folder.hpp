@@ -33,6 +33,7 @@
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
+#include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/clip/text_encoder.hpp"
 #include "difftrain/models/clip_tokenizer.hpp"
 #include "difftrain/models/unet/load.hpp"
@@ -70,6 +71,12 @@ struct ModelFolder {
   /// CLIP), then the text encoder (with clip_skip).
   Tensor3<float> encode_prompts(const std::vector<std::string>& prompts);
 
+  /// Applies a LoRA file with multiplier m: its UNet part to the UNet, its text-encoder part
+  /// (kohya lora_te_, PEFT text_encoder.) to the text encoder; a part for a component this
+  /// pipeline lacks (SDXL's lora_te1_/lora_te2_, text_encoder_2.) is an Error naming it.
+  /// Everything but the adapters is frozen. Returns the adapted modules (text encoder's last).
+  std::vector<std::string> apply_lora(const std::string& path, double multiplier = 1.0);
+
   /// Images [B, 3, H, W] (≈ [−1, 1], not clamped) from UNet samples: the VAE decoder of
   /// latents / scaling_factor (+ shift), or the samples themselves in pixel space.
   Tensor4<float> decode(const Tensor4<float>& latents) const;
@@ -89,6 +96,24 @@ inline std::array<std::size_t, 3> ModelFolder::latent_shape(std::size_t height,
 
 inline Tensor3<float> ModelFolder::encode_prompts(const std::vector<std::string>& prompts) {
   return text_encoder.encode(tokenizer.encode_batch(prompts, tokenizer.model_max_length()));
+}
+
+inline std::vector<std::string> ModelFolder::apply_lora(const std::string& path,
+                                                        double multiplier) {
+  lora::require_lora_components(path, {lora::kLoraUnet, lora::kLoraTextEncoder});
+  std::vector<std::string> applied = lora::apply_lora(
+      unet, lora::read_lora(path, lora::module_names(unet), lora::kLoraUnet), multiplier);
+  nn::set_trainable<float>(text_encoder, false);
+  if (lora::lora_file_components(path).count(lora::kLoraTextEncoder.peft)) {
+    for (auto& name : lora::apply_lora(
+             text_encoder,
+             lora::read_lora(path, lora::module_names(text_encoder), lora::kLoraTextEncoder),
+             multiplier))
+      applied.push_back(std::move(name));
+  }
+  require(!applied.empty(), "ModelFolder::apply_lora", "'", path,
+          "' has no adapter for this model's UNet or text encoder");
+  return applied;
 }
 
 inline Tensor4<float> ModelFolder::decode(const Tensor4<float>& latents) const {

@@ -10,6 +10,7 @@
 //   pred   = Denoiser.forward(x_t, t, ctx)
 //   L      = mean_b w_b·mean_chw ℓ(pred − target),  w_b = LossWeighting(SNR(t_b)) · sample_weight_b
 //   Denoiser.backward(dL/dpred)
+//   TextEncoder.backward(dL/dctx)                 (a TrainableTextEncoder being trained)
 //
 // Randomness: every draw of step s comes from RandomStream{seed}.derive(s, purpose), so a step
 // depends only on (seed, s, inputs) — a resumed run repeats the uninterrupted one. A denoiser with
@@ -87,10 +88,26 @@ class DiffusionTrainStep {
     if (kernels::uses_huber_c(options_.loss_type)) options_.huber.validate();
   }
 
-  /// Encodes images and token ids, then runs the step.
+  /// Encodes images and token ids, then runs the step. A TrainableTextEncoder with trainable
+  /// parameters (is_training()) is run with encode_train and, after the denoiser's backward,
+  /// given dL/dcontext: its gradients accumulate with the denoiser's.
   TrainStepResult step(const Tensor4<float>& images, const TokenIds& token_ids,
                        std::uint64_t step_index, const BatchExtras& extras = {}) {
     const Tensor4<float> latents = latent_encoder_.encode(images);
+    if constexpr (TrainableTextEncoder<TextEncoderT>) {
+      if constexpr (!DenoiserWithContextGrad<DenoiserT>) {
+        require(!text_encoder_.is_training(), "DiffusionTrainStep::step",
+                "the text encoder has trainable parameters, but the denoiser gives no "
+                "grad_encoder_hidden_states() to train it with");
+      } else if (text_encoder_.is_training()) {
+        if constexpr (lora::HasLoraSlots<TextEncoderT>)
+          lora::set_lora_step(text_encoder_, step_index);
+        const Tensor3<float> context = text_encoder_.encode_train(token_ids);
+        TrainStepResult result = step_latents(latents, context, step_index, extras);
+        text_encoder_.backward(denoiser_.grad_encoder_hidden_states());
+        return result;
+      }
+    }
     const Tensor3<float> context = text_encoder_.encode(token_ids);
     return step_latents(latents, context, step_index, extras);
   }

@@ -56,29 +56,48 @@ inline bool is_loraplus_parameter(std::string_view name) {
          name.find("lora_up") != std::string_view::npos;
 }
 
+/// A learning rate of its own for the parameters whose names start with `prefix` (kohya's
+/// --text_encoder_lr: "text_encoder.").
+struct PrefixLr {
+  std::string prefix;
+  double lr = 0;
+};
+
 /// Groups of a module's trainable parameters with the hyperparameters of `hyper` (its params and
-/// names are ignored): one group, or with loraplus_lr_ratio != 1 a second group holding the
-/// parameters named like lora_B / lora_up with lr · loraplus_lr_ratio. Empty groups are dropped.
+/// names are ignored): one group per learning rate (hyper.lr, and each prefix_lrs entry for the
+/// parameters named with its prefix, the first match winning), each split in two with
+/// loraplus_lr_ratio != 1: the parameters named like lora_B / lora_up get lr · loraplus_lr_ratio.
+/// Empty groups are dropped.
 template <nn::Module M>
 std::vector<ParamGroup> make_param_groups(M& module, const ParamGroup& hyper,
-                                          double loraplus_lr_ratio = 1.0) {
+                                          double loraplus_lr_ratio = 1.0,
+                                          const std::vector<PrefixLr>& prefix_lrs = {}) {
   require(std::isfinite(loraplus_lr_ratio) && loraplus_lr_ratio > 0, "make_param_groups",
           "loraplus_lr_ratio is ", loraplus_lr_ratio, ", expected a finite value > 0");
-  ParamGroup base = hyper, plus = hyper;
-  base.params.clear();
-  base.names.clear();
-  plus.params.clear();
-  plus.names.clear();
-  plus.lr = hyper.lr * loraplus_lr_ratio;
+  // groups [c·2 + plus]: class c = 0 (hyper.lr) or 1 + the index of the first matching prefix
+  std::vector<ParamGroup> all(2 * (1 + prefix_lrs.size()), hyper);
+  for (std::size_t g = 0; g < all.size(); ++g) {
+    const double lr = g < 2 ? hyper.lr : prefix_lrs[g / 2 - 1].lr;
+    require(std::isfinite(lr) && lr >= 0, "make_param_groups", "learning rate of '",
+            g < 2 ? std::string("") : prefix_lrs[g / 2 - 1].prefix, "' is ", lr,
+            ", expected a finite value >= 0");
+    all[g].lr = g % 2 == 1 ? lr * loraplus_lr_ratio : lr;
+    all[g].params.clear();
+    all[g].names.clear();
+  }
   for (auto& [name, p] : nn::named_parameters<float>(module)) {
     if (!p->trainable) continue;
-    ParamGroup& g = (loraplus_lr_ratio != 1.0 && is_loraplus_parameter(name)) ? plus : base;
+    std::size_t c = 0;
+    for (std::size_t i = 0; i < prefix_lrs.size() && c == 0; ++i)
+      if (name.starts_with(prefix_lrs[i].prefix)) c = 1 + i;
+    ParamGroup& g =
+        all[2 * c + ((loraplus_lr_ratio != 1.0 && is_loraplus_parameter(name)) ? 1 : 0)];
     g.params.push_back(p);
     g.names.push_back(name);
   }
   std::vector<ParamGroup> groups;
-  if (!base.params.empty()) groups.push_back(std::move(base));
-  if (!plus.params.empty()) groups.push_back(std::move(plus));
+  for (auto& g : all)
+    if (!g.params.empty()) groups.push_back(std::move(g));
   return groups;
 }
 

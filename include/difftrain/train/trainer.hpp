@@ -85,6 +85,9 @@ struct TrainerOptions {
   bool sgd_nesterov = false;
   double sgd_weight_decay = 0.0;
   double loraplus_lr_ratio = 1.0;  // kohya: lr of lora_B / lora_up parameters × ratio
+  // kohya --text_encoder_lr: the lr of the parameters named "text_encoder.…" (a model trained
+  // with its text encoder, nn::ModulePair); unset: learning_rate. scale_lr scales it too.
+  std::optional<double> text_encoder_lr;
 
   // Learning-rate schedule (lr_schedule.hpp).
   std::string lr_scheduler = "constant";
@@ -323,7 +326,15 @@ class Trainer {
     hyper.eps = o.adam_epsilon;
     hyper.momentum = o.sgd_momentum;
     hyper.nesterov = o.sgd_nesterov;
-    optimizer_ = make_optimizer(o.optimizer, make_param_groups(model_, hyper, o.loraplus_lr_ratio),
+    std::vector<PrefixLr> prefix_lrs;
+    if (o.text_encoder_lr) {
+      double te_lr = *o.text_encoder_lr;
+      if (o.scale_lr)
+        te_lr = train::scale_lr(te_lr, o.gradient_accumulation_steps, o.train_batch_size);
+      prefix_lrs.push_back({"text_encoder.", te_lr});
+    }
+    optimizer_ = make_optimizer(o.optimizer,
+                                make_param_groups(model_, hyper, o.loraplus_lr_ratio, prefix_lrs),
                                 hyper, o.optimizer_args);
     LrScheduleOptions so;
     so.num_warmup_steps = o.lr_warmup_steps;

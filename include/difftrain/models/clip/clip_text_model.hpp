@@ -1,7 +1,8 @@
 #pragma once
-// ClipTextModel: the frozen CLIP text encoder (transformers' CLIPTextModel), forward only, with
+// ClipTextModel: the CLIP text encoder (transformers' CLIPTextModel), forward and backward, with
 // transformers' parameter names and its outputs last_hidden_state, pooler_output and every
-// layer's hidden states (for "clip skip").
+// layer's hidden states (for "clip skip"). Its Linear layers sit in LoRA slots (text-encoder LoRA,
+// module names "text_model.encoder.layers.N.self_attn.q_proj", "….mlp.fc1", …).
 //
 // Dims legend: B batch, L tokens (≤ max_position_embeddings), D hidden_size, V vocab_size.
 //   h_0 = token_embedding[ids] + position_embedding[0..L−1]                 (hidden_states[0])
@@ -17,11 +18,23 @@
 // text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1, mlp.fc2,
 // layer_norm2}.{weight,bias}, text_model.final_layer_norm.{weight,bias}. Loading is strict except
 // for the buffer text_model.embeddings.position_ids, which many SD checkpoints still hold and which
-// is ignored. Every parameter is frozen (no gradient memory).
+// is ignored. Every parameter starts frozen (no gradient memory); nn::set_trainable or
+// lora::inject_lora makes some trainable.
+//
+// Training: forward_train / encode_train run the same math saving each layer's state (one batch
+// of activations, overwritten by the next call); backward / encode_backward take dL/d of the
+// outputs and accumulate (+=) the gradients of the trainable parameters:
+//   d last_hidden_state += scatter of d pooler_output to the pooled positions
+//   d h_layers = final_layer_norm'(d last_hidden_state) (+ d hidden_states[layers])
+//   d h_{k−1} = layer_k'(d h_k) (+ d hidden_states[k−1]),  k = layers..1
+//   token_embedding.grad[ids] += d h_0 (if trainable), position_embedding.grad += Σ_b d h_0
+// grad_input_embeddings() is d h_0 (what textual inversion needs).
 //
 // A row without an eos id has no pooled position under the non-legacy rule (transformers would
 // silently take position 0): forward throws Error for it; encode() does not pool and accepts it.
 
+#include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -112,13 +125,39 @@ class ClipEncoderLayer {
     layer_norm2.for_each_parameter(nn::join_name(prefix, "layer_norm2"), visit);
   }
 
-  // h = x + self_attn(layer_norm1(x));  y = h + mlp(layer_norm2(h))
-  Tensor3<T> forward(const Tensor3<T>& x) const {
-    Tensor3<T> h = self_attn.forward(layer_norm1.forward_inference(x));
+  template <class F>
+  void for_each_slot(const std::string& prefix, F&& visit) {
+    self_attn.for_each_slot(nn::join_name(prefix, "self_attn"), visit);
+    mlp.for_each_slot(nn::join_name(prefix, "mlp"), visit);
+  }
+
+  // h = x + self_attn(layer_norm1(x));  y = h + mlp(layer_norm2(h)), saving for backward
+  Tensor3<T> forward(const Tensor3<T>& x) {
+    Tensor3<T> h = self_attn.forward(layer_norm1.forward(x));
     h += x;
-    Tensor3<T> y = mlp.forward(layer_norm2.forward_inference(h));
+    Tensor3<T> y = mlp.forward(layer_norm2.forward(h));
     y += h;
     return y;
+  }
+  // the same without saving anything
+  Tensor3<T> forward_inference(const Tensor3<T>& x) const {
+    Tensor3<T> h = self_attn.forward_inference(layer_norm1.forward_inference(x));
+    h += x;
+    Tensor3<T> y = mlp.forward_inference(layer_norm2.forward_inference(h));
+    y += h;
+    return y;
+  }
+  // dh = dy + layer_norm2'(mlp'(dy));  dx = dh + layer_norm1'(self_attn'(dh))
+  Tensor3<T> backward(const Tensor3<T>& dy) {
+    Tensor3<T> dh = layer_norm2.backward(mlp.backward(dy));
+    dh += dy;
+    Tensor3<T> dx = layer_norm1.backward(self_attn.backward(dh));
+    dx += dh;
+    return dx;
+  }
+  void clear_saved() {
+    self_attn.clear_saved();
+    mlp.clear_saved();
   }
 };
 
@@ -128,6 +167,15 @@ struct ClipTextOutput {
   Tensor3<T> last_hidden_state;           // [B, L, D]
   Tensor<T, 2> pooler_output;             // [B, D]
   std::vector<Tensor3<T>> hidden_states;  // layers + 1 of [B, L, D]; [0] = embeddings
+};
+
+/// dL/d of the outputs given to ClipTextModel::backward; an empty tensor (size 0) or a missing
+/// hidden-state index means no gradient for that output.
+template <class T = float>
+struct ClipTextOutputGrads {
+  Tensor3<T> last_hidden_state;                     // [B, L, D]
+  Tensor<T, 2> pooler_output;                       // [B, D]
+  std::map<std::size_t, Tensor3<T>> hidden_states;  // index (0..layers) → [B, L, D]
 };
 
 template <class T = float>
@@ -163,6 +211,14 @@ class ClipTextModel {
     visit_all(*this, nn::join_name(prefix, "text_model"), visit);
   }
 
+  /// LoRA slots of every encoder layer ("text_model.encoder.layers.N.self_attn.q_proj", …).
+  template <class F>
+  void for_each_slot(const std::string& prefix, F&& visit) {
+    const std::string root = nn::join_name(prefix, "text_model.encoder.layers.");
+    for (std::size_t i = 0; i < layers.size(); ++i)
+      layers[i].for_each_slot(root + std::to_string(i), visit);
+  }
+
   /// Strict load of a name → tensor map (anything with shape(), begin(), end()), ignoring
   /// text_model.embeddings.position_ids; one Error lists every missing, unexpected and misshapen
   /// name.
@@ -184,6 +240,26 @@ class ClipTextModel {
 
   // final_layer_norm(hidden_states[layers − clip_skip]) (diffusers' clip_skip; 0: last layer)
   Tensor3<T> encode(const TokenIds& ids, std::size_t clip_skip = 0);
+
+  /// forward, saving what backward needs.
+  ClipTextOutput<T> forward_train(const TokenIds& ids);
+  /// After forward_train: accumulates the gradients of the trainable parameters for the loss
+  /// Σ_X ⟨grads.X, X⟩ (see the header comment).
+  void backward(const ClipTextOutputGrads<T>& grads);
+
+  /// encode, saving what encode_backward needs.
+  Tensor3<T> encode_train(const TokenIds& ids, std::size_t clip_skip = 0);
+  /// After encode_train: dL/d context [B, L, D] → parameter gradients (+=).
+  void encode_backward(const Tensor3<T>& grad_context);
+
+  /// d h_0 (the summed embeddings) of the last backward.
+  const Tensor3<T>& grad_input_embeddings() const { return grad_embeddings_; }
+
+  /// Frees the saved forward state.
+  void clear_saved() {
+    for (auto& layer : layers) layer.clear_saved();
+    saved_depth_ = kNotSaved;
+  }
 
   /// The pooled position of every row (see the header comment for the rule); Error for a row
   /// without eos under the first-eos rule.
@@ -231,6 +307,15 @@ class ClipTextModel {
     self.final_layer_norm.for_each_parameter(nn::join_name(root, "final_layer_norm"), visit);
   }
 
+  static constexpr std::size_t kNotSaved = static_cast<std::size_t>(-1);
+
+  // h_depth = layers[0..depth)(embeddings(ids)), saving (train) or not
+  Tensor3<T> run_layers(const TokenIds& ids, std::size_t depth, bool train,
+                        std::string_view function, std::vector<Tensor3<T>>* hidden = nullptr);
+  // From dL/d h_top down to the embeddings, adding hidden-state gradients on the way.
+  void backward_layers(Tensor3<T> d, std::size_t top,
+                       const std::map<std::size_t, Tensor3<T>>& hidden_grads);
+
   Tensor3<T> embed(const TokenIds& ids, std::string_view function) {
     const std::size_t L = ids.shape()[1];
     require(L >= 1 && L <= config_.max_position_embeddings, function, "input_ids has shape ",
@@ -241,20 +326,52 @@ class ClipTextModel {
   }
 
   ClipTextConfig config_;
+  std::size_t saved_depth_ = kNotSaved;  // layers run by the last training forward
+  bool saved_full_ = false;              // forward_train (true) or encode_train (false)
+  std::array<std::size_t, 3> saved_shape_{};
+  std::vector<std::size_t> saved_positions_;  // pooled positions of forward_train
+  Tensor3<T> grad_embeddings_;
 };
 
 // The heavy members, out of the class so that DIFFTRAIN_EXTERN_TEMPLATES keeps them from being
 // compiled in every translation unit of the project (src/models/ holds the
 // explicit instantiations).
 template <class T>
+Tensor3<T> ClipTextModel<T>::run_layers(const TokenIds& ids, std::size_t depth, bool train,
+                                        std::string_view function,
+                                        std::vector<Tensor3<T>>* hidden) {
+  if (train) saved_depth_ = kNotSaved;  // until the whole forward has succeeded
+  Tensor3<T> h = embed(ids, function);
+  for (std::size_t i = 0; i < depth; ++i) {
+    if (hidden) hidden->push_back(h);
+    h = train ? layers[i].forward(h) : layers[i].forward_inference(h);
+  }
+  return h;
+}
+
+template <class T>
 ClipTextOutput<T> ClipTextModel<T>::forward(const TokenIds& ids) {
   ClipTextOutput<T> out;
   out.hidden_states.reserve(layers.size() + 1);
-  out.hidden_states.push_back(embed(ids, "ClipTextModel::forward"));
-  for (const auto& layer : layers)
-    out.hidden_states.push_back(layer.forward(out.hidden_states.back()));
+  out.hidden_states.push_back(
+      run_layers(ids, layers.size(), false, "ClipTextModel::forward", &out.hidden_states));
   out.last_hidden_state = final_layer_norm.forward_inference(out.hidden_states.back());
   out.pooler_output = pool(out.last_hidden_state, ids);
+  return out;
+}
+
+template <class T>
+ClipTextOutput<T> ClipTextModel<T>::forward_train(const TokenIds& ids) {
+  ClipTextOutput<T> out;
+  out.hidden_states.reserve(layers.size() + 1);
+  out.hidden_states.push_back(
+      run_layers(ids, layers.size(), true, "ClipTextModel::forward_train", &out.hidden_states));
+  out.last_hidden_state = final_layer_norm.forward(out.hidden_states.back());
+  saved_positions_ = pooled_positions(ids);
+  out.pooler_output = pool(out.last_hidden_state, ids);
+  saved_shape_ = out.last_hidden_state.shape();
+  saved_full_ = true;
+  saved_depth_ = layers.size();
   return out;
 }
 
@@ -262,9 +379,85 @@ template <class T>
 Tensor3<T> ClipTextModel<T>::encode(const TokenIds& ids, std::size_t clip_skip) {
   require(clip_skip <= layers.size(), "ClipTextModel::encode", "clip_skip is ", clip_skip,
           ", expected at most num_hidden_layers = ", layers.size());
-  Tensor3<T> h = embed(ids, "ClipTextModel::encode");
-  for (std::size_t i = 0; i + clip_skip < layers.size(); ++i) h = layers[i].forward(h);
-  return final_layer_norm.forward_inference(h);
+  return final_layer_norm.forward_inference(
+      run_layers(ids, layers.size() - clip_skip, false, "ClipTextModel::encode"));
+}
+
+template <class T>
+Tensor3<T> ClipTextModel<T>::encode_train(const TokenIds& ids, std::size_t clip_skip) {
+  require(clip_skip <= layers.size(), "ClipTextModel::encode_train", "clip_skip is ", clip_skip,
+          ", expected at most num_hidden_layers = ", layers.size());
+  const std::size_t depth = layers.size() - clip_skip;
+  Tensor3<T> context =
+      final_layer_norm.forward(run_layers(ids, depth, true, "ClipTextModel::encode_train"));
+  saved_shape_ = context.shape();
+  saved_full_ = false;
+  saved_depth_ = depth;
+  return context;
+}
+
+template <class T>
+void ClipTextModel<T>::encode_backward(const Tensor3<T>& grad_context) {
+  constexpr const char* fn = "ClipTextModel::encode_backward";
+  require(saved_depth_ != kNotSaved && !saved_full_, fn,
+          "no saved encode_train (call encode_train first)");
+  check_shape(fn, "grad_context", grad_context.shape(),
+              {saved_shape_[0], saved_shape_[1], saved_shape_[2]});
+  backward_layers(final_layer_norm.backward(grad_context), saved_depth_, {});
+}
+
+template <class T>
+void ClipTextModel<T>::backward(const ClipTextOutputGrads<T>& grads) {
+  constexpr const char* fn = "ClipTextModel::backward";
+  require(saved_depth_ != kNotSaved && saved_full_, fn,
+          "no saved forward_train (call forward_train first)");
+  const std::size_t B = saved_shape_[0], L = saved_shape_[1], D = saved_shape_[2];
+  const std::size_t N = layers.size();
+  const bool has_last = grads.last_hidden_state.size() > 0;
+  const bool has_pooled = grads.pooler_output.size() > 0;
+  if (has_last)
+    check_shape(fn, "grad last_hidden_state", grads.last_hidden_state.shape(), {B, L, D});
+  if (has_pooled) check_shape(fn, "grad pooler_output", grads.pooler_output.shape(), {B, D});
+  std::size_t top = 0;
+  bool any = has_last || has_pooled;
+  for (const auto& [i, g] : grads.hidden_states) {
+    require(i <= N, fn, "gradient for hidden_states.", i, ", expected an index in [0, ", N, "]");
+    check_shape(fn, "grad hidden_states." + std::to_string(i), g.shape(), {B, L, D});
+    top = std::max(top, i);
+    any = true;
+  }
+  require(any, fn, "no output gradient given");
+  if (!has_last && !has_pooled) {  // start at the highest hidden state that has a gradient
+    backward_layers(Tensor3<T>(std::array<std::size_t, 3>{B, L, D}, T(0)), top,
+                    grads.hidden_states);
+    return;
+  }
+  Tensor3<T> d_last =
+      has_last ? grads.last_hidden_state : Tensor3<T>(std::array<std::size_t, 3>{B, L, D}, T(0));
+  if (has_pooled) {  // pooler_output[b] = last_hidden_state[b, p_b]
+    for (std::size_t b = 0; b < B; ++b) {
+      T* row = d_last.data() + (b * L + saved_positions_[b]) * D;
+      const T* g = grads.pooler_output.data() + b * D;
+      for (std::size_t d = 0; d < D; ++d) row[d] += g[d];
+    }
+  }
+  backward_layers(final_layer_norm.backward(d_last), N, grads.hidden_states);
+}
+
+template <class T>
+void ClipTextModel<T>::backward_layers(Tensor3<T> d, std::size_t top,
+                                       const std::map<std::size_t, Tensor3<T>>& hidden_grads) {
+  auto add_hidden = [&](std::size_t k) {
+    if (auto it = hidden_grads.find(k); it != hidden_grads.end()) d += it->second;
+  };
+  add_hidden(top);
+  for (std::size_t k = top; k > 0; --k) {
+    d = layers[k - 1].backward(d);
+    add_hidden(k - 1);
+  }
+  embeddings.token_embedding.backward(d);
+  embeddings.position_embedding.backward(d);
+  grad_embeddings_ = std::move(d);
 }
 
 #ifdef DIFFTRAIN_EXTERN_TEMPLATES
