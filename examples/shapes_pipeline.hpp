@@ -377,6 +377,8 @@ struct DreamBoothSettings {
   // diffusers' --train_text_encoder: adapters (same rank, alpha and learning rate) on the text
   // model's q_proj, k_proj, v_proj and out_proj as well
   bool train_text_encoder = false;
+  std::vector<std::string> text_encoder_targets = difftrain::lora::diffusers_text_encoder_targets();
+  std::optional<double> text_encoder_lr;  // kohya's --text_encoder_lr; none: the UNet's
 };
 
 /// Injects LoRA adapters on the attention projections (to_q, to_k, to_v, to_out.0; the base is
@@ -392,8 +394,8 @@ inline std::vector<double> train_lora(Models& models, const DreamBoothSettings& 
   difftrain::lora::inject_lora(models.unet, {"to_q", "to_k", "to_v", "to_out.0"}, lora,
                                RandomStream{d.train.seed, 201});
   if (d.train_text_encoder)
-    difftrain::lora::inject_lora(models.text, difftrain::lora::diffusers_text_encoder_targets(),
-                                 lora, RandomStream{d.train.seed, 202});
+    difftrain::lora::inject_lora(models.text, d.text_encoder_targets, lora,
+                                 RandomStream{d.train.seed, 202});
   const auto specs = base_specs();
   const RandomStream rs{d.train.seed, 8};
   const std::size_t bi = d.train.batch, bc = d.class_batch;
@@ -416,6 +418,7 @@ inline std::vector<double> train_lora(Models& models, const DreamBoothSettings& 
   difftrain::train::TrainerOptions o;
   o.with_prior_preservation = true;
   o.prior_loss_weight = d.prior_loss_weight;
+  o.text_encoder_lr = d.text_encoder_lr;
   return fit(models, d.train, o, data, callback);
 }
 
@@ -455,6 +458,40 @@ inline std::size_t count_matches(const Tensor4<float>& images,
   for (std::size_t b = 0; b < readings.size(); ++b)
     hits += readings[b].found && readings[b].spec == expected[b];
   return hits;
+}
+
+/// A LoRA run's progress: at each sampled step, how many samples of the instance prompt and of
+/// the class prompt read as the instance (the class count is language drift).
+struct LearningCurve {
+  std::vector<std::int64_t> steps;
+  std::vector<std::size_t> instance_hits, class_drift;
+  std::size_t samples = 0;  // per prompt and step
+};
+
+/// Trains the DreamBooth LoRA `d` on a copy of `base`, sampling `per_prompt` images of the instance
+/// and of the class prompt before training and every `every` steps.
+inline LearningCurve lora_learning_curve(const Models& base, const DreamBoothSettings& d,
+                                         const SampleSettings& sampling, std::size_t per_prompt,
+                                         std::int64_t every) {
+  Models models = base;
+  LearningCurve curve;
+  curve.samples = per_prompt;
+  std::vector<std::string> prompts(per_prompt, d.instance_prompt);
+  prompts.insert(prompts.end(), per_prompt, d.class_prompt);
+  auto evaluate = [&](std::int64_t step) {
+    const auto readings = classify_batch(sample(models, prompts, sampling));
+    std::size_t hits[2] = {};
+    for (std::size_t b = 0; b < readings.size(); ++b)
+      hits[b / per_prompt] += readings[b].found && readings[b].spec == d.instance;
+    curve.steps.push_back(step);
+    curve.instance_hits.push_back(hits[0]);
+    curve.class_drift.push_back(hits[1]);
+  };
+  evaluate(0);
+  train_lora(models, d, [&](const difftrain::train::StepLog& log) {
+    if (log.step % every == 0) evaluate(log.step);
+  });
+  return curve;
 }
 
 }  // namespace shapes

@@ -752,3 +752,32 @@ TEST_CASE("difftrain train: --network_train_text_encoder_only and the text-encod
   lr.text_encoder_lr = -1;
   CHECK_THROWS_WITH(tools::run_train(lr, stdout), Catch::Contains("--text_encoder_lr is -1"));
 }
+
+TEST_CASE("difftrain train: --train_text_encoder with prior preservation and clip skip") {
+  Fixture f;
+  for (const std::size_t clip_skip : {1, 2}) {
+    INFO("clip_skip " << clip_skip);
+    TrainCommandOptions o = f.options(f.dir / ("db_te_" + std::to_string(clip_skip)));
+    o.train_data_dir.clear();
+    o.instance_data_dir = f.instance;
+    o.instance_prompt = "a sks shape";
+    o.class_data_dir = f.klass;
+    o.class_prompt = "a shape";
+    o.trainer.with_prior_preservation = true;
+    o.train_text_encoder = true;
+    o.clip_skip = clip_skip;
+    o.max_train_steps = 2;
+    const auto r = tools::run_train(o, stdout);
+    CHECK(r.global_step == 2);
+    auto m = pipeline::load_model_folder(f.model);
+    const auto te = lora::read_lora(r.lora_file.string(), lora::module_names(m.text_encoder),
+                                    lora::kLoraTextEncoder);
+    REQUIRE(te.size() == 4);
+    // The fixture's text model has one layer: clip skip 2 conditions on the embeddings, which
+    // the layer's adapters do not reach, so they get no gradient and stay at B = 0.
+    for (const auto& [name, w] : te) {
+      INFO(name);
+      CHECK((xt::amax(xt::abs(w.up))() > 0) == (clip_skip == 1));
+    }
+  }
+}
