@@ -78,29 +78,26 @@ StridedMap<T> head_view(T* data, const AttentionShape& s, std::size_t rows, std:
 // vectorised: the B·Hn·L·Lc exponentials are the core's hottest elementwise loop, and the scalar
 // std::exp path took as long as its GEMMs. Results differ from the scalar kernels only in the
 // last bits. Row-major [n, Lc] blocks, rows contiguous.
-// y_j = exp(x_j − m) / Σ_k exp(x_k − m), m = max_k x_k, in place
+// y_j = exp(x_j − m) / Σ_k exp(x_k − m), m = max_k x_k, in place over x[0..n)
+template <class T>
+void softmax_row_inplace(T* x, Eigen::Index n) {
+  Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(x, n);
+  const T m = row.maxCoeff();
+  row = (row - m).exp();
+  row *= T(1) / row.sum();
+}
 template <class Block>
 void softmax_rows_inplace(Block&& P) {
-  using T = typename std::remove_cvref_t<Block>::Scalar;
-  for (Eigen::Index i = 0; i < P.rows(); ++i) {
-    Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(&P(i, 0), P.cols());
-    const T m = row.maxCoeff();
-    row = (row - m).exp();
-    row *= T(1) / row.sum();
-  }
+  for (Eigen::Index i = 0; i < P.rows(); ++i) softmax_row_inplace(&P(i, 0), P.cols());
 }
 // The same with a causal mask: row i of a block starting at query r0 takes the softmax of its
 // first r0 + i + 1 scores; the rest is exactly 0 (= exp(−∞)), so backward needs no mask.
 template <class Block>
 void causal_softmax_rows_inplace(Block&& P, std::size_t r0) {
-  using T = typename std::remove_cvref_t<Block>::Scalar;
   for (Eigen::Index i = 0; i < P.rows(); ++i) {
     const auto allowed = static_cast<Eigen::Index>(r0) + i + 1;
-    Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> row(&P(i, 0), allowed);
-    const T m = row.maxCoeff();
-    row = (row - m).exp();
-    row *= T(1) / row.sum();
-    std::fill(&P(i, 0) + allowed, &P(i, 0) + P.cols(), T(0));
+    softmax_row_inplace(&P(i, 0), allowed);
+    std::fill(&P(i, 0) + allowed, &P(i, 0) + P.cols(), 0);
   }
 }
 template <class Block>
