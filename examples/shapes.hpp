@@ -4,7 +4,8 @@
 //
 // Images are [3, S, S] in [-1, 1] (diffusers' pixel convention): a black background (−1) and one
 // shape of a pure colour, anti-aliased by 4×4 supersampling. The shape's bounding box has side
-// s ∈ [0.45·S, 0.7·S] (jittered) at a jittered position fully inside the image.
+// s ∈ [0.45·S, 0.7·S] (jittered, whole pixels) at a jittered whole-pixel position fully inside
+// the image.
 //
 // Classifier (no learning; it must be right on every drawn image, tests/demo checks it):
 //   foreground = the largest 8-connected region of pixels whose brightest channel is > 0 (more
@@ -92,15 +93,21 @@ struct Placement {
   double cx = 0, cy = 0, side = 0;
 };
 
-/// A placement from three uniforms on [0, 1): side in [0.45, 0.7]·S, centre anywhere the box
-/// fits with a one-pixel margin.
+/// A placement from three uniforms on [0, 1), on the pixel grid: a whole-pixel side in
+/// [0.45, 0.7]·S (rounded) and a whole-pixel top-left corner anywhere the box fits with a
+/// one-pixel margin. (On the grid a square's edges cover whole pixels; off it, an edge row can be
+/// half covered, exactly the classifier's threshold, and samples learn to draw it as a ragged row
+/// of stray pixels.)
 inline Placement place(std::size_t size, float u_side, float u_x, float u_y) {
   const double S = static_cast<double>(size);
   Placement p;
-  p.side = S * (0.45 + 0.25 * u_side);
-  const double lo = 1 + p.side / 2, hi = S - 1 - p.side / 2;
-  p.cx = lo + (hi - lo) * u_x;
-  p.cy = lo + (hi - lo) * u_y;
+  p.side = std::max(1.0, std::round(S * (0.45 + 0.25 * static_cast<double>(u_side))));
+  const double positions = std::max(1.0, S - 1 - p.side);  // top-left corners 1 … S − 1 − side
+  const auto corner = [&](float u) {
+    return 1 + std::min(std::floor(static_cast<double>(u) * positions), positions - 1);
+  };
+  p.cx = corner(u_x) + p.side / 2;
+  p.cy = corner(u_y) + p.side / 2;
   return p;
 }
 

@@ -59,6 +59,7 @@ class CachedLatentSource {
       batch.class_images = latents(rows, true, m);
       batch.class_token_ids = data_.batch_token_ids(m, true);
     }
+    batch.sample_weights = data_.batch_sample_weights(m);
     return batch;
   }
 
@@ -67,14 +68,17 @@ class CachedLatentSource {
     auto& cache = cache_[class_set ? 1 : 0];
     std::vector<Tensor4<float>> per_row;
     for (std::size_t r = 0; r < rows.size(); ++r) {
-      const std::size_t i = rows[r];
-      auto it = cache.find(i);
+      // One entry per image (not per repeat or pairing), of its first dataset index's epoch-0
+      // preprocessing, so that a resumed run caches the same.
+      const std::size_t k = data_.example_of(rows[r], class_set);
+      auto it = cache.find(k);
       if (it == cache.end()) {
-        const Tensor3<float> image = image_to_tensor(data_.example_image(i, 0, class_set));
+        const Tensor3<float> image =
+            image_to_tensor(data_.example_image(data_.first_index_of(k, class_set), 0, class_set));
         Tensor4<float> batch1(
             std::array<std::size_t, 4>{1, image.shape()[0], image.shape()[1], image.shape()[2]});
         std::copy(image.begin(), image.end(), batch1.begin());
-        it = cache.emplace(i, vae_.encode(batch1)).first;
+        it = cache.emplace(k, vae_.encode(batch1)).first;
       }
       const RandomStream rs =
           stream_.derive(m, purpose_id(class_set ? StreamPurpose::latent_sample_class
@@ -114,6 +118,9 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
           "(DreamBooth)");
   if (dreambooth)
     require(!o.instance_prompt.empty(), fn, "--instance_data_dir needs --instance_prompt");
+  require(o.reg_data_dir.empty() || !o.trainer.with_prior_preservation, fn,
+          "--reg_data_dir (kohya's regularisation images) and --with_prior_preservation "
+          "(diffusers' class images) are two forms of the same thing: give one");
   if (o.trainer.with_prior_preservation)
     require(dreambooth && !o.class_data_dir.empty() && !o.class_prompt.empty(), fn,
             "--with_prior_preservation needs --instance_data_dir, --class_data_dir and "
@@ -152,8 +159,32 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
   return lora::parse_lora_format(o.save_format);
 }
 
+/// The image folders of the examples, in order, with kohya's counts (ss_dataset_dirs): the
+/// folder's repeats (its "N_", 1 otherwise) and images; a reg folder's images may have balanced
+/// repeats, kohya records the folder's.
+struct DatasetDir {
+  std::string path;
+  bool is_reg = false;
+  std::int64_t n_repeats = 1, img_count = 0, total = 0;  // total: Σ num_repeats as trained
+};
+std::vector<DatasetDir> dataset_dirs(const std::vector<Example>& examples) {
+  std::vector<DatasetDir> dirs;
+  for (const Example& e : examples) {
+    const std::string dir = fs::path(e.image_path).parent_path().string();
+    if (dirs.empty() || dirs.back().path != dir || dirs.back().is_reg != e.is_reg) {
+      const std::size_t n = kohya_folder_repeats(fs::path(dir).filename().string());
+      dirs.push_back(
+          {dir, e.is_reg, std::int64_t(e.is_reg ? std::max<std::size_t>(n, 1) : e.num_repeats)});
+    }
+    dirs.back().img_count += 1;
+    dirs.back().total += std::int64_t(e.num_repeats);
+  }
+  return dirs;
+}
+
 /// The captioned images (or the DreamBooth instance and class images) as micro-batches.
-ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokenizer& tokenizer) {
+ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokenizer& tokenizer,
+                                        std::FILE* log) {
   Tokenize tokenize = [&tokenizer](const std::vector<std::string>& captions) {
     return tokenizer.encode_batch(captions, tokenizer.model_max_length());
   };
@@ -166,32 +197,51 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   data_options.train_batch_size = std::size_t(o.trainer.train_batch_size);
   data_options.seed = o.trainer.seed;
   data_options.cache_images = true;
+  data_options.caption = o.caption;
+  data_options.reg_loss_weight = float(o.trainer.prior_loss_weight);
+  if (o.enable_bucket) {
+    data_options.buckets = o.buckets;
+    data_options.buckets->resolution_width = data_options.buckets->resolution_height = o.resolution;
+  }
   ImageFolderOptions folder_options;
   folder_options.caption_column = o.caption_column;
   folder_options.caption_extension = o.caption_extension;
+  std::vector<std::string> ignored;
   std::vector<Example> examples =
       !o.instance_data_dir.empty() ? scan_dreambooth_folder(o.instance_data_dir, o.instance_prompt)
-                                   : scan_image_folder(o.train_data_dir, folder_options);
+      : is_kohya_folder(o.train_data_dir)
+          ? scan_kohya_folder(o.train_data_dir, folder_options, false, &ignored)
+          : scan_image_folder(o.train_data_dir, folder_options);
+  if (!o.reg_data_dir.empty()) {
+    std::vector<Example> reg = balance_regularization(
+        examples, scan_kohya_folder(o.reg_data_dir, folder_options, true, &ignored));
+    for (Example& e : reg) examples.push_back(std::move(e));
+  }
+  if (log) {
+    for (const std::string& dir : ignored)
+      std::fprintf(log, "difftrain train: ignoring '%s' (no \"<repeats>_\" in its name)\n",
+                   dir.c_str());
+    for (const DatasetDir& d : dataset_dirs(examples))
+      std::fprintf(log, "difftrain train: %s'%s': %lld images x %lld repeats\n",
+                   d.is_reg ? "regularisation " : "", d.path.c_str(),
+                   static_cast<long long>(d.img_count), static_cast<long long>(d.n_repeats));
+  }
   std::vector<Example> class_examples;
   if (o.trainer.with_prior_preservation) {
     class_examples = scan_dreambooth_folder(o.class_data_dir, o.class_prompt);
     if (class_examples.size() > std::size_t(o.num_class_images))  // diffusers: the first N
       class_examples.resize(std::size_t(o.num_class_images));
   }
-  return ImageCaptionDataSource(std::move(examples), tokenize, data_options,
-                                std::move(class_examples));
-}
-
-// The Python class kohya records as ss_optimizer for each optimizer (module + "." + name).
-std::string kohya_optimizer_class(const std::string& name) {
-  static const std::map<std::string, std::string> classes = {
-      {"adamw", "torch.optim.adamw.AdamW"},
-      {"sgd", "torch.optim.sgd.SGD"},
-      {"lion", "lion_pytorch.lion_pytorch.Lion"},
-      {"adafactor", "transformers.optimization.Adafactor"},
-      {"prodigy", "prodigyopt.prodigy.Prodigy"},
-      {"adamw_schedulefree", "schedulefree.adamw_schedulefree.AdamWScheduleFree"}};
-  return classes.at(name);
+  ImageCaptionDataSource data(std::move(examples), tokenize, data_options,
+                              std::move(class_examples));
+  if (log && o.enable_bucket) {
+    std::fprintf(log, "difftrain train: buckets (width x height: images with repeats)");
+    for (std::size_t j = 0; j < data.buckets().size(); ++j)
+      std::fprintf(log, "%s %dx%d: %zu", j ? "," : "", data.buckets()[j].width,
+                   data.buckets()[j].height, data.bucket_rows()[j].size());
+    std::fprintf(log, "\n");
+  }
+  return data;
 }
 
 std::vector<std::pair<std::string, std::string>> key_values(const std::vector<std::string>& args) {
@@ -208,7 +258,8 @@ std::vector<std::pair<std::string, std::string>> key_values(const std::vector<st
 std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
                                                  const train::TrainerOptions& t,
                                                  const pipeline::ModelFolder& model,
-                                                 std::int64_t steps, std::size_t num_images,
+                                                 std::int64_t steps,
+                                                 const ImageCaptionDataSource& data,
                                                  std::int64_t micro_per_epoch, double started_at) {
   lora::KohyaRunInfo r;
   const auto& unet = model.unet.config();
@@ -220,6 +271,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   r.resolution_width = r.resolution_height = o.resolution;
   r.network_dim = std::int64_t(o.rank);
   r.network_alpha = o.lora_alpha > 0 ? o.lora_alpha : double(o.rank);
+  if (o.network_dropout > 0) r.network_dropout = o.network_dropout;
   if (o.use_rslora) *r.network_alpha *= std::sqrt(double(o.rank));  // the file's plain alpha
   if (o.conv_dim > 0) {
     r.network_args.emplace_back("conv_dim", std::to_string(o.conv_dim));
@@ -227,7 +279,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   }
   for (auto& kv : key_values(o.network_args)) r.network_args.push_back(kv);
   const train::OptimizerName opt = train::parse_optimizer_name(t.optimizer);
-  r.optimizer = kohya_optimizer_class(opt.name);
+  r.optimizer = train::kohya_optimizer_class(opt.name);
   r.optimizer_args =
       opt.name == "adamw"
           ? lora::torch_adamw_args(t.adam_beta1, t.adam_beta2, t.adam_weight_decay, t.adam_epsilon)
@@ -270,11 +322,47 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   if (o.min_timestep >= 0) r.min_timestep = o.min_timestep;
   if (o.max_timestep >= 0) r.max_timestep = o.max_timestep;
   if (o.clip_skip > 0) r.clip_skip = std::int64_t(o.clip_skip);
-  r.num_train_images = std::int64_t(num_images);
+  for (const DatasetDir& d : dataset_dirs(data.examples())) {
+    const std::string name = fs::path(d.path).filename().string();
+    (d.is_reg ? r.reg_dataset_dirs : r.dataset_dirs).push_back({name, d.n_repeats, d.img_count});
+    (d.is_reg ? r.num_reg_images : r.num_train_images) +=
+        d.is_reg ? d.n_repeats * d.img_count : d.total;  // kohya: the folder's repeats
+  }
+  if (data.with_prior_preservation()) {
+    for (const DatasetDir& d : dataset_dirs(data.class_examples()))
+      r.reg_dataset_dirs.push_back({fs::path(d.path).filename().string(), 1, d.img_count});
+    r.num_reg_images = std::int64_t(data.class_examples().size());
+  }
   r.flip_aug = o.random_flip;
+  r.shuffle_caption = o.caption.shuffle_caption;
+  r.keep_tokens = o.caption.keep_tokens;
+  r.caption_dropout_rate = o.caption.caption_dropout_rate;
+  r.caption_dropout_every_n_epochs = o.caption.caption_dropout_every_n_epochs;
+  r.caption_tag_dropout_rate = o.caption.caption_tag_dropout_rate;
+  if (o.enable_bucket) {
+    r.enable_bucket = true;
+    r.bucket_no_upscale = o.buckets.bucket_no_upscale;
+    r.min_bucket_reso = o.buckets.min_bucket_reso;
+    r.max_bucket_reso = o.buckets.max_bucket_reso;
+    // kohya numbers a bucket by its place among all of the run's buckets: the predefined ones,
+    // or without them (no upscale) the ones made.
+    const BucketOptions& b = *data.options().buckets;
+    const std::vector<BucketSize> all =
+        b.bucket_no_upscale ? data.buckets()
+                            : make_bucket_resolutions(o.resolution, o.resolution, b.min_bucket_reso,
+                                                      b.max_bucket_reso, b.bucket_reso_steps);
+    for (std::size_t j = 0; j < data.buckets().size(); ++j) {
+      const BucketSize size = data.buckets()[j];
+      const auto index = std::lower_bound(all.begin(), all.end(), size) - all.begin();
+      r.buckets.push_back({std::int64_t(index), size.width, size.height,
+                           std::int64_t(data.bucket_rows()[j].size())});
+    }
+    double error = 0;
+    for (std::size_t k = 0; k < data.examples().size(); ++k)
+      error += std::abs(data.bucket_choice(k).ar_error);
+    r.mean_img_ar_error = error / double(data.examples().size());
+  }
   r.random_crop = !o.center_crop;
-  const std::string data_dir = o.train_data_dir.empty() ? o.instance_data_dir : o.train_data_dir;
-  r.dataset_dirs.push_back({fs::path(data_dir).filename().string(), 1, std::int64_t(num_images)});
   r.output_name = o.output_name;
   r.training_comment = "difftrain train";
   r.session_id = std::int64_t(std::random_device{}());
@@ -347,6 +435,17 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
 
 namespace {
 
+// --lora_target_set: diffusers' --lora_target_modules, or kohya's networks.lora targets.
+enum class LoraTargetSet { attention, kohya };
+constexpr std::array<Choice<LoraTargetSet>, 2> kLoraTargetSets{{
+    {"attention", LoraTargetSet::attention},
+    {"kohya", LoraTargetSet::kohya},
+}};
+bool kohya_targets(const TrainCommandOptions& o) {
+  return parse_choice("--lora_target_set", o.lora_target_set, kLoraTargetSets) ==
+         LoraTargetSet::kohya;
+}
+
 // kohya's --network_args that difftrain has ("key=value"), applied over the flags.
 struct NetworkArgs {
   std::size_t conv_dim;
@@ -390,6 +489,7 @@ lora::LoraConfig lora_config(const TrainCommandOptions& o) {
   c.init = parse_choice("--init_lora_weights", o.init_lora_weights, lora::kLoraInits);
   c.use_rslora = o.use_rslora;
   c.dropout = o.lora_dropout;
+  c.network_dropout = o.network_dropout;
   c.rank_dropout = args.rank_dropout;
   c.module_dropout = args.module_dropout;
   c.validate("difftrain train: LoRA options");
@@ -400,13 +500,10 @@ std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& un
                                          const TrainCommandOptions& o) {
   const lora::LoraConfig config = lora_config(o);
   const NetworkArgs args = network_args(o);
-  require(o.lora_target_set == "attention" || o.lora_target_set == "kohya", fn,
-          "--lora_target_set is '", o.lora_target_set, "', expected attention or kohya");
   const std::vector<std::string> modules = lora::module_names(unet);
   std::vector<std::string> targets =
-      o.lora_target_set == "kohya"
-          ? lora::present_targets(lora::kohya_transformer_targets(), modules)
-          : o.lora_target_modules;
+      kohya_targets(o) ? lora::present_targets(lora::kohya_transformer_targets(), modules)
+                       : o.lora_target_modules;
   std::vector<std::string> conv_targets;
   if (args.conv_dim > 0) {
     for (const auto& t : lora::present_targets(lora::kohya_resnet_targets(), modules))
@@ -429,7 +526,7 @@ std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& un
 std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& text_encoder,
                                                       const TrainCommandOptions& o) {
   if (!o.train_text_encoder && !o.network_train_text_encoder_only) return {};
-  const std::vector<std::string> targets = o.lora_target_set == "kohya"
+  const std::vector<std::string> targets = kohya_targets(o)
                                                ? lora::kohya_text_encoder_targets()
                                                : lora::diffusers_text_encoder_targets();
   return lora::inject_lora(text_encoder, targets, lora_config(o),
@@ -509,7 +606,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
     std::fprintf(log, "difftrain train: drew %zu class images into %s\n", n,
                  o.class_data_dir.c_str());
-  ImageCaptionDataSource data = make_data_source(o, model.tokenizer);
+  ImageCaptionDataSource data = make_data_source(o, model.tokenizer, log);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
   if (o.network_train_text_encoder_only)
@@ -559,8 +656,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     if (o.full_finetune)
       return save_finetuned_folder(o.pretrained_model_name_or_path, model.unet, t.output_dir);
     lora::LoraSaveOptions so;
-    so.metadata = lora_metadata(o, t, model, trainer.global_step(), data.num_examples(),
-                                micro_per_epoch, started_at);
+    so.metadata =
+        lora_metadata(o, t, model, trainer.global_step(), data, micro_per_epoch, started_at);
     const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
     std::vector<lora::LoraPart> parts;  // one file: the UNet's part, the text encoder's
     if (!o.network_train_text_encoder_only)
@@ -618,6 +715,35 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "images with .txt captions or a metadata.jsonl");
   cmd.add_option("--caption_column", o.caption_column, "metadata.jsonl caption key");
   cmd.add_option("--caption_extension", o.caption_extension, "caption file extension");
+  CaptionOptions& c = o.caption;
+  cmd.add_flag(
+      "--enable_bucket", o.enable_bucket,
+      "aspect-ratio buckets of about resolution² pixels; a batch holds one bucket (kohya)");
+  cmd.add_option("--min_bucket_reso", o.buckets.min_bucket_reso, "smallest bucket side (kohya)");
+  cmd.add_option("--max_bucket_reso", o.buckets.max_bucket_reso, "largest bucket side (kohya)");
+  cmd.add_option("--bucket_reso_steps", o.buckets.bucket_reso_steps,
+                 "bucket sides are multiples of this (kohya; default 64)");
+  cmd.add_flag("--bucket_no_upscale", o.buckets.bucket_no_upscale,
+               "buckets from the image sizes, shrinking large images only (kohya)");
+  cmd.add_option("--caption_prefix", c.caption_prefix, "text put before every caption (kohya)");
+  cmd.add_option("--caption_suffix", c.caption_suffix, "text put after every caption (kohya)");
+  cmd.add_option("--caption_dropout_rate,--proportion_empty_prompts", c.caption_dropout_rate,
+                 "probability of training a caption as the empty prompt (kohya; diffusers)");
+  cmd.add_option("--caption_dropout_every_n_epochs", c.caption_dropout_every_n_epochs,
+                 "every n-th epoch (counted from 1) trains with empty prompts (kohya; 0: off)");
+  cmd.add_flag("--shuffle_caption", c.shuffle_caption,
+               "shuffle the caption's tags (split at --caption_separator) every epoch (kohya)");
+  cmd.add_option("--keep_tokens", c.keep_tokens,
+                 "the first N tags stay in front, unshuffled and never dropped (kohya)");
+  cmd.add_option("--keep_tokens_separator", c.keep_tokens_separator,
+                 "\"fixed SEP flex [SEP fixed]\": only the flex tags are shuffled and dropped "
+                 "(kohya, e.g. |||)");
+  cmd.add_option("--caption_separator", c.caption_separator, "tag separator (kohya; default ,)");
+  cmd.add_option(
+      "--secondary_separator", c.secondary_separator,
+      "a separator inside tags that becomes --caption_separator after shuffling (kohya)");
+  cmd.add_option("--caption_tag_dropout_rate", c.caption_tag_dropout_rate,
+                 "probability of dropping each unfixed tag (kohya)");
   cmd.add_option("--instance_data_dir", o.instance_data_dir, "DreamBooth instance images");
   cmd.add_option("--instance_prompt", o.instance_prompt, "DreamBooth instance prompt");
   cmd.add_option("--class_data_dir", o.class_data_dir, "DreamBooth class images");
@@ -626,6 +752,9 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "prior preservation: class images used; missing ones are generated (default 100)");
   cmd.add_option("--sample_batch_size", o.sample_batch_size,
                  "images per batch when generating class images");
+  cmd.add_option("--reg_data_dir", o.reg_data_dir,
+                 "kohya: regularisation images in \"<repeats>_<name>\" folders, balanced to the "
+                 "training images' count, loss × --prior_loss_weight");
   cmd.add_flag("--with_prior_preservation", o.trainer.with_prior_preservation,
                "add the class images' loss × prior_loss_weight");
   cmd.add_option("--prior_loss_weight", o.trainer.prior_loss_weight, "λ of the prior loss");
@@ -644,6 +773,8 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--lora_alpha,--network_alpha", o.lora_alpha, "LoRA alpha (default: = rank)");
   cmd.add_flag("--use_rslora", o.use_rslora, "rsLoRA: scale alpha/√rank (PEFT)");
   cmd.add_option("--lora_dropout", o.lora_dropout, "dropout on the adapters' input (PEFT)");
+  cmd.add_option("--network_dropout", o.network_dropout,
+                 "dropout on the adapters' rank activations A·x (kohya)");
   cmd.add_option("--rank_dropout", o.rank_dropout, "dropout of LoRA ranks (kohya)");
   cmd.add_option("--module_dropout", o.module_dropout,
                  "probability of skipping an adapter in a forward (kohya)");

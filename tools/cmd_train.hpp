@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "buckets.hpp"
+#include "caption.hpp"
 #include "difftrain/lora/lora_linear.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
@@ -52,7 +54,12 @@ struct TrainCommandOptions {
   std::string train_data_dir;
   std::string caption_column = "text";
   std::string caption_extension = ".txt";
+  CaptionOptions caption;  // kohya's caption handling (caption.hpp), one flag per member
+  // kohya's aspect-ratio buckets (--enable_bucket; buckets.hpp); the resolution is --resolution.
+  bool enable_bucket = false;
+  BucketOptions buckets;
   std::string instance_data_dir, instance_prompt, class_data_dir, class_prompt;
+  std::string reg_data_dir;             // kohya: regularisation images, "<N>_<name>" folders
   std::int64_t num_class_images = 100;  // diffusers: the first N class images, generated if fewer
   std::int64_t sample_batch_size = 4;   // diffusers: images per batch when generating them
   int resolution = 512;
@@ -69,6 +76,7 @@ struct TrainCommandOptions {
   std::string init_lora_weights = "gaussian";   // diffusers' scripts; kaiming_uniform: kohya's
   bool use_rslora = false;                      // PEFT: scale alpha/√r
   double lora_dropout = 0;                      // PEFT lora_dropout (on the adapter input)
+  double network_dropout = 0;                   // kohya --network_dropout (on A·x)
   double rank_dropout = 0, module_dropout = 0;  // kohya network_args
   std::vector<std::string> lora_target_modules = {"to_q", "to_k", "to_v", "to_out.0"};
   std::string lora_target_set = "attention";  // kohya: every Linear of the transformer blocks

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -74,6 +75,27 @@ std::vector<fs::path> sorted_files(const fs::path& dir) {
   return files;
 }
 
+// The images directly in `dir` (sorted, by extension; an unreadable kind is an Error).
+std::vector<fs::path> folder_images(const char* fn, const fs::path& dir) {
+  std::vector<fs::path> images;
+  for (const fs::path& file : sorted_files(dir)) {
+    if (image_kind(file) == ImageKind::other) continue;
+    check_readable_kind(fn, file);
+    images.push_back(file);
+  }
+  return images;
+}
+
+// kohya: a.png's caption file a<caption_extension>, and its caption if the file exists.
+std::pair<fs::path, std::optional<std::string>> sidecar_caption(const fs::path& image,
+                                                                const ImageFolderOptions& o) {
+  fs::path caption_file = image;
+  caption_file.replace_extension(o.caption_extension);
+  std::error_code ec;
+  if (!fs::is_regular_file(caption_file, ec)) return {caption_file, std::nullopt};
+  return {caption_file, read_caption(caption_file)};
+}
+
 std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderOptions& o) {
   constexpr const char* fn = "scan_image_folder";
   const fs::path file = dir / "metadata.jsonl";
@@ -141,35 +163,98 @@ std::vector<Example> scan_image_folder(const std::string& folder,
   if (fs::is_regular_file(dir / "metadata.jsonl", ec)) {
     out = read_metadata_jsonl(dir, options);
   } else {
-    for (const fs::path& file : sorted_files(dir)) {
-      if (image_kind(file) == ImageKind::other) continue;
-      check_readable_kind(fn, file);
-      fs::path caption_file = file;
-      caption_file.replace_extension(options.caption_extension);
-      std::string caption;
-      if (fs::is_regular_file(caption_file, ec)) {
-        caption = read_caption(caption_file);
-      } else {
-        require(options.allow_missing_captions, fn, "image '", file.string(),
-                "' has no caption file '", caption_file.filename().string(),
-                "' (or use a metadata.jsonl, or allow missing captions)");
-      }
-      out.push_back({file.string(), caption});
+    for (const fs::path& file : folder_images(fn, dir)) {
+      const auto [caption_file, caption] = sidecar_caption(file, options);
+      require(caption || options.allow_missing_captions, fn, "image '", file.string(),
+              "' has no caption file '", caption_file.filename().string(),
+              "' (or use a metadata.jsonl, or allow missing captions)");
+      out.push_back({file.string(), caption.value_or("")});
     }
   }
   require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
   return out;
 }
 
+bool is_kohya_folder(const std::string& folder) {
+  std::error_code ec;
+  const fs::path dir(folder);
+  if (!fs::is_directory(dir, ec) || fs::exists(dir / "metadata.jsonl", ec)) return false;
+  for (const auto& entry : fs::directory_iterator(dir, ec))
+    if (entry.is_directory() && kohya_folder_repeats(entry.path().filename().string()) > 0)
+      return true;
+  return false;
+}
+
+std::size_t kohya_folder_repeats(const std::string& name) {
+  const auto underscore = name.find('_');
+  if (underscore == 0 || underscore == std::string::npos || underscore > 9) return 0;
+  std::size_t n = 0;
+  for (std::size_t k = 0; k < underscore; ++k) {
+    if (!std::isdigit(static_cast<unsigned char>(name[k]))) return 0;
+    n = 10 * n + std::size_t(name[k] - '0');
+  }
+  return n;
+}
+
+std::vector<Example> scan_kohya_folder(const std::string& folder, const ImageFolderOptions& options,
+                                       bool is_reg, std::vector<std::string>* ignored) {
+  constexpr const char* fn = "scan_kohya_folder";
+  const fs::path dir(folder);
+  check_folder(fn, dir);
+  std::vector<fs::path> subfolders;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.is_directory()) {
+      subfolders.push_back(entry.path());
+    } else if (entry.is_regular_file()) {
+      require(image_kind(entry.path()) == ImageKind::other, fn, "'", entry.path().string(),
+              "' is an image directly in '", folder,
+              "', whose images belong in \"<repeats>_<name>\" folders (kohya's layout)");
+    }
+  }
+  std::sort(subfolders.begin(), subfolders.end());
+  std::vector<Example> out;
+  for (const fs::path& sub : subfolders) {
+    const std::string name = sub.filename().string();
+    const std::size_t repeats = kohya_folder_repeats(name);
+    if (repeats == 0) {
+      if (ignored) ignored->push_back(sub.string());
+      continue;
+    }
+    const std::string class_tokens = name.substr(name.find('_') + 1);
+    const std::vector<fs::path> images = folder_images(fn, sub);
+    for (const fs::path& file : images) {
+      Example e{file.string(), sidecar_caption(file, options).second.value_or(class_tokens)};
+      e.num_repeats = repeats;
+      e.is_reg = is_reg;
+      out.push_back(std::move(e));
+    }
+    require(!images.empty(), fn, "no PNG, JPEG or BMP images in '", sub.string(), "'");
+  }
+  require(!out.empty(), fn, "no \"<repeats>_<name>\" image folders in '", folder, "'");
+  return out;
+}
+
+std::vector<Example> balance_regularization(const std::vector<Example>& train,
+                                            std::vector<Example> reg) {
+  std::size_t target = 0;
+  for (const Example& e : train) target += e.num_repeats;
+  std::vector<Example> used;
+  std::size_t n = 0;
+  for (Example& e : reg) {  // first pass: whole images with their repeats
+    if (n >= target) break;
+    n += e.num_repeats;
+    used.push_back(std::move(e));
+  }
+  for (std::size_t k = 0; n < target && !used.empty(); k = (k + 1) % used.size(), ++n)
+    used[k].num_repeats += 1;  // then one more repeat each in turn
+  return used;
+}
+
 std::vector<Example> scan_dreambooth_folder(const std::string& folder, const std::string& prompt) {
   constexpr const char* fn = "scan_dreambooth_folder";
   check_folder(fn, folder);
   std::vector<Example> out;
-  for (const fs::path& file : sorted_files(folder)) {
-    if (image_kind(file) == ImageKind::other) continue;
-    check_readable_kind(fn, file);
-    out.push_back({file.string(), prompt});
-  }
+  for (const fs::path& file : folder_images(fn, folder)) out.push_back({file.string(), prompt});
   require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
   return out;
 }
@@ -185,12 +270,91 @@ ImageCaptionDataSource::ImageCaptionDataSource(std::vector<Example> examples, To
   require(bool(tokenize_), fn, "no tokenizer function");
   require(options_.resolution > 0, fn, "resolution is ", options_.resolution, ", expected > 0");
   require(options_.train_batch_size > 0, fn, "train_batch_size is 0, expected >= 1");
+  options_.caption.validate();
+  require(std::isfinite(options_.reg_loss_weight) && options_.reg_loss_weight >= 0, fn,
+          "reg_loss_weight is ", options_.reg_loss_weight, ", expected a finite value >= 0");
+  for (std::size_t k = 0; k < sets_[0].size(); ++k) {
+    const Example& e = sets_[0][k];
+    require(e.num_repeats >= 1, fn, "'", e.image_path, "' has num_repeats 0, expected >= 1");
+    first_entry_.push_back(entries_.size());
+    entries_.insert(entries_.end(), e.num_repeats, k);
+    has_reg_ = has_reg_ || e.is_reg;
+  }
   for (int s = 0; s < 2; ++s) cache_[s].resize(options_.cache_images ? sets_[s].size() : 0);
+  if (options_.buckets) assign_buckets();
+}
+
+void ImageCaptionDataSource::assign_buckets() {
+  constexpr const char* fn = "ImageCaptionDataSource";
+  const BucketOptions& bo = *options_.buckets;
+  bo.validate();
+  require(sets_[1].empty(), fn,
+          "buckets with DreamBooth class images (diffusers' pairing) are not supported: give "
+          "regularisation images as kohya does (--reg_data_dir)");
+  const std::vector<BucketSize> predefined =
+      bo.bucket_no_upscale
+          ? std::vector<BucketSize>{}
+          : make_bucket_resolutions(bo.resolution_width, bo.resolution_height, bo.min_bucket_reso,
+                                    bo.max_bucket_reso, bo.bucket_reso_steps);
+  // Each image is decoded once here for its size; with cache_images the resize is kept.
+  for (std::size_t k = 0; k < sets_[0].size(); ++k) {
+    const Image image = load_image(sets_[0][k].image_path);
+    choices_.push_back(select_bucket(bo, predefined, image.width, image.height));
+    if (options_.cache_images)
+      cache_[0][k] = resize_image(image, choices_[k].resized_width, choices_[k].resized_height,
+                                  options_.interpolation);
+  }
+  for (const BucketChoice& c : choices_) buckets_.push_back(c.bucket);
+  std::sort(buckets_.begin(), buckets_.end());
+  buckets_.erase(std::unique(buckets_.begin(), buckets_.end()), buckets_.end());
+  bucket_rows_.resize(buckets_.size());
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    const BucketSize b = choices_[entries_[i]].bucket;
+    bucket_rows_[std::size_t(std::lower_bound(buckets_.begin(), buckets_.end(), b) -
+                             buckets_.begin())]
+        .push_back(i);
+  }
+}
+
+std::size_t ImageCaptionDataSource::steps_per_epoch(std::size_t batch_size) const {
+  require(batch_size > 0, "steps_per_epoch", "batch_size is 0, expected >= 1");
+  if (!options_.buckets) return (num_examples() + batch_size - 1) / batch_size;
+  std::size_t steps = 0;
+  for (const auto& rows : bucket_rows_) steps += (rows.size() + batch_size - 1) / batch_size;
+  return steps;
+}
+
+const std::vector<std::vector<std::size_t>>& ImageCaptionDataSource::epoch_batches(
+    std::uint64_t epoch) const {
+  if (batches_epoch_ == epoch && !batches_.empty()) return batches_;
+  const std::size_t b = options_.train_batch_size;
+  const RandomStream rs = stream().derive(epoch, StreamPurpose::data_permutation);
+  auto shuffle = [](std::vector<std::size_t>& v, RandomStream r) {  // Fisher–Yates
+    for (std::size_t i = v.size(); i-- > 1;)
+      std::swap(v[i], v[std::size_t(uniform_int(r, i, 0, std::int64_t(i) + 1))]);
+  };
+  batches_.clear();
+  for (std::size_t j = 0; j < bucket_rows_.size(); ++j) {
+    std::vector<std::size_t> rows = bucket_rows_[j];
+    shuffle(rows, rs.derive(1 + j, 0));
+    for (std::size_t first = 0; first < rows.size(); first += b)
+      batches_.emplace_back(rows.begin() + std::ptrdiff_t(first),
+                            rows.begin() + std::ptrdiff_t(std::min(first + b, rows.size())));
+  }
+  std::vector<std::size_t> order(batches_.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  shuffle(order, rs.derive(0, 0));
+  std::vector<std::vector<std::size_t>> shuffled;
+  for (std::size_t k : order) shuffled.push_back(std::move(batches_[k]));
+  batches_ = std::move(shuffled);
+  batches_epoch_ = epoch;
+  return batches_;
 }
 
 std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) const {
   const std::size_t b = options_.train_batch_size, steps = steps_per_epoch();
   const std::uint64_t epoch = m / steps;
+  if (options_.buckets) return epoch_batches(epoch)[std::size_t(m % steps)];
   const std::size_t first = std::size_t(m % steps) * b;
   const std::vector<std::size_t>& perm = order(epoch);
   return {perm.begin() + std::ptrdiff_t(first),
@@ -200,7 +364,7 @@ std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) 
 Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, bool class_set) {
   const int s = class_set ? 1 : 0;
   require(!sets_[s].empty(), "example_image", "there are no class examples");
-  const std::size_t k = i % sets_[s].size();
+  const std::size_t k = example_index(s, i);
   const RandomStream crop =
       stream().derive(epoch, purpose_id(StreamPurpose::data_crop) + std::uint32_t(s));
   const std::uint64_t crop_seed =
@@ -211,6 +375,11 @@ Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, 
                    i) &
        1);
   const Image& resized = resized_image(s, k);
+  if (options_.buckets && s == 0) {
+    const BucketChoice& c = choices_[k];
+    const auto [left, top] = bucket_crop_origin(c, !options_.center_crop, crop_seed);
+    return crop_image(resized, left, top, c.bucket.width, c.bucket.height, flip);
+  }
   const auto [left, top] = crop_origin(resized.width, resized.height, options_.resolution,
                                        options_.center_crop, crop_seed);
   return crop_image(resized, left, top, options_.resolution, flip);
@@ -226,7 +395,18 @@ train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
     batch.class_images = make_images(rows, epoch, 1);
     batch.class_token_ids = tokenize(rows, epoch, 1);
   }
+  batch.sample_weights = batch_sample_weights(m);
   return batch;
+}
+
+std::vector<float> ImageCaptionDataSource::batch_sample_weights(std::uint64_t m) const {
+  if (!has_reg_) return {};
+  const std::vector<std::size_t> rows = batch_indices(m);
+  std::vector<float> weights;
+  for (std::size_t i : rows)
+    weights.push_back(sets_[0][example_index(0, i)].is_reg ? options_.reg_loss_weight : 1.0f);
+  if (with_prior_preservation()) weights.resize(2 * rows.size(), 1.0f);
+  return weights;
 }
 
 TokenIds ImageCaptionDataSource::batch_token_ids(std::uint64_t m, bool class_set) {
@@ -237,6 +417,13 @@ TokenIds ImageCaptionDataSource::batch_token_ids(std::uint64_t m, bool class_set
 
 const std::vector<std::size_t>& ImageCaptionDataSource::order(std::uint64_t epoch) const {
   if (perm_epoch_ == epoch && !perm_.empty()) return perm_;
+  if (options_.buckets) {  // the epoch's micro-batches one after the other
+    perm_.clear();
+    for (const auto& batch : epoch_batches(epoch))
+      perm_.insert(perm_.end(), batch.begin(), batch.end());
+    perm_epoch_ = epoch;
+    return perm_;
+  }
   perm_.resize(num_examples());
   std::iota(perm_.begin(), perm_.end(), std::size_t{0});
   const RandomStream rs = stream().derive(epoch, StreamPurpose::data_permutation);
@@ -249,6 +436,9 @@ const std::vector<std::size_t>& ImageCaptionDataSource::order(std::uint64_t epoc
 const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k) {
   auto load = [&] {
     const Image image = load_image(sets_[s][k].image_path);
+    if (options_.buckets && s == 0)
+      return resize_image(image, choices_[k].resized_width, choices_[k].resized_height,
+                          options_.interpolation);
     const auto [w, h] = shorter_side_size(image.width, image.height, options_.resolution);
     return resize_image(image, w, h, options_.interpolation);
   };
@@ -262,24 +452,36 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k) {
 
 Tensor4<float> ImageCaptionDataSource::make_images(const std::vector<std::size_t>& rows,
                                                    std::uint64_t epoch, int s) {
-  const std::size_t r = std::size_t(options_.resolution);
-  Tensor4<float> images(Tensor4<float>::shape_type{rows.size(), 3, r, r});
+  std::size_t w = std::size_t(options_.resolution), h = w;
+  if (options_.buckets && s == 0 && !rows.empty()) {  // one bucket per micro-batch
+    const BucketSize b = choices_[example_index(0, rows[0])].bucket;
+    w = std::size_t(b.width), h = std::size_t(b.height);
+  }
+  Tensor4<float> images(Tensor4<float>::shape_type{rows.size(), 3, h, w});
   for (std::size_t j = 0; j < rows.size(); ++j)
     xt::view(images, j, xt::all(), xt::all(), xt::all()) =
         image_to_tensor(example_image(rows[j], epoch, s == 1));
   return images;
 }
 
-const std::string& ImageCaptionDataSource::example_caption(std::size_t i, std::uint64_t epoch,
-                                                           bool class_set) const {
+std::string ImageCaptionDataSource::example_caption(std::size_t i, std::uint64_t epoch,
+                                                    bool class_set) const {
   const int s = class_set ? 1 : 0;
   require(!sets_[s].empty(), "example_caption", "there are no class examples");
-  const Example& example = sets_[s][i % sets_[s].size()];
+  const Example& example = sets_[s][example_index(s, i)];
   const std::vector<std::string>& choices = example.caption_choices;
-  if (choices.empty()) return example.caption;
+  const std::string& caption =
+      choices.empty()
+          ? example.caption
+          : choices[std::size_t(uniform_int(
+                stream().derive(epoch, purpose_id(StreamPurpose::data_caption) + std::uint32_t(s)),
+                i, 0, std::int64_t(choices.size())))];
+  if (options_.caption.is_identity()) return caption;
   const RandomStream rs =
-      stream().derive(epoch, purpose_id(StreamPurpose::data_caption) + std::uint32_t(s));
-  return choices[std::size_t(uniform_int(rs, i, 0, std::int64_t(choices.size())))];
+      stream()
+          .derive(epoch, purpose_id(StreamPurpose::data_caption_edit) + std::uint32_t(s))
+          .derive(i, 0);
+  return process_caption(caption, options_.caption, epoch, rs);
 }
 
 TokenIds ImageCaptionDataSource::tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch,

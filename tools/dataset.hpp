@@ -9,9 +9,17 @@
 //                                             micro-batch of an epoch is short, as a DataLoader
 //                                             without drop_last: each example once per epoch)
 //   row i → resize_and_crop(image, resolution, center_crop, crop_seed(seed, e, i), flip(seed, e,
-//   i), interpolation), with the caption; a list of captions gives choice(seed, e, i) of them
+//   i), interpolation), with the caption; a list of captions gives choice(seed, e, i) of them;
+//   then kohya's caption options (caption.hpp) with draws from (seed, e, i)
 // With class examples (DreamBooth prior preservation, diffusers' DreamBoothDataset):
 // N = max(#instance, #class) and row i pairs instance i mod #instance with class i mod #class.
+// kohya's repeats: an example with num_repeats n counts as n dataset indices (N = Σ n), each with
+// its own crop, flip and caption draws; is_reg rows get sample weight reg_loss_weight.
+// kohya's buckets (DataSourceOptions::buckets): the dataset indices of each bucket are shuffled
+// (Fisher–Yates on the epoch's permutation stream derive(1 + bucket, 0)) and cut into micro-
+// batches of B (the last of a bucket short), and the epoch's micro-batches are shuffled
+// (derive(0, 0)); S = Σ ceil(n_bucket / B). Crop: kohya's (center with center_crop, else
+// uniform), flip and caption as above.
 // The definitions are in dataset.cpp.
 
 #include <algorithm>
@@ -23,6 +31,8 @@
 #include <vector>
 #include <xtensor/xview.hpp>  // xt::view, to take rows out of the batches
 
+#include "buckets.hpp"
+#include "caption.hpp"
 #include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
@@ -38,6 +48,10 @@ struct Example {
   /// A metadata.jsonl caption given as a list of two or more strings: training draws one per
   /// epoch (diffusers: random.choice(caption)); empty for a single caption.
   std::vector<std::string> caption_choices = {};
+  /// kohya's DreamBooth layout: times the image is seen per epoch (the folder's "N_"; for
+  /// regularisation images as balanced by balance_regularization).
+  std::size_t num_repeats = 1;
+  bool is_reg = false;  // a regularisation image (kohya --reg_data_dir): loss × prior_loss_weight
   bool operator==(const Example&) const = default;
 };
 
@@ -58,6 +72,29 @@ struct ImageFolderOptions {
 std::vector<Example> scan_image_folder(const std::string& folder,
                                        const ImageFolderOptions& options = {});
 
+/// kohya's DreamBooth layout: is `folder` a folder of "<N>_<name>" image folders (and no
+/// metadata.jsonl)?
+bool is_kohya_folder(const std::string& folder);
+
+/// The repeat count N of a kohya image folder named "<N>_<name>" (N >= 1), or 0 when the name is
+/// not of that form.
+std::size_t kohya_folder_repeats(const std::string& folder_name);
+
+/// The examples of a kohya DreamBooth-layout folder (sd-scripts' --train_data_dir /
+/// --reg_data_dir without a dataset config): each subfolder "<N>_<name>" in name order, its
+/// images (sorted) with num_repeats = N and the caption file's first line, or <name> (kohya's
+/// class tokens) where there is no caption file. Subfolders without "<N>_" are ignored with
+/// their name in `ignored`; images directly in `folder` are an Error (kohya would ignore them).
+std::vector<Example> scan_kohya_folder(const std::string& folder, const ImageFolderOptions& options,
+                                       bool is_reg, std::vector<std::string>* ignored = nullptr);
+
+/// kohya's balancing of regularisation images (DreamBoothDataset): with T = Σ train repeats,
+/// the reg images are taken in order, each with its folder's repeats, until T is reached (the
+/// rest are left out); while still short of T, one more repeat each in turn. Returns the reg
+/// examples used, with their balanced num_repeats (Σ = T, or more when the first pass overshoots).
+std::vector<Example> balance_regularization(const std::vector<Example>& train,
+                                            std::vector<Example> reg);
+
 /// DreamBooth: every PNG/JPEG/BMP directly in the folder, sorted, each with the one `prompt`
 /// (diffusers' --instance_prompt / --class_prompt); caption files are not read.
 std::vector<Example> scan_dreambooth_folder(const std::string& folder, const std::string& prompt);
@@ -77,6 +114,13 @@ struct DataSourceOptions {
   // torchvision's default and diffusers v0.26's behaviour; newer diffusers scripts default to
   // lanczos.
   Interpolation interpolation = Interpolation::bilinear;
+  CaptionOptions caption =
+      {};                     // kohya's prefix/suffix, dropout, shuffle, tag dropout (caption.hpp)
+  float reg_loss_weight = 1;  // sample weight of Example::is_reg rows (kohya's prior_loss_weight)
+  // kohya --enable_bucket (buckets.hpp): each image to the bucket of nearest aspect ratio,
+  // resized to cover it (`interpolation`) and cropped to it; a micro-batch holds one bucket.
+  // resolution, and the shorter-side resize, are then unused.
+  std::optional<BucketOptions> buckets = std::nullopt;
 };
 
 /// Micro-batches of examples (see the top of the file); satisfies train::TrainDataSource.
@@ -85,13 +129,12 @@ class ImageCaptionDataSource {
   ImageCaptionDataSource(std::vector<Example> examples, Tokenize tokenize,
                          DataSourceOptions options, std::vector<Example> class_examples = {});
 
-  /// Examples per epoch: #instance, or max(#instance, #class) with class examples.
-  std::size_t num_examples() const { return std::max(sets_[0].size(), sets_[1].size()); }
+  /// Examples per epoch: Σ num_repeats of the instance examples (#instance when all are 1), or
+  /// max(that, #class) with class examples.
+  std::size_t num_examples() const { return std::max(entries_.size(), sets_[1].size()); }
   /// Micro-batches per epoch: ceil(num_examples / batch_size).
-  std::size_t steps_per_epoch(std::size_t batch_size) const {
-    require(batch_size > 0, "steps_per_epoch", "batch_size is 0, expected >= 1");
-    return (num_examples() + batch_size - 1) / batch_size;
-  }
+  /// Micro-batches per epoch: ceil(num_examples / batch_size); with buckets Σ over the buckets.
+  std::size_t steps_per_epoch(std::size_t batch_size) const;
   std::size_t steps_per_epoch() const { return steps_per_epoch(options_.train_batch_size); }
   bool with_prior_preservation() const { return !sets_[1].empty(); }
   const std::vector<Example>& examples() const { return sets_[0]; }
@@ -109,9 +152,9 @@ class ImageCaptionDataSource {
   Image example_image(std::size_t i, std::uint64_t epoch, bool class_set = false);
 
   /// The caption of dataset index i in epoch e (class_set: of the class example paired with i):
-  /// the example's caption, or one of its caption_choices drawn uniformly from (seed, e, i).
-  const std::string& example_caption(std::size_t i, std::uint64_t epoch,
-                                     bool class_set = false) const;
+  /// the example's caption, or one of its caption_choices drawn uniformly from (seed, e, i), then
+  /// processed by options().caption (process_caption with the stream of (seed, e, i)).
+  std::string example_caption(std::size_t i, std::uint64_t epoch, bool class_set = false) const;
 
   /// Micro-batch m: images [b,3,R,R] in [-1,1] and token ids, plus the paired class rows.
   train::TrainBatch operator()(std::uint64_t m);
@@ -120,22 +163,60 @@ class ImageCaptionDataSource {
   /// image: for sources that replace the images (e.g. cached latents).
   TokenIds batch_token_ids(std::uint64_t m, bool class_set = false);
 
+  /// The sample weights of micro-batch m (TrainBatch::sample_weights, instance then class rows):
+  /// reg_loss_weight for is_reg rows, 1 otherwise; empty when no example is_reg.
+  std::vector<float> batch_sample_weights(std::uint64_t m) const;
+
+  /// The example (index into examples() or class_examples()) of dataset index i.
+  std::size_t example_of(std::size_t i, bool class_set = false) const {
+    return example_index(class_set ? 1 : 0, i);
+  }
+  /// With buckets: each non-empty bucket (sorted) and its dataset indices (repeats included).
+  const std::vector<BucketSize>& buckets() const { return buckets_; }
+  const std::vector<std::vector<std::size_t>>& bucket_rows() const { return bucket_rows_; }
+  /// With buckets: example k's bucket and resize (of examples()).
+  const BucketChoice& bucket_choice(std::size_t k) const { return choices_.at(k); }
+
+  /// The first dataset index of example k (its repeats follow it).
+  std::size_t first_index_of(std::size_t k, bool class_set = false) const {
+    return class_set ? k : first_entry_.at(k);
+  }
+
  private:
   // epoch_permutation, memoized for the last epoch asked (not thread-safe: a source per thread).
   const std::vector<std::size_t>& order(std::uint64_t epoch) const;
+  // With buckets: the micro-batches of an epoch, memoized for the last epoch asked.
+  const std::vector<std::vector<std::size_t>>& epoch_batches(std::uint64_t epoch) const;
 
   static constexpr std::uint64_t kDataStream = 0x64617461;  // "data"
 
   RandomStream stream() const { return RandomStream{options_.seed, kDataStream}; }
 
-  // Decoded and resized to the shorter side = resolution (cached when asked).
+  // Reads each image's size, assigns its bucket, groups the dataset indices by bucket.
+  void assign_buckets();
+
+  // Decoded and resized to the shorter side = resolution, or to its bucket's resize (cached when
+  // asked).
   const Image& resized_image(int s, std::size_t k);
 
   Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s);
 
   TokenIds tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s) const;
 
-  std::vector<Example> sets_[2];  // instance (or plain) examples, class examples
+  // The example of dataset index i in a set: entries_[i] (repeats expanded) or i mod #class.
+  std::size_t example_index(int s, std::size_t i) const {
+    return s == 0 ? entries_[i % entries_.size()] : i % sets_[1].size();
+  }
+
+  std::vector<Example> sets_[2];          // instance (or plain) examples, class examples
+  std::vector<std::size_t> entries_;      // example k of sets_[0], num_repeats times each, in order
+  std::vector<std::size_t> first_entry_;  // example k's first index in entries_
+  std::vector<BucketChoice> choices_;     // with buckets: per example of sets_[0]
+  std::vector<BucketSize> buckets_;       // with buckets: the non-empty ones, sorted
+  std::vector<std::vector<std::size_t>> bucket_rows_;      // dataset indices per bucket
+  mutable std::vector<std::vector<std::size_t>> batches_;  // epoch_batches(batches_epoch_)
+  mutable std::uint64_t batches_epoch_ = 0;
+  bool has_reg_ = false;
   Tokenize tokenize_;
   DataSourceOptions options_;
   std::vector<std::optional<Image>> cache_[2];

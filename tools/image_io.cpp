@@ -422,17 +422,17 @@ std::pair<int, int> shorter_side_size(int width, int height, int resolution) {
   return {int(std::int64_t(resolution) * width / height), resolution};
 }
 
-Image crop_image(const Image& image, int left, int top, int size, bool hflip) {
+Image crop_image(const Image& image, int left, int top, int width, int height, bool hflip) {
   constexpr const char* fn = "crop_image";
   check_image(fn, image);
-  require(
-      size > 0 && left >= 0 && top >= 0 && left + size <= image.width && top + size <= image.height,
-      fn, "window ", size, "x", size, " at (", left, ",", top, ") does not fit in a ", image.width,
-      "x", image.height, " image");
-  Image out(size, size);
-  for (int y = 0; y < size; ++y)
-    for (int x = 0; x < size; ++x) {
-      const std::uint8_t* src = image.pixel(left + (hflip ? size - 1 - x : x), top + y);
+  require(width > 0 && height > 0 && left >= 0 && top >= 0 && left + width <= image.width &&
+              top + height <= image.height,
+          fn, "window ", width, "x", height, " at (", left, ",", top, ") does not fit in a ",
+          image.width, "x", image.height, " image");
+  Image out(width, height);
+  for (int y = 0; y < height; ++y)
+    for (int x = 0; x < width; ++x) {
+      const std::uint8_t* src = image.pixel(left + (hflip ? width - 1 - x : x), top + y);
       std::copy(src, src + 3, out.pixel(x, y));
     }
   return out;

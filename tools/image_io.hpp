@@ -110,8 +110,12 @@ Image resize_image(const Image& image, int width, int height,
 /// floor(resolution · long / short).
 std::pair<int, int> shorter_side_size(int width, int height, int resolution);
 
-/// The resolution × resolution window at (left, top), optionally mirrored left-right.
-Image crop_image(const Image& image, int left, int top, int size, bool hflip);
+/// The width × height window at (left, top), optionally mirrored left-right.
+Image crop_image(const Image& image, int left, int top, int width, int height, bool hflip);
+/// The size × size window (crop_image of a square).
+inline Image crop_image(const Image& image, int left, int top, int size, bool hflip) {
+  return crop_image(image, left, top, size, size, hflip);
+}
 
 /// Where a resolution-sized crop of a width × height image starts: the center
 /// (round-half-even((extent − resolution) / 2), as torchvision's CenterCrop) or uniform integers

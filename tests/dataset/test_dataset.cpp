@@ -13,6 +13,7 @@
 #include "support/temp_dir.hpp"
 
 namespace tools = difftrain::tools;
+namespace fs = std::filesystem;
 using difftrain::Error;
 using difftrain::TokenIds;
 using difftrain::test::TempDir;
@@ -42,6 +43,14 @@ TokenIds number_tokenizer(const std::vector<std::string>& captions) {
     ids(b, 0) = std::stoll(captions[b].substr(space + 1));
     ids(b, 1) = 1000;
   }
+  return ids;
+}
+
+// Any caption → the token ids {number of characters, 1000}.
+TokenIds number_tokenizer_any(const std::vector<std::string>& captions) {
+  TokenIds ids(TokenIds::shape_type{captions.size(), 2});
+  for (std::size_t b = 0; b < captions.size(); ++b) ids(b, 0) = std::int64_t(captions[b].size());
+  for (std::size_t b = 0; b < captions.size(); ++b) ids(b, 1) = 1000;
   return ids;
 }
 
@@ -409,4 +418,192 @@ TEST_CASE("data source: the interpolation option picks resize_image's filter", "
   }
   CHECK(distinct.size() == 6);  // nearest and nearest_exact are the same filter (PIL's NEAREST)
   CHECK(tools::DataSourceOptions{}.interpolation == tools::Interpolation::bilinear);
+}
+
+TEST_CASE("kohya folders: \"<repeats>_<name>\" subfolders, class tokens, ignored folders",
+          "[dataset][kohya]") {
+  CHECK(tools::kohya_folder_repeats("10_sks dog") == 10);
+  CHECK(tools::kohya_folder_repeats("1_a_b") == 1);
+  CHECK(tools::kohya_folder_repeats("0_x") == 0);
+  CHECK(tools::kohya_folder_repeats("x_10") == 0);
+  CHECK(tools::kohya_folder_repeats("_x") == 0);
+  CHECK(tools::kohya_folder_repeats("12") == 0);
+  CHECK(tools::kohya_folder_repeats("1a_x") == 0);
+
+  TempDir dir;
+  const fs::path root = dir.path() / "train";
+  fs::create_directories(root / "3_sks dog");
+  fs::create_directories(root / "1_cat");
+  fs::create_directories(root / "logs");
+  write_solid((root / "3_sks dog" / "b.png").string(), 1);
+  write_solid((root / "3_sks dog" / "a.png").string(), 0);
+  dir.write("train/3_sks dog/a.txt", "sks dog, on grass");
+  write_solid((root / "1_cat" / "c.png").string(), 2);
+  dir.write("train/notes.txt", "not an image: fine");
+  CHECK(tools::is_kohya_folder(root.string()));
+  CHECK_FALSE(tools::is_kohya_folder((root / "1_cat").string()));
+
+  std::vector<std::string> ignored;
+  const std::vector<Example> ex = tools::scan_kohya_folder(root.string(), {}, false, &ignored);
+  REQUIRE(ex.size() == 3);
+  CHECK(ex[0].image_path == (root / "1_cat" / "c.png").string());  // folders in name order
+  CHECK(ex[0].caption == "cat");                                   // class tokens
+  CHECK(ex[0].num_repeats == 1);
+  CHECK(ex[1].caption == "sks dog, on grass");  // the caption file
+  CHECK(ex[2].caption == "sks dog");
+  CHECK(ex[1].num_repeats == 3);
+  CHECK(ex[2].num_repeats == 3);
+  CHECK_FALSE(ex[1].is_reg);
+  CHECK(ignored == std::vector<std::string>{(root / "logs").string()});
+  CHECK(tools::scan_kohya_folder(root.string(), {}, true)[2].is_reg);
+
+  // Each image is seen num_repeats times per epoch, with its own draws per repeat.
+  const tools::DataSourceOptions o{.resolution = 8, .train_batch_size = 2, .seed = 4};
+  tools::ImageCaptionDataSource data(ex, number_tokenizer_any, o);
+  CHECK(data.num_examples() == 7);
+  CHECK(data.steps_per_epoch() == 4);
+  for (std::uint64_t e = 0; e < 3; ++e) {
+    std::map<int, int> seen;  // image id → rows
+    for (std::uint64_t m = 4 * e; m < 4 * e + 4; ++m) {
+      const auto batch = data(m);
+      CHECK(batch.sample_weights.empty());  // no regularisation images
+      for (std::size_t j = 0; j < batch.images.shape()[0]; ++j) seen[id_of_row(batch.images, j)]++;
+    }
+    CHECK(seen == std::map<int, int>{{0, 3}, {1, 3}, {2, 1}});
+  }
+
+  // Errors: an image directly in the folder; no "<N>_" folder; an empty one.
+  write_solid((root / "stray.png").string(), 3);
+  CHECK_THROWS_WITH(tools::scan_kohya_folder(root.string(), {}, false),
+                    Catch::Contains("stray.png") && Catch::Contains("<repeats>_<name>"));
+  fs::remove(root / "stray.png");
+  fs::create_directories(root / "2_empty");
+  CHECK_THROWS_WITH(tools::scan_kohya_folder(root.string(), {}, false), Catch::Contains("2_empty"));
+  CHECK_THROWS_WITH(tools::scan_kohya_folder((root / "logs").string(), {}, false),
+                    Catch::Contains("no \"<repeats>_<name>\" image folders"));
+}
+
+TEST_CASE("kohya regularisation images: balanced to the training count, weighted in the loss",
+          "[dataset][kohya]") {
+  auto examples = [](std::vector<std::size_t> repeats, bool is_reg) {
+    std::vector<Example> out;
+    for (std::size_t k = 0; k < repeats.size(); ++k) {
+      Example e{"img" + std::to_string(k) + ".png", "caption " + std::to_string(k)};
+      e.num_repeats = repeats[k];
+      e.is_reg = is_reg;
+      out.push_back(e);
+    }
+    return out;
+  };
+  auto repeats_of = [](const std::vector<Example>& ex) {
+    std::vector<std::size_t> r;
+    for (const Example& e : ex) r.push_back(e.num_repeats);
+    return r;
+  };
+  // 7 training views; 3 reg images of 1 repeat: all taken, then one more each in turn.
+  const auto train = examples({3, 3, 1}, false);
+  CHECK(repeats_of(tools::balance_regularization(train, examples({1, 1, 1}, true))) ==
+        std::vector<std::size_t>{3, 2, 2});
+  // Reg images with 5 repeats: the first pass stops once 7 is reached (overshooting to 10).
+  CHECK(repeats_of(tools::balance_regularization(train, examples({5, 5, 5}, true))) ==
+        std::vector<std::size_t>{5, 5});
+  // Exactly enough: unchanged.
+  CHECK(repeats_of(tools::balance_regularization(train, examples({4, 3}, true))) ==
+        std::vector<std::size_t>{4, 3});
+
+  // Through the data source: reg rows get the weight, instance rows 1.
+  TempDir dir;
+  std::vector<Example> ex;
+  for (int i = 0; i < 4; ++i) {
+    write_solid(dir / png_name("img", i), i);
+    Example e{dir / png_name("img", i), "caption " + std::to_string(i)};
+    e.is_reg = i >= 2;
+    ex.push_back(e);
+  }
+  tools::DataSourceOptions o{.resolution = 8, .train_batch_size = 3, .seed = 2};
+  o.reg_loss_weight = 0.25f;
+  tools::ImageCaptionDataSource data(ex, number_tokenizer_any, o);
+  std::size_t reg_rows = 0;
+  for (std::uint64_t m = 0; m < 6; ++m) {
+    const auto batch = data(m);
+    const auto rows = data.batch_indices(m);
+    REQUIRE(batch.sample_weights.size() == rows.size());
+    REQUIRE(data.batch_sample_weights(m) == batch.sample_weights);
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      const bool reg = id_of_row(batch.images, j) >= 2;
+      CHECK(batch.sample_weights[j] == (reg ? 0.25f : 1.0f));
+      reg_rows += reg;
+    }
+  }
+  CHECK(reg_rows == 6);  // 2 of 4 rows per epoch, 3 epochs
+  o.reg_loss_weight = -1;
+  CHECK_THROWS_WITH(tools::ImageCaptionDataSource(ex, number_tokenizer_any, o),
+                    Catch::Contains("reg_loss_weight is -1"));
+}
+
+TEST_CASE("data source with buckets: one bucket per micro-batch, each index once per epoch",
+          "[dataset][bucket]") {
+  TempDir dir;
+  // Sizes of different aspect ratios; resolution 16 with steps 4: buckets of area <= 256.
+  const std::vector<std::pair<int, int>> sizes = {{32, 16}, {16, 32}, {24, 24}, {40, 20},
+                                                  {20, 40}, {16, 16}, {36, 18}};
+  std::vector<Example> ex;
+  for (int i = 0; i < int(sizes.size()); ++i) {
+    write_solid(dir / png_name("img", i), i, 0, sizes[std::size_t(i)].first,
+                sizes[std::size_t(i)].second);
+    ex.push_back({dir / png_name("img", i), "caption " + std::to_string(i)});
+  }
+  ex[0].num_repeats = 2;  // 8 dataset indices
+  tools::DataSourceOptions o{
+      .resolution = 16, .random_flip = true, .train_batch_size = 2, .seed = 9};
+  o.buckets = tools::BucketOptions{.resolution_width = 16,
+                                   .resolution_height = 16,
+                                   .min_bucket_reso = 4,
+                                   .max_bucket_reso = 32,
+                                   .bucket_reso_steps = 4};
+  tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+  REQUIRE(data.num_examples() == 8);
+  // Each image's bucket has the least aspect error among the predefined ones and its resize
+  // covers it; wide images go to wide buckets.
+  const auto predefined = tools::make_bucket_resolutions(16, 16, 4, 32, 4);
+  for (std::size_t k = 0; k < ex.size(); ++k) {
+    const auto& c = data.bucket_choice(k);
+    const double aspect = double(sizes[k].first) / sizes[k].second;
+    for (const auto& b : predefined)
+      CHECK(std::abs(c.ar_error) <= std::abs(double(b.width) / b.height - aspect) + 1e-12);
+    CHECK(c.resized_width >= c.bucket.width);
+    CHECK(c.resized_height >= c.bucket.height);
+    CHECK((aspect > 1) == (c.bucket.width > c.bucket.height));
+  }
+  std::size_t expected_steps = 0;
+  for (const auto& rows : data.bucket_rows()) expected_steps += (rows.size() + 1) / 2;
+  CHECK(data.steps_per_epoch() == expected_steps);
+  CHECK(data.buckets().size() >= 3);
+
+  tools::ImageCaptionDataSource fresh(ex, number_tokenizer, o);
+  bool orders_differ = false;
+  for (std::uint64_t e = 0; e < 3; ++e) {
+    std::multiset<std::size_t> seen;
+    for (std::uint64_t m = e * expected_steps; m < (e + 1) * expected_steps; ++m) {
+      const auto rows = data.batch_indices(m);
+      const auto batch = data(m);
+      REQUIRE(batch.images.shape()[0] == rows.size());
+      const auto& bucket = data.bucket_choice(data.example_of(rows[0])).bucket;
+      CHECK(batch.images.shape()[2] == std::size_t(bucket.height));
+      CHECK(batch.images.shape()[3] == std::size_t(bucket.width));
+      for (std::size_t j = 0; j < rows.size(); ++j) {
+        CHECK(data.bucket_choice(data.example_of(rows[j])).bucket == bucket);  // one bucket
+        CHECK(id_of_row(batch.images, j) == int(data.example_of(rows[j])));
+        seen.insert(rows[j]);
+      }
+      REQUIRE(bool(fresh(m).images == batch.images));  // resume: a function of m
+    }
+    CHECK(seen == std::multiset<std::size_t>{0, 1, 2, 3, 4, 5, 6, 7});
+    orders_differ = orders_differ || data.epoch_permutation(e) != data.epoch_permutation(e + 1);
+  }
+  CHECK(orders_differ);
+
+  // Class images with buckets: an error that names the kohya alternative.
+  CHECK_THROWS_WITH(tools::ImageCaptionDataSource(ex, number_tokenizer, o, ex),
+                    Catch::Contains("--reg_data_dir"));
 }

@@ -75,6 +75,9 @@ TEST_CASE("LoraConv2d gradients pass central-difference checks", "[lora][conv]")
       {"asymmetric padding, stride 2, rank dropout",
        {2, 3, 3, 2, Padding2d{0, 1, 0, 1}, false},
        LoraConfig{.rank = 2, .alpha = 4, .use_rslora = true, .rank_dropout = 0.3}},
+      {"3x3 with network dropout (kohya, on down(x))",
+       {2, 3, 3, 1, Padding2d::same(1), true},
+       LoraConfig{.rank = 3, .network_dropout = 0.4, .rank_dropout = 0.2}},
   };
   for (const auto& c : cases) {
     INFO(c.name);

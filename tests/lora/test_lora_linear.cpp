@@ -125,6 +125,8 @@ TEST_CASE("LoraLinear gradients pass central-difference checks", "[lora]") {
       {"plain", LoraConfig{.rank = 3, .alpha = 5}, false},
       {"rslora, base unfrozen", LoraConfig{.rank = 2, .alpha = 2, .use_rslora = true}, true},
       {"dropout + rank dropout", LoraConfig{.rank = 4, .dropout = 0.3, .rank_dropout = 0.4}, false},
+      {"network dropout + rank dropout",
+       LoraConfig{.rank = 4, .network_dropout = 0.3, .rank_dropout = 0.2}, false},
   };
   for (const auto& c : cases) {
     INFO(c.name);
@@ -211,8 +213,41 @@ TEST_CASE("Rank dropout: mask [B, r] broadcast over tokens, deterministic per st
   REQUIRE((l.forward(x) == x));
 }
 
+TEST_CASE("Network dropout (kohya): elementwise on A·x, fresh for every step", "[lora]") {
+  // A = B = identity (r = in = out), zero base: the adapter output is m[b, l, j]·x[b, l, j].
+  const std::size_t d = 6;
+  const double p = 0.4;
+  LoraLinear<double> l(nn::Linear<double>(d, d, false), LoraConfig{.rank = d, .network_dropout = p},
+                       RandomStream{5, 6});
+  l.lora_A.weight.value = xt::eye<double>(d);
+  l.lora_B.weight.value = xt::eye<double>(d);
+  Tensor<double, 3> x = xt::ones<double>({std::size_t{3}, std::size_t{4}, d});
+  l.set_step(2);
+  auto y = l.forward(x);
+  std::size_t dropped = 0, token_differs = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double m = y.data()[i];
+    REQUIRE((m == 0.0 || m == Approx(1 / (1 - p)).epsilon(1e-15)));
+    dropped += m == 0.0;
+  }
+  for (std::size_t b = 0; b < 3; ++b)
+    for (std::size_t j = 0; j < d; ++j) token_differs += y(b, 0, j) != y(b, 1, j);
+  const double rate = double(dropped) / double(y.size());
+  CHECK(rate > 0.15);
+  CHECK(rate < 0.65);
+  CHECK(token_differs > 0);      // elementwise, not one mask per rank
+  REQUIRE((l.forward(x) == y));  // same step, same mask
+  l.set_step(3);
+  REQUIRE((l.forward(x) != y));
+  l.training = false;
+  REQUIRE((l.forward(x) == x));
+  REQUIRE_THROWS_AS(
+      LoraLinear<float>(nn::Linear<float>(3, 2), LoraConfig{.network_dropout = 1}, {}), Error);
+}
+
 TEST_CASE("Rank dropout and input dropout preserve the expectation", "[lora]") {
-  auto l = random_lora(4, 3, LoraConfig{.rank = 3, .dropout = 0.2, .rank_dropout = 0.3}, 12);
+  auto l = random_lora(
+      4, 3, LoraConfig{.rank = 3, .dropout = 0.2, .network_dropout = 0.1, .rank_dropout = 0.3}, 12);
   nn::set_trainable<double>(l.base, false);
   Tensor<double, 2> x({2, 4});
   fill_random_normal(x, RandomStream{12, 5});

@@ -345,6 +345,8 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
                                          "0.1",
                                          "--rank_dropout",
                                          "0.2",
+                                         "--network_dropout",
+                                         "0.15",
                                          "--module_dropout",
                                          "0.3",
                                          "--init_lora_weights",
@@ -389,7 +391,26 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
                                          "--save_model_as",
                                          "safetensors",
                                          "--image_interpolation_mode",
-                                         "lanczos"};
+                                         "lanczos",
+                                         "--caption_prefix",
+                                         "sks",
+                                         "--caption_suffix",
+                                         "photo",
+                                         "--proportion_empty_prompts",
+                                         "0.05",
+                                         "--caption_dropout_every_n_epochs",
+                                         "4",
+                                         "--shuffle_caption",
+                                         "--keep_tokens",
+                                         "2",
+                                         "--keep_tokens_separator",
+                                         "|||",
+                                         "--caption_separator",
+                                         ";",
+                                         "--secondary_separator",
+                                         ";;;",
+                                         "--caption_tag_dropout_rate",
+                                         "0.1"};
   app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
 
   const lora::LoraConfig l = tools::lora_config(o);
@@ -398,6 +419,7 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
   CHECK(l.use_rslora);
   CHECK(l.dropout == 0.1);
   CHECK(l.rank_dropout == 0.2);
+  CHECK(l.network_dropout == 0.15);
   CHECK(l.module_dropout == 0.3);
   CHECK(l.init == lora::LoraInit::kaiming_uniform);
 
@@ -412,6 +434,16 @@ TEST_CASE("difftrain train: every flag reaches its option, under diffusers' and 
   CHECK(t.use_ema);
   CHECK(t.weighting.v_pred_like_loss == 0.3);
   CHECK(o.image_interpolation_mode == "lanczos");
+  CHECK(o.caption.caption_prefix == "sks");
+  CHECK(o.caption.caption_suffix == "photo");
+  CHECK(o.caption.caption_dropout_rate == 0.05);
+  CHECK(o.caption.caption_dropout_every_n_epochs == 4);
+  CHECK(o.caption.shuffle_caption);
+  CHECK(o.caption.keep_tokens == 2);
+  CHECK(o.caption.keep_tokens_separator == "|||");
+  CHECK(o.caption.caption_separator == ";");
+  CHECK(o.caption.secondary_separator == ";;;");
+  CHECK(o.caption.caption_tag_dropout_rate == 0.1);
   CHECK(t.learning_rate == 3e-4);
   CHECK(t.text_encoder_lr == 3e-5);
   CHECK(o.train_text_encoder);
@@ -457,6 +489,66 @@ TEST_CASE("difftrain train: --clip_skip, --zero_terminal_snr and --use_ema chang
   CHECK(base == lora_of("skip1", [](TrainCommandOptions& o) { o.clip_skip = 1; }));  // last layer
   CHECK(base != lora_of("zsnr", [](TrainCommandOptions& o) { o.zero_terminal_snr = true; }));
   CHECK(base != lora_of("ema", [](TrainCommandOptions& o) { o.trainer.use_ema = true; }));
+  CHECK(base != lora_of("netdrop", [](TrainCommandOptions& o) { o.network_dropout = 0.5; }));
+  // The caption options reach the prompts: dropping every caption by rate 1 or by "every epoch"
+  // trains the same empty prompts; a prefix changes the prompts.
+  const auto empty =
+      lora_of("drop_rate", [](TrainCommandOptions& o) { o.caption.caption_dropout_rate = 1; });
+  CHECK(base != empty);
+  CHECK(empty == lora_of("drop_every", [](TrainCommandOptions& o) {
+          o.caption.caption_dropout_every_n_epochs = 1;
+        }));
+  CHECK(base != lora_of("prefix", [](TrainCommandOptions& o) { o.caption.caption_prefix = "a"; }));
+}
+
+TEST_CASE("difftrain train: kohya folders with repeats, regularisation images and buckets") {
+  Fixture f;
+  // train/3_shapes: two images (one 16×8, wide), reg/1_shape: three images with one caption file.
+  const fs::path train = f.dir / "kohya_train", reg = f.dir / "kohya_reg";
+  fs::create_directories(train / "3_shapes");
+  fs::create_directories(reg / "1_shape");
+  for (const auto& entry : fs::directory_iterator(f.data)) {
+    const std::string stem = entry.path().stem().string();
+    if (entry.path().extension() != ".png") continue;
+    if (stem == "img0" || stem == "img1") {
+      fs::copy(entry.path(), train / "3_shapes" / entry.path().filename());
+      fs::copy(fs::path(f.data) / (stem + ".txt"), train / "3_shapes" / (stem + ".txt"));
+    } else if (stem == "img2" || stem == "img3" || stem == "img4") {
+      fs::copy(entry.path(), reg / "1_shape" / entry.path().filename());
+    }
+  }
+  tools::Image wide(16, 8);
+  tools::save_png((train / "3_shapes" / "img0.png").string(), wide);  // replaces img0 by 16×8
+  TrainCommandOptions o = f.options(f.dir / "kohya_out");
+  o.train_data_dir = train.string();
+  o.reg_data_dir = reg.string();
+  o.trainer.prior_loss_weight = 0.5;
+  o.enable_bucket = true;
+  o.buckets.min_bucket_reso = 4;
+  o.buckets.max_bucket_reso = 16;
+  o.buckets.bucket_reso_steps = 4;
+  o.caption.shuffle_caption = true;
+  o.caption.keep_tokens = 1;
+  const auto r = tools::run_train(o, stdout);
+  CHECK(r.global_step == 4);
+  const auto meta = io::SafetensorsFile::open(r.lora_file.string()).metadata();
+  CHECK(meta.at("ss_num_train_images") == "6");  // 2 images × 3 repeats
+  CHECK(meta.at("ss_num_reg_images") == "3");
+  CHECK(meta.at("ss_dataset_dirs") == "{\"3_shapes\": {\"n_repeats\": 3, \"img_count\": 2}}");
+  CHECK(meta.at("ss_reg_dataset_dirs") == "{\"1_shape\": {\"n_repeats\": 1, \"img_count\": 3}}");
+  CHECK(meta.at("ss_enable_bucket") == "True");
+  CHECK(meta.at("ss_min_bucket_reso") == "4");
+  CHECK(meta.at("ss_shuffle_caption") == "True");
+  CHECK(meta.at("ss_keep_tokens") == "1");
+  // Buckets of area <= 64 from 4 to 16 by 4: (4,12) (4,16) (8,8) (12,4) (16,4); the 16×8 image
+  // (aspect 2) has error 1 to both (8,8) and (12,4): the first, (8,8) at index 2, as numpy's
+  // argmin. So every image is in (8,8): 6 + 6 reg views (3 images balanced to 2 repeats each).
+  CHECK(meta.at("ss_bucket_info") ==
+        "{\"buckets\": {\"2\": {\"resolution\": [8, 8], \"count\": 12}}, \"mean_img_ar_error\": "
+        "0.2}");
+
+  o.trainer.with_prior_preservation = true;
+  CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--reg_data_dir"));
 }
 
 TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
@@ -551,7 +643,9 @@ TEST_CASE("difftrain train: kohya's target set and LoCon (--conv_dim) train ever
   CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("expected key=value"));
   bad.network_args = {};
   bad.lora_target_set = "all";
-  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--lora_target_set is 'all'"));
+  CHECK_THROWS_WITH(tools::run_train(bad),
+                    Catch::Contains("--lora_target_set") &&
+                        Catch::Contains("unknown value 'all', expected attention or kohya"));
 }
 
 TEST_CASE("difftrain train: DreamBooth defaults and --num_class_images generation") {

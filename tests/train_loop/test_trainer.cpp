@@ -584,14 +584,19 @@ TEST_CASE("every optimizer by name (ours and kohya's), its args, and bitwise res
   struct Case {
     std::string name;
     std::vector<std::string> args;
+    std::string kohya_class;  // what kohya records as ss_optimizer (module + "." + class)
   };
   const std::vector<Case> cases = {
-      {"AdamW", {"betas=(0.8, 0.95)", "weight_decay=0.1"}},
-      {"SGDNesterov", {"momentum=0.5"}},
-      {"Lion", {"betas=0.95,0.98", "weight_decay=0.01"}},
-      {"Adafactor", {"relative_step=False", "scale_parameter=False", "warmup_init=False"}},
-      {"Prodigy", {"d_coef=2", "use_bias_correction=True"}},
-      {"AdamWScheduleFree", {"warmup_steps=2"}},
+      {"AdamW", {"betas=(0.8, 0.95)", "weight_decay=0.1"}, "torch.optim.adamw.AdamW"},
+      {"SGDNesterov", {"momentum=0.5"}, "torch.optim.sgd.SGD"},
+      {"Lion", {"betas=0.95,0.98", "weight_decay=0.01"}, "lion_pytorch.lion_pytorch.Lion"},
+      {"Adafactor",
+       {"relative_step=False", "scale_parameter=False", "warmup_init=False"},
+       "transformers.optimization.Adafactor"},
+      {"Prodigy", {"d_coef=2", "use_bias_correction=True"}, "prodigyopt.prodigy.Prodigy"},
+      {"AdamWScheduleFree",
+       {"warmup_steps=2"},
+       "schedulefree.adamw_schedulefree.AdamWScheduleFree"},
   };
   const Plain data{4, 9};
   for (const Case& c : cases) {
@@ -612,6 +617,7 @@ TEST_CASE("every optimizer by name (ours and kohya's), its args, and bitwise res
     const AnyOptimizer& used = s.trainer.optimizer();
     const std::vector<std::size_t> index = {0, 1, 2, 3, 4, 5};  // the cases' variant order
     CHECK(used.index() == index[std::size_t(&c - cases.data())]);
+    CHECK(train::kohya_optimizer_class(train::parse_optimizer_name(c.name).name) == c.kohya_class);
     if (c.name == "AdamW") {
       const ParamGroup& g = std::get<AdamW>(used).param_groups().front();
       CHECK(g.betas == std::array<double, 2>{0.8, 0.95});

@@ -80,12 +80,15 @@ enum class StreamPurpose : std::uint32_t {
   lora_dropout = 2,
   lora_rank_dropout = 3,
   lora_module_dropout = 4,
+  lora_network_dropout = 5,
 
   // tools/dataset.cpp. Parent: ImageCaptionDataSource's RandomStream{seed, "data"}; step = epoch.
   data_permutation = 1,
-  data_crop = 2,     // + set (0 instance, 1 class): ids 2, 3
-  data_flip = 4,     // + set (0 instance, 1 class): ids 4, 5
-  data_caption = 6,  // + set: ids 6, 7 (a metadata.jsonl caption list's choice)
+  data_crop = 2,          // + set (0 instance, 1 class): ids 2, 3
+  data_flip = 4,          // + set (0 instance, 1 class): ids 4, 5
+  data_caption = 6,       // + set: ids 6, 7 (a metadata.jsonl caption list's choice)
+  data_caption_edit = 8,  // + set: ids 8, 9 (kohya's caption dropout, shuffle, tag dropout);
+                          // its sub-stream derive(i, 0) per dataset index i
 
   // tools/cmd_train.cpp. Parent: the cached-latents source's RandomStream{seed, "lat"}; step =
   // micro-batch m. The id of row r is base + 4·r.
@@ -133,14 +136,15 @@ static_assert(random_detail::distinct_ids(StreamPurpose::pyramid_scale,
               "purposes under the pyramid-noise stream collide");
 static_assert(random_detail::distinct_ids(StreamPurpose::lora_init, StreamPurpose::lora_dropout,
                                           StreamPurpose::lora_rank_dropout,
-                                          StreamPurpose::lora_module_dropout),
+                                          StreamPurpose::lora_module_dropout,
+                                          StreamPurpose::lora_network_dropout),
               "purposes under a LoRA adapter's stream collide");
-static_assert(random_detail::distinct_ids(StreamPurpose::data_permutation, StreamPurpose::data_crop,
-                                          purpose_id(StreamPurpose::data_crop) + 1,
-                                          StreamPurpose::data_flip,
-                                          purpose_id(StreamPurpose::data_flip) + 1,
-                                          StreamPurpose::data_caption,
-                                          purpose_id(StreamPurpose::data_caption) + 1),
+static_assert(random_detail::distinct_ids(
+                  StreamPurpose::data_permutation, StreamPurpose::data_crop,
+                  purpose_id(StreamPurpose::data_crop) + 1, StreamPurpose::data_flip,
+                  purpose_id(StreamPurpose::data_flip) + 1, StreamPurpose::data_caption,
+                  purpose_id(StreamPurpose::data_caption) + 1, StreamPurpose::data_caption_edit,
+                  purpose_id(StreamPurpose::data_caption_edit) + 1),
               "purposes under the data source's stream collide");
 static_assert(purpose_id(StreamPurpose::latent_sample_instance) < 4 &&
                   purpose_id(StreamPurpose::latent_sample_class) < 4 &&

@@ -25,10 +25,8 @@
 //
 // Written: every key train_network.py writes for a --train_data_dir run (no --dataset_config),
 // with kohya's default value for the features difftrain does not have (ss_lowram "False",
-// ss_full_fp16 "False", ss_fp8_base "False", ss_fp8_base_unet "False", caption dropout "0.0" /
-// "0" / "0.0", ss_face_crop_aug_range "None", ss_color_aug "False", ss_shuffle_caption "False",
-// ss_keep_tokens "0", no buckets: ss_enable_bucket "False", ss_bucket_no_upscale "False",
-// ss_min_bucket_reso / ss_max_bucket_reso "None", ss_bucket_info "null", kohya's validation
+// ss_full_fp16 "False", ss_fp8_base "False", ss_fp8_base_unet "False",
+// ss_face_crop_aug_range "None", ss_color_aug "False", kohya's validation
 // loss off: ss_num_validation_images "0", ss_validation_seed "None", ss_validation_split "0.0",
 // ss_max_validation_steps / ss_validate_every_n_epochs / ss_validate_every_n_steps "None",
 // ss_resize_interpolation "None").
@@ -248,6 +246,11 @@ struct KohyaDatasetDir {
   std::int64_t img_count = 0;
 };
 
+/// One bucket of ss_bucket_info.
+struct KohyaBucket {
+  std::int64_t index = 0, width = 0, height = 0, count = 0;
+};
+
 /// One folder's tag counts in ss_tag_frequency, in first-seen order (a Python dict's order).
 struct KohyaTagFrequency {
   std::string dir;  // the folder's basename, as in KohyaDatasetDir
@@ -364,6 +367,21 @@ struct KohyaRunInfo {
   std::vector<KohyaDatasetDir> dataset_dirs;      // ss_dataset_dirs
   std::vector<KohyaDatasetDir> reg_dataset_dirs;  // ss_reg_dataset_dirs
   std::vector<KohyaTagFrequency> tag_frequency;   // ss_tag_frequency
+  // Captions (the dataset's first subset, as kohya records them).
+  bool shuffle_caption = false;                     // ss_shuffle_caption
+  std::int64_t keep_tokens = 0;                     // ss_keep_tokens
+  double caption_dropout_rate = 0;                  // ss_caption_dropout_rate
+  std::int64_t caption_dropout_every_n_epochs = 0;  // ss_caption_dropout_every_n_epochs
+  double caption_tag_dropout_rate = 0;              // ss_caption_tag_dropout_rate
+  // Buckets (--enable_bucket): ss_enable_bucket, ss_bucket_no_upscale, ss_min/max_bucket_reso
+  // and ss_bucket_info {"buckets": {index: {"resolution": [w, h], "count": n}},
+  // "mean_img_ar_error"} with index the bucket's position among all of the run's buckets (sorted),
+  // count with repeats.
+  bool enable_bucket = false;
+  bool bucket_no_upscale = false;
+  std::int64_t min_bucket_reso = 256, max_bucket_reso = 1024;
+  std::vector<KohyaBucket> buckets;  // the non-empty ones
+  double mean_img_ar_error = 0;      // mean |aspect error| over the images (without repeats)
 
   // Names, comments, times (seconds since the epoch, Python's time.time()).
   std::optional<std::string> output_name;       // ss_output_name; modelspec.title fallback
@@ -436,6 +454,18 @@ inline std::string json_float(double v) {
   if (std::isnan(v)) return "NaN";
   if (std::isinf(v)) return v < 0 ? "-Infinity" : "Infinity";
   return python_float(v);
+}
+
+// json.dumps({"buckets": {i: {"resolution": [w, h], "count": n}, …}, "mean_img_ar_error": e})
+inline std::string bucket_info_json(const KohyaRunInfo& run) {
+  std::string out = "{\"buckets\": {";
+  for (std::size_t i = 0; i < run.buckets.size(); ++i) {
+    const KohyaBucket& b = run.buckets[i];
+    out += (i ? ", \"" : "\"") + std::to_string(b.index) + "\": {\"resolution\": [" +
+           std::to_string(b.width) + ", " + std::to_string(b.height) +
+           "], \"count\": " + std::to_string(b.count) + "}";
+  }
+  return out + "}, \"mean_img_ar_error\": " + json_float(run.mean_img_ar_error) + "}";
 }
 
 // json.dumps(net_kwargs): the --network_args strings, then "dropout" unless given.
@@ -513,9 +543,9 @@ inline std::map<std::string, std::string> kohya_metadata(const KohyaRunInfo& run
   }
   m["ss_optimizer"] = optimizer;
   m["ss_max_grad_norm"] = python_float(run.max_grad_norm);
-  m["ss_caption_dropout_rate"] = "0.0";
-  m["ss_caption_dropout_every_n_epochs"] = "0";
-  m["ss_caption_tag_dropout_rate"] = "0.0";
+  m["ss_caption_dropout_rate"] = python_float(run.caption_dropout_rate);
+  m["ss_caption_dropout_every_n_epochs"] = integer(run.caption_dropout_every_n_epochs);
+  m["ss_caption_tag_dropout_rate"] = python_float(run.caption_tag_dropout_rate);
   m["ss_face_crop_aug_range"] = "None";
   m["ss_prior_loss_weight"] = python_float(run.prior_loss_weight);
   m["ss_min_snr_gamma"] = python_optional(run.min_snr_gamma);
@@ -546,16 +576,17 @@ inline std::map<std::string, std::string> kohya_metadata(const KohyaRunInfo& run
   m["ss_color_aug"] = "False";
   m["ss_flip_aug"] = python_bool(run.flip_aug);
   m["ss_random_crop"] = python_bool(run.random_crop);
-  m["ss_shuffle_caption"] = "False";
-  m["ss_enable_bucket"] = "False";
-  m["ss_bucket_no_upscale"] = "False";
-  m["ss_min_bucket_reso"] = "None";  // buckets off: the dataset's min/max_bucket_reso are None
-  m["ss_max_bucket_reso"] = "None";
-  m["ss_keep_tokens"] = "0";
+  m["ss_shuffle_caption"] = python_bool(run.shuffle_caption);
+  m["ss_enable_bucket"] = python_bool(run.enable_bucket);
+  m["ss_bucket_no_upscale"] = python_bool(run.enable_bucket && run.bucket_no_upscale);
+  // Buckets off: the dataset's min/max_bucket_reso are None.
+  m["ss_min_bucket_reso"] = run.enable_bucket ? integer(run.min_bucket_reso) : "None";
+  m["ss_max_bucket_reso"] = run.enable_bucket ? integer(run.max_bucket_reso) : "None";
+  m["ss_keep_tokens"] = integer(run.keep_tokens);
   m["ss_dataset_dirs"] = dataset_dirs_json(run.dataset_dirs);
   m["ss_reg_dataset_dirs"] = dataset_dirs_json(run.reg_dataset_dirs);
   m["ss_tag_frequency"] = tag_frequency_json(run.tag_frequency);
-  m["ss_bucket_info"] = "null";  // json.dumps(None): bucket_info stays None without buckets
+  m["ss_bucket_info"] = run.enable_bucket ? bucket_info_json(run) : "null";  // json.dumps(None)
 
   if (!run.network_args.empty()) m["ss_network_args"] = network_args_json(run);
   if (run.sd_model_hash) m["ss_sd_model_hash"] = *run.sd_model_hash;

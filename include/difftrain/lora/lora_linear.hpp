@@ -2,11 +2,13 @@
 // LoRA adapter over a frozen layer (PEFT / kohya LoRA), and its Linear form LoraLinear.
 //
 // Dims legend: I in_features, O out_features, r rank, B batch (first input dim), R rows.
-//   y = base(x) + m·s·B(A(dropout(x)) ⊙ rank_mask),   s = alpha/r (alpha/√r with use_rslora),
+//   y = base(x) + m·s·B(network_dropout(A(dropout(x))) ⊙ rank_mask),
+//   s = alpha/r (alpha/√r with use_rslora),
 //   m = user multiplier. Linear: A [r, I] (`lora_A.weight`), B [O, r] (`lora_B.weight`), no biases.
 // Options (training only, deterministic from the adapter's RandomStream and the current step):
-//   dropout        PEFT lora_dropout: elementwise dropout of the adapter's input x (kohya's
-//                  `dropout` instead drops A·x; not offered here).
+//   dropout        PEFT lora_dropout: elementwise dropout of the adapter's input x.
+//   network_dropout kohya --network_dropout: elementwise dropout of the rank activations A·x
+//                  (scaled 1/(1−p), before the rank mask, as kohya's LoRAModule.forward).
 //   rank_dropout   kohya: mask [B, r], keep with prob 1−p (u ≥ p), scaled 1/(1−p), broadcast over
 //                  tokens (Linear) or pixels (Conv2d).
 //   module_dropout kohya: with prob p the whole adapter is skipped for this step.
@@ -63,6 +65,7 @@ struct LoraConfig {
   LoraInit init =
       LoraInit::kaiming_uniform;  // PEFT LoraConfig's default; `difftrain train`: gaussian
   double dropout = 0;             // PEFT lora_dropout on the adapter input
+  double network_dropout = 0;     // kohya --network_dropout on A·x
   double rank_dropout = 0;        // kohya rank_dropout
   double module_dropout = 0;      // kohya module_dropout
   double multiplier = 1;          // user multiplier m
@@ -78,6 +81,8 @@ struct LoraConfig {
     require(std::isfinite(alpha) && alpha >= 0, function, "alpha is ", alpha,
             ", expected finite and >= 0");
     require(dropout >= 0 && dropout < 1, function, "dropout is ", dropout, ", expected in [0, 1)");
+    require(network_dropout >= 0 && network_dropout < 1, function, "network_dropout is ",
+            network_dropout, ", expected in [0, 1)");
     require(rank_dropout >= 0 && rank_dropout < 1, function, "rank_dropout is ", rank_dropout,
             ", expected in [0, 1)");
     require(module_dropout >= 0 && module_dropout <= 1, function, "module_dropout is ",
@@ -156,6 +161,7 @@ class LoraLayer {
     }
     lora_B.weight.value.fill(T(0));
     input_dropout_ = nn::Dropout<T>(config.dropout);
+    hidden_dropout_ = nn::Dropout<T>(config.network_dropout);
   }
 
   const LoraConfig& config() const { return config_; }
@@ -205,7 +211,7 @@ class LoraLayer {
     return uniform_double(rs, 0) < config_.module_dropout;
   }
 
-  // y = base(x) + m·s·B(A(dropout(x)) ⊙ rank_mask), saving what backward needs
+  // y = base(x) + m·s·B(network_dropout(A(dropout(x))) ⊙ rank_mask), saving what backward needs
   template <class X>
   X forward(const X& x) {
     X y = base.forward(x);
@@ -219,6 +225,12 @@ class LoraLayer {
       h = lora_A.forward(input_dropout_.forward(x, rs));
     } else {
       h = lora_A.forward(x);
+    }
+    hidden_dropout_used_ = training && config_.network_dropout > 0;
+    if (hidden_dropout_used_) {
+      hidden_dropout_.training = true;
+      h = hidden_dropout_.forward(
+          h, lora_detail::substream(stream_, step_, StreamPurpose::lora_network_dropout));
     }
     apply_rank_mask(h);
     X z = lora_B.forward(h);
@@ -236,7 +248,8 @@ class LoraLayer {
     return y;
   }
 
-  // dx = base'(dy) + dropout'(Aᵀ(rank_mask ⊙ Bᵀ(m·s·dy))); dA, dB (and unfrozen base) accumulate
+  // dx = base'(dy) + dropout'(Aᵀ network_dropout'(rank_mask ⊙ Bᵀ(m·s·dy))); dA, dB (and an
+  // unfrozen base) accumulate
   template <class X>
   X backward(const X& dy, bool input_grad = true) {
     require(!merged_ || (!lora_A.weight.trainable && !lora_B.weight.trainable), Traits::name,
@@ -247,6 +260,7 @@ class LoraLayer {
     scale_in_place(dz, coefficient());
     X dh = lora_B.backward(dz);
     apply_saved_rank_mask(dh);
+    if (hidden_dropout_used_) dh = hidden_dropout_.backward(dh);
     X du = lora_A.backward(dh, input_grad);
     if (!input_grad) return dx;
     if (dropout_used_) du = input_dropout_.backward(du);
@@ -354,8 +368,10 @@ class LoraLayer {
   bool merged_ = false;
   bool active_ = false;
   bool dropout_used_ = false;
+  bool hidden_dropout_used_ = false;
   nn::Dropout<T> input_dropout_;
-  std::vector<T> rank_mask_;  // [B, r] of the last forward (empty: no rank dropout)
+  nn::Dropout<T> hidden_dropout_;  // kohya network_dropout on A·x
+  std::vector<T> rank_mask_;       // [B, r] of the last forward (empty: no rank dropout)
 };
 
 template <class T = float>

@@ -115,6 +115,8 @@ double ordered_sum(std::size_t n, F&& f) {
 class Adafactor : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adafactor";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass = "transformers.optimization.Adafactor";
 
   explicit Adafactor(std::vector<ParamGroup> groups, AdafactorOptions options = {})
       : OptimizerBase(std::move(groups)), options_(options) {

@@ -64,6 +64,8 @@ void lion_kernel(float* p, const float* g, float* m, std::size_t n, const LionCo
 class Lion : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "lion";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass = "lion_pytorch.lion_pytorch.Lion";
 
   explicit Lion(std::vector<ParamGroup> groups, LionOptions options = {})
       : OptimizerBase(std::move(groups)), options_(options) {

@@ -447,6 +447,8 @@ class OptimizerBase {
 class AdamW : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adamw";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass = "torch.optim.adamw.AdamW";
 
   explicit AdamW(std::vector<ParamGroup> groups) : OptimizerBase(std::move(groups)) {
     build("AdamW", true);
@@ -510,6 +512,8 @@ class AdamW : public detail::OptimizerBase {
 class Sgd : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "sgd";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass = "torch.optim.sgd.SGD";
 
   explicit Sgd(std::vector<ParamGroup> groups) : OptimizerBase(std::move(groups)) {
     build("Sgd");

@@ -37,6 +37,24 @@ namespace difftrain::train {
 
 using AnyOptimizer = std::variant<AdamW, Sgd, Lion, Adafactor, Prodigy, ScheduleFreeAdamW>;
 
+/// Calls visit.template operator()<O>() for each optimizer class O of AnyOptimizer.
+template <class Visitor>
+void for_each_optimizer_type(Visitor&& visit) {
+  [&]<class... O>(std::variant<O...>*) {
+    (visit.template operator()<O>(), ...);
+  }(static_cast<AnyOptimizer*>(nullptr));
+}
+
+/// The optimizer class kohya's metadata names (ss_optimizer) for a canonical name.
+inline std::string kohya_optimizer_class(std::string_view name) {
+  std::string found;
+  for_each_optimizer_type([&]<class O>() {
+    if (name == O::kName) found = O::kKohyaClass;
+  });
+  require(!found.empty(), "kohya_optimizer_class", "unknown optimizer '", name, "'");
+  return found;
+}
+
 /// A chosen optimizer: its canonical name and whether kohya's name implied nesterov.
 struct OptimizerName {
   std::string name;
@@ -50,9 +68,11 @@ inline OptimizerName parse_optimizer_name(std::string_view given) {
                  [](unsigned char c) { return char(std::tolower(c)); });
   if (lower == "sgdnesterov") return {"sgd", true};
   if (lower == "adamwschedulefree") return {"adamw_schedulefree", false};
-  for (std::string_view n : {AdamW::kName, Sgd::kName, Lion::kName, Adafactor::kName,
-                             Prodigy::kName, ScheduleFreeAdamW::kName})
-    if (lower == n) return {std::string(n), false};
+  std::optional<OptimizerName> found;
+  for_each_optimizer_type([&]<class O>() {
+    if (lower == O::kName) found = OptimizerName{std::string(O::kName), false};
+  });
+  if (found) return *found;
   fail("optimizer", "optimizer is '", given,
        "', expected adamw, sgd, lion, adafactor, prodigy or adamw_schedulefree (or kohya's "
        "AdamW, SGDNesterov, Lion, Adafactor, Prodigy, AdamWScheduleFree)");

@@ -123,6 +123,8 @@ void prodigy_step_kernel(float* p, const float* m, const float* v, std::size_t n
 class Prodigy : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "prodigy";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass = "prodigyopt.prodigy.Prodigy";
 
   explicit Prodigy(std::vector<ParamGroup> groups, ProdigyOptions options = {})
       : OptimizerBase(std::move(groups)), options_(options) {

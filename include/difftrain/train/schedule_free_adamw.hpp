@@ -105,6 +105,9 @@ void schedule_free_adamw_kernel(float* y, const float* g, float* z, float* v, st
 class ScheduleFreeAdamW : public detail::OptimizerBase {
  public:
   static constexpr std::string_view kName = "adamw_schedulefree";
+  // What kohya records as ss_optimizer (the Python module + "." + class).
+  static constexpr std::string_view kKohyaClass =
+      "schedulefree.adamw_schedulefree.AdamWScheduleFree";
 
   explicit ScheduleFreeAdamW(std::vector<ParamGroup> groups, ScheduleFreeAdamWOptions options = {})
       : OptimizerBase(std::move(groups)), options_(options) {
