@@ -374,6 +374,11 @@ struct DreamBoothSettings {
   double prior_loss_weight = 1.0;
   std::size_t rank = 8;
   double alpha = 8;
+  // kohya's LoRA + LoCon set (`difftrain train --lora_target_set kohya --conv_dim R`): every
+  // Linear and 1×1 conv of the transformer blocks, the ResNets' 1×1 shortcuts, and the 3×3 convs
+  // of the ResNets and samplers at rank conv_rank. Off: diffusers' attention projections only.
+  bool locon = false;
+  std::size_t conv_rank = 8;
   // diffusers' --train_text_encoder: adapters (same rank, alpha and learning rate) on the text
   // model's q_proj, k_proj, v_proj and out_proj as well
   bool train_text_encoder = false;
@@ -391,8 +396,22 @@ inline std::vector<double> train_lora(Models& models, const DreamBoothSettings& 
   lora.rank = d.rank;
   lora.alpha = d.alpha;
   lora.init = difftrain::lora::LoraInit::gaussian;
-  difftrain::lora::inject_lora(models.unet, {"to_q", "to_k", "to_v", "to_out.0"}, lora,
-                               RandomStream{d.train.seed, 201});
+  namespace dl = difftrain::lora;
+  const std::vector<std::string> modules = dl::module_names(models.unet);
+  std::vector<std::string> targets = {"to_q", "to_k", "to_v", "to_out.0"};
+  if (d.locon) {
+    targets = dl::present_targets(dl::kohya_transformer_targets(), modules);
+    for (const auto& t : dl::present_targets(dl::kohya_resnet_targets(), modules))
+      targets.push_back(t);
+  }
+  dl::inject_lora(models.unet, targets, lora, RandomStream{d.train.seed, 201});
+  if (d.locon) {
+    dl::LoraConfig conv = lora;
+    conv.rank = d.conv_rank;
+    conv.alpha = double(d.conv_rank);
+    dl::inject_lora(models.unet, dl::present_targets(dl::kohya_conv3x3_targets(), modules), conv,
+                    RandomStream{d.train.seed, 201});
+  }
   if (d.train_text_encoder)
     difftrain::lora::inject_lora(models.text, d.text_encoder_targets, lora,
                                  RandomStream{d.train.seed, 202});

@@ -222,9 +222,10 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
       std::fprintf(log, "difftrain train: ignoring '%s' (no \"<repeats>_\" in its name)\n",
                    dir.c_str());
     for (const DatasetDir& d : dataset_dirs(examples))
-      std::fprintf(log, "difftrain train: %s'%s': %lld images x %lld repeats\n",
+      std::fprintf(log, "difftrain train: %s'%s': %lld images x %lld repeats, %lld per epoch\n",
                    d.is_reg ? "regularisation " : "", d.path.c_str(),
-                   static_cast<long long>(d.img_count), static_cast<long long>(d.n_repeats));
+                   static_cast<long long>(d.img_count), static_cast<long long>(d.n_repeats),
+                   static_cast<long long>(d.total));
   }
   std::vector<Example> class_examples;
   if (o.trainer.with_prior_preservation) {

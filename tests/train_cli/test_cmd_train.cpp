@@ -547,6 +547,20 @@ TEST_CASE("difftrain train: kohya folders with repeats, regularisation images an
         "{\"buckets\": {\"2\": {\"resolution\": [8, 8], \"count\": 12}}, \"mean_img_ar_error\": "
         "0.2}");
 
+  // Resume with all of it on (repeats, reg images, buckets, shuffled captions, a random crop
+  // and flip) repeats the uninterrupted run.
+  o.random_flip = true;
+  o.trainer.output_dir = f.dir / "kohya_full";
+  const auto full = tools::run_train(o, stdout);
+  TrainCommandOptions interrupted = o;
+  interrupted.trainer.output_dir = f.dir / "kohya_resumed";
+  const auto first = tools::run_train(interrupted, stdout, [](const train::StepLog& s) {
+    if (s.step == 2) std::raise(SIGINT);
+  });
+  CHECK(first.interrupted);
+  interrupted.trainer.resume_from_checkpoint = "latest";
+  CHECK(read_all(tools::run_train(interrupted, stdout).lora_file) == read_all(full.lora_file));
+
   o.trainer.with_prior_preservation = true;
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--reg_data_dir"));
 }
