@@ -16,6 +16,7 @@
 #include "cmd_sample.hpp"
 #include "config_file.hpp"
 #include "dataset.hpp"
+#include "dataset_config.hpp"
 #include "difftrain/lora/kohya_metadata.hpp"
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
@@ -113,9 +114,10 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
   require(!o.pretrained_model_name_or_path.empty(), fn,
           "--pretrained_model_name_or_path is required (a diffusers model folder)");
   const bool dreambooth = !o.instance_data_dir.empty();
-  require(dreambooth != !o.train_data_dir.empty(), fn,
-          "give exactly one of --train_data_dir (captioned images) and --instance_data_dir "
-          "(DreamBooth)");
+  require(int(dreambooth) + int(!o.train_data_dir.empty()) + int(!o.dataset_subsets.empty()) == 1,
+          fn,
+          "give exactly one of --train_data_dir (captioned images), --instance_data_dir "
+          "(DreamBooth) and --dataset_config (kohya's dataset TOML)");
   if (dreambooth)
     require(!o.instance_prompt.empty(), fn, "--instance_data_dir needs --instance_prompt");
   require(o.reg_data_dir.empty() || !o.trainer.with_prior_preservation, fn,
@@ -167,12 +169,15 @@ struct DatasetDir {
   bool is_reg = false;
   std::int64_t n_repeats = 1, img_count = 0, total = 0;  // total: Σ num_repeats as trained
 };
-std::vector<DatasetDir> dataset_dirs(const std::vector<Example>& examples) {
+std::vector<DatasetDir> dataset_dirs(const std::vector<Example>& examples,
+                                     const std::vector<DatasetSubset>& subsets) {
   std::vector<DatasetDir> dirs;
   for (const Example& e : examples) {
     const std::string dir = fs::path(e.image_path).parent_path().string();
     if (dirs.empty() || dirs.back().path != dir || dirs.back().is_reg != e.is_reg) {
-      const std::size_t n = kohya_folder_repeats(fs::path(dir).filename().string());
+      const std::size_t n = subsets.empty()
+                                ? kohya_folder_repeats(fs::path(dir).filename().string())
+                                : subsets.at(e.subset).num_repeats;
       dirs.push_back(
           {dir, e.is_reg, std::int64_t(e.is_reg ? std::max<std::size_t>(n, 1) : e.num_repeats)});
     }
@@ -207,21 +212,35 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   folder_options.caption_column = o.caption_column;
   folder_options.caption_extension = o.caption_extension;
   std::vector<std::string> ignored;
-  std::vector<Example> examples =
-      !o.instance_data_dir.empty() ? scan_dreambooth_folder(o.instance_data_dir, o.instance_prompt)
-      : is_kohya_folder(o.train_data_dir)
-          ? scan_kohya_folder(o.train_data_dir, folder_options, false, &ignored)
-          : scan_image_folder(o.train_data_dir, folder_options);
-  if (!o.reg_data_dir.empty()) {
-    std::vector<Example> reg = balance_regularization(
-        examples, scan_kohya_folder(o.reg_data_dir, folder_options, true, &ignored));
-    for (Example& e : reg) examples.push_back(std::move(e));
+  std::vector<Example> examples, reg;
+  if (!o.dataset_subsets.empty()) {  // kohya's dataset config
+    for (std::size_t k = 0; k < o.dataset_subsets.size(); ++k) {
+      const DatasetSubset& s = o.dataset_subsets[k];
+      ImageFolderOptions subset_folder = folder_options;
+      subset_folder.caption_extension = s.caption_extension;
+      for (Example& e : scan_repeat_folder(s.image_dir, subset_folder, s.class_tokens,
+                                           s.num_repeats, s.is_reg, k))
+        (s.is_reg ? reg : examples).push_back(std::move(e));
+      data_options.subset_captions.push_back(s.caption);
+    }
+  } else if (!o.instance_data_dir.empty()) {
+    examples = scan_dreambooth_folder(o.instance_data_dir, o.instance_prompt);
+  } else if (is_kohya_folder(o.train_data_dir)) {
+    examples = scan_kohya_folder(o.train_data_dir, folder_options, false, &ignored);
+  } else {
+    examples = scan_image_folder(o.train_data_dir, folder_options);
   }
+  if (!o.reg_data_dir.empty())
+    for (Example& e : scan_kohya_folder(o.reg_data_dir, folder_options, true, &ignored))
+      reg.push_back(std::move(e));
+  require(reg.empty() || !examples.empty(), fn, "there are regularisation images only");
+  for (Example& e : balance_regularization(examples, std::move(reg)))
+    examples.push_back(std::move(e));
   if (log) {
     for (const std::string& dir : ignored)
       std::fprintf(log, "difftrain train: ignoring '%s' (no \"<repeats>_\" in its name)\n",
                    dir.c_str());
-    for (const DatasetDir& d : dataset_dirs(examples))
+    for (const DatasetDir& d : dataset_dirs(examples, o.dataset_subsets))
       std::fprintf(log, "difftrain train: %s'%s': %lld images x %lld repeats, %lld per epoch\n",
                    d.is_reg ? "regularisation " : "", d.path.c_str(),
                    static_cast<long long>(d.img_count), static_cast<long long>(d.n_repeats),
@@ -323,14 +342,14 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   if (o.min_timestep >= 0) r.min_timestep = o.min_timestep;
   if (o.max_timestep >= 0) r.max_timestep = o.max_timestep;
   if (o.clip_skip > 0) r.clip_skip = std::int64_t(o.clip_skip);
-  for (const DatasetDir& d : dataset_dirs(data.examples())) {
+  for (const DatasetDir& d : dataset_dirs(data.examples(), o.dataset_subsets)) {
     const std::string name = fs::path(d.path).filename().string();
     (d.is_reg ? r.reg_dataset_dirs : r.dataset_dirs).push_back({name, d.n_repeats, d.img_count});
     (d.is_reg ? r.num_reg_images : r.num_train_images) +=
         d.is_reg ? d.n_repeats * d.img_count : d.total;  // kohya: the folder's repeats
   }
   if (data.with_prior_preservation()) {
-    for (const DatasetDir& d : dataset_dirs(data.class_examples()))
+    for (const DatasetDir& d : dataset_dirs(data.class_examples(), {}))
       r.reg_dataset_dirs.push_back({fs::path(d.path).filename().string(), 1, d.img_count});
     r.num_reg_images = std::int64_t(data.class_examples().size());
   }
@@ -596,6 +615,11 @@ std::size_t generate_class_images(const TrainCommandOptions& o, pipeline::ModelF
 
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                          const TrainStepHook& on_step) {
+  if (!o.dataset_config.empty() && o.dataset_subsets.empty()) {  // the run the config describes
+    TrainCommandOptions resolved = o;
+    resolved.dataset_subsets = read_dataset_config(o.dataset_config, resolved);
+    return run_train(resolved, log, on_step);
+  }
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
 
@@ -753,6 +777,9 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "prior preservation: class images used; missing ones are generated (default 100)");
   cmd.add_option("--sample_batch_size", o.sample_batch_size,
                  "images per batch when generating class images");
+  cmd.add_option("--dataset_config", o.dataset_config,
+                 "kohya's dataset TOML: [general], one [[datasets]] and its [[datasets.subsets]] "
+                 "(image_dir, num_repeats, is_reg, class_tokens, caption options, ...)");
   cmd.add_option("--reg_data_dir", o.reg_data_dir,
                  "kohya: regularisation images in \"<repeats>_<name>\" folders, balanced to the "
                  "training images' count, loss × --prior_loss_weight");

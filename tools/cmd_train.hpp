@@ -46,8 +46,21 @@ inline train::TrainerOptions default_trainer_options() {
   return t;
 }
 
+/// One image folder of a kohya dataset config ([[datasets.subsets]], dataset_config.hpp).
+struct DatasetSubset {
+  std::string image_dir;
+  std::size_t num_repeats = 1;
+  bool is_reg = false;
+  std::string class_tokens;  // the caption of an image without a caption file
+  std::string caption_extension = ".txt";
+  CaptionOptions caption;
+};
+
 struct TrainCommandOptions {
   std::string config;
+  std::string dataset_config;  // kohya --dataset_config (TOML)
+  // From dataset_config (run_train reads it): the image folders, with their caption options.
+  std::vector<DatasetSubset> dataset_subsets;
 
   // Model and data.
   std::string pretrained_model_name_or_path;

@@ -220,17 +220,29 @@ std::vector<Example> scan_kohya_folder(const std::string& folder, const ImageFol
       if (ignored) ignored->push_back(sub.string());
       continue;
     }
-    const std::string class_tokens = name.substr(name.find('_') + 1);
-    const std::vector<fs::path> images = folder_images(fn, sub);
-    for (const fs::path& file : images) {
-      Example e{file.string(), sidecar_caption(file, options).second.value_or(class_tokens)};
-      e.num_repeats = repeats;
-      e.is_reg = is_reg;
+    for (Example& e : scan_repeat_folder(sub.string(), options, name.substr(name.find('_') + 1),
+                                         repeats, is_reg))
       out.push_back(std::move(e));
-    }
-    require(!images.empty(), fn, "no PNG, JPEG or BMP images in '", sub.string(), "'");
   }
   require(!out.empty(), fn, "no \"<repeats>_<name>\" image folders in '", folder, "'");
+  return out;
+}
+
+std::vector<Example> scan_repeat_folder(const std::string& folder,
+                                        const ImageFolderOptions& options,
+                                        const std::string& class_tokens, std::size_t repeats,
+                                        bool is_reg, std::size_t subset) {
+  constexpr const char* fn = "scan_repeat_folder";
+  check_folder(fn, folder);
+  std::vector<Example> out;
+  for (const fs::path& file : folder_images(fn, folder)) {
+    Example e{file.string(), sidecar_caption(file, options).second.value_or(class_tokens)};
+    e.num_repeats = repeats;
+    e.is_reg = is_reg;
+    e.subset = subset;
+    out.push_back(std::move(e));
+  }
+  require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
   return out;
 }
 
@@ -271,11 +283,15 @@ ImageCaptionDataSource::ImageCaptionDataSource(std::vector<Example> examples, To
   require(options_.resolution > 0, fn, "resolution is ", options_.resolution, ", expected > 0");
   require(options_.train_batch_size > 0, fn, "train_batch_size is 0, expected >= 1");
   options_.caption.validate();
+  for (const CaptionOptions& c : options_.subset_captions) c.validate();
   require(std::isfinite(options_.reg_loss_weight) && options_.reg_loss_weight >= 0, fn,
           "reg_loss_weight is ", options_.reg_loss_weight, ", expected a finite value >= 0");
   for (std::size_t k = 0; k < sets_[0].size(); ++k) {
     const Example& e = sets_[0][k];
     require(e.num_repeats >= 1, fn, "'", e.image_path, "' has num_repeats 0, expected >= 1");
+    require(options_.subset_captions.empty() || e.subset < options_.subset_captions.size(), fn, "'",
+            e.image_path, "' has subset ", e.subset, ", expected < ",
+            options_.subset_captions.size(), " (the subsets' caption options)");
     first_entry_.push_back(entries_.size());
     entries_.insert(entries_.end(), e.num_repeats, k);
     has_reg_ = has_reg_ || e.is_reg;
@@ -476,12 +492,15 @@ std::string ImageCaptionDataSource::example_caption(std::size_t i, std::uint64_t
           : choices[std::size_t(uniform_int(
                 stream().derive(epoch, purpose_id(StreamPurpose::data_caption) + std::uint32_t(s)),
                 i, 0, std::int64_t(choices.size())))];
-  if (options_.caption.is_identity()) return caption;
+  const CaptionOptions& edit = options_.subset_captions.empty()
+                                   ? options_.caption
+                                   : options_.subset_captions.at(example.subset);
+  if (edit.is_identity()) return caption;
   const RandomStream rs =
       stream()
           .derive(epoch, purpose_id(StreamPurpose::data_caption_edit) + std::uint32_t(s))
           .derive(i, 0);
-  return process_caption(caption, options_.caption, epoch, rs);
+  return process_caption(caption, edit, epoch, rs);
 }
 
 TokenIds ImageCaptionDataSource::tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch,

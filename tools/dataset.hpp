@@ -52,6 +52,7 @@ struct Example {
   /// regularisation images as balanced by balance_regularization).
   std::size_t num_repeats = 1;
   bool is_reg = false;  // a regularisation image (kohya --reg_data_dir): loss × prior_loss_weight
+  std::size_t subset = 0;  // its caption options: DataSourceOptions::subset_captions[subset]
   bool operator==(const Example&) const = default;
 };
 
@@ -88,6 +89,13 @@ std::size_t kohya_folder_repeats(const std::string& folder_name);
 std::vector<Example> scan_kohya_folder(const std::string& folder, const ImageFolderOptions& options,
                                        bool is_reg, std::vector<std::string>* ignored = nullptr);
 
+/// The images of one kohya image folder (sorted), each with `repeats`, `is_reg`, `subset` and the
+/// first line of its caption file, or `class_tokens` without one. No image is an Error.
+std::vector<Example> scan_repeat_folder(const std::string& folder,
+                                        const ImageFolderOptions& options,
+                                        const std::string& class_tokens, std::size_t repeats,
+                                        bool is_reg, std::size_t subset = 0);
+
 /// kohya's balancing of regularisation images (DreamBoothDataset): with T = Σ train repeats,
 /// the reg images are taken in order, each with its folder's repeats, until T is reached (the
 /// rest are left out); while still short of T, one more repeat each in turn. Returns the reg
@@ -114,9 +122,13 @@ struct DataSourceOptions {
   // torchvision's default and diffusers v0.26's behaviour; newer diffusers scripts default to
   // lanczos.
   Interpolation interpolation = Interpolation::bilinear;
-  CaptionOptions caption =
-      {};                     // kohya's prefix/suffix, dropout, shuffle, tag dropout (caption.hpp)
-  float reg_loss_weight = 1;  // sample weight of Example::is_reg rows (kohya's prior_loss_weight)
+  // kohya's caption prefix/suffix, dropout, shuffle, tag dropout (caption.hpp).
+  CaptionOptions caption = {};
+  // kohya's dataset config: the caption options of each subset (Example::subset); empty: every
+  // example uses `caption`.
+  std::vector<CaptionOptions> subset_captions = {};
+  // The sample weight of Example::is_reg rows (kohya's prior_loss_weight).
+  float reg_loss_weight = 1;
   // kohya --enable_bucket (buckets.hpp): each image to the bucket of nearest aspect ratio,
   // resized to cover it (`interpolation`) and cropped to it; a micro-batch holds one bucket.
   // resolution, and the shorter-side resize, are then unused.

@@ -561,6 +561,21 @@ TEST_CASE("difftrain train: kohya folders with repeats, regularisation images an
   interrupted.trainer.resume_from_checkpoint = "latest";
   CHECK(read_all(tools::run_train(interrupted, stdout).lora_file) == read_all(full.lora_file));
 
+  // The same folders as kohya's dataset config (--dataset_config) train the same LoRA.
+  const fs::path toml = f.dir / "dataset.toml";
+  std::ofstream(toml) << "[general]\nshuffle_caption = true\nkeep_tokens = 1\n[[datasets]]\n"
+                      << "[[datasets.subsets]]\nimage_dir = '" << (train / "3_shapes").string()
+                      << "'\nnum_repeats = 3\nclass_tokens = 'shapes'\n"
+                      << "[[datasets.subsets]]\nimage_dir = '" << (reg / "1_shape").string()
+                      << "'\nis_reg = true\nclass_tokens = 'shape'\n";
+  TrainCommandOptions from_toml = o;
+  from_toml.train_data_dir.clear();
+  from_toml.reg_data_dir.clear();
+  from_toml.caption = {};  // from the file's [general]
+  from_toml.dataset_config = toml.string();
+  from_toml.trainer.output_dir = f.dir / "kohya_toml";
+  CHECK(read_all(tools::run_train(from_toml, stdout).lora_file) == read_all(full.lora_file));
+
   o.trainer.with_prior_preservation = true;
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--reg_data_dir"));
 }
