@@ -42,6 +42,27 @@ struct FolderLatentEncoder {
 };
 static_assert(LatentEncoder<FolderLatentEncoder>);
 
+/// kohya's F.interpolate(mask, size=latent, mode="area") for a factor f: the mean of each f×f
+/// block of mask [B,1,H,W] (H, W multiples of f).
+Tensor4<float> area_downsample(const Tensor4<float>& mask, std::size_t f) {
+  const auto& s = mask.shape();
+  require(s[2] % f == 0 && s[3] % f == 0, "masked loss", "mask ", s[2], "x", s[3],
+          " is not a multiple of the VAE factor ", f);
+  if (f == 1) return mask;
+  const std::size_t h = s[2] / f, w = s[3] / f;
+  Tensor4<float> out(Tensor4<float>::shape_type{s[0], s[1], h, w});
+  for (std::size_t b = 0; b < s[0] * s[1]; ++b)
+    for (std::size_t y = 0; y < h; ++y)
+      for (std::size_t x = 0; x < w; ++x) {
+        double sum = 0;
+        for (std::size_t dy = 0; dy < f; ++dy)
+          for (std::size_t dx = 0; dx < f; ++dx)
+            sum += mask.data()[(b * s[2] + y * f + dy) * s[3] + x * f + dx];
+        out.data()[(b * h + y) * w + x] = float(sum / double(f * f));
+      }
+  return out;
+}
+
 /// Micro-batches whose images are replaced by VAE latents computed once per example
 /// (--cache_latents, as diffusers' DreamBooth script does: the posterior of each example's first
 /// preprocessing is kept and sampled anew every micro-batch, deterministic in m).
@@ -61,6 +82,12 @@ class CachedLatentSource {
       batch.class_token_ids = data_.batch_token_ids(m, true);
     }
     batch.sample_weights = data_.batch_sample_weights(m);
+    if (data_.has_masks()) {  // the masks of the cached crops, on the latent grid
+      std::vector<std::size_t> first;
+      for (std::size_t i : rows) first.push_back(data_.first_index_of(data_.example_of(i)));
+      const Tensor4<float> mask = data_.masks(first, 0);
+      batch.mask = area_downsample(mask, mask.shape()[2] / batch.images.shape()[2]);
+    }
     return batch;
   }
 
@@ -204,6 +231,13 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   data_options.cache_images = true;
   data_options.caption = o.caption;
   data_options.reg_loss_weight = float(o.trainer.prior_loss_weight);
+  data_options.alpha_mask = o.alpha_mask;
+  if (o.masked_loss && !o.alpha_mask) {
+    require(!o.conditioning_data_dir.empty(), fn,
+            "--masked_loss needs masks: --conditioning_data_dir (same-named mask images) or "
+            "--alpha_mask (the images' alpha channel)");
+    data_options.mask_dir = o.conditioning_data_dir;
+  }
   if (o.enable_bucket) {
     data_options.buckets = o.buckets;
     data_options.buckets->resolution_width = data_options.buckets->resolution_height = o.resolution;
@@ -695,6 +729,13 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     return path;
   };
 
+  // The masks (--masked_loss) on the latent grid.
+  auto masked = [&data, f = model.vae_scale_factor()](std::uint64_t m) {
+    train::TrainBatch batch = data(m);
+    if (batch.mask) batch.mask = area_downsample(*batch.mask, f);
+    return batch;
+  };
+
   // The loop: log, checkpoint every checkpointing_steps, validate every validation_epochs.
   ProgressReporter progress(log, o.plain_log);
   CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
@@ -704,7 +745,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                            t.max_train_steps, " steps from step ", trainer.global_step()));
   std::int64_t epochs_done = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
   while (trainer.global_step() < t.max_train_steps) {
-    const train::StepLog s = cached ? trainer.train_step(*cached) : trainer.train_step(data);
+    const train::StepLog s = cached ? trainer.train_step(*cached) : trainer.train_step(masked);
     csv.write(s.step, s.loss, s.lr, s.grad_norm, s.skipped);
     progress.update({s.step, t.max_train_steps, s.loss, s.lr, s.it_per_s});
     if (t.checkpointing_steps > 0 && s.step % t.checkpointing_steps == 0) trainer.save_checkpoint();
@@ -780,6 +821,14 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--dataset_config", o.dataset_config,
                  "kohya's dataset TOML: [general], one [[datasets]] and its [[datasets.subsets]] "
                  "(image_dir, num_repeats, is_reg, class_tokens, caption options, ...)");
+  cmd.add_flag("--masked_loss", o.masked_loss,
+               "weight the loss by a mask per image: --conditioning_data_dir or --alpha_mask "
+               "(kohya)");
+  cmd.add_flag("--alpha_mask", o.alpha_mask,
+               "the images' alpha channel is the loss mask (kohya; enables the masked loss)");
+  cmd.add_option("--conditioning_data_dir", o.conditioning_data_dir,
+                 "masks for --masked_loss: an image of the same name per training image, white = "
+                 "trained (kohya)");
   cmd.add_option("--reg_data_dir", o.reg_data_dir,
                  "kohya: regularisation images in \"<repeats>_<name>\" folders, balanced to the "
                  "training images' count, loss × --prior_loss_weight");

@@ -80,6 +80,11 @@ struct TrainCommandOptions {
   bool random_flip = false;
   std::string image_interpolation_mode = "bilinear";  // diffusers; newer versions: lanczos
   bool cache_latents = false;
+  // kohya's masked loss: --masked_loss with masks from --conditioning_data_dir (same-named
+  // images, red channel), or --alpha_mask (the images' alpha channel; enables it alone).
+  bool masked_loss = false;
+  bool alpha_mask = false;
+  std::string conditioning_data_dir;
   std::size_t clip_skip = 0;       // kohya's --clip_skip: 2 = the penultimate layer; 0, 1: last
   bool zero_terminal_snr = false;  // kohya: rescale the betas to zero terminal SNR
 

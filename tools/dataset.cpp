@@ -297,6 +297,12 @@ ImageCaptionDataSource::ImageCaptionDataSource(std::vector<Example> examples, To
     has_reg_ = has_reg_ || e.is_reg;
   }
   for (int s = 0; s < 2; ++s) cache_[s].resize(options_.cache_images ? sets_[s].size() : 0);
+  mask_cache_.resize(options_.cache_images && has_masks() ? sets_[0].size() : 0);
+  require(!has_masks() || sets_[1].empty(), fn,
+          "masked loss with DreamBooth class images is not supported: give regularisation images "
+          "as kohya does (--reg_data_dir), with masks of their own");
+  require(!(options_.alpha_mask && !options_.mask_dir.empty()), fn,
+          "give one mask source: the alpha channel or a mask folder");
   if (options_.buckets) assign_buckets();
 }
 
@@ -378,7 +384,39 @@ std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) 
 }
 
 Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, bool class_set) {
-  const int s = class_set ? 1 : 0;
+  return preprocess(i, epoch, class_set ? 1 : 0, false);
+}
+
+Image ImageCaptionDataSource::example_mask(std::size_t i, std::uint64_t epoch) {
+  require(has_masks(), "example_mask", "the data source has no masks (alpha_mask, mask_dir)");
+  return preprocess(i, epoch, 0, true);
+}
+
+Image ImageCaptionDataSource::load_mask(std::size_t k) const {
+  constexpr const char* fn = "masked loss";
+  const fs::path image = sets_[0][k].image_path;
+  if (options_.alpha_mask) return load_image_alpha(image.string());
+  // kohya: the conditioning image of the same stem, any image extension.
+  for (const auto& entry : fs::directory_iterator(options_.mask_dir))
+    if (entry.path().stem() == image.stem() && image_kind(entry.path()) != ImageKind::other)
+      return load_image(entry.path().string());
+  fail(fn, "no mask for '", image.string(), "' in '", options_.mask_dir, "' (expected ",
+       image.stem().string(), ".png or another image of that name)");
+}
+
+Tensor4<float> ImageCaptionDataSource::masks(const std::vector<std::size_t>& rows,
+                                             std::uint64_t epoch) {
+  std::vector<Image> masks;
+  for (std::size_t i : rows) masks.push_back(example_mask(i, epoch));
+  const std::size_t h = std::size_t(masks.at(0).height), w = std::size_t(masks.at(0).width);
+  Tensor4<float> out(Tensor4<float>::shape_type{rows.size(), 1, h, w});
+  for (std::size_t j = 0; j < masks.size(); ++j)
+    for (std::size_t p = 0; p < h * w; ++p)
+      out.data()[j * h * w + p] = masks[j].rgb[3 * p] / 255.0f;
+  return out;
+}
+
+Image ImageCaptionDataSource::preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask) {
   require(!sets_[s].empty(), "example_image", "there are no class examples");
   const std::size_t k = example_index(s, i);
   const RandomStream crop =
@@ -390,7 +428,7 @@ Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, 
       (random_bits(stream().derive(epoch, purpose_id(StreamPurpose::data_flip) + std::uint32_t(s)),
                    i) &
        1);
-  const Image& resized = resized_image(s, k);
+  const Image& resized = resized_image(s, k, mask);
   if (options_.buckets && s == 0) {
     const BucketChoice& c = choices_[k];
     const auto [left, top] = bucket_crop_origin(c, !options_.center_crop, crop_seed);
@@ -412,6 +450,7 @@ train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
     batch.class_token_ids = tokenize(rows, epoch, 1);
   }
   batch.sample_weights = batch_sample_weights(m);
+  if (has_masks()) batch.mask = masks(rows, epoch);
   return batch;
 }
 
@@ -449,9 +488,15 @@ const std::vector<std::size_t>& ImageCaptionDataSource::order(std::uint64_t epoc
   return perm_;
 }
 
-const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k) {
+const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k, bool mask) {
   auto load = [&] {
-    const Image image = load_image(sets_[s][k].image_path);
+    const Image image = mask ? load_mask(k) : load_image(sets_[s][k].image_path);
+    if (mask) {
+      const Image reference = load_image(sets_[s][k].image_path);  // sizes must agree
+      require(image.width == reference.width && image.height == reference.height, "masked loss",
+              "the mask of '", sets_[s][k].image_path, "' is ", image.width, "x", image.height,
+              ", expected the image's ", reference.width, "x", reference.height);
+    }
     if (options_.buckets && s == 0)
       return resize_image(image, choices_[k].resized_width, choices_[k].resized_height,
                           options_.interpolation);
@@ -462,8 +507,9 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k) {
     scratch_ = load();
     return scratch_;
   }
-  if (!cache_[s][k]) cache_[s][k] = load();
-  return *cache_[s][k];
+  std::optional<Image>& cached = mask ? mask_cache_.at(k) : cache_[s][k];
+  if (!cached) cached = load();
+  return *cached;
 }
 
 Tensor4<float> ImageCaptionDataSource::make_images(const std::vector<std::size_t>& rows,

@@ -129,6 +129,11 @@ struct DataSourceOptions {
   std::vector<CaptionOptions> subset_captions = {};
   // The sample weight of Example::is_reg rows (kohya's prior_loss_weight).
   float reg_loss_weight = 1;
+  // kohya --masked_loss: a loss mask per image, resized, cropped and flipped with it (white =
+  // trained, black = ignored): its alpha channel (--alpha_mask), or the red channel of the
+  // same-named image in mask_dir (kohya's conditioning_data_dir). Off when neither is given.
+  bool alpha_mask = false;
+  std::string mask_dir = {};
   // kohya --enable_bucket (buckets.hpp): each image to the bucket of nearest aspect ratio,
   // resized to cover it (`interpolation`) and cropped to it; a micro-batch holds one bucket.
   // resolution, and the shorter-side resize, are then unused.
@@ -162,6 +167,14 @@ class ImageCaptionDataSource {
   /// The preprocessed image of dataset index i in epoch e (class_set: the class example paired
   /// with i): crop and flip drawn from (seed, e, i), separately for the two sets.
   Image example_image(std::size_t i, std::uint64_t epoch, bool class_set = false);
+
+  /// With masks (alpha_mask or mask_dir): the mask of dataset index i in epoch e, with the crop and
+  /// flip of example_image(i, e), as a grey image (the mask in every channel).
+  Image example_mask(std::size_t i, std::uint64_t epoch);
+  bool has_masks() const { return options_.alpha_mask || !options_.mask_dir.empty(); }
+  /// The masks [B,1,H,W] in [0, 1] of dataset indices `rows` in epoch e (example_mask's red
+  /// channel / 255); TrainBatch::mask of a micro-batch is masks(batch_indices(m), epoch).
+  Tensor4<float> masks(const std::vector<std::size_t>& rows, std::uint64_t epoch);
 
   /// The caption of dataset index i in epoch e (class_set: of the class example paired with i):
   /// the example's caption, or one of its caption_choices drawn uniformly from (seed, e, i), then
@@ -209,7 +222,11 @@ class ImageCaptionDataSource {
 
   // Decoded and resized to the shorter side = resolution, or to its bucket's resize (cached when
   // asked).
-  const Image& resized_image(int s, std::size_t k);
+  const Image& resized_image(int s, std::size_t k, bool mask = false);
+  // example_image (mask false) or example_mask (true).
+  Image preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask);
+  // The mask of example k as decoded (before the resize).
+  Image load_mask(std::size_t k) const;
 
   Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s);
 
@@ -232,6 +249,7 @@ class ImageCaptionDataSource {
   Tokenize tokenize_;
   DataSourceOptions options_;
   std::vector<std::optional<Image>> cache_[2];
+  std::vector<std::optional<Image>> mask_cache_;  // resized masks of sets_[0] (cache_images)
   Image scratch_;
   mutable std::vector<std::size_t> perm_;  // epoch_permutation(perm_epoch_)
   mutable std::uint64_t perm_epoch_ = 0;

@@ -28,7 +28,10 @@ void check_image(const char* fn, const Image& image) {
 
 }  // namespace
 
-Image load_image(const std::string& path) {
+namespace {
+
+// The file decoded to `channels` (3: RGB; 4: RGBA) and its EXIF orientation.
+std::pair<Image, int> decode_image(const std::string& path, int channels) {
   constexpr const char* fn = "load_image";
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   require(bool(in), fn, "cannot read image '", path, "': cannot open the file");
@@ -39,19 +42,39 @@ Image load_image(const std::string& path) {
   in.seekg(0);
   in.read(reinterpret_cast<char*>(bytes.data()), size);
   require(bool(in), fn, "cannot read image '", path, "': reading the file failed");
-  int w = 0, h = 0, channels = 0;
-  stbi_uc* data = stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &channels, 3);
+  int w = 0, h = 0, file_channels = 0;
+  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels))
+    require(double(w) * double(h) <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
+            " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");
+  stbi_uc* data =
+      stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels, channels);
   if (data == nullptr) {
     const char* reason = stbi_failure_reason();
     throw Error(
         message(fn, ": cannot read image '", path, "': ", reason ? reason : "unknown error"));
   }
-  Image image;
-  image.width = w;
-  image.height = h;
-  image.rgb.assign(data, data + std::size_t(w) * std::size_t(h) * 3);
+  Image image(w, h);
+  const std::size_t n = std::size_t(w) * std::size_t(h);
+  if (channels == 3) {
+    image.rgb.assign(data, data + n * 3);
+  } else {  // alpha into every channel
+    for (std::size_t k = 0; k < n; ++k)
+      image.rgb[3 * k] = image.rgb[3 * k + 1] = image.rgb[3 * k + 2] = data[4 * k + 3];
+  }
   stbi_image_free(data);
-  return exif_transpose(image, exif_orientation(bytes));
+  return {std::move(image), exif_orientation(bytes)};
+}
+
+}  // namespace
+
+Image load_image(const std::string& path) {
+  auto [image, orientation] = decode_image(path, 3);
+  return exif_transpose(image, orientation);
+}
+
+Image load_image_alpha(const std::string& path) {
+  auto [image, orientation] = decode_image(path, 4);
+  return exif_transpose(image, orientation);
 }
 
 namespace {

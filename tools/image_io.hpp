@@ -36,10 +36,20 @@ struct Image {
   bool operator==(const Image&) const = default;
 };
 
+/// Images whose header declares more pixels than this are refused before decoding (a bomb, or a
+/// scan far beyond any training resolution; PIL refuses twice its 89.5M-pixel warning limit).
+inline constexpr double kMaxImagePixels = 178956970;
+
 /// Any channel count (grey, grey+alpha, RGB, RGBA) → RGB; alpha is dropped, not composited. A
 /// JPEG is turned upright by its EXIF orientation (exif_transpose(image, exif_orientation(file))),
 /// as diffusers' scripts do with PIL.ImageOps.exif_transpose right after opening an image.
+/// A file that cannot be decoded, or declares more than kMaxImagePixels, is an Error naming it.
 Image load_image(const std::string& path);
+
+/// The alpha channel of the image at `path` (kohya --alpha_mask), as a grey Image (the alpha
+/// value in all three channels), turned upright as load_image does; 255 everywhere when the file
+/// has no alpha.
+Image load_image_alpha(const std::string& path);
 
 /// The Orientation tag (0x0112) of a JPEG file's first APP1 "Exif" segment, in either byte order
 /// ("II" or "MM" TIFF header), 1 to 8; 1 (upright) when the file has none, or when the JPEG

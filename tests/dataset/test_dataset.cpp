@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <map>
 #include <set>
 #include <string>
@@ -606,4 +607,70 @@ TEST_CASE("data source with buckets: one bucket per micro-batch, each index once
   // Class images with buckets: an error that names the kohya alternative.
   CHECK_THROWS_WITH(tools::ImageCaptionDataSource(ex, number_tokenizer, o, ex),
                     Catch::Contains("--reg_data_dir"));
+}
+
+TEST_CASE(
+    "masks (kohya's masked loss): the alpha channel or a mask folder, cropped and flipped "
+    "with the image",
+    "[dataset][mask]") {
+  TempDir dir;
+  // 16×12 RGBA: red encodes the column (x·16), alpha is opaque on the left half only.
+  const int w = 16, h = 12;
+  std::vector<std::uint8_t> rgba(std::size_t(w * h * 4));
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      std::uint8_t* p = rgba.data() + 4 * (y * w + x);
+      p[0] = std::uint8_t(16 * x), p[1] = 0, p[2] = 0, p[3] = x < w / 2 ? 255 : 0;
+    }
+  std::vector<Example> ex;
+  for (int i = 0; i < 3; ++i) {
+    const std::string path = dir / png_name("rgba", i);
+    REQUIRE(stbi_write_png(path.c_str(), w, h, 4, rgba.data(), w * 4));
+    ex.push_back({path, "caption " + std::to_string(i)});
+  }
+  tools::DataSourceOptions o{
+      .resolution = 8, .random_flip = true, .train_batch_size = 3, .seed = 3};
+  o.alpha_mask = true;
+  tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+  REQUIRE(data.has_masks());
+  std::size_t flipped = 0;
+  for (std::uint64_t m = 0; m < 6; ++m) {
+    const auto batch = data(m);
+    REQUIRE(batch.mask.has_value());
+    REQUIRE(batch.mask->shape() == std::array<std::size_t, 4>{3, 1, 8, 8});
+    for (std::size_t j = 0; j < 3; ++j) {
+      // Resized to 10×8 and cropped to 8×8: the mask's opaque side is the image's low-red side.
+      const bool mirrored = batch.images(j, 0, 0, 0) > batch.images(j, 0, 0, 7);
+      flipped += mirrored;
+      for (std::size_t y = 0; y < 8; ++y) {
+        CHECK(std::abs((*batch.mask)(j, 0, y, mirrored ? 7 : 0) - 1.0f) < 1e-6f);
+        CHECK(std::abs((*batch.mask)(j, 0, y, mirrored ? 0 : 7)) < 1e-6f);
+      }
+      for (float v : xt::view(*batch.mask, j)) REQUIRE((v >= 0 && v <= 1));
+    }
+  }
+  CHECK(flipped > 0);
+  CHECK(flipped < 18);
+
+  // A mask folder: the same-named image's red channel; a missing or misshapen mask is an error.
+  const fs::path masks = dir.path() / "masks";
+  fs::create_directories(masks);
+  Image half(w, h);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w / 2; ++x) half.pixel(x, y)[0] = 255;
+  for (int i = 0; i < 3; ++i) tools::save_png((masks / png_name("rgba", i)).string(), half);
+  o.alpha_mask = false;
+  o.mask_dir = masks.string();
+  tools::ImageCaptionDataSource from_folder(ex, number_tokenizer, o);
+  for (std::uint64_t m = 0; m < 3; ++m) CHECK(bool(*from_folder(m).mask == *data(m).mask));
+  fs::remove(masks / png_name("rgba", 1));
+  tools::save_png((masks / png_name("rgba", 2)).string(), Image(8, 8));
+  tools::ImageCaptionDataSource broken(ex, number_tokenizer, o);
+  CHECK_THROWS_WITH(broken.example_mask(1, 0),
+                    Catch::Contains("no mask for") && Catch::Contains(png_name("rgba", 1)));
+  CHECK_THROWS_WITH(broken.example_mask(2, 0),
+                    Catch::Contains("is 8x8, expected the image's 16x12"));
+  o.alpha_mask = true;
+  CHECK_THROWS_WITH(tools::ImageCaptionDataSource(ex, number_tokenizer, o),
+                    Catch::Contains("one mask source"));
 }

@@ -580,6 +580,66 @@ TEST_CASE("difftrain train: kohya folders with repeats, regularisation images an
   CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains("--reg_data_dir"));
 }
 
+TEST_CASE("difftrain train: --alpha_mask and --masked_loss weight the loss by the mask") {
+  Fixture f;
+  // The data again as RGBA PNGs with a constant alpha, and a mask folder of the same names.
+  auto with_alpha = [&](const std::string& name, std::uint8_t alpha) {
+    const fs::path dir = f.dir / name;
+    fs::create_directories(dir);
+    for (const auto& entry : fs::directory_iterator(f.data)) {
+      if (entry.path().extension() == ".txt") fs::copy(entry.path(), dir / entry.path().filename());
+      if (entry.path().extension() != ".png") continue;
+      const tools::Image im = tools::load_image(entry.path().string());
+      std::vector<std::uint8_t> rgba;
+      for (std::size_t p = 0; p < im.rgb.size(); p += 3)
+        rgba.insert(rgba.end(), {im.rgb[p], im.rgb[p + 1], im.rgb[p + 2], alpha});
+      REQUIRE(stbi_write_png((dir / entry.path().filename()).c_str(), im.width, im.height, 4,
+                             rgba.data(), im.width * 4));
+    }
+    return dir.string();
+  };
+  auto run = [&](const std::string& out, auto&& change) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.trainer.checkpointing_steps = 0;
+    change(o);
+    return tools::run_train(o, stdout);
+  };
+  const auto plain = run("plain", [](TrainCommandOptions&) {});
+  const std::string opaque = with_alpha("opaque", 255), clear = with_alpha("clear", 0);
+  // Mask 1 everywhere: the loss and the LoRA are those of the run without a mask.
+  const auto ones = run("ones", [&](TrainCommandOptions& o) {
+    o.train_data_dir = opaque;
+    o.alpha_mask = true;
+  });
+  CHECK(read_all(ones.lora_file) == read_all(plain.lora_file));
+  // Mask 0 everywhere: the loss is 0 and the up matrices keep their zero init.
+  const auto zeros = run("zeros", [&](TrainCommandOptions& o) {
+    o.train_data_dir = clear;
+    o.alpha_mask = true;
+  });
+  for (const std::string& line : read_lines(fs::path(f.dir / "zeros") / "training_log.csv"))
+    if (line.rfind("step", 0) != 0) CHECK(line.substr(line.find(',') + 1, 2) == "0,");
+  auto m = pipeline::load_model_folder(f.model);
+  for (const auto& [name, w] :
+       lora::read_lora(zeros.lora_file.string(), lora::module_names(m.unet)))
+    for (float v : w.up) REQUIRE(v == 0.0f);
+  // The same zero masks from a mask folder of black images (--masked_loss
+  // --conditioning_data_dir: the red channel).
+  const fs::path black = f.dir / "black";
+  fs::create_directories(black);
+  for (const auto& entry : fs::directory_iterator(f.data))
+    if (entry.path().extension() == ".png")
+      tools::save_png((black / entry.path().filename()).string(), tools::Image(8, 8));
+  const auto folder = run("folder", [&](TrainCommandOptions& o) {
+    o.masked_loss = true;
+    o.conditioning_data_dir = black.string();
+  });
+  CHECK(read_all(folder.lora_file) == read_all(zeros.lora_file));
+  TrainCommandOptions bad = f.options(f.dir / "bad");
+  bad.masked_loss = true;
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--masked_loss needs masks"));
+}
+
 TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
   Fixture f;
   // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet
