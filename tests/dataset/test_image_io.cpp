@@ -75,6 +75,11 @@ TEST_CASE("load_image converts grey and RGBA files to RGB", "[image_io]") {
   const Image c = tools::load_image(dir / "rgba.png");
   CHECK(px(c, 0, 0) == std::vector<int>{10, 20, 30});
   CHECK(px(c, 1, 0) == std::vector<int>{40, 50, 60});
+  // load_image_alpha: the alpha in every channel; 255 for a file without alpha.
+  const Image alpha = tools::load_image_alpha(dir / "rgba.png");
+  CHECK(px(alpha, 0, 0) == std::vector<int>{0, 0, 0});
+  CHECK(px(alpha, 1, 0) == std::vector<int>{255, 255, 255});
+  CHECK(px(tools::load_image_alpha(dir / "grey.png"), 2, 1) == std::vector<int>{255, 255, 255});
 
   // JPEG is lossy: a solid colour comes back close.
   const Image teal = solid(16, 16, 0, 128, 128);
@@ -90,6 +95,15 @@ TEST_CASE("load_image and save_png errors name the file", "[image_io]") {
                       Catch::Contains("missing.png") && Catch::Contains("load_image"));
   dir.write("text.png", "this is not a PNG file");
   REQUIRE_THROWS_WITH(tools::load_image(dir / "text.png"), Catch::Contains("text.png"));
+  // A header declaring 15000×12000 pixels (PNG signature + IHDR, no image data; below
+  // stb_image's own limit of 2^30 bytes) is refused before decoding.
+  const std::string huge_png =
+      std::string("\x89PNG\r\n\x1a\n", 8) + std::string("\0\0\0\x0dIHDR", 8) +
+      std::string("\0\0\x3a\x98\0\0\x2e\xe0\x08\x02\0\0\0", 13) + std::string(4, '\0');
+  dir.write("huge.png", huge_png);
+  REQUIRE_THROWS_WITH(tools::load_image(dir / "huge.png"),
+                      Catch::Contains("huge.png") && Catch::Contains("15000x12000") &&
+                          Catch::Contains("refused before decoding"));
 
   const std::string target = dir / "no_such_folder/out.png";
   REQUIRE_THROWS_WITH(tools::save_png(target, solid(2, 2, 1, 2, 3)), Catch::Contains("out.png"));
