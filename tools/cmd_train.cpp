@@ -267,6 +267,22 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   if (!o.reg_data_dir.empty())
     for (Example& e : scan_kohya_folder(o.reg_data_dir, folder_options, true, &ignored))
       reg.push_back(std::move(e));
+  // Images whose header cannot be read are left out with a message (kohya's behaviour for
+  // unreadable files), or stop the run with --strict_images.
+  auto readable = [&](std::vector<Example>& list) {
+    std::erase_if(list, [&](const Example& e) {
+      const std::string problem = image_header_problem(e.image_path);
+      if (problem.empty()) return false;
+      require(!o.strict_images, fn, "cannot read image '", e.image_path, "': ", problem,
+              " (--strict_images)");
+      if (log)
+        std::fprintf(log, "difftrain train: skipping '%s': %s\n", e.image_path.c_str(),
+                     problem.c_str());
+      return true;
+    });
+  };
+  readable(examples);
+  readable(reg);
   require(reg.empty() || !examples.empty(), fn, "there are regularisation images only");
   for (Example& e : balance_regularization(examples, std::move(reg)))
     examples.push_back(std::move(e));
@@ -283,6 +299,7 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   std::vector<Example> class_examples;
   if (o.trainer.with_prior_preservation) {
     class_examples = scan_dreambooth_folder(o.class_data_dir, o.class_prompt);
+    readable(class_examples);
     if (class_examples.size() > std::size_t(o.num_class_images))  // diffusers: the first N
       class_examples.resize(std::size_t(o.num_class_images));
   }
@@ -821,6 +838,9 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--dataset_config", o.dataset_config,
                  "kohya's dataset TOML: [general], one [[datasets]] and its [[datasets.subsets]] "
                  "(image_dir, num_repeats, is_reg, class_tokens, caption options, ...)");
+  cmd.add_flag("--strict_images", o.strict_images,
+               "an image that cannot be read stops the run (default: it is skipped with a "
+               "message)");
   cmd.add_flag("--masked_loss", o.masked_loss,
                "weight the loss by a mask per image: --conditioning_data_dir or --alpha_mask "
                "(kohya)");

@@ -82,6 +82,7 @@ struct TrainCommandOptions {
   bool cache_latents = false;
   // kohya's masked loss: --masked_loss with masks from --conditioning_data_dir (same-named
   // images, red channel), or --alpha_mask (the images' alpha channel; enables it alone).
+  bool strict_images = false;  // an unreadable image is an Error instead of being skipped
   bool masked_loss = false;
   bool alpha_mask = false;
   std::string conditioning_data_dir;

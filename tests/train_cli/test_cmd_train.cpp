@@ -640,6 +640,26 @@ TEST_CASE("difftrain train: --alpha_mask and --masked_loss weight the loss by th
   CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--masked_loss needs masks"));
 }
 
+TEST_CASE(
+    "difftrain train: an unreadable image is skipped, or stops the run with --strict_images") {
+  Fixture f;
+  const fs::path data = f.dir / "with_bad";
+  fs::copy(f.data, data, fs::copy_options::recursive);
+  std::ofstream(data / "bad.png") << "not a PNG";
+  std::ofstream(data / "bad.txt") << "a red circle";
+  TrainCommandOptions o = f.options(f.dir / "skip");
+  o.train_data_dir = data.string();
+  o.max_train_steps = 2;
+  const auto r = tools::run_train(o, stdout);
+  CHECK(r.global_step == 2);
+  CHECK(io::SafetensorsFile::open(r.lora_file.string()).metadata().at("ss_num_train_images") ==
+        "6");
+  o.strict_images = true;
+  o.trainer.output_dir = f.dir / "strict";
+  CHECK_THROWS_WITH(tools::run_train(o),
+                    Catch::Contains("bad.png") && Catch::Contains("--strict_images"));
+}
+
 TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
   Fixture f;
   // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet
