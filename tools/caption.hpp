@@ -34,6 +34,31 @@ struct CaptionOptions {
   std::string secondary_separator;  // "": off
   double caption_tag_dropout_rate = 0;
 
+  /// Calls visit(name, alias, member, help) for each member: its kohya name (the flag "--name",
+  /// the dataset-config key), a second flag name or "", the member, the flag's help. The one
+  /// list the command line and the dataset config are bound from.
+  template <class Self, class Visitor>
+  static void for_each(Self& c, Visitor&& visit) {
+    visit("caption_prefix", "", c.caption_prefix, "text put before every caption (kohya)");
+    visit("caption_suffix", "", c.caption_suffix, "text put after every caption (kohya)");
+    visit("caption_dropout_rate", "proportion_empty_prompts", c.caption_dropout_rate,
+          "probability of training a caption as the empty prompt (kohya; diffusers)");
+    visit("caption_dropout_every_n_epochs", "", c.caption_dropout_every_n_epochs,
+          "every n-th epoch (counted from 1) trains with empty prompts (kohya; 0: off)");
+    visit("shuffle_caption", "", c.shuffle_caption,
+          "shuffle the caption's tags (split at --caption_separator) every epoch (kohya)");
+    visit("keep_tokens", "", c.keep_tokens,
+          "the first N tags stay in front, unshuffled and never dropped (kohya)");
+    visit("keep_tokens_separator", "", c.keep_tokens_separator,
+          "\"fixed SEP flex [SEP fixed]\": only the flex tags are shuffled and dropped (kohya, "
+          "e.g. |||)");
+    visit("caption_separator", "", c.caption_separator, "tag separator (kohya; default ,)");
+    visit("secondary_separator", "", c.secondary_separator,
+          "a separator inside tags that becomes --caption_separator after shuffling (kohya)");
+    visit("caption_tag_dropout_rate", "", c.caption_tag_dropout_rate,
+          "probability of dropping each unfixed tag (kohya)");
+  }
+
   /// Throws Error naming the flag of a value out of range.
   void validate() const;
   /// True when every caption is used as it is (nothing to draw or add).

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <type_traits>
 #include <utility>
 
 #include "cmd_sample.hpp"
@@ -798,7 +799,6 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "images with .txt captions or a metadata.jsonl");
   cmd.add_option("--caption_column", o.caption_column, "metadata.jsonl caption key");
   cmd.add_option("--caption_extension", o.caption_extension, "caption file extension");
-  CaptionOptions& c = o.caption;
   cmd.add_flag(
       "--enable_bucket", o.enable_bucket,
       "aspect-ratio buckets of about resolution² pixels; a batch holds one bucket (kohya)");
@@ -808,25 +808,14 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "bucket sides are multiples of this (kohya; default 64)");
   cmd.add_flag("--bucket_no_upscale", o.buckets.bucket_no_upscale,
                "buckets from the image sizes, shrinking large images only (kohya)");
-  cmd.add_option("--caption_prefix", c.caption_prefix, "text put before every caption (kohya)");
-  cmd.add_option("--caption_suffix", c.caption_suffix, "text put after every caption (kohya)");
-  cmd.add_option("--caption_dropout_rate,--proportion_empty_prompts", c.caption_dropout_rate,
-                 "probability of training a caption as the empty prompt (kohya; diffusers)");
-  cmd.add_option("--caption_dropout_every_n_epochs", c.caption_dropout_every_n_epochs,
-                 "every n-th epoch (counted from 1) trains with empty prompts (kohya; 0: off)");
-  cmd.add_flag("--shuffle_caption", c.shuffle_caption,
-               "shuffle the caption's tags (split at --caption_separator) every epoch (kohya)");
-  cmd.add_option("--keep_tokens", c.keep_tokens,
-                 "the first N tags stay in front, unshuffled and never dropped (kohya)");
-  cmd.add_option("--keep_tokens_separator", c.keep_tokens_separator,
-                 "\"fixed SEP flex [SEP fixed]\": only the flex tags are shuffled and dropped "
-                 "(kohya, e.g. |||)");
-  cmd.add_option("--caption_separator", c.caption_separator, "tag separator (kohya; default ,)");
-  cmd.add_option(
-      "--secondary_separator", c.secondary_separator,
-      "a separator inside tags that becomes --caption_separator after shuffling (kohya)");
-  cmd.add_option("--caption_tag_dropout_rate", c.caption_tag_dropout_rate,
-                 "probability of dropping each unfixed tag (kohya)");
+  CaptionOptions::for_each(
+      o.caption, [&cmd](std::string name, std::string alias, auto& value, const char* help) {
+        name = "--" + name + (alias.empty() ? "" : ",--" + alias);
+        if constexpr (std::is_same_v<std::decay_t<decltype(value)>, bool>)
+          cmd.add_flag(name, value, help);
+        else
+          cmd.add_option(name, value, help);
+      });
   cmd.add_option("--instance_data_dir", o.instance_data_dir, "DreamBooth instance images");
   cmd.add_option("--instance_prompt", o.instance_prompt, "DreamBooth instance prompt");
   cmd.add_option("--class_data_dir", o.class_data_dir, "DreamBooth class images");

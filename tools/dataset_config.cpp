@@ -7,6 +7,7 @@
 #include <initializer_list>
 #include <optional>
 #include <set>
+#include <type_traits>
 
 #include "difftrain/core/error.hpp"
 
@@ -16,24 +17,16 @@ namespace {
 
 constexpr const char* fn = "--dataset_config";
 
-const std::set<std::string, std::less<>> kSubsetKeys = {"image_dir",
-                                                        "num_repeats",
-                                                        "is_reg",
-                                                        "class_tokens",
-                                                        "caption_extension",
-                                                        "shuffle_caption",
-                                                        "keep_tokens",
-                                                        "keep_tokens_separator",
-                                                        "caption_separator",
-                                                        "secondary_separator",
-                                                        "caption_prefix",
-                                                        "caption_suffix",
-                                                        "caption_dropout_rate",
-                                                        "caption_dropout_every_n_epochs",
-                                                        "caption_tag_dropout_rate",
-                                                        "flip_aug",
-                                                        "random_crop",
-                                                        "color_aug"};
+// The subset keys: these and CaptionOptions' members.
+const std::set<std::string, std::less<>> kSubsetKeys = [] {
+  std::set<std::string, std::less<>> keys = {"image_dir",         "num_repeats", "is_reg",
+                                             "class_tokens",      "flip_aug",    "random_crop",
+                                             "caption_extension", "color_aug"};
+  CaptionOptions c;
+  CaptionOptions::for_each(
+      c, [&](const char* name, const char*, auto&, const char*) { keys.insert(name); });
+  return keys;
+}();
 const std::set<std::string, std::less<>> kDatasetKeys = {
     "resolution",      "batch_size",        "enable_bucket",    "min_bucket_reso",
     "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale"};
@@ -142,21 +135,12 @@ std::vector<DatasetSubset> read_dataset_config(const std::string& path, TrainCom
     sub.is_reg = l.get<bool>("is_reg", false);
     sub.class_tokens = l.get<std::string>("class_tokens", "");
     sub.caption_extension = l.get<std::string>("caption_extension", o.caption_extension);
-    CaptionOptions& c = sub.caption;
-    c = o.caption;
-    c.shuffle_caption = l.get<bool>("shuffle_caption", c.shuffle_caption);
-    c.keep_tokens = l.get<std::int64_t>("keep_tokens", c.keep_tokens);
-    c.keep_tokens_separator = l.get<std::string>("keep_tokens_separator", c.keep_tokens_separator);
-    c.caption_separator = l.get<std::string>("caption_separator", c.caption_separator);
-    c.secondary_separator = l.get<std::string>("secondary_separator", c.secondary_separator);
-    c.caption_prefix = l.get<std::string>("caption_prefix", c.caption_prefix);
-    c.caption_suffix = l.get<std::string>("caption_suffix", c.caption_suffix);
-    c.caption_dropout_rate = l.get<double>("caption_dropout_rate", c.caption_dropout_rate);
-    c.caption_dropout_every_n_epochs =
-        l.get<std::int64_t>("caption_dropout_every_n_epochs", c.caption_dropout_every_n_epochs);
-    c.caption_tag_dropout_rate =
-        l.get<double>("caption_tag_dropout_rate", c.caption_tag_dropout_rate);
-    c.validate();
+    sub.caption = o.caption;  // then each key the config gives
+    CaptionOptions::for_each(sub.caption,
+                             [&](const char* name, const char*, auto& value, const char*) {
+                               value = l.get<std::decay_t<decltype(value)>>(name, value);
+                             });
+    sub.caption.validate();
     require(!l.get<bool>("color_aug", false), fn, path, ": color_aug is not supported");
     const bool f = l.get<bool>("flip_aug", o.random_flip);
     const bool rc = l.get<bool>("random_crop", !o.center_crop);
