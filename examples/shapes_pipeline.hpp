@@ -375,8 +375,9 @@ struct DreamBoothSettings {
   std::size_t rank = 8;
   double alpha = 8;
   // kohya's LoRA + LoCon set (`difftrain train --lora_target_set kohya --conv_dim R`): every
-  // Linear and 1×1 conv of the transformer blocks, the ResNets' 1×1 shortcuts, and the 3×3 convs
-  // of the ResNets and samplers at rank conv_rank. Off: diffusers' attention projections only.
+  // Linear and 1×1 conv of the transformer blocks, the ResNets' time projections and 1×1
+  // shortcuts, and the 3×3 convs of the ResNets and samplers at rank conv_rank. Off: diffusers'
+  // attention projections only.
   bool locon = false;
   std::size_t conv_rank = 8;
   // diffusers' --train_text_encoder: adapters (same rank, alpha and learning rate) on the text
