@@ -75,6 +75,12 @@ std::vector<fs::path> sorted_files(const fs::path& dir) {
   return files;
 }
 
+// Fisher–Yates: for i = n−1 … 1, swap v[i] with v[j], j = uniform_int(rs, i, 0, i + 1).
+void shuffle_in_place(std::vector<std::size_t>& v, RandomStream rs) {
+  for (std::size_t i = v.size(); i-- > 1;)
+    std::swap(v[i], v[std::size_t(uniform_int(rs, i, 0, std::int64_t(i) + 1))]);
+}
+
 // The images directly in `dir` (sorted, by extension; an unreadable kind is an Error).
 std::vector<fs::path> folder_images(const char* fn, const fs::path& dir) {
   std::vector<fs::path> images;
@@ -351,21 +357,17 @@ const std::vector<std::vector<std::size_t>>& ImageCaptionDataSource::epoch_batch
   if (batches_epoch_ == epoch && !batches_.empty()) return batches_;
   const std::size_t b = options_.train_batch_size;
   const RandomStream rs = stream().derive(epoch, StreamPurpose::data_permutation);
-  auto shuffle = [](std::vector<std::size_t>& v, RandomStream r) {  // Fisher–Yates
-    for (std::size_t i = v.size(); i-- > 1;)
-      std::swap(v[i], v[std::size_t(uniform_int(r, i, 0, std::int64_t(i) + 1))]);
-  };
   batches_.clear();
   for (std::size_t j = 0; j < bucket_rows_.size(); ++j) {
     std::vector<std::size_t> rows = bucket_rows_[j];
-    shuffle(rows, rs.derive(1 + j, 0));
+    shuffle_in_place(rows, rs.derive(1 + j, 0));
     for (std::size_t first = 0; first < rows.size(); first += b)
       batches_.emplace_back(rows.begin() + std::ptrdiff_t(first),
                             rows.begin() + std::ptrdiff_t(std::min(first + b, rows.size())));
   }
   std::vector<std::size_t> order(batches_.size());
   std::iota(order.begin(), order.end(), std::size_t{0});
-  shuffle(order, rs.derive(0, 0));
+  shuffle_in_place(order, rs.derive(0, 0));
   std::vector<std::vector<std::size_t>> shuffled;
   for (std::size_t k : order) shuffled.push_back(std::move(batches_[k]));
   batches_ = std::move(shuffled);
@@ -482,8 +484,7 @@ const std::vector<std::size_t>& ImageCaptionDataSource::order(std::uint64_t epoc
   perm_.resize(num_examples());
   std::iota(perm_.begin(), perm_.end(), std::size_t{0});
   const RandomStream rs = stream().derive(epoch, StreamPurpose::data_permutation);
-  for (std::size_t i = perm_.size(); i-- > 1;)
-    std::swap(perm_[i], perm_[std::size_t(uniform_int(rs, i, 0, std::int64_t(i) + 1))]);
+  shuffle_in_place(perm_, rs);
   perm_epoch_ = epoch;
   return perm_;
 }
