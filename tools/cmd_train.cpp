@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <charconv>
 #include <chrono>
 #include <cmath>
@@ -69,9 +70,14 @@ Tensor4<float> area_downsample(const Tensor4<float>& mask, std::size_t f) {
 /// preprocessing is kept and sampled anew every micro-batch, deterministic in m).
 class CachedLatentSource {
  public:
+  /// With `disk` (--cache_latents_to_disk) the posteriors are also kept there, keyed by the
+  /// VAE's input pixels and weights (vae_digest).
   CachedLatentSource(ImageCaptionDataSource& data, const models::AutoencoderKL<float>& vae,
-                     std::uint64_t seed)
-      : data_(data), vae_(vae), stream_{seed, 0x6c6174} {}
+                     std::uint64_t seed, std::optional<DiskCache> disk = std::nullopt)
+      : data_(data), vae_(vae), stream_{seed, 0x6c6174}, disk_(std::move(disk)) {
+    if (disk_) vae_digest_ = vae_digest(vae);
+  }
+  const std::optional<DiskCache>& disk() const { return disk_; }
 
   train::TrainBatch operator()(std::uint64_t m) {
     train::TrainBatch batch;
@@ -107,7 +113,8 @@ class CachedLatentSource {
         Tensor4<float> batch1(
             std::array<std::size_t, 4>{1, image.shape()[0], image.shape()[1], image.shape()[2]});
         std::copy(image.begin(), image.end(), batch1.begin());
-        it = cache.emplace(k, vae_.encode(batch1)).first;
+        const Example& e = class_set ? data_.class_examples()[k] : data_.examples()[k];
+        it = cache.emplace(k, encode(batch1, e.image_path)).first;
       }
       const RandomStream rs =
           stream_.derive(m, purpose_id(class_set ? StreamPurpose::latent_sample_class
@@ -123,11 +130,126 @@ class CachedLatentSource {
     return out;
   }
 
+  // The posterior of one image [1,3,H,W]: from the disk cache when it holds it, else the VAE's.
+  models::DiagonalGaussian<float> encode(const Tensor4<float>& image, const std::string& path) {
+    if (!disk_) return vae_.encode(image);
+    const std::string key = CacheKey(kLatentsKind)
+                                .add(vae_digest_)
+                                .add(image.shape()[2])
+                                .add(image.shape()[3])
+                                .add(std::span<const float>(image.data(), image.size()))
+                                .hex();
+    if (auto entry = disk_->load(key); entry && entry->size() == 2) {
+      models::DiagonalGaussian<float> g;
+      for (const CacheTensor& t : *entry) {
+        Tensor4<float>& to = t.name == "mean" ? g.mean : g.logvar;
+        std::array<std::size_t, 4> shape{};
+        if (t.shape.size() == 4) std::copy(t.shape.begin(), t.shape.end(), shape.begin());
+        to = Tensor4<float>(shape);
+        std::copy(t.values.begin(), t.values.end(), to.begin());
+      }
+      if (g.mean.shape() == g.logvar.shape() && g.mean.shape() == vae_.latent_shape(image.shape()))
+        return g;
+    }
+    models::DiagonalGaussian<float> g = vae_.encode(image);
+    auto tensor = [](const char* name, const Tensor4<float>& t) {
+      return CacheTensor{name, {t.shape().begin(), t.shape().end()}, {t.begin(), t.end()}};
+    };
+    disk_->store(key, {tensor("mean", g.mean), tensor("logvar", g.logvar)}, {{"image", path}});
+    return g;
+  }
+
+  // The VAE's part of a key: the encoder's weights and the options that change its output.
+  static std::string vae_digest(const models::AutoencoderKL<float>& vae) {
+    const auto& c = vae.config();
+    return CacheKey("vae")
+        .add(parameter_digest(vae, {"encoder.", "quant_conv."}))
+        .add(c.norm_num_groups)
+        .add(c.mid_block_add_attention)
+        .add(c.use_quant_conv)
+        .hex();
+  }
+
+  static constexpr const char* kLatentsKind = "latents";
   ImageCaptionDataSource& data_;
   const models::AutoencoderKL<float>& vae_;
   RandomStream stream_;
   std::map<std::size_t, models::DiagonalGaussian<float>> cache_[2];
+  std::optional<DiskCache> disk_;
+  std::string vae_digest_;
 };
+
+/// The run's text encoder, with kohya's --cache_text_encoder_outputs: the context of each caption
+/// (token-id row) is computed once, a row at a time so that it does not depend on the batch it
+/// came in, and kept in memory; with `disk` (--cache_text_encoder_outputs_to_disk) also there,
+/// keyed by the token ids, the encoder's weights and clip_skip. Without caching it passes through.
+class CachingTextEncoder {
+ public:
+  using input_type = TokenIds;
+  using output_type = Tensor3<float>;
+
+  CachingTextEncoder(models::ClipTextEncoder& encoder, bool cache,
+                     std::optional<DiskCache> disk = std::nullopt)
+      : encoder_(encoder), cache_(cache || disk), disk_(std::move(disk)) {
+    if (!cache_) return;
+    const auto& c = encoder.model().config();
+    digest_ = CacheKey("text_encoder")
+                  .add(parameter_digest(encoder))
+                  .add(c.num_attention_heads)
+                  .add(to_string(c.hidden_act))
+                  .add(std::bit_cast<std::uint64_t>(c.layer_norm_eps))
+                  .add(encoder.options().clip_skip)
+                  .hex();
+  }
+  const std::optional<DiskCache>& disk() const { return disk_; }
+
+  Tensor3<float> encode(const TokenIds& ids) {
+    if (!cache_) return encoder_.encode(ids);
+    const std::size_t B = ids.shape()[0], L = ids.shape()[1];
+    std::vector<const std::vector<float>*> rows;
+    std::size_t D = 0;
+    for (std::size_t b = 0; b < B; ++b) {
+      const TokenIds row = xt::view(ids, xt::range(b, b + 1), xt::all());
+      const std::string key = CacheKey(kKind)
+                                  .add(digest_)
+                                  .add(std::span<const std::int64_t>(row.data(), row.size()))
+                                  .hex();
+      auto it = memory_.find(key);
+      if (it == memory_.end()) it = memory_.emplace(key, compute(row, key)).first;
+      rows.push_back(&it->second);
+      D = it->second.size() / L;
+    }
+    Tensor3<float> out(std::array<std::size_t, 3>{B, L, D});
+    for (std::size_t b = 0; b < B; ++b)
+      std::copy(rows[b]->begin(), rows[b]->end(), out.begin() + std::ptrdiff_t(b * L * D));
+    return out;
+  }
+  Tensor3<float> encode_train(const TokenIds& ids) { return encoder_.encode_train(ids); }
+  void backward(const Tensor3<float>& grad_context) { encoder_.backward(grad_context); }
+  bool is_training() const { return encoder_.is_training(); }
+
+ private:
+  std::vector<float> compute(const TokenIds& row, const std::string& key) {
+    if (disk_)
+      if (auto entry = disk_->load(key); entry && entry->size() == 1 &&
+                                         entry->front().shape.size() == 3 &&
+                                         entry->front().shape[1] == row.shape()[1])
+        return std::move(entry->front().values);
+    const Tensor3<float> context = encoder_.encode(row);
+    std::vector<float> values(context.begin(), context.end());
+    if (disk_)
+      disk_->store(key, {{"context", {context.shape().begin(), context.shape().end()}, values}});
+    return values;
+  }
+
+  static constexpr const char* kKind = "text_encoder_outputs";
+  models::ClipTextEncoder& encoder_;
+  bool cache_;
+  std::optional<DiskCache> disk_;
+  std::string digest_;
+  std::map<std::string, std::vector<float>> memory_;
+};
+static_assert(TrainableTextEncoder<CachingTextEncoder>);
 
 namespace fs = std::filesystem;
 constexpr const char* fn = "train";
@@ -184,6 +306,18 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
           "--network_train_text_encoder_only need a LoRA run");
   require(std::isfinite(o.text_encoder_lr) && o.text_encoder_lr >= 0, fn, "--text_encoder_lr is ",
           o.text_encoder_lr, ", expected a finite value >= 0 (0: the learning rate)");
+  if (o.cache_text_encoder_outputs || o.cache_text_encoder_outputs_to_disk) {
+    require(!o.train_text_encoder && !o.network_train_text_encoder_only, fn,
+            "--cache_text_encoder_outputs needs a frozen text encoder: it contradicts ",
+            o.train_text_encoder ? "--train_text_encoder" : "--network_train_text_encoder_only");
+    // kohya's rule: captions that change every step would make every entry new.
+    std::vector<const CaptionOptions*> captions{&o.caption};
+    for (const DatasetSubset& d : o.dataset_subsets) captions.push_back(&d.caption);
+    for (const CaptionOptions* c : captions)
+      require(!c->shuffle_caption && c->caption_tag_dropout_rate == 0, fn,
+              "--cache_text_encoder_outputs needs fixed captions: --shuffle_caption and "
+              "--caption_tag_dropout_rate make a new caption every step");
+  }
   require(o.save_model_as == "safetensors", fn, "--save_model_as is '", o.save_model_as,
           "', expected safetensors (ckpt and pt files are not written)");
   return lora::parse_lora_format(o.save_format);
@@ -372,7 +506,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   r.steps = steps;
   r.epoch = steps / std::max<std::int64_t>(1, updates_per_epoch);
   r.seed = t.seed;
-  r.cache_latents = o.cache_latents;
+  r.cache_latents = o.cache_latents || o.cache_latents_to_disk;
   r.prior_loss_weight = t.prior_loss_weight;
   if (o.snr_gamma > 0) r.min_snr_gamma = o.snr_gamma;
   r.debiased_estimation = t.weighting.debiased_estimation_loss;
@@ -696,14 +830,22 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   const train::TrainerOptions t = trainer_options(o, micro_per_epoch);
   FolderLatentEncoder latent_encoder;
   std::optional<CachedLatentSource> cached;
+  const fs::path cache_dir =
+      o.disk_cache_dir.empty() ? fs::path(t.output_dir) / "cache" : fs::path(o.disk_cache_dir);
+  auto disk_cache = [&](bool on, const char* kind) {
+    return on ? std::optional<DiskCache>(std::in_place, cache_dir, kind, log) : std::nullopt;
+  };
   if (model.vae) {
-    if (o.cache_latents)
-      cached.emplace(data, *model.vae, t.seed);
+    if (o.cache_latents || o.cache_latents_to_disk)
+      cached.emplace(data, *model.vae, t.seed, disk_cache(o.cache_latents_to_disk, "latents"));
     else
       latent_encoder.vae.emplace(*model.vae, RandomStream{t.seed, 0x766165});
   }
+  CachingTextEncoder text_encoder(
+      model.text_encoder, o.cache_text_encoder_outputs,
+      disk_cache(o.cache_text_encoder_outputs_to_disk, "text_encoder_outputs"));
   auto step = train::make_train_step(DdpmScheduler(model.scheduler.train), model.unet,
-                                     latent_encoder, model.text_encoder, t);
+                                     latent_encoder, text_encoder, t);
   // The trained parameters: the UNet's under their own names, the text encoder's (if any are
   // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr).
   nn::ModulePair<models::UNet2DConditionModel<float>, models::ClipTextEncoder> trained{
@@ -756,6 +898,18 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
 
   // The loop: log, checkpoint every checkpointing_steps, validate every validation_epochs.
   ProgressReporter progress(log, o.plain_log);
+  // What the disk caches did, in the result and the log.
+  auto report_caches = [&] {
+    auto report = [&](const std::optional<DiskCache>& disk, DiskCache::Counts& counts) {
+      if (!disk) return;
+      counts = disk->counts();
+      progress.message(message("difftrain train: ", disk->kind(), " cache '", disk->dir().string(),
+                               "': ", counts.loaded, " read, ", counts.stored, " computed and written, ",
+                               counts.damaged, " damaged"));
+    };
+    if (cached) report(cached->disk(), result.latent_cache);
+    report(text_encoder.disk(), result.text_encoder_cache);
+  };
   CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
   InterruptGuard interrupt;
   progress.message(message("difftrain train: ", data.num_examples(), " examples, ", micro_per_epoch,
@@ -780,12 +934,14 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                                result.lora_file.string()));
       result.interrupted = true;
       result.global_step = trainer.global_step();
+      report_caches();
       return result;
     }
   }
   result.lora_file = save_result();
   validate(trainer.global_step());
   result.global_step = trainer.global_step();
+  report_caches();
   progress.message("saved " + result.lora_file.string());
   return result;
 }
@@ -851,6 +1007,16 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
                  "resize filter, as PIL: bilinear (default, diffusers v0.26), lanczos (newer "
                  "diffusers' default), bicubic, box, hamming, nearest, nearest_exact");
   cmd.add_flag("--cache_latents", o.cache_latents, "encode each image with the VAE once");
+  cmd.add_flag("--cache_latents_to_disk", o.cache_latents_to_disk,
+               "--cache_latents, kept in --disk_cache_dir for later runs (kohya)");
+  cmd.add_flag("--cache_text_encoder_outputs", o.cache_text_encoder_outputs,
+               "encode each caption with the text encoder once (kohya; needs fixed captions: no "
+               "--shuffle_caption or --caption_tag_dropout_rate)");
+  cmd.add_flag("--cache_text_encoder_outputs_to_disk", o.cache_text_encoder_outputs_to_disk,
+               "--cache_text_encoder_outputs, kept in --disk_cache_dir for later runs (kohya)");
+  cmd.add_option("--disk_cache_dir", o.disk_cache_dir,
+                 "folder of the disk caches, entries named by a hash of all they depend on "
+                 "(default: <output_dir>/cache)");
   cmd.add_option("--clip_skip", o.clip_skip,
                  "kohya's count: 2 uses the text encoder's penultimate layer (0, 1: the last)");
   cmd.add_flag("--zero_terminal_snr", o.zero_terminal_snr,

@@ -27,6 +27,7 @@
 
 #include "buckets.hpp"
 #include "caption.hpp"
+#include "disk_cache.hpp"
 #include "difftrain/lora/lora_linear.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
@@ -80,6 +81,12 @@ struct TrainCommandOptions {
   bool random_flip = false;
   std::string image_interpolation_mode = "bilinear";  // diffusers; newer versions: lanczos
   bool cache_latents = false;
+  // Caches on disk (disk_cache.hpp), in disk_cache_dir (empty: <output_dir>/cache); the _to_disk
+  // flags imply the in-memory ones, as in kohya.
+  bool cache_latents_to_disk = false;
+  bool cache_text_encoder_outputs = false;  // kohya: each caption's context computed once
+  bool cache_text_encoder_outputs_to_disk = false;
+  std::string disk_cache_dir;
   // kohya's masked loss: --masked_loss with masks from --conditioning_data_dir (same-named
   // images, red channel), or --alpha_mask (the images' alpha channel; enables it alone).
   bool strict_images = false;  // an unreadable image is an Error instead of being skipped
@@ -145,6 +152,8 @@ struct TrainRunResult {
   bool interrupted = false;
   std::filesystem::path lora_file;  // with --full_finetune: the folder's UNet weights
   std::vector<std::filesystem::path> validation_images;
+  // The disk caches' entries read, written and found damaged in this run.
+  DiskCache::Counts latent_cache, text_encoder_cache;
 };
 
 /// Called after every global step (after its log line and checkpoint).
