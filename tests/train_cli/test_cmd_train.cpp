@@ -7,6 +7,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -660,10 +661,9 @@ TEST_CASE(
                     Catch::Contains("bad.png") && Catch::Contains("--strict_images"));
 }
 
-TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
-  Fixture f;
-  // The pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a UNet
-  // taking its latents.
+// The fixture's pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a
+// UNet taking its latents.
+fs::path make_latent_model(const Fixture& f) {
   const fs::path model = f.dir / "latent_model";
   fs::copy(f.model, model, fs::copy_options::recursive);
   fs::create_directories(model / "vae");
@@ -677,7 +677,12 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
   nn::init_like_pytorch<float>(unet, RandomStream{5, 0});
   io::write_json_file(model / "unet" / "config.json", unet_config);
   pipeline::save_model_weights(unet, model / "unet" / "diffusion_pytorch_model.safetensors");
+  return model;
+}
 
+TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latents") {
+  Fixture f;
+  const fs::path model = make_latent_model(f);
   for (const bool cache : {false, true}) {
     TrainCommandOptions o = f.options(f.dir / (cache ? "cached" : "uncached"));
     o.pretrained_model_name_or_path = model.string();
@@ -691,6 +696,176 @@ TEST_CASE("difftrain train: a latent model (VAE) with and without --cache_latent
     const double loss = std::stod(lines[2].substr(lines[2].find(',') + 1));
     CHECK(std::isfinite(loss));
   }
+}
+
+// Adds `delta` to the first value of tensor `name` in the safetensors file (its other tensors and
+// metadata unchanged).
+void perturb_weight(const fs::path& path, const std::string& name, float delta) {
+  std::vector<std::vector<float>> values;
+  std::vector<io::TensorToWrite> tensors;
+  std::map<std::string, std::string> metadata;
+  {
+    const auto file = io::SafetensorsFile::open(path.string());
+    metadata = file.metadata();
+    for (const auto& n : file.names()) values.push_back(file.read<float>(n));
+    std::size_t i = 0;
+    for (const auto& n : file.names()) {
+      if (n == name) values[i][0] += delta;
+      tensors.push_back(io::TensorToWrite::from_bytes(
+          n, io::Dtype::F32, file.info(n).shape, std::as_bytes(std::span<const float>(values[i]))));
+      ++i;
+    }
+    REQUIRE(file.contains(name));
+  }
+  io::save_safetensors(path.string(), tensors, metadata);
+}
+
+std::set<std::string> folder_captions(const fs::path& folder) {
+  std::set<std::string> captions;
+  for (const auto& e : fs::directory_iterator(folder))
+    if (e.path().extension() == ".txt") captions.insert(read_lines(e.path()).at(0));
+  return captions;
+}
+
+TEST_CASE("difftrain train: disk caches are reused for the same input, model and options only") {
+  Fixture f;
+  const fs::path base_model = make_latent_model(f);
+  const fs::path data = f.dir / "cached_data", cache = f.dir / "disk_cache";
+  fs::copy(f.data, data, fs::copy_options::recursive);
+  int runs = 0;
+  auto run = [&](auto&& change, const fs::path& model) {
+    TrainCommandOptions o = f.options(f.dir / ("run" + std::to_string(runs++)));
+    o.pretrained_model_name_or_path = model.string();
+    o.train_data_dir = data.string();
+    o.resolution = 16;
+    o.max_train_steps = 3;  // 3 micro-batches of 2: each of the 6 images once
+    o.trainer.checkpointing_steps = 0;
+    o.cache_latents_to_disk = true;
+    o.cache_text_encoder_outputs_to_disk = true;
+    o.disk_cache_dir = cache.string();
+    change(o);
+    return tools::run_train(o);
+  };
+  const auto same_options = [](TrainCommandOptions&) {};
+  auto check = [](const tools::DiskCache::Counts& c, std::size_t loaded, std::size_t stored) {
+    CHECK(c.loaded == loaded);
+    CHECK(c.stored == stored);
+    CHECK(c.damaged == 0);
+  };
+  const std::size_t captions = folder_captions(data).size();
+  REQUIRE(captions >= 2);
+
+  const auto first = run(same_options, base_model);
+  check(first.latent_cache, 0, 6);
+  check(first.text_encoder_cache, 0, captions);
+  const auto again = run(same_options, base_model);
+  check(again.latent_cache, 6, 0);
+  check(again.text_encoder_cache, captions, 0);
+  // What is read back is what was computed: the same LoRA, bitwise.
+  CHECK(read_all(again.lora_file) == read_all(first.lora_file));
+
+  SECTION("a changed image") {
+    tools::Image image = tools::load_image((data / "img0.png").string());
+    image.pixel(0, 0)[0] ^= 0xff;
+    tools::save_png((data / "img0.png").string(), image);
+    const auto r = run(same_options, base_model);
+    check(r.latent_cache, 5, 1);
+    check(r.text_encoder_cache, captions, 0);
+  }
+  SECTION("a changed caption") {
+    std::ofstream(data / "img1.txt") << "a purple hexagon\n";
+    const std::size_t now = folder_captions(data).size();
+    const auto r = run(same_options, base_model);
+    check(r.latent_cache, 6, 0);
+    check(r.text_encoder_cache, now - 1, 1);
+  }
+  SECTION("another resolution (bucket size)") {
+    const auto r = run([](TrainCommandOptions& o) { o.resolution = 24; }, base_model);
+    check(r.latent_cache, 0, 6);
+    check(r.text_encoder_cache, captions, 0);
+  }
+  SECTION("another resize filter") {
+    const auto r =
+        run([](TrainCommandOptions& o) { o.image_interpolation_mode = "nearest"; }, base_model);
+    check(r.latent_cache, 0, 6);
+  }
+  SECTION("another clip_skip") {
+    const auto r = run([](TrainCommandOptions& o) { o.clip_skip = 2; }, base_model);
+    check(r.latent_cache, 6, 0);
+    check(r.text_encoder_cache, 0, captions);
+  }
+  SECTION("changed model weights: the VAE encoder's, the text encoder's, not the VAE decoder's") {
+    const fs::path model = f.dir / "changed_model";
+    fs::copy(base_model, model, fs::copy_options::recursive);
+    const fs::path vae = model / "vae" / "diffusion_pytorch_model.safetensors";
+    perturb_weight(vae, "decoder.conv_in.weight", 0.25f);
+    auto r = run(same_options, model);
+    check(r.latent_cache, 6, 0);
+    perturb_weight(vae, "encoder.conv_in.weight", 0.25f);
+    r = run(same_options, model);
+    check(r.latent_cache, 0, 6);
+    check(r.text_encoder_cache, captions, 0);
+    perturb_weight(model / "text_encoder" / "model.safetensors",
+                   "text_model.final_layer_norm.bias", 0.25f);
+    r = run(same_options, model);
+    check(r.latent_cache, 6, 0);
+    check(r.text_encoder_cache, 0, captions);
+  }
+  SECTION("a damaged entry is computed again, with a warning naming it") {
+    fs::path entry;
+    for (const auto& e : fs::directory_iterator(cache))
+      if (e.path().filename().string().starts_with("latents-")) entry = e.path();
+    REQUIRE(!entry.empty());
+    fs::resize_file(entry, fs::file_size(entry) - 4);
+    std::FILE* log = std::tmpfile();
+    TrainCommandOptions o = f.options(f.dir / "damaged");
+    o.pretrained_model_name_or_path = base_model.string();
+    o.train_data_dir = data.string();
+    o.resolution = 16;
+    o.max_train_steps = 3;
+    o.cache_latents_to_disk = true;
+    o.disk_cache_dir = cache.string();
+    const auto r = tools::run_train(o, log);
+    CHECK(r.latent_cache.loaded == 5);
+    CHECK(r.latent_cache.stored == 1);
+    CHECK(r.latent_cache.damaged == 1);
+    std::rewind(log);
+    std::string text(1 << 16, '\0');
+    text.resize(std::fread(text.data(), 1, text.size(), log));
+    std::fclose(log);
+    CHECK_THAT(text, Catch::Contains(entry.string()) && Catch::Contains("damaged"));
+    CHECK(read_all(r.lora_file) == read_all(first.lora_file));
+  }
+}
+
+TEST_CASE("difftrain train: --cache_text_encoder_outputs gives the uncached run's result") {
+  Fixture f;
+  auto run = [&](const std::string& out, bool cache) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.trainer.checkpointing_steps = 0;
+    o.cache_text_encoder_outputs = cache;
+    return read_all(tools::run_train(o).lora_file);
+  };
+  const auto cached = run("cached", true), uncached = run("uncached", false);
+  REQUIRE(cached.size() == uncached.size());
+  for (const auto& [name, values] : uncached) {
+    INFO(name);
+    const auto& other = cached.at(name);
+    REQUIRE(other.size() == values.size());
+    double worst = 0, scale = 0;
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      worst = std::max(worst, double(std::abs(values[i] - other[i])));
+      scale = std::max(scale, double(std::abs(values[i])));
+    }
+    CHECK(worst <= 1e-5 * std::max(scale, 1.0));
+  }
+  TrainCommandOptions bad = f.options(f.dir / "bad");
+  bad.cache_text_encoder_outputs = true;
+  bad.caption.shuffle_caption = true;
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--shuffle_caption"));
+  bad.caption.shuffle_caption = false;
+  bad.train_text_encoder = true;
+  CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--train_text_encoder"));
 }
 
 TEST_CASE("difftrain train: kohya's target set and LoCon (--conv_dim) train every adapter") {
