@@ -904,8 +904,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       if (!disk) return;
       counts = disk->counts();
       progress.message(message("difftrain train: ", disk->kind(), " cache '", disk->dir().string(),
-                               "': ", counts.loaded, " read, ", counts.stored, " computed and written, ",
-                               counts.damaged, " damaged"));
+                               "': ", counts.loaded, " read, ", counts.stored,
+                               " computed and written, ", counts.damaged, " damaged"));
     };
     if (cached) report(cached->disk(), result.latent_cache);
     report(text_encoder.disk(), result.text_encoder_cache);

@@ -27,11 +27,11 @@
 
 #include "buckets.hpp"
 #include "caption.hpp"
-#include "disk_cache.hpp"
 #include "difftrain/lora/lora_linear.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
 #include "difftrain/train/trainer.hpp"
+#include "disk_cache.hpp"
 
 namespace CLI {
 class App;

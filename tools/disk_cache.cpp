@@ -99,8 +99,10 @@ std::optional<std::vector<CacheTensor>> DiskCache::load(const std::string& key) 
   }
   ++counts_.damaged;
   if (log_)
-    std::fprintf(log_, "difftrain train: warning: the cache entry '%s' is damaged (%s); computing it again\n",
-                 path.string().c_str(), problem.c_str());
+    std::fprintf(
+        log_,
+        "difftrain train: warning: the cache entry '%s' is damaged (%s); computing it again\n",
+        path.string().c_str(), problem.c_str());
   return std::nullopt;
 }
 

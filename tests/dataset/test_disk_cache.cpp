@@ -6,11 +6,11 @@
 #include <fstream>
 #include <string>
 #include <vector>
+#include <xtensor/xarray.hpp>
 
 #include "difftrain/io/safetensors.hpp"
 #include "disk_cache.hpp"
 #include "support/temp_dir.hpp"
-#include <xtensor/xarray.hpp>
 
 namespace fs = std::filesystem;
 using namespace difftrain;

@@ -805,8 +805,8 @@ TEST_CASE("difftrain train: disk caches are reused for the same input, model and
     r = run(same_options, model);
     check(r.latent_cache, 0, 6);
     check(r.text_encoder_cache, captions, 0);
-    perturb_weight(model / "text_encoder" / "model.safetensors",
-                   "text_model.final_layer_norm.bias", 0.25f);
+    perturb_weight(model / "text_encoder" / "model.safetensors", "text_model.final_layer_norm.bias",
+                   0.25f);
     r = run(same_options, model);
     check(r.latent_cache, 6, 0);
     check(r.text_encoder_cache, 0, captions);
