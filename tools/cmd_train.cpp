@@ -402,17 +402,14 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   if (!o.reg_data_dir.empty())
     for (Example& e : scan_kohya_folder(o.reg_data_dir, folder_options, true, &ignored))
       reg.push_back(std::move(e));
-  // Images whose header cannot be read are left out with a message (kohya's behaviour for
-  // unreadable files), or stop the run with --strict_images.
+  // Images that cannot be decoded are left out with a message (kohya's behaviour for unreadable
+  // files), or stop the run with --strict_images. Each is decoded once here for that.
   auto readable = [&](std::vector<Example>& list) {
     std::erase_if(list, [&](const Example& e) {
-      const std::string problem = image_header_problem(e.image_path);
+      const std::string problem = image_problem(e.image_path);
       if (problem.empty()) return false;
-      require(!o.strict_images, fn, "cannot read image '", e.image_path, "': ", problem,
-              " (--strict_images)");
-      if (log)
-        std::fprintf(log, "difftrain train: skipping '%s': %s\n", e.image_path.c_str(),
-                     problem.c_str());
+      require(!o.strict_images, fn, problem, " (--strict_images)");
+      if (log) std::fprintf(log, "difftrain train: skipped, %s\n", problem.c_str());
       return true;
     });
   };

@@ -67,14 +67,12 @@ std::pair<Image, int> decode_image(const std::string& path, int channels) {
 
 }  // namespace
 
-std::string image_header_problem(const std::string& path) {
-  int w = 0, h = 0, channels = 0;
-  if (!stbi_info(path.c_str(), &w, &h, &channels)) {
-    const char* reason = stbi_failure_reason();
-    return reason ? reason : "not a readable image";
+std::string image_problem(const std::string& path) {
+  try {
+    (void)decode_image(path, 3);  // refuses an oversized header before decoding
+  } catch (const Error& e) {
+    return e.what();
   }
-  if (double(w) * double(h) > kMaxImagePixels)
-    return message(w, "x", h, " pixels, more than the limit of ", kMaxImagePixels);
   return "";
 }
 

@@ -46,10 +46,10 @@ inline constexpr double kMaxImagePixels = 178956970;
 /// A file that cannot be decoded, or declares more than kMaxImagePixels, is an Error naming it.
 Image load_image(const std::string& path);
 
-/// Why the image at `path` cannot be trained on, read from its header alone (cheap: nothing is
-/// decoded): unreadable, not an image stb_image knows, or more than kMaxImagePixels. Empty when
-/// the header is fine (a corrupt body is still found by load_image).
-std::string image_header_problem(const std::string& path);
+/// Why the image at `path` cannot be trained on: unreadable, not an image format we read, more
+/// than kMaxImagePixels (found from the header, before decoding), or a body that does not decode
+/// (found by decoding it, as load_image would). Empty when the image loads.
+std::string image_problem(const std::string& path);
 
 /// The alpha channel of the image at `path` (kohya --alpha_mask), as a grey Image (the alpha
 /// value in all three channels), turned upright as load_image does; 255 everywhere when the file

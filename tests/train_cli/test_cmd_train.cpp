@@ -648,6 +648,13 @@ TEST_CASE(
   fs::copy(f.data, data, fs::copy_options::recursive);
   std::ofstream(data / "bad.png") << "not a PNG";
   std::ofstream(data / "bad.txt") << "a red circle";
+  {  // a PNG whose header is fine and whose pixel data is cut off
+    std::ifstream in(data / "img0.png", std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    std::ofstream(data / "cut.png", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+    std::ofstream(data / "cut.txt") << "a blue square";
+    REQUIRE(bytes.size() > 100);
+  }
   TrainCommandOptions o = f.options(f.dir / "skip");
   o.train_data_dir = data.string();
   o.max_train_steps = 2;
@@ -659,6 +666,9 @@ TEST_CASE(
   o.trainer.output_dir = f.dir / "strict";
   CHECK_THROWS_WITH(tools::run_train(o),
                     Catch::Contains("bad.png") && Catch::Contains("--strict_images"));
+  fs::remove(data / "bad.png");
+  CHECK_THROWS_WITH(tools::run_train(o),
+                    Catch::Contains("cut.png") && Catch::Contains("--strict_images"));
 }
 
 // The fixture's pixel-space folder plus the golden tiny VAE (4 latent channels, factor 4) and a
