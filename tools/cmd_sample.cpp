@@ -3,6 +3,8 @@
 
 #include <CLI/CLI.hpp>
 #include <array>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 
@@ -20,8 +22,19 @@ void run_sample(const SampleCommandOptions& o) {
   set_threads("sample", o.threads);
   require(o.num_images_per_prompt >= 1, fn, "--num_images_per_prompt is ", o.num_images_per_prompt,
           ", expected at least 1");
-  require(o.height >= 0 && o.width >= 0, fn, "--height/--width are ", o.height, "/", o.width,
-          ", expected positive sizes");
+  // Bounded so that a typo cannot ask for terabytes (16384² is 4× SDXL's largest buckets' area).
+  constexpr std::int64_t kMaxSide = 16384, kMaxImages = 4096;
+  require(o.height >= 0 && o.width >= 0 && o.height <= kMaxSide && o.width <= kMaxSide, fn,
+          "--height/--width are ", o.height, "/", o.width, ", expected sizes from 1 to ", kMaxSide,
+          " (0: the model's)");
+  require(o.num_images_per_prompt <= kMaxImages, fn, "--num_images_per_prompt is ",
+          o.num_images_per_prompt, ", expected at most ", kMaxImages);
+  require(std::isfinite(o.guidance_scale), fn, "--guidance_scale is ", o.guidance_scale,
+          ", expected a finite number");
+  require(std::isfinite(o.lora_scale), fn, "--lora_scale is ", o.lora_scale,
+          ", expected a finite number");
+  require(o.num_inference_steps >= 1 && o.num_inference_steps <= 10000, fn,
+          "--num_inference_steps is ", o.num_inference_steps, ", expected 1 to 10000");
   const pipeline::SamplerKind sampler = pipeline::parse_sampler_kind(o.sampler);
   pipeline::ModelFolder model = pipeline::load_model_folder(o.model);
   // Inference only: no gradient buffers for the base weights.
@@ -68,7 +81,8 @@ void add_sample_command(CLI::App& app, int& exit_code) {
       ->check(CLI::IsMember({"ddim", "euler"}));
   cmd->add_option("--lora", o->lora, "LoRA file (kohya or PEFT naming)");
   cmd->add_option("--lora_scale", o->lora_scale, "multiplier of the LoRA branch (default 1)");
-  cmd->add_option("--seed", o->seed, "random seed of the initial noise (default 0)");
+  cmd->add_option("--seed", o->seed, "random seed of the initial noise (default 0)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--height", o->height, "image height in pixels (default: the model's)");
   cmd->add_option("--width", o->width, "image width in pixels (default: the model's)");
   add_threads_option(*cmd, o->threads);

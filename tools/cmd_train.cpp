@@ -281,6 +281,35 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
           ", expected >= 1");
   require(o.num_train_epochs >= 1 || o.max_train_steps >= 1, fn, "--num_train_epochs is ",
           o.num_train_epochs, ", expected >= 1");
+  require(o.max_train_steps >= 0, fn, "--max_train_steps is ", o.max_train_steps,
+          ", expected >= 1 (or 0: --num_train_epochs × steps per epoch)");
+  // Values a Python script would take but that mean nothing here: refused, naming the flag.
+  auto non_negative = [](const char* flag, double value, const char* zero_means) {
+    require(std::isfinite(value) && value >= 0, fn, flag, " is ", value,
+            ", expected a finite value >= 0 (0: ", zero_means, ")");
+  };
+  non_negative("--lora_alpha", o.lora_alpha, "= rank");
+  non_negative("--snr_gamma", o.snr_gamma, "off");
+  non_negative("--p2_gamma", o.p2_gamma, "off");
+  non_negative("--v_pred_like_loss", o.v_pred_like_loss, "off");
+  non_negative("--unet_lr", o.unet_lr, "the learning rate");
+  require(o.checkpoints_total_limit >= 0, fn, "--checkpoints_total_limit is ",
+          o.checkpoints_total_limit, ", expected >= 0 (0: keep all)");
+  // A rank beyond the adapted layer's width adds nothing (the product B·A has at most that rank);
+  // SD's widest layer is 5120 wide. The bound keeps a typo from allocating terabytes.
+  constexpr std::size_t kMaxRank = 8192;
+  require(o.rank >= 1 && o.rank <= kMaxRank, fn, "--rank is ", o.rank, ", expected 1 to ",
+          kMaxRank);
+  require(o.conv_dim <= kMaxRank, fn, "--conv_dim is ", o.conv_dim, ", expected at most ",
+          kMaxRank);
+  constexpr int kMaxResolution = 16384;
+  require(o.resolution >= 8 && o.resolution <= kMaxResolution, fn, "--resolution is ", o.resolution,
+          ", expected 8 to ", kMaxResolution);
+  // The LoRA is written into --output_dir: a name with a folder in it would leave it.
+  require(!o.output_name.empty() && o.output_name != "." && o.output_name != ".." &&
+              o.output_name.find('/') == std::string::npos,
+          fn, "--output_name is '", o.output_name,
+          "', expected a file name without a folder (the LoRA is written into --output_dir)");
   require(o.validation_epochs >= 1, fn, "--validation_epochs is ", o.validation_epochs,
           ", expected >= 1");
   require(o.num_validation_images >= 1, fn, "--num_validation_images is ", o.num_validation_images,
@@ -609,8 +638,11 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
       (micro_batches_per_epoch + accumulation - 1) / accumulation;
   train::TrainerOptions t = o.trainer;
   t.micro_batches_per_epoch = micro_batches_per_epoch;
-  t.max_train_steps =
-      o.max_train_steps > 0 ? o.max_train_steps : o.num_train_epochs * updates_per_epoch;
+  t.max_train_steps = o.max_train_steps;
+  if (o.max_train_steps == 0)
+    require(!__builtin_mul_overflow(o.num_train_epochs, updates_per_epoch, &t.max_train_steps), fn,
+            "--num_train_epochs ", o.num_train_epochs, " × ", updates_per_epoch,
+            " steps per epoch is more steps than can be counted: give fewer epochs");
   if (o.snr_gamma > 0) t.weighting.snr_gamma = o.snr_gamma;
   if (o.p2_gamma > 0) t.weighting.p2_gamma = o.p2_gamma;
   if (o.v_pred_like_loss > 0) t.weighting.v_pred_like_loss = o.v_pred_like_loss;
@@ -633,6 +665,7 @@ train::TrainerOptions trainer_options(const TrainCommandOptions& o,
   if (o.min_timestep >= 0) t.min_timestep = o.min_timestep;
   if (o.max_timestep >= 0) t.max_timestep = o.max_timestep;
   if (o.checkpoints_total_limit > 0) t.checkpoints_total_limit = o.checkpoints_total_limit;
+  t.non_finite = parse_choice("--on_nonfinite", o.on_nonfinite, train::kNonFinitePolicies);
   return t;
 }
 
@@ -849,9 +882,22 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       model.unet, model.text_encoder, "text_encoder"};
   train::Trainer trainer(step, trained, t);
 
-  fs::create_directories(t.output_dir);
+  {
+    std::error_code ec;
+    fs::create_directories(t.output_dir, ec);
+    require(!ec && fs::is_directory(t.output_dir), fn, "cannot create --output_dir '", t.output_dir,
+            "': ", ec ? ec.message() : std::string("it is not a folder"));
+  }
+  // Checkpoint housekeeping is logged: leftovers of a killed run recovered or removed (now, not
+  // at the first save), which checkpoint "latest" took and what it skipped.
+  const train::CheckpointLog checkpoint_log = [log](const std::string& line) {
+    if (log) std::fprintf(log, "difftrain train: %s\n", line.c_str());
+  };
+  trainer.set_checkpoint_log(checkpoint_log);
+  train::recover_checkpoints(t.output_dir, checkpoint_log);
   const std::string& from = t.resume_from_checkpoint;
-  if (!from.empty() && !(from == "latest" && train::list_checkpoints(t.output_dir).empty())) {
+  if (!from.empty() &&
+      !(from == "latest" && train::list_checkpoints(t.output_dir, checkpoint_log).empty())) {
     trainer.resume(from);
     if (latent_encoder.vae) latent_encoder.vae->set_calls(trainer.micro_batch_index());
   }
@@ -916,6 +962,12 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   while (trainer.global_step() < t.max_train_steps) {
     const train::StepLog s = cached ? trainer.train_step(*cached) : trainer.train_step(masked);
     csv.write(s.step, s.loss, s.lr, s.grad_norm, s.skipped);
+    if (s.skipped)
+      progress.message(message("difftrain train: step ", s.step,
+                               " skipped: its loss or gradient is not finite, the weights were "
+                               "not updated (",
+                               s.skipped_steps,
+                               " skipped so far; --on_nonfinite stop ends the run)"));
     progress.update({s.step, t.max_train_steps, s.loss, s.lr, s.it_per_s});
     if (t.checkpointing_steps > 0 && s.step % t.checkpointing_steps == 0) trainer.save_checkpoint();
     const std::int64_t epochs = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
@@ -1130,10 +1182,14 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--adam_beta2", o.trainer.adam_beta2, "AdamW beta2");
   cmd.add_option("--adam_weight_decay", o.trainer.adam_weight_decay, "AdamW weight decay");
   cmd.add_option("--adam_epsilon", o.trainer.adam_epsilon, "AdamW epsilon");
-  cmd.add_option("--seed", o.trainer.seed, "seed of every random draw");
+  cmd.add_option("--seed", o.trainer.seed, "seed of every random draw (0 to 2^64 − 1)")
+      ->check(CLI::NonNegativeNumber);
   cmd.add_option("--output_dir", o.trainer.output_dir, "where the LoRA, checkpoints and logs go");
   cmd.add_option("--checkpointing_steps", o.trainer.checkpointing_steps,
                  "save a checkpoint every N steps (0: never)");
+  cmd.add_option("--on_nonfinite", o.on_nonfinite,
+                 "a step whose loss or gradient is NaN/Inf: skip (default; the weights are not "
+                 "updated, the console says so) or stop (an error naming the step)");
   cmd.add_option("--checkpoints_total_limit", o.checkpoints_total_limit,
                  "keep the last N checkpoints (0: all)");
   cmd.add_option("--resume_from_checkpoint", o.trainer.resume_from_checkpoint,

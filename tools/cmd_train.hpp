@@ -133,7 +133,8 @@ struct TrainCommandOptions {
   std::string prediction_type;                        // "": the scheduler's
   bool v_parameterization = false;                    // kohya: prediction_type v_prediction
   std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
-  std::int64_t checkpoints_total_limit = 0;           // 0: keep all
+  std::string on_nonfinite = "skip";         // a NaN/Inf loss or gradient: skip the step, or stop
+  std::int64_t checkpoints_total_limit = 0;  // 0: keep all
 
   // Validation.
   std::string validation_prompt;

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 
 namespace difftrain::tools {
 
@@ -27,14 +28,12 @@ std::string shortest(double v) {
 }
 
 std::vector<ConfigEntry> read_json(const std::string& path) {
-  std::ifstream in(path);
+  std::ifstream in(path, std::ios::binary);
   require(in.good(), fn, "cannot open config file '", path, "'");
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(message(fn, ": '", path, "' is not valid JSON: ", e.what()));
-  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  require(!in.bad(), fn, "cannot read config file '", path, "'");
+  const nlohmann::json json = io::parse_json(text.view(), fn, "'" + path + "'");
   require(json.is_object(), fn, "'", path, "' holds ", json.type_name(),
           ", expected a JSON object of flag names to values");
   std::vector<ConfigEntry> out;
@@ -45,10 +44,10 @@ std::vector<ConfigEntry> read_json(const std::string& path) {
       if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
       if (v.is_number_integer()) return std::to_string(v.get<long long>());
       if (v.is_number()) return shortest(v.get<double>());
-      throw Error(message(fn, ": '", path, "' key '", key, "' has value ", v.dump(),
+      throw Error(message(fn, ": '", path, "' key '", key, "' has value ", io::json_excerpt(v),
                           ", expected a string, number or boolean"));
     };
-    ConfigEntry e{key, {}, value.dump()};
+    ConfigEntry e{key, {}, io::json_excerpt(value)};
     if (value.is_array())
       for (const auto& v : value) e.values.push_back(scalar(v));
     else

@@ -12,6 +12,8 @@
 #include <system_error>
 #include <utility>
 
+#include "difftrain/io/json_file.hpp"
+
 namespace difftrain::tools {
 
 namespace {
@@ -25,13 +27,13 @@ std::string lower(std::string s) {
 
 enum class ImageKind { supported, unsupported, other };
 
-// stb_image reads these; the second list are image formats it cannot read (a clear error beats
-// silently training on fewer images).
+// load_image reads these (libwebp the WebP, stb_image the others); the second list are image
+// formats that are refused (a clear error beats silently training on fewer images).
 ImageKind image_kind(const fs::path& path) {
   const std::string ext = lower(path.extension().string());
-  for (const char* e : {".png", ".jpg", ".jpeg", ".bmp"})
+  for (const char* e : {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
     if (ext == e) return ImageKind::supported;
-  for (const char* e : {".webp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl"})
+  for (const char* e : {".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl"})
     if (ext == e) return ImageKind::unsupported;
   return ImageKind::other;
 }
@@ -40,9 +42,9 @@ void check_readable_kind(const char* fn, const fs::path& path) {
   const ImageKind kind = image_kind(path);
   require(kind != ImageKind::unsupported, fn, "'", path.string(), "' is a ",
           path.extension().string(),
-          " image, which is not supported (stb_image reads PNG, JPEG and BMP): convert it");
+          " image, which is not supported (PNG, JPEG, WebP and BMP are): convert it");
   require(kind == ImageKind::supported, fn, "'", path.string(),
-          "' is not a PNG, JPEG or BMP image (by its extension)");
+          "' is not a PNG, JPEG, WebP or BMP image (by its extension)");
 }
 
 std::string strip(const std::string& s) {
@@ -111,15 +113,14 @@ std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderO
   std::string line;
   for (std::size_t number = 1; std::getline(in, line); ++number) {
     if (strip(line).empty()) continue;
-    nlohmann::json row;
-    try {
-      row = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(message(fn, ": ", file.string(), " line ", number, " is not JSON: ", e.what()));
-    }
+    const nlohmann::json row = io::parse_json(line, fn, message(file.string(), " line ", number));
     require(row.is_object() && row.contains("file_name") && row["file_name"].is_string(), fn,
             file.string(), " line ", number, " has no string \"file_name\"");
     const std::string name = row["file_name"].get<std::string>();
+    // diffusers' imagefolder reads file_name relative to the folder: a name leaving it is refused.
+    const fs::path relative = fs::path(name).lexically_normal();
+    require(!name.empty() && relative.is_relative() && *relative.begin() != "..", fn, file.string(),
+            " line ", number, " has file_name '", name, "', expected a path inside the folder");
     Example caption;
     const auto column = row.find(o.caption_column);
     if (column != row.end() && column->is_string()) {
@@ -131,7 +132,7 @@ std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderO
       for (const auto& c : *column) {
         require(c.is_string(), fn, file.string(), " line ", number, " ('", name,
                 "') has a non-string element in the caption list \"", o.caption_column,
-                "\": ", c.dump());
+                "\": ", io::json_excerpt(c));
         caption.caption_choices.push_back(c.get<std::string>());
       }
       caption.caption = caption.caption_choices[0];
@@ -177,7 +178,7 @@ std::vector<Example> scan_image_folder(const std::string& folder,
       out.push_back({file.string(), caption.value_or("")});
     }
   }
-  require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
+  require(!out.empty(), fn, "no PNG, JPEG, WebP or BMP images in '", folder, "'");
   return out;
 }
 
@@ -248,7 +249,7 @@ std::vector<Example> scan_repeat_folder(const std::string& folder,
     e.subset = subset;
     out.push_back(std::move(e));
   }
-  require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
+  require(!out.empty(), fn, "no PNG, JPEG, WebP or BMP images in '", folder, "'");
   return out;
 }
 
@@ -273,7 +274,7 @@ std::vector<Example> scan_dreambooth_folder(const std::string& folder, const std
   check_folder(fn, folder);
   std::vector<Example> out;
   for (const fs::path& file : folder_images(fn, folder)) out.push_back({file.string(), prompt});
-  require(!out.empty(), fn, "no PNG, JPEG or BMP images in '", folder, "'");
+  require(!out.empty(), fn, "no PNG, JPEG, WebP or BMP images in '", folder, "'");
   return out;
 }
 

@@ -65,11 +65,12 @@ struct ImageFolderOptions {
 
 /// The examples of a captioned folder, sorted by file name. With a `metadata.jsonl` (diffusers'
 /// imagefolder: one JSON object per line with "file_name", relative to the folder, and the
-/// caption column) the images it lists; otherwise every PNG/JPEG/BMP directly in the folder
+/// caption column) the images it lists; otherwise every PNG/JPEG/WebP/BMP directly in the folder
 /// (not recursive) with the first line of its same-named caption file (kohya: a.png → a.txt).
 /// A metadata.jsonl caption is a string or a non-empty list of strings (Example::caption_choices;
 /// anything else in the column is an Error naming the file and line).
-/// WEBP, GIF, TIFF, ... → Error (stb_image cannot read them); other files are ignored.
+/// GIF, TIFF, AVIF, ... → Error (not formats the tools read: convert them); other files are
+/// ignored.
 std::vector<Example> scan_image_folder(const std::string& folder,
                                        const ImageFolderOptions& options = {});
 
@@ -103,7 +104,7 @@ std::vector<Example> scan_repeat_folder(const std::string& folder,
 std::vector<Example> balance_regularization(const std::vector<Example>& train,
                                             std::vector<Example> reg);
 
-/// DreamBooth: every PNG/JPEG/BMP directly in the folder, sorted, each with the one `prompt`
+/// DreamBooth: every PNG/JPEG/WebP/BMP directly in the folder, sorted, each with the one `prompt`
 /// (diffusers' --instance_prompt / --class_prompt); caption files are not read.
 std::vector<Example> scan_dreambooth_folder(const std::string& folder, const std::string& prompt);
 

@@ -1,6 +1,8 @@
-// The image functions of image_io.hpp, on top of stb_image and stb_image_write; the EXIF
+// The image functions of image_io.hpp, on top of stb_image, libwebp and stb_image_write; the EXIF
 // orientation parser and PIL's resampling (libImaging/Resample.c) are written here.
 #include "image_io.hpp"
+
+#include <webp/decode.h>
 
 #include <algorithm>
 #include <climits>
@@ -8,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <numbers>
 #include <system_error>
 
@@ -30,6 +33,71 @@ void check_image(const char* fn, const Image& image) {
 
 namespace {
 
+// "RIFF", a 4-byte size, "WEBP": the container of every WebP file.
+bool is_webp(std::span<const std::uint8_t> file) {
+  return file.size() >= 12 && std::memcmp(file.data(), "RIFF", 4) == 0 &&
+         std::memcmp(file.data() + 8, "WEBP", 4) == 0;
+}
+
+const char* webp_status_name(VP8StatusCode status) {
+  switch (status) {
+    case VP8_STATUS_OUT_OF_MEMORY:
+      return "out of memory";
+    case VP8_STATUS_BITSTREAM_ERROR:
+      return "bitstream error";
+    case VP8_STATUS_UNSUPPORTED_FEATURE:
+      return "unsupported feature";
+    case VP8_STATUS_NOT_ENOUGH_DATA:
+      return "not enough data: truncated";
+    default:
+      return "error";
+  }
+}
+
+// Decoded pixels, `channels` bytes each, row-major, freed by the decoding library's deallocator.
+struct Pixels {
+  std::unique_ptr<std::uint8_t, void (*)(void*)> data;
+  int width = 0, height = 0;
+};
+
+// A WebP file decoded by libwebp to `channels` (3: RGB; 4: RGBA, alpha 255 when it has none).
+Pixels decode_webp(const std::string& path, std::span<const std::uint8_t> bytes, int channels) {
+  constexpr const char* fn = "load_image";
+  WebPBitstreamFeatures features;
+  const VP8StatusCode status = WebPGetFeatures(bytes.data(), bytes.size(), &features);
+  require(status == VP8_STATUS_OK, fn, "cannot read image '", path,
+          "': not a valid WebP file (libwebp: ", webp_status_name(status), ")");
+  const int w = features.width, h = features.height;
+  require(double(w) * double(h) <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
+          " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");
+  // WebPDecode decodes still images only (PIL would read the first frame).
+  require(!features.has_animation, fn, "cannot read image '", path,
+          "': an animated WebP, which is not supported: save one frame as a still image");
+  Pixels p{{nullptr, WebPFree}};
+  p.data.reset(channels == 3 ? WebPDecodeRGB(bytes.data(), bytes.size(), &p.width, &p.height)
+                             : WebPDecodeRGBA(bytes.data(), bytes.size(), &p.width, &p.height));
+  require(p.data != nullptr, fn, "cannot read image '", path,
+          "': not a valid WebP file (its image data does not decode)");
+  return p;
+}
+
+// Any other format stb_image reads, decoded to `channels`.
+Pixels decode_stb(const std::string& path, std::span<const std::uint8_t> bytes, int channels) {
+  constexpr const char* fn = "load_image";
+  int w = 0, h = 0, file_channels = 0;
+  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels))
+    require(double(w) * double(h) <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
+            " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");
+  stbi_uc* data =
+      stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels, channels);
+  if (data == nullptr) {
+    const char* reason = stbi_failure_reason();
+    throw Error(
+        message(fn, ": cannot read image '", path, "': ", reason ? reason : "unknown error"));
+  }
+  return {{data, stbi_image_free}, w, h};
+}
+
 // The file decoded to `channels` (3: RGB; 4: RGBA) and its EXIF orientation.
 std::pair<Image, int> decode_image(const std::string& path, int channels) {
   constexpr const char* fn = "load_image";
@@ -42,26 +110,16 @@ std::pair<Image, int> decode_image(const std::string& path, int channels) {
   in.seekg(0);
   in.read(reinterpret_cast<char*>(bytes.data()), size);
   require(bool(in), fn, "cannot read image '", path, "': reading the file failed");
-  int w = 0, h = 0, file_channels = 0;
-  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels))
-    require(double(w) * double(h) <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
-            " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");
-  stbi_uc* data =
-      stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels, channels);
-  if (data == nullptr) {
-    const char* reason = stbi_failure_reason();
-    throw Error(
-        message(fn, ": cannot read image '", path, "': ", reason ? reason : "unknown error"));
-  }
-  Image image(w, h);
-  const std::size_t n = std::size_t(w) * std::size_t(h);
+  const Pixels p =
+      is_webp(bytes) ? decode_webp(path, bytes, channels) : decode_stb(path, bytes, channels);
+  Image image(p.width, p.height);
+  const std::size_t n = std::size_t(p.width) * std::size_t(p.height);
   if (channels == 3) {
-    image.rgb.assign(data, data + n * 3);
+    image.rgb.assign(p.data.get(), p.data.get() + n * 3);
   } else {  // alpha into every channel
     for (std::size_t k = 0; k < n; ++k)
-      image.rgb[3 * k] = image.rgb[3 * k + 1] = image.rgb[3 * k + 2] = data[4 * k + 3];
+      image.rgb[3 * k] = image.rgb[3 * k + 1] = image.rgb[3 * k + 2] = p.data.get()[4 * k + 3];
   }
-  stbi_image_free(data);
   return {std::move(image), exif_orientation(bytes)};
 }
 
@@ -131,9 +189,35 @@ int tiff_orientation(std::span<const std::uint8_t> tiff) {
   return orientation;
 }
 
+// The orientation in a RIFF/WebP file's first "EXIF" chunk. Chunks: a fourcc, a 4-byte
+// little-endian payload size, the payload padded to an even length; the walk stops at the end of
+// the RIFF (its size field, + 8) or of the file, whichever comes first.
+int webp_exif_orientation(std::span<const std::uint8_t> file) {
+  const auto le32 = [&](std::size_t at) {
+    return std::uint32_t(file[at]) | std::uint32_t(file[at + 1]) << 8 |
+           std::uint32_t(file[at + 2]) << 16 | std::uint32_t(file[at + 3]) << 24;
+  };
+  const std::size_t end = std::min<std::size_t>(file.size(), std::size_t(le32(4)) + 8);
+  std::size_t at = 12;  // after "RIFF", the size, "WEBP"
+  while (at <= end && end - at >= 8) {
+    const std::size_t size = le32(at + 4);
+    const std::size_t payload = at + 8;
+    if (size > end - payload) return 1;  // a chunk past the end: truncated or corrupt
+    if (std::memcmp(&file[at], "EXIF", 4) == 0) {
+      std::span<const std::uint8_t> exif = file.subspan(payload, size);
+      // Some writers keep JPEG's "Exif\0\0" prefix; PIL's Exif.load drops it.
+      if (exif.size() >= 6 && std::memcmp(exif.data(), "Exif\0\0", 6) == 0) exif = exif.subspan(6);
+      return tiff_orientation(exif);
+    }
+    at = payload + size + (size & 1);
+  }
+  return 1;
+}
+
 }  // namespace
 
 int exif_orientation(std::span<const std::uint8_t> file) {
+  if (is_webp(file)) return webp_exif_orientation(file);
   if (file.size() < 4 || file[0] != 0xFF || file[1] != 0xD8) return 1;  // not a JPEG (SOI)
   std::size_t at = 2;
   while (file.size() - at >= 4) {  // a marker and a segment length

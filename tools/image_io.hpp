@@ -1,8 +1,9 @@
 #pragma once
-// 8-bit RGB images for the tools: load (PNG, JPEG, BMP, TGA, GIF, PSD, PNM via stb_image, with a
-// JPEG's EXIF orientation applied as PIL's ImageOps.exif_transpose), save PNG, convert to and from
-// [3,H,W] tensors in [-1,1], image grids, and diffusers' train_text_to_image preprocessing (resize
-// the shorter side with PIL's resampling filters, crop, flip).
+// 8-bit RGB images for the tools: load (WebP via libwebp; PNG, JPEG, BMP, TGA, GIF, PSD, PNM via
+// stb_image; a JPEG's or WebP's EXIF orientation applied as PIL's ImageOps.exif_transpose), save
+// PNG, convert to and from [3,H,W] tensors in [-1,1], image grids, and diffusers'
+// train_text_to_image preprocessing (resize the shorter side with PIL's resampling filters, crop,
+// flip).
 // The definitions are in image_io.cpp; stb_impl.hpp gives stb's declarations to the users of this
 // header that write or read image files with stb directly (e.g. tests making fixtures).
 
@@ -41,9 +42,10 @@ struct Image {
 inline constexpr double kMaxImagePixels = 178956970;
 
 /// Any channel count (grey, grey+alpha, RGB, RGBA) → RGB; alpha is dropped, not composited. A
-/// JPEG is turned upright by its EXIF orientation (exif_transpose(image, exif_orientation(file))),
-/// as diffusers' scripts do with PIL.ImageOps.exif_transpose right after opening an image.
-/// A file that cannot be decoded, or declares more than kMaxImagePixels, is an Error naming it.
+/// JPEG or WebP is turned upright by its EXIF orientation (exif_transpose(image,
+/// exif_orientation(file))), as diffusers' scripts do with PIL.ImageOps.exif_transpose right after
+/// opening an image. A file that cannot be decoded (an animated WebP included), or declares more
+/// than kMaxImagePixels, is an Error naming it.
 Image load_image(const std::string& path);
 
 /// Why the image at `path` cannot be trained on: unreadable, not an image format we read, more
@@ -56,10 +58,12 @@ std::string image_problem(const std::string& path);
 /// has no alpha.
 Image load_image_alpha(const std::string& path);
 
-/// The Orientation tag (0x0112) of a JPEG file's first APP1 "Exif" segment, in either byte order
-/// ("II" or "MM" TIFF header), 1 to 8; 1 (upright) when the file has none, or when the JPEG
-/// markers, the TIFF header, IFD0 or the tag are malformed or out of range (as PIL, which ignores
-/// what it cannot read). Every read is bounds-checked: any bytes are safe to pass.
+/// The Orientation tag (0x0112) of a JPEG file's first APP1 "Exif" segment, or of a WebP file's
+/// (RIFF/WEBP) first "EXIF" chunk (a leading "Exif\0\0" dropped, as PIL does), in either byte
+/// order ("II" or "MM" TIFF header), 1 to 8; 1 (upright) for other files, when the file has none,
+/// or when the JPEG markers, RIFF chunks, the TIFF header, IFD0 or the tag are malformed or out of
+/// range (as PIL, which ignores what it cannot read). Every read is bounds-checked: any bytes are
+/// safe to pass.
 int exif_orientation(std::span<const std::uint8_t> file);
 
 /// The transpose PIL's ImageOps.exif_transpose applies for an EXIF orientation (others: a copy):

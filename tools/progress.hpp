@@ -15,6 +15,7 @@
 #include <string>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/train/checkpoint.hpp"
 
 namespace difftrain::tools {
 
@@ -122,7 +123,9 @@ class CsvLog {
 
 /// Ctrl-C (SIGINT) and SIGTERM set a flag that a loop polls at step boundaries, so that it can
 /// save a checkpoint and exit cleanly; the previous handlers are restored on destruction. A
-/// second Ctrl-C falls back to the default action (kill), for a loop that does not poll.
+/// second Ctrl-C kills (the default action), for a loop that does not poll, except while a
+/// checkpoint is being saved (train::checkpoint_saves_in_progress): then it is ignored, with a
+/// message, so that the save the first Ctrl-C asked for completes.
 class InterruptGuard {
  public:
   InterruptGuard() {
@@ -145,9 +148,20 @@ class InterruptGuard {
   }
 
  private:
+  // The handler stays installed (glibc's signal() keeps it) and decides at the second signal,
+  // rather than restoring SIG_DFL at the first, so that it can spare a save in progress. It
+  // only touches lock-free atomics and calls async-signal-safe functions.
   static void handle(int sig) {
-    flag().store(true);
+    if (!flag().exchange(true)) return;  // the first: the loop saves and stops
+    if (train::checkpoint_saves_in_progress.load() > 0) {
+      static constexpr char text[] =
+          "\ndifftrain: second interrupt ignored while a checkpoint is being saved; the run stops "
+          "once it is complete (SIGKILL stops it now)\n";
+      [[maybe_unused]] const ssize_t n = ::write(STDERR_FILENO, text, sizeof text - 1);
+      return;
+    }
     std::signal(sig, SIG_DFL);
+    std::raise(sig);  // delivered when the handler returns: the default action, as before
   }
   using Handler = void (*)(int);
   Handler previous_int_ = SIG_DFL, previous_term_ = SIG_DFL;

@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <exception>
+#include <new>
 
 namespace CLI {
 class App;
@@ -26,6 +27,12 @@ int run_command(const char* name, Body&& body) {
   try {
     body();
     return 0;
+  } catch (const std::bad_alloc&) {  // not a bare "std::bad_alloc": say what ran out
+    std::fprintf(stderr,
+                 "difftrain %s: out of memory: an allocation failed (a model, batch, image or "
+                 "rank larger than this machine's memory?)\n",
+                 name);
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "difftrain %s: %s\n", name, e.what());
     return 1;

@@ -2,9 +2,12 @@
 // lists, DreamBooth), its errors, and the micro-batches of ImageCaptionDataSource (caption lists
 // drawn per epoch, the resize filter).
 
+#include <webp/encode.h>
+
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -24,11 +27,27 @@ using tools::Image;
 namespace {
 
 // A solid image whose red channel encodes `id` (id·20) and green `group`.
-void write_solid(const std::string& path, int id, int group = 0, int w = 16, int h = 12) {
+Image id_image(int id, int group = 0, int w = 16, int h = 12) {
   Image im(w, h);
   for (std::size_t i = 0; i < im.rgb.size(); i += 3)
     im.rgb[i] = std::uint8_t(20 * id), im.rgb[i + 1] = std::uint8_t(100 * group), im.rgb[i + 2] = 7;
-  tools::save_png(path, im);
+  return im;
+}
+
+void write_solid(const std::string& path, int id, int group = 0, int w = 16, int h = 12) {
+  tools::save_png(path, id_image(id, group, w, h));
+}
+
+// id_image as a lossless WebP (libwebp's encoder).
+void write_solid_webp(const std::string& path, int id) {
+  const Image im = id_image(id);
+  std::uint8_t* data = nullptr;
+  const std::size_t size =
+      WebPEncodeLosslessRGB(im.rgb.data(), im.width, im.height, 3 * im.width, &data);
+  REQUIRE(size > 0);
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(data), std::streamsize(size));
+  WebPFree(data);
 }
 
 // Red channel of row j back to the id written by write_solid.
@@ -114,6 +133,17 @@ TEST_CASE("scan_image_folder: metadata.jsonl with a configurable caption column"
   REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("gone.png"));
   dir.write("metadata.jsonl", "{\"text\": \"no file name\"}\n");
   REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("file_name"));
+  // file_name is relative to the folder and stays in it.
+  for (const char* outside : {"../x.png", "sub/../../x.png", "/etc/x.png"}) {
+    dir.write("metadata.jsonl",
+              std::string("{\"file_name\": \"") + outside + "\", \"text\": \"?\"}\n");
+    REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()),
+                        Catch::Contains(outside) && Catch::Contains("inside the folder"));
+  }
+  // A line nested beyond the JSON depth limit is an error naming the line, not a crash.
+  dir.write("metadata.jsonl", "{\"file_name\": \"x.png\", \"text\": " + std::string(100000, '[') +
+                                  std::string(100000, ']') + "}\n");
+  REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()), Catch::Contains("line 1"));
 }
 
 TEST_CASE("scan_image_folder errors", "[dataset]") {
@@ -129,12 +159,35 @@ TEST_CASE("scan_image_folder errors", "[dataset]") {
   CHECK(lax[0].caption.empty());
 
   dir.write("a.txt", "a");
-  dir.write("b.webp", "RIFF....WEBP");
+  dir.write("b.gif", "GIF89a");
   dir.write("b.txt", "b");
   REQUIRE_THROWS_WITH(tools::scan_image_folder(dir.str()),
-                      Catch::Contains("b.webp") && Catch::Contains("not supported"));
+                      Catch::Contains("b.gif") && Catch::Contains("not supported"));
   REQUIRE_THROWS_WITH(tools::scan_dreambooth_folder(dir.str(), "sks dog"),
-                      Catch::Contains("b.webp"));
+                      Catch::Contains("b.gif"));
+}
+
+TEST_CASE("scan_image_folder lists WebP images; the data source decodes them", "[dataset]") {
+  TempDir dir;
+  write_solid(dir / "a.png", 1);
+  write_solid_webp(dir / "b.WebP", 2);
+  dir.write("a.txt", "caption 1");
+  dir.write("b.txt", "caption 2");
+  const auto ex = tools::scan_image_folder(dir.str());
+  REQUIRE(ex.size() == 2);
+  CHECK(ex[1] == Example{dir / "b.WebP", "caption 2"});
+  CHECK(tools::scan_dreambooth_folder(dir.str(), "x").size() == 2);
+  // Both rows of the batch: the pixels of each image (red = 20·id) with its caption's id.
+  tools::ImageCaptionDataSource data(ex, number_tokenizer,
+                                     {.resolution = 8, .center_crop = true, .train_batch_size = 2});
+  const difftrain::train::TrainBatch batch = data(0);
+  REQUIRE(batch.images.shape()[0] == 2);
+  std::set<int> ids;
+  for (std::size_t j = 0; j < 2; ++j) {
+    REQUIRE(id_of_row(batch.images, j) == batch.token_ids(j, 0));
+    ids.insert(id_of_row(batch.images, j));
+  }
+  CHECK(ids == std::set<int>{1, 2});
 }
 
 TEST_CASE("scan_dreambooth_folder gives every image the prompt", "[dataset]") {

@@ -1,5 +1,7 @@
-// tools/image_io.hpp: PNG round trips, tensor conversion, grid layout, resize/crop/flip, EXIF
-// orientation, PIL's resampling filters.
+// tools/image_io.hpp: PNG round trips, WebP decoding, tensor conversion, grid layout,
+// resize/crop/flip, EXIF orientation (JPEG and WebP), PIL's resampling filters.
+
+#include <webp/encode.h>
 
 #include <algorithm>
 #include <catch2/catch.hpp>
@@ -466,6 +468,281 @@ TEST_CASE("malformed EXIF is ignored: the image is unchanged, never an error", "
   // exif_transpose ignores values outside 2..8.
   CHECK(tools::exif_transpose(im, 0) == im);
   CHECK(tools::exif_transpose(im, 9) == im);
+}
+
+// ---- WebP (libwebp; fixtures made with its encoder, extended files assembled by hand) ----
+
+namespace {
+
+using Bytes = std::vector<std::uint8_t>;
+
+// A libwebp encoder's output (released with WebPFree), as a simple-format file.
+Bytes webp_from_encoder(std::uint8_t* data, std::size_t size) {
+  Bytes out(data, data + size);
+  WebPFree(data);
+  REQUIRE(out.size() > 20);
+  REQUIRE(std::string(out.begin(), out.begin() + 4) == "RIFF");
+  return out;
+}
+
+Bytes webp_lossless(const Image& im) {
+  std::uint8_t* data = nullptr;
+  const std::size_t size =
+      WebPEncodeLosslessRGB(im.rgb.data(), im.width, im.height, 3 * im.width, &data);
+  return webp_from_encoder(data, size);
+}
+
+void put_le(Bytes& b, std::uint32_t v, int n) {
+  for (int i = 0; i < n; ++i) b.push_back(std::uint8_t(v >> (8 * i)));
+}
+
+struct Chunk {
+  std::string fourcc;
+  Bytes payload;
+};
+
+// The first chunk of a simple-format file ("VP8 " or "VP8L" and its bitstream).
+Chunk image_chunk(const Bytes& file) {
+  const std::uint32_t size = std::uint32_t(file[16]) | std::uint32_t(file[17]) << 8 |
+                             std::uint32_t(file[18]) << 16 | std::uint32_t(file[19]) << 24;
+  REQUIRE(file.size() >= 20 + std::size_t(size));
+  return {std::string(file.begin() + 12, file.begin() + 16),
+          Bytes(file.begin() + 20, file.begin() + 20 + std::ptrdiff_t(size))};
+}
+
+// "RIFF", the size of the rest, "WEBP", then each chunk: fourcc, 4-byte little-endian payload
+// size, payload, a zero byte after an odd-sized payload.
+Bytes riff_webp(const std::vector<Chunk>& chunks) {
+  Bytes b{'R', 'I', 'F', 'F', 0, 0, 0, 0, 'W', 'E', 'B', 'P'};
+  for (const Chunk& c : chunks) {
+    b.insert(b.end(), c.fourcc.begin(), c.fourcc.end());
+    put_le(b, std::uint32_t(c.payload.size()), 4);
+    b.insert(b.end(), c.payload.begin(), c.payload.end());
+    if (c.payload.size() % 2) b.push_back(0);
+  }
+  const std::uint32_t riff_size = std::uint32_t(b.size() - 8);
+  for (int i = 0; i < 4; ++i) b[4 + std::size_t(i)] = std::uint8_t(riff_size >> (8 * i));
+  return b;
+}
+
+// The VP8X chunk: flags (0x08 EXIF, 0x02 animation), 3 reserved bytes, canvas width − 1 and
+// height − 1 in 3 bytes each.
+Chunk vp8x(std::uint8_t flags, std::uint32_t width, std::uint32_t height) {
+  Chunk c{"VP8X", {flags, 0, 0, 0}};
+  put_le(c.payload, width - 1, 3);
+  put_le(c.payload, height - 1, 3);
+  return c;
+}
+
+// The extended file PIL reads with an Exif: VP8X (EXIF flag), the image, an odd-sized "XMP "
+// chunk (so that the walk must skip a padding byte), then "EXIF" holding `exif`.
+Bytes webp_with_exif(const Image& im, const Bytes& exif) {
+  return riff_webp({vp8x(0x08, std::uint32_t(im.width), std::uint32_t(im.height)),
+                    image_chunk(webp_lossless(im)),
+                    {"XMP ", {'<', 'x', '>'}},
+                    {"EXIF", exif}});
+}
+
+std::size_t mean_abs_error_x100(const Image& a, const Image& b) {
+  std::size_t sum = 0;
+  for (std::size_t i = 0; i < a.rgb.size(); ++i) sum += std::size_t(std::abs(a.rgb[i] - b.rgb[i]));
+  return 100 * sum / a.rgb.size();
+}
+
+}  // namespace
+
+TEST_CASE("load_image reads a lossless WebP exactly; load_image_alpha its alpha", "[image_io]") {
+  difftrain::test::TempDir dir;
+  const Image im = noise_image(7, 5, 21);
+  const Bytes file = webp_lossless(im);
+  CHECK(image_chunk(file).fourcc == "VP8L");
+  write_bytes(dir / "a.webp", file);
+  const Image back = tools::load_image(dir / "a.webp");
+  REQUIRE(back.width == 7);
+  REQUIRE(back.height == 5);
+  REQUIRE(back.rgb == im.rgb);
+  CHECK(tools::image_problem(dir / "a.webp").empty());
+  CHECK(tools::exif_orientation(file) == 1);
+  CHECK(tools::load_image_alpha(dir / "a.webp") == Image(7, 5, 255));  // no alpha: opaque
+
+  // RGBA: alpha k·255/34 over the 35 pixels (0 and 255 included).
+  std::vector<std::uint8_t> rgba(7 * 5 * 4);
+  for (std::size_t k = 0; k < 35; ++k) {
+    std::copy_n(&im.rgb[3 * k], 3, &rgba[4 * k]);
+    rgba[4 * k + 3] = std::uint8_t(k * 255 / 34);
+  }
+  std::uint8_t* data = nullptr;
+  const std::size_t size = WebPEncodeLosslessRGBA(rgba.data(), 7, 5, 7 * 4, &data);
+  write_bytes(dir / "alpha.webp", webp_from_encoder(data, size));
+  const Image alpha = tools::load_image_alpha(dir / "alpha.webp");
+  REQUIRE(alpha.width == 7);
+  REQUIRE(alpha.height == 5);
+  for (std::size_t k = 0; k < 35; ++k) {
+    INFO("pixel " << k);
+    REQUIRE(px(alpha, int(k % 7), int(k / 7)) == std::vector<int>(3, rgba[4 * k + 3]));
+  }
+  // load_image drops the alpha; the colour of every visible pixel is kept exactly (libwebp's
+  // lossless encoder may change the colour under alpha 0, which nothing shows).
+  const Image colour = tools::load_image(dir / "alpha.webp");
+  REQUIRE(colour.width == 7);
+  for (std::size_t k = 1; k < 35; ++k)
+    REQUIRE(px(colour, int(k % 7), int(k / 7)) == px(im, int(k % 7), int(k / 7)));
+}
+
+TEST_CASE("load_image reads a lossy WebP: its size, pixels close", "[image_io]") {
+  difftrain::test::TempDir dir;
+  Image im(40, 24);  // smooth ramps, which lossy VP8 keeps close
+  for (int y = 0; y < 24; ++y)
+    for (int x = 0; x < 40; ++x) {
+      auto* p = im.pixel(x, y);
+      p[0] = std::uint8_t(20 + 5 * x), p[1] = std::uint8_t(30 + 8 * y), p[2] = 128;
+    }
+  std::uint8_t* data = nullptr;
+  const std::size_t size = WebPEncodeRGB(im.rgb.data(), 40, 24, 40 * 3, 90.0f, &data);
+  const Bytes file = webp_from_encoder(data, size);
+  CHECK(image_chunk(file).fourcc == "VP8 ");
+  write_bytes(dir / "lossy.webp", file);
+  const Image back = tools::load_image(dir / "lossy.webp");
+  REQUIRE(back.width == 40);
+  REQUIRE(back.height == 24);
+  CHECK(back != im);  // lossy indeed: the check below is not trivially true
+  CHECK(mean_abs_error_x100(back, im) < 300);  // mean error under 3 levels
+  REQUIRE_CLOSE(back.rgb, im.rgb, 0, 24);
+}
+
+TEST_CASE("load_image applies a WebP's EXIF chunk orientation as PIL's exif_transpose",
+          "[image_io]") {
+  difftrain::test::TempDir dir;
+  const Image im = noise_image(7, 5, 33);
+  const Bytes file = webp_with_exif(im, tiff_bytes(6, false));
+  CHECK(tools::exif_orientation(file) == 6);
+  write_bytes(dir / "o6.webp", file);
+  const Image upright = tools::load_image(dir / "o6.webp");
+  // 6 = ROTATE_270, 90° clockwise: 5×7, the bottom-left pixel at the top-left, the top-left at
+  // the top-right.
+  REQUIRE(upright.width == 5);
+  REQUIRE(upright.height == 7);
+  CHECK(px(upright, 0, 0) == px(im, 0, 4));
+  CHECK(px(upright, 4, 0) == px(im, 0, 0));
+  CHECK(px(upright, 4, 6) == px(im, 6, 0));
+  REQUIRE(upright == tools::exif_transpose(im, 6));
+  const Image alpha = tools::load_image_alpha(dir / "o6.webp");
+  CHECK(alpha.width == 5);
+  CHECK(alpha.height == 7);
+
+  // Every orientation, either byte order, with or without a JPEG-style "Exif\0\0" prefix.
+  const Bytes prefix{'E', 'x', 'i', 'f', 0, 0};
+  for (const bool big_endian : {false, true})
+    for (const bool prefixed : {false, true})
+      for (int orientation = 1; orientation <= 8; ++orientation) {
+        INFO("orientation " << orientation << (big_endian ? " MM" : " II")
+                            << (prefixed ? " with Exif prefix" : ""));
+        Bytes exif = prefixed ? prefix : Bytes{};
+        const Bytes tiff = tiff_bytes(orientation, big_endian);
+        exif.insert(exif.end(), tiff.begin(), tiff.end());
+        const Bytes f = webp_with_exif(im, exif);
+        CHECK(tools::exif_orientation(f) == orientation);
+        write_bytes(dir / "o.webp", f);
+        REQUIRE(tools::load_image(dir / "o.webp") == tools::exif_transpose(im, orientation));
+      }
+
+  // Only the first EXIF chunk counts; one past the end of the RIFF (trailing bytes) does not.
+  Bytes two = riff_webp({vp8x(0x08, 7, 5),
+                         image_chunk(webp_lossless(im)),
+                         {"EXIF", tiff_bytes(3, false)},
+                         {"EXIF", tiff_bytes(6, false)}});
+  CHECK(tools::exif_orientation(two) == 3);
+  Bytes trailing = riff_webp({vp8x(0x08, 7, 5), image_chunk(webp_lossless(im))});
+  const Bytes after = riff_webp({{"EXIF", tiff_bytes(6, false)}});
+  trailing.insert(trailing.end(), after.begin() + 12, after.end());
+  CHECK(tools::exif_orientation(trailing) == 1);
+  write_bytes(dir / "trailing.webp", trailing);
+  CHECK(tools::load_image(dir / "trailing.webp") == im);
+}
+
+TEST_CASE("malformed RIFF chunks: exif_orientation is 1, never a read out of bounds",
+          "[image_io]") {
+  const Image im = noise_image(3, 2, 5);
+  const Bytes good = webp_with_exif(im, tiff_bytes(8, true));
+  REQUIRE(tools::exif_orientation(good) == 8);
+  // The EXIF chunk is last, unpadded (its TIFF bytes are even): any truncation cuts it.
+  for (std::size_t n = 0; n < good.size(); ++n) {
+    INFO("first " << n << " bytes");
+    REQUIRE(tools::exif_orientation(std::span(good.data(), n)) == 1);
+  }
+  // Chunk sizes past the end of the file: the VP8X chunk's, or the EXIF chunk's (by 1 or by
+  // 2^32 − 1, which must not wrap around); the RIFF's own size too small to hold the EXIF chunk.
+  const std::size_t exif_at = good.size() - 8 - tiff_bytes(8, true).size();
+  REQUIRE(std::string(good.begin() + std::ptrdiff_t(exif_at),
+                      good.begin() + std::ptrdiff_t(exif_at) + 4) == "EXIF");
+  const auto with_le32 = [&](std::size_t at, std::uint32_t v) {
+    Bytes b = good;
+    for (int i = 0; i < 4; ++i) b[at + std::size_t(i)] = std::uint8_t(v >> (8 * i));
+    return b;
+  };
+  for (const std::uint32_t v : {0xFFFFFFFFu, 0xFFFFFFF8u, 0x7FFFFFFFu})
+    CHECK(tools::exif_orientation(with_le32(16, v)) == 1);
+  CHECK(tools::exif_orientation(with_le32(exif_at + 4, std::uint32_t(good.size() - exif_at - 7))) ==
+        1);
+  for (const std::uint32_t v : {0xFFFFFFFFu, 0xFFFFFFF8u})
+    CHECK(tools::exif_orientation(with_le32(exif_at + 4, v)) == 1);
+  CHECK(tools::exif_orientation(with_le32(4, std::uint32_t(exif_at))) == 1);
+  CHECK(tools::exif_orientation(with_le32(4, 0)) == 1);
+  CHECK(tools::exif_orientation(with_le32(4, 0xFFFFFFFFu)) == 8);  // the file's end bounds it
+  // Every single-byte change of the headers and chunk sizes: a value in 1..8.
+  for (std::size_t i = 0; i < exif_at + 8 + 24; ++i)
+    for (const std::uint8_t v : {0x00, 0x01, 0x7F, 0xFF}) {
+      Bytes b = good;
+      b[i] = v;
+      const int o = tools::exif_orientation(b);
+      REQUIRE((o >= 1 && o <= 8));
+    }
+  CHECK(tools::exif_orientation(riff_webp({})) == 1);
+  const std::uint8_t riff_only[8] = {'R', 'I', 'F', 'F', 0xFF, 0xFF, 0xFF, 0xFF};
+  CHECK(tools::exif_orientation(riff_only) == 1);
+}
+
+TEST_CASE("WebP errors name the file: truncated, garbage, animated, too many pixels",
+          "[image_io]") {
+  difftrain::test::TempDir dir;
+  // load_image, load_image_alpha and image_problem all say why, naming the file.
+  const auto refused = [&](const std::string& name, const auto& why) {
+    const std::string path = dir / name;
+    REQUIRE_THROWS_WITH(tools::load_image(path),
+                        Catch::Contains("load_image") && Catch::Contains(name) && why);
+    REQUIRE_THROWS_WITH(tools::load_image_alpha(path), Catch::Contains(name) && why);
+    const std::string problem = tools::image_problem(path);
+    CHECK_THAT(problem, Catch::Contains(name) && why);
+  };
+  const Bytes file = webp_lossless(noise_image(7, 5, 2));
+  for (const std::size_t n :
+       {std::size_t(12), std::size_t(20), std::size_t(26), file.size() / 2, file.size() - 1}) {
+    INFO("first " << n << " of " << file.size() << " bytes");
+    write_bytes(dir / "cut.webp", Bytes(file.begin(), file.begin() + std::ptrdiff_t(n)));
+    refused("cut.webp", Catch::Contains("not a valid WebP file"));
+  }
+  dir.write("garbage.webp", "RIFF....WEBP");
+  refused("garbage.webp", Catch::Contains("not a valid WebP file"));
+  dir.write("garbage2.webp", "RIFF....WEBPVP8L....not a bitstream at all");
+  refused("garbage2.webp", Catch::Contains("not a valid WebP file"));
+
+  // Animated (VP8X animation flag, ANIM, one ANMF frame): WebPDecode reads still images only.
+  Chunk anmf{"ANMF", {}};
+  for (const std::uint32_t v : {0u, 0u, 6u, 4u, 100u}) put_le(anmf.payload, v, 3);  // 7×5, 100 ms
+  anmf.payload.push_back(0);
+  const Bytes frame = riff_webp({image_chunk(file)});
+  anmf.payload.insert(anmf.payload.end(), frame.begin() + 12, frame.end());
+  write_bytes(dir / "anim.webp", riff_webp({vp8x(0x02, 7, 5), {"ANIM", {0, 0, 0, 0, 0, 0}}, anmf}));
+  refused("anim.webp", Catch::Contains("animated"));
+
+  // Headers declaring 16384×16384 (a VP8L bitstream header: signature 0x2F, then 14 bits each of
+  // width − 1 and height − 1) and 20000×15000 (a VP8X canvas, nothing after it) pixels.
+  write_bytes(dir / "huge.webp", riff_webp({{"VP8L", {0x2F, 0xFF, 0xFF, 0xFF, 0x0F}}}));
+  refused("huge.webp",
+          Catch::Contains("16384x16384") && Catch::Contains("refused before decoding"));
+  write_bytes(dir / "canvas.webp", riff_webp({vp8x(0, 20000, 15000)}));
+  refused("canvas.webp",
+          Catch::Contains("20000x15000") && Catch::Contains("refused before decoding"));
 }
 
 // ---- resampling filters (PIL's Image.resize, which torchvision's Resize calls on PIL images) ----

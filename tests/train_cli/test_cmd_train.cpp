@@ -6,6 +6,7 @@
 #include <csignal>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
@@ -876,6 +877,56 @@ TEST_CASE("difftrain train: --cache_text_encoder_outputs gives the uncached run'
   bad.caption.shuffle_caption = false;
   bad.train_text_encoder = true;
   CHECK_THROWS_WITH(tools::run_train(bad), Catch::Contains("--train_text_encoder"));
+}
+
+TEST_CASE("difftrain train: out-of-range flags are refused, naming the flag") {
+  Fixture f;
+  auto refused = [&](auto&& change) {
+    TrainCommandOptions o = f.options(f.dir / "bad");
+    change(o);
+    std::string what;
+    try {
+      tools::run_train(o);
+    } catch (const Error& e) {
+      what = e.what();
+    }
+    CHECK_FALSE(fs::exists(fs::path(f.dir / "bad") / "pytorch_lora_weights.safetensors"));
+    return what;
+  };
+  using O = TrainCommandOptions;
+  CHECK_THAT(refused([](O& o) { o.lora_alpha = -5; }), Catch::Contains("--lora_alpha is -5"));
+  CHECK_THAT(refused([](O& o) { o.lora_alpha = std::nan(""); }), Catch::Contains("--lora_alpha"));
+  CHECK_THAT(refused([](O& o) { o.snr_gamma = -1; }), Catch::Contains("--snr_gamma is -1"));
+  CHECK_THAT(refused([](O& o) { o.checkpoints_total_limit = -1; }),
+             Catch::Contains("--checkpoints_total_limit is -1"));
+  CHECK_THAT(refused([](O& o) { o.max_train_steps = -5; }),
+             Catch::Contains("--max_train_steps is -5"));
+  CHECK_THAT(refused([](O& o) { o.rank = 1000000000; }), Catch::Contains("--rank is 1000000000"));
+  CHECK_THAT(refused([](O& o) { o.resolution = 100000; }),
+             Catch::Contains("--resolution is 100000"));
+  CHECK_THAT(refused([](O& o) { o.output_name = "../escaped"; }),
+             Catch::Contains("--output_name is '../escaped'"));
+  CHECK_FALSE(fs::exists(f.dir / "escaped.safetensors"));
+  CHECK_THAT(refused([](O& o) {
+               o.max_train_steps = 0;
+               o.num_train_epochs = std::numeric_limits<std::int64_t>::max();
+             }),
+             Catch::Contains("--num_train_epochs 9223372036854775807"));
+  CHECK_THAT(refused([](O& o) { o.on_nonfinite = "ignore"; }),
+             Catch::Contains("--on_nonfinite") && Catch::Contains("skip or stop"));
+  // --learning_rate 1e300: AdamW's first update makes the weights infinite (loss and gradient
+  // were finite): stopped, naming the parameter; nothing written after the step.
+  const std::string blown = refused([](O& o) {
+    o.trainer.learning_rate = 1e300;
+    o.trainer.checkpointing_steps = 1;
+  });
+  CHECK_THAT(blown, Catch::Contains("is not finite after the update of global step 1") &&
+                        Catch::Contains("lora"));
+  CHECK(train::list_checkpoints(f.dir / "bad").empty());
+  // A negative seed would wrap around to 2^64 − 1: refused by the parser, naming the flag.
+  CHECK_THROWS_WITH(run_cli({"--pretrained_model_name_or_path", f.model, "--train_data_dir", f.data,
+                             "--output_dir", f.dir / "seed", "--seed", "-1"}),
+                    Catch::Contains("--seed"));
 }
 
 TEST_CASE("difftrain train: kohya's target set and LoCon (--conv_dim) train every adapter") {

@@ -2,9 +2,11 @@
 // accumulation, prior preservation, clipping, non-finite guard, checkpoints and resume, and a fit.
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <numbers>
 #include <string>
 #include <vector>
@@ -511,6 +513,57 @@ TEST_CASE("an interrupted checkpoint write leaves the previous one loadable; tot
   REQUIRE(kept.size() == 2);
   REQUIRE(kept[0].first == 4);
   REQUIRE(kept[1].first == 5);
+}
+
+TEST_CASE("Ctrl-C on a checkpointing step: a kill while re-saving it loses nothing") {
+  // The interrupted run saves step 2 at its checkpointing step, then again on Ctrl-C; a kill
+  // between the two renames of that replacement used to leave no checkpoint-2.
+  test::TempDir dir("trainer_resave_killed");
+  TrainerOptions o;
+  o.learning_rate = 1e-2;
+  o.output_dir = dir.path().string();
+  Setup s(o);
+  s.trainer.train_step(Plain{});
+  s.trainer.save_checkpoint();  // checkpoint-1, complete
+  s.trainer.train_step(Plain{});
+  s.trainer.save_checkpoint();
+  const std::vector<float> at_two = flat(s.model);
+  CheckpointHooks kill;
+  kill.after_move_aside = [](const fs::path&) { throw Error("SIGKILL"); };
+  s.trainer.set_checkpoint_hooks(kill);
+  REQUIRE_THROWS_WITH(s.trainer.save_checkpoint(), Catch::Contains("SIGKILL"));
+  REQUIRE(!fs::exists(checkpoint_path(dir.path(), 2)));  // only the hidden old copy is left
+
+  Setup fresh(o, 99);
+  std::vector<std::string> lines;
+  fresh.trainer.set_checkpoint_log([&](const std::string& line) { lines.push_back(line); });
+  REQUIRE(fresh.trainer.resume("latest") == checkpoint_path(dir.path(), 2));
+  REQUIRE(fresh.trainer.global_step() == 2);
+  REQUIRE(flat(fresh.model) == at_two);
+  auto logged = [&](const std::string& text) {
+    return std::any_of(lines.begin(), lines.end(),
+                       [&](const std::string& l) { return l.find(text) != std::string::npos; });
+  };
+  REQUIRE(logged("recovered '" + checkpoint_path(dir.path(), 2).string() + "'"));
+  REQUIRE(logged("latest checkpoint: '" + checkpoint_path(dir.path(), 2).string() + "' (step 2)"));
+
+  // A newest checkpoint without optimizer state is skipped, and the log says so.
+  fs::remove(checkpoint_path(dir.path(), 2) / "optimizer.safetensors");
+  Setup older(o, 98);
+  lines.clear();
+  older.trainer.set_checkpoint_log([&](const std::string& line) { lines.push_back(line); });
+  REQUIRE(older.trainer.resume("latest") == checkpoint_path(dir.path(), 1));
+  REQUIRE(older.trainer.global_step() == 1);
+  REQUIRE(logged("skipped '" + checkpoint_path(dir.path(), 2).string() +
+                 "': it has no optimizer.safetensors"));
+
+  // An output_dir that is a file is named in the error.
+  const std::string file = (dir.path() / "file").string();
+  std::ofstream(file) << "x";
+  o.output_dir = file;
+  Setup bad(o);
+  REQUIRE_THROWS_WITH(bad.trainer.save_checkpoint(),
+                      Catch::Contains("output_dir '" + file + "' is not a folder"));
 }
 
 TEST_CASE("end to end: AdamW + Min-SNR + cosine schedule + EMA fits the two-colour data") {

@@ -52,6 +52,7 @@
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/io/half.hpp"
+#include "difftrain/io/json_file.hpp"
 
 namespace difftrain::io {
 
@@ -519,13 +520,9 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
     }
     return true;
   };
-  json root;
-  try {
-    root = json::parse(text, text + header.size(), on_event, /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
-    throw error("header is not valid JSON: ", e.what());
-  }
+  // parse_json refuses deep nesting before building anything: a 20 MB header of nested arrays
+  // would otherwise take ~750 MB of DOM, and describing it in a message would overflow the stack.
+  const json root = parse_json(view, "SafetensorsFile::open", "'" + path_ + "': header", on_event);
   if (!duplicate.empty()) throw error("header has the key ", duplicate, " twice");
   if (!root.is_object()) throw error("header is not a JSON object but ", root.type_name());
 
@@ -533,8 +530,8 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
   auto as_size = [&](const json& value, std::string_view tensor, std::string_view what,
                      const json& whole) -> std::size_t {
     if (value.is_number_unsigned()) return value.get<std::size_t>();
-    throw error("tensor '", tensor, "': ", what, " ", whole.dump(), " holds ", value.dump(),
-                ", expected ",
+    throw error("tensor '", tensor, "': ", what, " ", json_excerpt(whole), " holds ",
+                json_excerpt(value), ", expected ",
                 value.is_number_integer() ? "a non-negative integer (it is negative)"
                                           : "a non-negative integer");
   };
@@ -546,7 +543,7 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
         throw error("__metadata__ is a JSON ", entry.type_name(), ", expected an object");
       for (const auto& [key, value] : entry.items()) {
         if (!value.is_string()) {
-          throw error("__metadata__ value of '", key, "' is ", value.dump(), " (a JSON ",
+          throw error("__metadata__ value of '", key, "' is ", json_excerpt(value), " (a JSON ",
                       value.type_name(), "), expected a string");
         }
         metadata_.emplace(key, value.get<std::string>());
@@ -569,25 +566,25 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
     TensorInfo info;
     const json& dtype = entry["dtype"];
     if (!dtype.is_string())
-      throw error("tensor '", name, "': dtype is ", dtype.dump(), ", expected a string");
+      throw error("tensor '", name, "': dtype is ", json_excerpt(dtype), ", expected a string");
     const auto parsed = try_parse_dtype(dtype.get<std::string>());
-    if (!parsed) throw error("tensor '", name, "': unknown dtype ", dtype.dump());
+    if (!parsed) throw error("tensor '", name, "': unknown dtype ", json_excerpt(dtype));
     info.dtype = *parsed;
 
     const json& shape = entry["shape"];
     if (!shape.is_array())
-      throw error("tensor '", name, "': shape is ", shape.dump(), ", expected an array");
+      throw error("tensor '", name, "': shape is ", json_excerpt(shape), ", expected an array");
     for (const json& extent : shape) info.shape.push_back(as_size(extent, name, "shape", shape));
 
     const json& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2) {
-      throw error("tensor '", name, "': data_offsets is ", offsets.dump(),
+      throw error("tensor '", name, "': data_offsets is ", json_excerpt(offsets),
                   ", expected [begin, end]");
     }
     info.begin = as_size(offsets[0], name, "data_offsets", offsets);
     info.end = as_size(offsets[1], name, "data_offsets", offsets);
     if (info.begin > info.end) {
-      throw error("tensor '", name, "': data_offsets ", offsets.dump(), " has begin > end");
+      throw error("tensor '", name, "': data_offsets ", json_excerpt(offsets), " has begin > end");
     }
     const auto expected = safetensors_detail::byte_size(info.dtype, info.shape);
     if (!expected) {
@@ -595,9 +592,9 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
                   " has no valid byte size (overflow, or it does not end on a byte boundary)");
     }
     if (info.nbytes() != *expected) {
-      throw error("tensor '", name, "': data_offsets ", offsets.dump(), " span ", info.nbytes(),
-                  " bytes, expected ", *expected, " for ", to_string(info.dtype), " ",
-                  shape_string(info.shape));
+      throw error("tensor '", name, "': data_offsets ", json_excerpt(offsets), " span ",
+                  info.nbytes(), " bytes, expected ", *expected, " for ", to_string(info.dtype),
+                  " ", shape_string(info.shape));
     }
     auto [it, inserted] = tensors_.emplace(name, std::move(info));
     by_offset.emplace_back(it->first, &it->second);

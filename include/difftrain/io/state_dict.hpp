@@ -98,8 +98,8 @@ inline std::vector<std::string> diffusers_weight_files(
           "'", index.string(), "' has no \"weight_map\" object");
   std::set<std::string> shards;
   for (const auto& [name, file] : json["weight_map"].items()) {
-    require(file.is_string(), fn, "'", index.string(), "': weight_map[", name, "] = ", file.dump(),
-            ", expected a file name");
+    require(file.is_string(), fn, "'", index.string(), "': weight_map[", name,
+            "] = ", json_excerpt(file), ", expected a file name");
     shards.insert(file.get<std::string>());
   }
   require(!shards.empty(), fn, "'", index.string(), "' has an empty weight_map");

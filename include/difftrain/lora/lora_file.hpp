@@ -41,6 +41,7 @@
 #include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/warning.hpp"
+#include "difftrain/io/json_file.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
 #include "difftrain/lora/kohya_metadata.hpp"
@@ -348,14 +349,10 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   bool use_rslora = false;
   nlohmann::json alpha_pattern = nlohmann::json::object();
   if (auto it = file.metadata().find("lora_adapter_metadata"); it != file.metadata().end()) {
-    nlohmann::json meta;
-    try {
-      meta = nlohmann::json::parse(it->second);
-    } catch (const std::exception& e) {
-      fail(fn, "'", path, "' has lora_adapter_metadata that is not JSON: ", e.what());
-    }
+    const nlohmann::json meta =
+        io::parse_json(it->second, fn, "'" + path + "': lora_adapter_metadata");
     require(meta.is_object(), fn, "'", path,
-            "' has lora_adapter_metadata that is not a JSON object: ", meta.dump());
+            "' has lora_adapter_metadata that is not a JSON object: ", io::json_excerpt(meta));
     for (const std::string& key : {std::string("lora_alpha"), peft + "lora_alpha"})
       if (meta.contains(key) && meta[key].is_number()) peft_alpha = meta[key].get<double>();
     for (const std::string& key : {std::string("alpha_pattern"), peft + "alpha_pattern"})

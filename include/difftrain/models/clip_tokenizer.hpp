@@ -50,6 +50,7 @@
 
 #include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/json_file.hpp"
 #include "difftrain/models/unicode_tables.hpp"
 
 namespace difftrain {
@@ -202,12 +203,7 @@ class ClipTokenizer {
   }
 
   static nlohmann::json read_json(const std::filesystem::path& path) {
-    try {
-      return nlohmann::json::parse(read_file(path));
-    } catch (const nlohmann::json::exception& e) {
-      throw Error("ClipTokenizer::from_folder: " + path.string() +
-                  " is not valid JSON: " + e.what());
-    }
+    return io::parse_json(read_file(path), "ClipTokenizer::from_folder", path.string());
   }
 
   void read_vocab(const std::filesystem::path& path) {
@@ -217,7 +213,7 @@ class ClipTokenizer {
     for (const auto& [token, id] : json.items()) {
       require(id.is_number_integer() && id.get<std::int64_t>() >= 0, "ClipTokenizer::from_folder",
               path.string(), ": the id of token \"", token,
-              "\" must be a non-negative integer, got ", id.dump());
+              "\" must be a non-negative integer, got ", io::json_excerpt(id));
       vocab_.emplace(token, id.get<std::int64_t>());
     }
   }
@@ -266,7 +262,7 @@ class ClipTokenizer {
       // A token is either a string or an AddedToken object {"content": ...}.
       const auto& value = it->is_object() && it->contains("content") ? (*it)["content"] : *it;
       require(value.is_string(), "ClipTokenizer::from_folder", path.string(), ": ", key,
-              " must be a string or {\"content\": string}, got ", it->dump());
+              " must be a string or {\"content\": string}, got ", io::json_excerpt(*it));
       token = value.get<std::string>();
     };
     read("bos_token", bos_token_);

@@ -122,8 +122,8 @@ inline bool is_inference_only_scheduler_key(std::string_view key) {
 /// "key 'beta_start' has value "0.1", expected a positive number" (with the function prefix).
 [[noreturn]] inline void throw_bad_config_value(std::string_view key, const nlohmann::json& value,
                                                 std::string_view expected) {
-  throw Error(message("DdpmSchedulerConfig::from_json: key '", key, "' has value ", value.dump(),
-                      ", expected ", expected));
+  throw Error(message("DdpmSchedulerConfig::from_json: key '", key, "' has value ",
+                      io::json_excerpt(value), ", expected ", expected));
 }
 
 inline double config_positive_number(std::string_view key, const nlohmann::json& value) {
@@ -196,13 +196,13 @@ inline DdpmSchedulerConfig DdpmSchedulerConfig::from_json(const nlohmann::json& 
       for (std::size_t i = 0; i < value.size(); ++i) {
         const auto& beta = value[i];
         if (!beta.is_number() || !(beta.get<double>() > 0.0 && beta.get<double>() <= 1.0)) {
-          fail(fn, "key 'trained_betas' has value ", beta.dump(), " at index ", i,
+          fail(fn, "key 'trained_betas' has value ", io::json_excerpt(beta), " at index ", i,
                ", expected a number in (0, 1]");
         }
         config.trained_betas.push_back(beta.get<double>());
       }
     } else if (!(value.is_null() || (value.is_boolean() && !value.get<bool>()))) {
-      fail(fn, "unknown key '", key, "' with value ", value.dump(),
+      fail(fn, "unknown key '", key, "' with value ", io::json_excerpt(value),
            " (neither a DDPM training key nor an inference-only key; an unknown key "
            "is accepted only as null or false)");
     }

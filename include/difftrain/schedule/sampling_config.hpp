@@ -72,7 +72,7 @@ inline SamplingConfig SamplingConfig::from_json(const nlohmann::json& json) {
   SamplingConfig config;
   const auto bad = [&](std::string_view key, const nlohmann::json& value,
                        std::string_view expected) {
-    fail(fn, "key '", key, "' has value ", value.dump(), ", expected ", expected);
+    fail(fn, "key '", key, "' has value ", io::json_excerpt(value), ", expected ", expected);
   };
   if (const auto it = json.find("timestep_spacing"); it != json.end()) {
     if (!it->is_string()) bad("timestep_spacing", *it, "one of leading, trailing, linspace");

@@ -28,6 +28,7 @@
 // depend only on (seed, m)), and data(m) must depend only on m. A checkpoint stores m, so a
 // resumed run repeats the uninterrupted one bit for bit.
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <concepts>
@@ -44,6 +45,7 @@
 #include <xtensor/xbuilder.hpp>
 
 #include "difftrain/concepts.hpp"
+#include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/kernels/loss.hpp"
@@ -61,12 +63,30 @@
 
 namespace difftrain::train {
 
+/// The name of the first trainable parameter holding a NaN or ±Inf (the module's order), or
+/// nothing. Σ v·0 is NaN exactly when some v is not finite, and vectorises.
+template <nn::Module M>
+std::optional<std::string> first_non_finite_trainable(M& module) {
+  std::optional<std::string> found;
+  module.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
+    if (found || !p.trainable) return;
+    float acc = 0;
+    const float* v = p.value.data();
+    for (std::size_t i = 0, n = p.value.size(); i < n; ++i) acc += v[i] * 0.0f;
+    if (!std::isfinite(acc)) found = name;
+  });
+  return found;
+}
+
 /// What to do when a micro-batch's loss or the gradient norm is NaN/Inf. Either way the weights,
 /// the optimizer state, the LR schedule and the EMA are left untouched.
 enum class NonFinitePolicy : std::uint8_t {
   skip,   // drop the gradients, count the step as skipped, go on with the next batch
   error,  // throw difftrain::Error naming the global step and the micro-batch
 };
+/// Its names as the CLI's --on_nonfinite takes them.
+inline constexpr std::array<Choice<NonFinitePolicy>, 2> kNonFinitePolicies{
+    {{"skip", NonFinitePolicy::skip}, {"stop", NonFinitePolicy::error}}};
 
 /// The loop's settings, named after diffusers' training-script arguments where they exist.
 struct TrainerOptions {
@@ -402,6 +422,12 @@ class Trainer {
       log.skipped = true;
     } else {
       std::visit([&](auto& opt) { opt.step(multiplier); }, optimizer_);
+      // A finite loss and gradient can still give a non-finite weight (a huge learning rate, a
+      // damaged optimizer state): stop before anything broken is saved.
+      if (const auto bad = first_non_finite_trainable(model_))
+        fail("Trainer::train_step", "parameter '", *bad,
+             "' is not finite after the update of global step ", log.step, " (learning rate ",
+             log.lr, "); stopped: the checkpoints and files already written are untouched");
       ++scheduler_step_;
       if (ema_) ema_->step();
       nn::zero_grad<float>(model_);
@@ -415,14 +441,17 @@ class Trainer {
     return log;
   }
 
-  /// Resumes from options.resume_from_checkpoint if set ("latest" with no checkpoint yet starts
+  /// Deals with leftovers of an interrupted earlier run in output_dir (recover_checkpoints),
+  /// resumes from options.resume_from_checkpoint if set ("latest" with no checkpoint yet starts
   /// fresh, as diffusers does), then runs global steps until max_train_steps, saving a
   /// checkpoint every checkpointing_steps steps when output_dir is set.
   template <TrainDataSource D>
   void fit(D&& data, const Callback& callback = {}) {
+    // At the start rather than at the first save, so that what is recovered is reported first.
+    if (!options_.output_dir.empty()) recover_checkpoints(options_.output_dir, log_);
     const std::string& from = options_.resume_from_checkpoint;
     if (!from.empty() && global_step_ == 0 &&
-        !(from == "latest" && list_checkpoints(options_.output_dir).empty()))
+        !(from == "latest" && list_checkpoints(options_.output_dir, log_).empty()))
       resume(from);
     while (global_step_ < options_.max_train_steps) {
       const StepLog log = train_step(data);
@@ -435,9 +464,11 @@ class Trainer {
 
   /// Writes output_dir/checkpoint-<global_step> (model.safetensors: trainable parameters;
   /// optimizer.safetensors; ema.safetensors; trainer_state.json) and prunes to
-  /// checkpoints_total_limit. Returns the folder.
+  /// checkpoints_total_limit. Returns the folder. A checkpoint of the same step is replaced
+  /// atomically (checkpoint.hpp); checkpoint_saves_in_progress counts the whole save.
   std::filesystem::path save_checkpoint() {
     require(!options_.output_dir.empty(), "Trainer::save_checkpoint", "output_dir is empty");
+    const CheckpointSaveScope saving;
     CheckpointContents c;
     TensorMap& model = c.tensor_files["model.safetensors"];
     for (const auto& [name, p] : trainable_) model.emplace(name, p->value);
@@ -462,19 +493,25 @@ class Trainer {
         {"use_ema", ema_.has_value()},
     };
     const std::filesystem::path path =
-        write_checkpoint(options_.output_dir, global_step_, c, before_rename_);
+        write_checkpoint(options_.output_dir, global_step_, c, hooks_, log_);
     if (options_.checkpoints_total_limit)
-      prune_checkpoints(options_.output_dir, *options_.checkpoints_total_limit);
+      prune_checkpoints(options_.output_dir, *options_.checkpoints_total_limit, log_, hooks_);
     return path;
   }
 
-  /// Loads a checkpoint folder, or the newest in output_dir for "latest": parameters, optimizer
-  /// state, EMA, counters and data position. Settings that would change the continuation (seed,
-  /// optimizer, accumulation, EMA on/off) must match the checkpoint's.
-  void resume(const std::string& dir_or_latest) {
+  /// Loads a checkpoint folder, or for "latest" the newest complete one in output_dir (newer
+  /// incomplete or damaged ones are skipped; the checkpoint log says which and why, and which
+  /// was taken): parameters, optimizer state, EMA, counters and data position. Settings that
+  /// would change the continuation (seed, optimizer, accumulation, EMA on/off) must match the
+  /// checkpoint's. Returns the folder loaded.
+  std::filesystem::path resume(const std::string& dir_or_latest) {
     constexpr const char* fn = "Trainer::resume";
-    const std::filesystem::path folder = resolve_checkpoint(options_.output_dir, dir_or_latest);
-    const CheckpointContents c = read_checkpoint(folder);
+    std::vector<std::string> required = {"model.safetensors", "optimizer.safetensors"};
+    if (ema_) required.emplace_back("ema.safetensors");
+    const LoadedCheckpoint loaded =
+        load_checkpoint(options_.output_dir, dir_or_latest, required, log_);
+    const std::filesystem::path& folder = loaded.folder;
+    const CheckpointContents& c = loaded.contents;
     const nlohmann::json& m = c.manifest;
     const std::string where = folder.string();
     auto field = [&]<class T>(const char* key, T) -> T {
@@ -553,6 +590,7 @@ class Trainer {
     scheduler_step_ = scheduler_step;
     micro_batch_index_ = micro_batch_index;
     skipped_steps_ = skipped_steps;
+    return folder;
   }
 
   std::int64_t global_step() const { return global_step_; }
@@ -576,7 +614,12 @@ class Trainer {
     return trainable_;
   }
   /// Test hook: called before a checkpoint's temporary folder is renamed into place.
-  void set_checkpoint_hook(CheckpointHook hook) { before_rename_ = std::move(hook); }
+  void set_checkpoint_hook(CheckpointHook hook) { hooks_.before_rename = std::move(hook); }
+  /// Test hooks of checkpoint saving and pruning (CheckpointHooks: simulated kills).
+  void set_checkpoint_hooks(CheckpointHooks hooks) { hooks_ = std::move(hooks); }
+  /// Receives checkpoint housekeeping messages (the trainer prints nothing itself): leftovers of
+  /// interrupted saves recovered or removed, which checkpoint "latest" took and what it skipped.
+  void set_checkpoint_log(CheckpointLog log) { log_ = std::move(log); }
 
  private:
   // Micro-batches of the next optimizer step: gradient_accumulation_steps, or what is left of
@@ -604,7 +647,8 @@ class Trainer {
   std::optional<EmaModel> ema_;
   std::int64_t global_step_ = 0, scheduler_step_ = 0, skipped_steps_ = 0;
   std::uint64_t micro_batch_index_ = 0;
-  CheckpointHook before_rename_;
+  CheckpointHooks hooks_;
+  CheckpointLog log_;
 };
 
 }  // namespace difftrain::train

@@ -75,7 +75,7 @@ inline constexpr const char* kFunction = "ClipTextConfig";
 
 [[noreturn]] inline void bad_value(const std::string& key, const nlohmann::json& value,
                                    const std::string& expected) {
-  fail(kFunction, key, " = ", value.dump(), ", expected ", expected);
+  fail(kFunction, key, " = ", io::json_excerpt(value), ", expected ", expected);
 }
 
 inline bool is_integer(const nlohmann::json& v) {
@@ -153,7 +153,7 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
     } else if (v == "gelu") {
       c.hidden_act = ClipActivation::gelu;
     } else {
-      fail(kFunction, "hidden_act = ", v.dump(),
+      fail(kFunction, "hidden_act = ", io::json_excerpt(v),
            " is not supported (supported: \"quick_gelu\", \"gelu\")");
     }
   }
@@ -206,7 +206,7 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
     if (model_keys.count(key) || ignored.count(key) || value.is_null()) continue;
-    fail(kFunction, "unknown key ", key, " = ", value.dump(),
+    fail(kFunction, "unknown key ", key, " = ", io::json_excerpt(value),
          " (not a transformers CLIPTextConfig setting)");
   }
   c.validate();

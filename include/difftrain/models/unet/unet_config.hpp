@@ -95,7 +95,8 @@ namespace unet_config_detail {
 
 inline constexpr const char* kFunction = "UNet2DConditionConfig";
 
-inline std::string dump(const nlohmann::json& v) { return v.dump(); }
+// Bounded: a config value may be arbitrarily long (within io::kMaxJsonDepth levels).
+inline std::string dump(const nlohmann::json& v) { return io::json_excerpt(v); }
 
 [[noreturn]] inline void unsupported(const std::string& key, const nlohmann::json& value,
                                      const std::string& supported) {

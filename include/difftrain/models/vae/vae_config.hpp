@@ -68,7 +68,8 @@ inline constexpr const char* kFunction = "AutoencoderKLConfig";
 
 [[noreturn]] inline void unsupported(const std::string& key, const nlohmann::json& value,
                                      const std::string& supported) {
-  fail(kFunction, key, " = ", value.dump(), " is not supported (supported: ", supported, ")");
+  fail(kFunction, key, " = ", io::json_excerpt(value), " is not supported (supported: ", supported,
+       ")");
 }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v) {
@@ -76,18 +77,18 @@ inline std::size_t positive_int(const std::string& key, const nlohmann::json& v)
       v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
                                 std::floor(v.get<double>()) == v.get<double>());
   if (!integral || v.get<double>() < 1)
-    fail(kFunction, key, " = ", v.dump(), ", expected a positive integer");
+    fail(kFunction, key, " = ", io::json_excerpt(v), ", expected a positive integer");
   return static_cast<std::size_t>(v.get<double>());
 }
 
 inline double finite_number(const std::string& key, const nlohmann::json& v) {
   if (!v.is_number() || !std::isfinite(v.get<double>()))
-    fail(kFunction, key, " = ", v.dump(), ", expected a finite number");
+    fail(kFunction, key, " = ", io::json_excerpt(v), ", expected a finite number");
   return v.get<double>();
 }
 
 inline bool boolean(const std::string& key, const nlohmann::json& v) {
-  if (!v.is_boolean()) fail(kFunction, key, " = ", v.dump(), ", expected true or false");
+  if (!v.is_boolean()) fail(kFunction, key, " = ", io::json_excerpt(v), ", expected true or false");
   return v.get<bool>();
 }
 
@@ -141,7 +142,7 @@ inline AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& 
     const auto& v = at(key);
     if (!v.is_array()) unsupported(key, v, std::string("a list of \"") + only + "\"");
     if (v.size() != n)
-      fail(kFunction, key, " = ", v.dump(), " has ", v.size(), " entries, expected ", n,
+      fail(kFunction, key, " = ", io::json_excerpt(v), " has ", v.size(), " entries, expected ", n,
            " (one per block_out_channels entry)");
     for (std::size_t i = 0; i < n; ++i)
       if (v[i] != only)
@@ -186,7 +187,7 @@ inline AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& 
       "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"};
   for (const auto& [key, value] : json.items()) {
     if (key.starts_with("_") || known.count(key) || value.is_null()) continue;
-    fail(kFunction, "unknown key ", key, " = ", value.dump(),
+    fail(kFunction, "unknown key ", key, " = ", io::json_excerpt(value),
          " (AutoencoderKL has no such argument)");
   }
   c.validate();

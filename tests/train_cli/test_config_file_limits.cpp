@@ -1,0 +1,65 @@
+// tools::read_config_file / apply_config_file on hostile JSON (issue #19): nesting ~90,000 levels
+// deep used to kill the process (the entry's value was dumped recursively); now it is an Error
+// naming the file and the nesting limit, and a large wrong value is described briefly.
+#include <CLI/CLI.hpp>
+#include <catch2/catch.hpp>
+#include <string>
+
+#include "config_file.hpp"
+#include "difftrain/core/error.hpp"
+#include "support/temp_dir.hpp"
+
+using namespace difftrain;
+using Catch::Matchers::Contains;
+
+namespace config_limits_test {
+
+std::string nested(std::size_t depth, const std::string& inner = "") {
+  return std::string(depth, '[') + inner + std::string(depth, ']');
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+TEST_CASE("config file: deeply nested JSON is an Error naming the file and the limit") {
+  test::TempDir dir("config_limits");
+  const std::string path = dir.file("deep.json");
+  dir.write("deep.json", "{\"a\":" + nested(90'000) + "}");
+  CHECK_THAT(
+      error_of([&] { tools::read_config_file(path); }),
+      Contains(path) && Contains("more than 128 levels deep") && Contains("expected at most 128"));
+}
+
+TEST_CASE("config file: a large wrong value gives a message of bounded length") {
+  test::TempDir dir("config_limits");
+  CLI::App app;
+  CLI::App* cmd = app.add_subcommand("cmd");
+  int rank = 0;
+  cmd->add_option("--rank", rank);
+  const auto apply_error = [&](const std::string& value) {
+    dir.write("config.json", "{\"rank\":" + value + "}");
+    return error_of([&] { tools::apply_config_file(*cmd, dir.file("config.json")); });
+  };
+  std::string zeros = "0", words = "\"w\"";
+  for (int i = 1; i < 20'000; ++i) {
+    zeros += ",0";
+    words += ",\"w\"";
+  }
+  // 60 levels (within the limit) around 20,000 entries: a nested array is not a flag value.
+  const std::string deep = apply_error(nested(60, zeros));
+  CHECK_THAT(deep, Contains("key 'rank' has value [[[[") && Contains("expected a string, number"));
+  CHECK(deep.size() < 1000);
+  // 20,000 strings for an int flag: CLI11 refuses them, the message shows the value briefly.
+  const std::string wide = apply_error("[" + words + "]");
+  CHECK_THAT(wide, Contains("key 'rank' has value [\"w\",\"w\"") && Contains("20000 items"));
+  CHECK(wide.size() < 1000);
+}
+
+}  // namespace config_limits_test
