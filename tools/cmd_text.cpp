@@ -98,10 +98,7 @@ void text_encode(const TextEncodeOptions& o) {
 
 /// The prompts of a text file: one per '\n'-terminated line (an unterminated last line counts).
 std::vector<std::string> read_prompt_lines(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), "tokenize", "cannot open '", path, "'");
-  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  require(!in.bad(), "tokenize", "cannot read '", path, "'");
+  const std::string text = io::read_regular_file(path, "tokenize");
   std::vector<std::string> lines;
   std::size_t start = 0;
   while (start < text.size()) {

@@ -28,12 +28,7 @@ std::string shortest(double v) {
 }
 
 std::vector<ConfigEntry> read_json(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), fn, "cannot open config file '", path, "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  require(!in.bad(), fn, "cannot read config file '", path, "'");
-  const nlohmann::json json = io::parse_json(text.view(), fn, "'" + path + "'");
+  const nlohmann::json json = io::read_json_file(fn, path);
   require(json.is_object(), fn, "'", path, "' holds ", json.type_name(),
           ", expected a JSON object of flag names to values");
   std::vector<ConfigEntry> out;
@@ -87,7 +82,7 @@ void add_toml_entry(const std::string& path, const std::string& key, const toml:
 std::vector<ConfigEntry> read_toml(const std::string& path) {
   toml::table table;
   try {
-    table = toml::parse_file(path);
+    table = toml::parse(io::read_regular_file(path, fn), path);
   } catch (const toml::parse_error& e) {
     const auto& where = e.source().begin;
     throw Error(message(fn, ": '", path, "' is not valid TOML (line ", where.line, ", column ",
@@ -118,7 +113,6 @@ std::vector<ConfigEntry> read_config_file(const std::string& path) {
   std::error_code ec;
   if (!fs::exists(path, ec) && !is_toml(path) && fs::exists(path + ".toml", ec))
     return read_toml(path + ".toml");
-  require(fs::is_regular_file(path, ec), fn, "config file '", path, "' does not exist");
   return is_toml(path) ? read_toml(path) : read_json(path);
 }
 

@@ -9,10 +9,12 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <sstream>
 #include <system_error>
 #include <utility>
 
 #include "difftrain/io/json_file.hpp"
+#include "difftrain/io/regular_file.hpp"
 
 namespace difftrain::tools {
 
@@ -55,10 +57,10 @@ std::string strip(const std::string& s) {
 
 // kohya: the first line of the caption file, stripped (a UTF-8 byte-order mark is dropped).
 std::string read_caption(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(bool(in), "scan_image_folder", "cannot read caption file '", path.string(), "'");
-  std::string line;
-  std::getline(in, line);
+  // A caption is a line of text: 16 MiB is far beyond any, and refuses a wrong file at once.
+  const std::string text =
+      io::read_regular_file(path.string(), "scan_image_folder (caption file)", 1u << 24);
+  std::string line = text.substr(0, text.find('\n'));
   if (line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);
   return strip(line);
 }
@@ -107,8 +109,7 @@ std::pair<fs::path, std::optional<std::string>> sidecar_caption(const fs::path& 
 std::vector<Example> read_metadata_jsonl(const fs::path& dir, const ImageFolderOptions& o) {
   constexpr const char* fn = "scan_image_folder";
   const fs::path file = dir / "metadata.jsonl";
-  std::ifstream in(file);
-  require(bool(in), fn, "cannot read '", file.string(), "'");
+  std::istringstream in(io::read_regular_file(file.string(), fn));
   std::map<std::string, Example> captions;  // file_name → captions, sorted by file_name
   std::string line;
   for (std::size_t number = 1; std::getline(in, line); ++number) {

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/regular_file.hpp"
 
 namespace difftrain::tools {
 
@@ -75,7 +76,7 @@ const toml::table* table_of(const std::string& path, const toml::node* n, const 
 std::vector<DatasetSubset> read_dataset_config(const std::string& path, TrainCommandOptions& o) {
   toml::table root;
   try {
-    root = toml::parse_file(path);
+    root = toml::parse(io::read_regular_file(path, fn), path);
   } catch (const toml::parse_error& e) {
     throw Error(message(fn, ": ", path, " is not valid TOML (line ", e.source().begin.line,
                         "): ", e.description()));

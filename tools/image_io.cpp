@@ -16,6 +16,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
+#include "difftrain/io/regular_file.hpp"
 #include "stb_impl.hpp"
 
 namespace difftrain::tools {
@@ -101,15 +102,10 @@ Pixels decode_stb(const std::string& path, std::span<const std::uint8_t> bytes, 
 // The file decoded to `channels` (3: RGB; 4: RGBA) and its EXIF orientation.
 std::pair<Image, int> decode_image(const std::string& path, int channels) {
   constexpr const char* fn = "load_image";
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  require(bool(in), fn, "cannot read image '", path, "': cannot open the file");
-  const std::streamoff size = in.tellg();
-  require(size >= 0 && size <= INT_MAX, fn, "cannot read image '", path, "': its size (", size,
-          " bytes) is not readable");
-  std::vector<std::uint8_t> bytes(static_cast<std::size_t>(size));
-  in.seekg(0);
-  in.read(reinterpret_cast<char*>(bytes.data()), size);
-  require(bool(in), fn, "cannot read image '", path, "': reading the file failed");
+  // The decoders take an int size: larger files are refused before reading.
+  const std::string file = io::read_regular_file(path, fn, INT_MAX);
+  const std::span<const std::uint8_t> bytes(reinterpret_cast<const std::uint8_t*>(file.data()),
+                                            file.size());
   const Pixels p =
       is_webp(bytes) ? decode_webp(path, bytes, channels) : decode_stb(path, bytes, channels);
   Image image(p.width, p.height);

@@ -1,6 +1,7 @@
 // tools/image_io.hpp: PNG round trips, WebP decoding, tensor conversion, grid layout,
 // resize/crop/flip, EXIF orientation (JPEG and WebP), PIL's resampling filters.
 
+#include <sys/stat.h>
 #include <webp/encode.h>
 
 #include <algorithm>
@@ -106,6 +107,13 @@ TEST_CASE("load_image and save_png errors name the file", "[image_io]") {
   REQUIRE_THROWS_WITH(tools::load_image(dir / "huge.png"),
                       Catch::Contains("huge.png") && Catch::Contains("15000x12000") &&
                           Catch::Contains("refused before decoding"));
+
+  // A named pipe blocked forever in open(); /dev/zero would be read until memory ran out.
+  REQUIRE(::mkfifo((dir / "pipe.png").c_str(), 0600) == 0);
+  REQUIRE_THROWS_WITH(tools::load_image(dir / "pipe.png"),
+                      Catch::Contains("pipe.png") && Catch::Contains("a named pipe"));
+  CHECK_THAT(tools::image_problem(dir / "pipe.png"), Catch::Contains("not a regular file"));
+  REQUIRE_THROWS_WITH(tools::load_image("/dev/zero"), Catch::Contains("a character device"));
 
   const std::string target = dir / "no_such_folder/out.png";
   REQUIRE_THROWS_WITH(tools::save_png(target, solid(2, 2, 1, 2, 3)), Catch::Contains("out.png"));

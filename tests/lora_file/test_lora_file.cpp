@@ -1,10 +1,12 @@
 // LoRA files: kohya and PEFT round trips with the exact key spellings, legacy names, the golden
 // files of diffusers' unet_tiny_lora case, files with UNet and text-encoder parts, and errors.
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -588,4 +590,70 @@ TEST_CASE("text-encoder parts: plain and prefixed metadata, unknown keys, bad pa
                                       {{lora::kLoraUnet, te, all}, {{"", "lora_te"}, te, all}},
                                       lora::LoraFormat::peft),
                       Catch::Contains("empty PEFT prefix"));
+}
+
+TEST_CASE("LoRA files: empty, duplicate, non-finite and mistyped input is refused (issue #19)") {
+  TempDir dir;
+  TinyModel model = adapted_model(4.0);
+  const auto state = lora::collect_lora(model);
+  const auto& q = state.at("blocks.0.attn1.to_q");
+  TinyModel fresh;
+  const auto names = lora::module_names(fresh);
+  const std::string path = dir.file("bad.safetensors");
+  auto q_tensors = [&](const xt::xarray<float>& up) {
+    std::vector<io::TensorToWrite> tensors;
+    tensors.push_back(
+        io::TensorToWrite::from_tensor("unet.blocks.0.attn1.to_q.lora_A.weight", q.down));
+    tensors.push_back(io::TensorToWrite::from_tensor("unet.blocks.0.attn1.to_q.lora_B.weight", up));
+    return tensors;
+  };
+  const std::string peft_meta = "lora_adapter_metadata";
+
+  SECTION("a file without tensors would apply as a no-op") {
+    io::save_safetensors(path, {});
+    REQUIRE_THROWS_WITH(lora::read_lora(path, names),
+                        Catch::Contains(path) && Catch::Contains("holds no tensors"));
+  }
+  SECTION("kohya and PEFT keys for one module: neither silently wins") {
+    auto tensors = q_tensors(q.up);
+    tensors.push_back(
+        io::TensorToWrite::from_tensor("lora_unet_blocks_0_attn1_to_q.lora_down.weight", q.down));
+    io::save_safetensors(path, tensors);
+    REQUIRE_THROWS_WITH(lora::read_lora(path, names),
+                        Catch::Contains("two tensors for the down of module blocks.0.attn1.to_q") &&
+                            Catch::Contains("lora_unet_blocks_0_attn1_to_q.lora_down.weight") &&
+                            Catch::Contains("unet.blocks.0.attn1.to_q.lora_A.weight"));
+  }
+  SECTION("NaN and Inf weights are refused, naming the tensor and element") {
+    for (const float bad : {std::nanf(""), std::numeric_limits<float>::infinity()}) {
+      xt::xarray<float> up = q.up;
+      up(3, 1) = bad;
+      io::save_safetensors(path, q_tensors(up));
+      REQUIRE_THROWS_WITH(
+          lora::read_lora(path, names),
+          Catch::Contains("tensor 'unet.blocks.0.attn1.to_q.lora_B.weight' holds") &&
+              Catch::Contains("at element 7, expected finite weights"));
+    }
+  }
+  SECTION("PEFT metadata of the wrong type is an error, not alpha = r") {
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {R"({"lora_alpha": "8"})", R"("lora_alpha" is "8", expected a number)"},
+        {R"({"unet.lora_alpha": [8]})", R"("unet.lora_alpha" is [8], expected a number)"},
+        {R"({"alpha_pattern": 3})", R"("alpha_pattern" is 3, expected an object)"},
+        {R"({"alpha_pattern": {"blocks.0.attn1.to_q": "2"}})",
+         R"(alpha_pattern "blocks.0.attn1.to_q" is "2", expected a finite number)"},
+        {R"({"use_rslora": "yes"})", R"("use_rslora" is "yes", expected true or false)"},
+        {R"([1, 2])", "lora_adapter_metadata that is not a JSON object"}};
+    for (const auto& [meta, expected] : cases) {
+      INFO(meta);
+      io::save_safetensors(path, q_tensors(q.up), {{peft_meta, meta}});
+      REQUIRE_THROWS_WITH(lora::read_lora(path, names),
+                          Catch::Contains(path) && Catch::Contains(expected));
+    }
+    // null is PEFT's "not set": the default, as before
+    io::save_safetensors(path, q_tensors(q.up), {{peft_meta, R"({"lora_alpha": null, "r": 2})"}});
+    REQUIRE(lora::read_lora(path, names).at("blocks.0.attn1.to_q").alpha == 2.0);
+    io::save_safetensors(path, q_tensors(q.up), {{peft_meta, R"({"unet.lora_alpha": 8})"}});
+    REQUIRE(lora::read_lora(path, names).at("blocks.0.attn1.to_q").alpha == 8.0);
+  }
 }

@@ -1,12 +1,15 @@
 // tools::read_config_file / apply_config_file on hostile JSON (issue #19): nesting ~90,000 levels
 // deep used to kill the process (the entry's value was dumped recursively); now it is an Error
 // naming the file and the nesting limit, and a large wrong value is described briefly.
+#include <sys/stat.h>
+
 #include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
 #include <string>
 
 #include "config_file.hpp"
 #include "difftrain/core/error.hpp"
+#include "support/error_of.hpp"
 #include "support/temp_dir.hpp"
 
 using namespace difftrain;
@@ -18,15 +21,7 @@ std::string nested(std::size_t depth, const std::string& inner = "") {
   return std::string(depth, '[') + inner + std::string(depth, ']');
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
-}
+using test::error_of;
 
 TEST_CASE("config file: deeply nested JSON is an Error naming the file and the limit") {
   test::TempDir dir("config_limits");
@@ -35,6 +30,16 @@ TEST_CASE("config file: deeply nested JSON is an Error naming the file and the l
   CHECK_THAT(
       error_of([&] { tools::read_config_file(path); }),
       Contains(path) && Contains("more than 128 levels deep") && Contains("expected at most 128"));
+}
+
+TEST_CASE("config file: a named pipe is refused at once (JSON and TOML)") {
+  test::TempDir dir("config_limits");
+  for (const char* name : {"pipe.json", "pipe.toml"}) {
+    const std::string path = dir.file(name);
+    REQUIRE(::mkfifo(path.c_str(), 0600) == 0);
+    CHECK_THAT(error_of([&] { tools::read_config_file(path); }),
+               Contains(path) && Contains("it is a named pipe, not a regular file"));
+  }
 }
 
 TEST_CASE("config file: a large wrong value gives a message of bounded length") {

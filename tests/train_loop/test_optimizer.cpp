@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -276,6 +277,27 @@ TEST_CASE("optimizer state: save, load into a fresh optimizer, continue identica
   state["layer.weight.exp_avg_sq"] = xt::zeros<float>({40});
   REQUIRE_THROWS_WITH(second.load_state_dict(state, 1),
                       Catch::Contains("exp_avg_sq has shape [40], expected [4,10]"));
+
+  // A corrupted state resumes into NaN weights: refused, and the optimizer keeps its own.
+  const auto before = second.state_dict();
+  state = first.state_dict();
+  state["layer.weight.exp_avg"](1, 2) = std::nanf("");
+  REQUIRE_THROWS_WITH(second.load_state_dict(state, 1),
+                      Catch::Contains("layer.weight.exp_avg element 12 is nan") &&
+                          Catch::Contains("expected a finite number"));
+  state = first.state_dict();
+  state["layer.weight.exp_avg_sq"](0, 3) = -1e-3f;
+  REQUIRE_THROWS_WITH(second.load_state_dict(state, 1),
+                      Catch::Contains("layer.weight.exp_avg_sq element 3 is -0.001") &&
+                          Catch::Contains("expected a finite non-negative number"));
+  state = first.state_dict();
+  state["layer.weight.exp_avg"](0, 0) = -std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(second.load_state_dict(state, 1), Catch::Contains("is -inf"));
+  const auto after = second.state_dict();
+  for (const auto& [key, value] : before) REQUIRE((after.at(key) == value));
+  state = first.state_dict();
+  state["layer.weight.exp_avg"](0, 0) = -5.0f;  // a first moment may be negative
+  REQUIRE_NOTHROW(second.load_state_dict(state, 1));
 }
 
 TEST_CASE("optimizers reject bad groups and gradients") {

@@ -14,6 +14,7 @@
 #include <system_error>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/io/regular_file.hpp"
 
 namespace difftrain::io {
 
@@ -153,20 +154,11 @@ inline nlohmann::json parse_json(std::string_view text, std::string_view functio
 }
 
 /// The JSON document in the file at `path`. Throws difftrain::Error "function: cannot open
-/// 'path': it does not exist" (likewise "is not a regular file", or unreadable), or parse_json's
-/// errors naming 'path' ("function: 'path' is not valid JSON: ...", nesting too deep).
+/// 'path': it does not exist" (likewise "it is a named pipe, not a regular file", or unreadable,
+/// or larger than kMaxTextFileBytes), or parse_json's errors naming 'path' ("function: 'path' is
+/// not valid JSON: ...", nesting too deep).
 inline nlohmann::json read_json_file(std::string_view function, const std::string& path) {
-  std::error_code ec;
-  require(std::filesystem::exists(path, ec), function, "cannot open '", path,
-          "': it does not exist");
-  require(std::filesystem::is_regular_file(path, ec), function, "cannot open '", path,
-          "': it is not a regular file");
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), function, "cannot open '", path, "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  require(!in.bad(), function, "cannot read '", path, "'");
-  return parse_json(text.view(), function, "'" + path + "'");
+  return parse_json(read_regular_file(path, function), function, "'" + path + "'");
 }
 
 /// Writes `json` (indented) to path through a temporary file renamed into place.

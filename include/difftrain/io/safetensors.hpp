@@ -53,6 +53,7 @@
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/io/half.hpp"
 #include "difftrain/io/json_file.hpp"
+#include "difftrain/io/regular_file.hpp"
 
 namespace difftrain::io {
 
@@ -254,6 +255,8 @@ struct TensorInfo {
 namespace safetensors_detail {
 
 inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;
+// The most dimensions a tensor's shape may have (PyTorch's limit is 64 too).
+inline constexpr std::size_t kMaxRank = 64;
 
 // a · b, or nothing on overflow.
 inline std::optional<std::size_t> checked_mul(std::size_t a, std::size_t b) {
@@ -281,39 +284,19 @@ class MappedFile {
   MappedFile() = default;
   // Maps `path`; the file must exist, be a regular file and hold at least `min_size` bytes.
   static MappedFile open(const std::string& path, std::string_view function, std::size_t min_size) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      fail(function, "cannot open '", path, "': ", errno_text(errno));
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int error = errno;
-      ::close(fd);
-      fail(function, "cannot stat '", path, "': ", errno_text(error));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      fail(function, "'", path, "' is not a regular file");
-    }
-    const auto size = static_cast<std::size_t>(st.st_size);
-    if (size < min_size) {
-      ::close(fd);
-      fail(function, "'", path, "' has ", size, " bytes, expected at least ", min_size,
-           " (the 8-byte header length)");
-    }
+    const RegularFile regular(path, function);  // refuses a pipe or a device before blocking
+    const auto size = static_cast<std::size_t>(regular.size());
+    require(size >= min_size, function, "'", path, "' has ", size, " bytes, expected at least ",
+            min_size, " (the 8-byte header length)");
+    const int fd = regular.fd();
     MappedFile file;
     file.size_ = size;
     if (size > 0) {
       void* data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (data == MAP_FAILED) {
-        const int error = errno;
-        ::close(fd);
-        fail(function, "cannot map '", path, "': ", errno_text(error));
-      }
+      if (data == MAP_FAILED) fail(function, "cannot map '", path, "': ", errno_text(errno));
       file.data_ = static_cast<const std::byte*>(data);
     }
-    ::close(fd);  // the mapping keeps the file's pages reachable
-    return file;
+    return file;  // the descriptor closes; the mapping keeps the file's pages reachable
   }
 
   MappedFile(MappedFile&& other) noexcept
@@ -497,13 +480,36 @@ inline void SafetensorsFile::parse_header(std::span<const std::byte> header) {
   };
   std::vector<Scope> scopes;
   std::string duplicate;
+  // Arrays hold a shape or data_offsets: a few numbers. A header of one long array ("shape":
+  // [1,1,1,...]) is refused while parsing: its DOM would take ~16 bytes per 2 bytes of text.
+  std::vector<std::size_t> open;  // per open container: elements so far (arrays) or npos
+  constexpr std::size_t kObject = std::size_t(-1);
+  auto element = [&] {
+    if (!open.empty() && open.back() != kObject && ++open.back() > safetensors_detail::kMaxRank)
+      throw error("header has an array of more than ", safetensors_detail::kMaxRank,
+                  " elements, expected a shape of at most ", safetensors_detail::kMaxRank,
+                  " dimensions or data_offsets [begin, end]");
+  };
   auto on_event = [&](int, json::parse_event_t event, json& parsed) {
     switch (event) {
       case json::parse_event_t::object_start:
+        element();
+        open.push_back(kObject);
         scopes.emplace_back();
         break;
       case json::parse_event_t::object_end:
+        if (!open.empty()) open.pop_back();
         if (!scopes.empty()) scopes.pop_back();
+        break;
+      case json::parse_event_t::array_start:
+        element();
+        open.push_back(0);
+        break;
+      case json::parse_event_t::array_end:
+        if (!open.empty()) open.pop_back();
+        break;
+      case json::parse_event_t::value:  // a number, string, bool or null
+        element();
         break;
       case json::parse_event_t::key: {
         auto key = parsed.get<std::string>();

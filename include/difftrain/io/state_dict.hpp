@@ -100,7 +100,15 @@ inline std::vector<std::string> diffusers_weight_files(
   for (const auto& [name, file] : json["weight_map"].items()) {
     require(file.is_string(), fn, "'", index.string(), "': weight_map[", name,
             "] = ", json_excerpt(file), ", expected a file name");
-    shards.insert(file.get<std::string>());
+    // transformers and diffusers name shards beside the index: a path leaving the folder
+    // ("../../etc/x", "/abs") would read a file the model does not own.
+    const std::string shard = file.get<std::string>();
+    const fs::path relative = fs::path(shard).lexically_normal();
+    require(!shard.empty() && relative.is_relative() && *relative.begin() != ".." &&
+                relative.has_filename(),
+            fn, "'", index.string(), "': weight_map[", name, "] = '", shard,
+            "', expected a file inside the model folder");
+    shards.insert(shard);
   }
   require(!shards.empty(), fn, "'", index.string(), "' has an empty weight_map");
   std::vector<std::string> paths;

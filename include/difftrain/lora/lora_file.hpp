@@ -353,17 +353,41 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
         io::parse_json(it->second, fn, "'" + path + "': lora_adapter_metadata");
     require(meta.is_object(), fn, "'", path,
             "' has lora_adapter_metadata that is not a JSON object: ", io::json_excerpt(meta));
-    for (const std::string& key : {std::string("lora_alpha"), peft + "lora_alpha"})
-      if (meta.contains(key) && meta[key].is_number()) peft_alpha = meta[key].get<double>();
-    for (const std::string& key : {std::string("alpha_pattern"), peft + "alpha_pattern"})
-      if (meta.contains(key) && meta[key].is_object()) alpha_pattern = meta[key];
-    for (const std::string& key : {std::string("use_rslora"), peft + "use_rslora"})
-      if (meta.contains(key) && meta[key].is_boolean()) use_rslora = meta[key].get<bool>();
+    // A value of the wrong type is an error, not a silent default: "lora_alpha": "8" would
+    // otherwise scale every adapter by r/8.
+    auto field = [&](const std::string& name, bool (nlohmann::json::*is)() const noexcept,
+                     const char* expected) -> const nlohmann::json* {
+      const nlohmann::json* found = nullptr;
+      for (const std::string& key : {name, peft + name}) {
+        if (!meta.contains(key) || meta[key].is_null()) continue;
+        require((meta[key].*is)(), fn, "'", path, "': lora_adapter_metadata \"", key, "\" is ",
+                io::json_excerpt(meta[key]), ", expected ", expected);
+        found = &meta[key];
+      }
+      return found;
+    };
+    if (const auto* v = field("lora_alpha", &nlohmann::json::is_number, "a number")) {
+      peft_alpha = v->get<double>();
+      require(std::isfinite(*peft_alpha), fn, "'", path, "': lora_alpha ", *peft_alpha,
+              " is not finite");
+    }
+    if (const auto* v = field("alpha_pattern", &nlohmann::json::is_object, "an object")) {
+      alpha_pattern = *v;
+      for (const auto& [module, alpha] : alpha_pattern.items())
+        require(alpha.is_number() && std::isfinite(alpha.get<double>()), fn, "'", path,
+                "': alpha_pattern \"", module, "\" is ", io::json_excerpt(alpha),
+                ", expected a finite number");
+    }
+    if (const auto* v = field("use_rslora", &nlohmann::json::is_boolean, "true or false"))
+      use_rslora = v->get<bool>();
   }
+
+  require(file.size() > 0, fn, "'", path, "' holds no tensors, expected LoRA weights");
 
   struct Partial {
     std::optional<xt::xarray<float>> down, up;
     std::optional<double> alpha;
+    std::map<std::string, std::string> keys;  // part → the key it was read from
   };
   std::map<std::string, Partial> parts;
   std::vector<std::string> unknown;
@@ -413,15 +437,23 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
       continue;
     }
     Partial& p = parts[module];
+    // kohya and PEFT names (or two legacy spellings) for one module: refuse rather than let the
+    // later key win.
+    const auto [first, inserted] = p.keys.emplace(part, key);
+    require(inserted, fn, "'", path, "' has two tensors for the ", part, " of module ", module,
+            ": '", first->second, "' and '", key, "'");
+    const std::vector<std::size_t> shape = file.info(key).shape;
+    xt::xarray<float> t = xt::xarray<float>::from_shape(shape);
+    file.read_into<float>(key, std::span<float>(t.data(), t.size()));
+    const auto bad = std::find_if(t.begin(), t.end(), [](float v) { return !std::isfinite(v); });
+    if (bad != t.end())
+      fail(fn, "'", path, "': tensor '", key, "' holds ", *bad, " at element ", bad - t.begin(),
+           ", expected finite weights");
     if (part == "alpha") {
-      const auto v = file.read<float>(key);
-      require(v.size() == 1, fn, "'", key, "' in '", path, "' has ", v.size(),
+      require(t.size() == 1, fn, "'", key, "' in '", path, "' has ", t.size(),
               " elements, expected a scalar alpha");
-      p.alpha = v[0];
+      p.alpha = *t.begin();
     } else {
-      const std::vector<std::size_t> shape = file.info(key).shape;
-      xt::xarray<float> t = xt::xarray<float>::from_shape(shape);
-      file.read_into<float>(key, std::span<float>(t.data(), t.size()));
       (part == "down" ? p.down : p.up) = std::move(t);
     }
   }

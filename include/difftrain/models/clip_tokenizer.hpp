@@ -57,6 +57,10 @@ namespace difftrain {
 
 class ClipTokenizer {
  public:
+  /// The largest model_max_length accepted from tokenizer_config.json (CLIP's is 77; a longer
+  /// one sizes every encoded batch).
+  static constexpr std::size_t kMaxModelMaxLength = 65536;
+
   /// Token ids and attention mask of one text, each max_length long.
   struct Encoding {
     std::vector<std::int64_t> input_ids, attention_mask;
@@ -194,12 +198,7 @@ class ClipTokenizer {
   }
 
   static std::string read_file(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    require(static_cast<bool>(in), "ClipTokenizer::from_folder", "cannot open ", path.string());
-    std::ostringstream s;
-    s << in.rdbuf();
-    require(!in.bad(), "ClipTokenizer::from_folder", "cannot read ", path.string());
-    return s.str();
+    return io::read_regular_file(path.string(), "ClipTokenizer::from_folder");
   }
 
   static nlohmann::json read_json(const std::filesystem::path& path) {
@@ -269,10 +268,16 @@ class ClipTokenizer {
     read("eos_token", eos_token_);
     read("unk_token", unk_token_);
     read("pad_token", pad_token_);
+    // transformers writes a huge float (1e30, "no limit") when unset: kept at 77 like a missing
+    // value. An integer beyond CLIP-like position counts would size every batch by it.
     const auto max_length = json.find("model_max_length");
     if (max_length != json.end() && max_length->is_number_integer() &&
-        max_length->get<std::int64_t>() > 0)
+        max_length->get<std::int64_t>() > 0) {
+      require(max_length->get<std::uint64_t>() <= kMaxModelMaxLength, "ClipTokenizer::from_folder",
+              path.string(), ": model_max_length = ", max_length->get<std::uint64_t>(),
+              ", expected at most ", kMaxModelMaxLength);
       model_max_length_ = max_length->get<std::size_t>();
+    }
   }
 
   std::int64_t special_id(const char* name, const std::string& token) const {

@@ -499,10 +499,7 @@ inline CheckpointContents read_checkpoint(const fs::path& folder) {
   require(fs::is_regular_file(manifest_status), fn, "'", folder.string(), "' has no ",
           kManifestName);
   CheckpointContents contents;
-  std::ifstream in(manifest_path, std::ios::binary);
-  require(in.is_open(), fn, "cannot open '", manifest_path.string(), "'");
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  contents.manifest = io::parse_json(text, fn, "'" + manifest_path.string() + "'");
+  contents.manifest = io::read_json_file(fn, manifest_path.string());
   require(contents.manifest.is_object(), fn, "'", manifest_path.string(), "' holds no JSON object");
   for (const fs::path& path : detail::list_folder(folder, fn))
     if (path.extension() == ".safetensors" && fs::is_regular_file(path, ec))

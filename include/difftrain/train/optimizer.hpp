@@ -288,6 +288,15 @@ class StateReader {
       problem(key + " has shape " + shape_string(actual) + ", expected " + shape_string(shape));
       return;
     }
+    // A NaN moment turns the next update, and so the weights, into NaN; a second moment
+    // (exp_avg_sq*, a running mean of squares) below 0 gives the square root of a negative.
+    const bool square = key.find(".exp_avg_sq") != std::string::npos;
+    for (auto it = t->begin(); it != t->end(); ++it) {
+      if (std::isfinite(*it) && (!square || *it >= 0)) continue;
+      problem(message(key, " element ", it - t->begin(), " is ", *it, ", expected a finite",
+                      square ? " non-negative" : "", " number"));
+      return;
+    }
     values.assign(t->begin(), t->end());
   }
 

@@ -26,6 +26,7 @@
 #include <string>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/memory.hpp"
 #include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
@@ -84,12 +85,14 @@ inline bool is_integer(const nlohmann::json& v) {
 }
 
 inline std::size_t positive_int(const std::string& key, const nlohmann::json& v) {
-  if (!is_integer(v) || v.get<double>() < 1) bad_value(key, v, "a positive integer");
+  if (!is_integer(v) || v.get<double>() < 1 || v.get<double>() > kMaxConfigInteger)
+    bad_value(key, v, "a positive integer up to 2^40");
   return static_cast<std::size_t>(v.get<double>());
 }
 
 inline std::int64_t token_id(const std::string& key, const nlohmann::json& v) {
-  if (!is_integer(v) || v.get<double>() < 0) bad_value(key, v, "a non-negative integer token id");
+  if (!is_integer(v) || v.get<double>() < 0 || v.get<double>() > kMaxConfigInteger)
+    bad_value(key, v, "a non-negative integer token id up to 2^40");
   return v.is_number_unsigned() ? static_cast<std::int64_t>(v.get<std::uint64_t>())
                                 : v.get<std::int64_t>();
 }
@@ -125,6 +128,15 @@ inline void ClipTextConfig::validate() const {
   require(eos_token_id >= 0 && static_cast<std::uint64_t>(eos_token_id) < vocab_size, kFunction,
           "eos_token_id = ", eos_token_id, ", expected an id in [0, vocab_size = ", vocab_size,
           ")");
+  // The weights: embeddings, then per layer attention 4h² and MLP 2·h·intermediate.
+  const double h = double(hidden_size);
+  const double weights =
+      (double(vocab_size) + double(max_position_embeddings)) * h +
+      double(num_hidden_layers) * (4 * h * h + 2 * h * double(intermediate_size));
+  require_fits_in_memory(kFunction,
+                         "the config's text encoder (vocab_size, hidden_size, num_hidden_layers, "
+                         "intermediate_size, max_position_embeddings)",
+                         weights * sizeof(float));
 }
 
 inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/memory.hpp"
 #include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
@@ -112,6 +113,8 @@ inline std::size_t positive_int(const std::string& key, const nlohmann::json& v,
   if (d < (allow_zero ? 0 : 1))
     fail(kFunction, key, " = ", dump(v), ", expected ",
          allow_zero ? "a non-negative" : "a positive", " integer");
+  if (d > kMaxConfigInteger)
+    fail(kFunction, key, " = ", dump(v), ", expected at most ", kMaxConfigInteger);
   return static_cast<std::size_t>(d);
 }
 
@@ -192,6 +195,17 @@ inline void UNet2DConditionConfig::validate() const {
       check_heads(n - 1 - i, reversed_at(num_attention_heads, i), "up");
   }
   if (has_mid_block) check_heads(n - 1, num_attention_heads.back(), "mid");
+  // A lower bound of the weights, before any is allocated: per block, 2 3×3 convs (18c²) per
+  // resnet and ≥ 12c² per transformer layer (attention 4c², feed-forward 8c²), down and up.
+  double weights = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double c = double(block_out_channels[i]), resnets = 2.0 * double(layers_per_block[i]) + 1;
+    const bool attention = down_block_types[i] == DownBlockType::CrossAttnDownBlock2D;
+    weights +=
+        resnets * c * c * (18 + (attention ? 12.0 * double(transformer_layers_per_block[i]) : 0.0));
+  }
+  require_fits_in_memory(kFunction, "the config's UNet (block_out_channels, layers_per_block)",
+                         weights * sizeof(float));
 }
 
 inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::json& json) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/memory.hpp"
 #include "difftrain/io/json_file.hpp"
 
 namespace difftrain::models {
@@ -76,8 +77,9 @@ inline std::size_t positive_int(const std::string& key, const nlohmann::json& v)
   const bool integral =
       v.is_number_integer() || (v.is_number_float() && std::isfinite(v.get<double>()) &&
                                 std::floor(v.get<double>()) == v.get<double>());
-  if (!integral || v.get<double>() < 1)
-    fail(kFunction, key, " = ", io::json_excerpt(v), ", expected a positive integer");
+  if (!integral || v.get<double>() < 1 || v.get<double>() > kMaxConfigInteger)
+    fail(kFunction, key, " = ", io::json_excerpt(v), ", expected a positive integer up to ",
+         kMaxConfigInteger);
   return static_cast<std::size_t>(v.get<double>());
 }
 
@@ -112,6 +114,12 @@ inline void AutoencoderKLConfig::validate() const {
           "scaling_factor = ", scaling_factor, ", expected finite and non-zero");
   require(std::isfinite(shift_factor), kFunction, "shift_factor = ", shift_factor,
           ", expected finite");
+  // A lower bound of the weights: 2 3×3 convs (18c²) per resnet, encoder L and decoder L + 1.
+  double weights = 0;
+  for (const std::size_t c : block_out_channels)
+    weights += (2.0 * double(layers_per_block) + 1) * 18 * double(c) * double(c);
+  require_fits_in_memory(kFunction, "the config's VAE (block_out_channels, layers_per_block)",
+                         weights * sizeof(float));
 }
 
 inline AutoencoderKLConfig AutoencoderKLConfig::from_json(const nlohmann::json& json) {
