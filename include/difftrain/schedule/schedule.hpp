@@ -6,5 +6,6 @@
 #include "difftrain/schedule/ddim_scheduler.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
 #include "difftrain/schedule/euler_discrete_scheduler.hpp"
+#include "difftrain/schedule/flow_match.hpp"
 #include "difftrain/schedule/sample.hpp"
 #include "difftrain/schedule/sampling_config.hpp"
