@@ -1,8 +1,6 @@
 // read_config_file / apply_config_file (config_file.hpp): a subcommand's flags from a file.
 #include "config_file.hpp"
 
-#include <toml++/toml.h>
-
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <charconv>
@@ -13,6 +11,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/json_file.hpp"
+#include "toml_file.hpp"
 
 namespace difftrain::tools {
 
@@ -80,14 +79,7 @@ void add_toml_entry(const std::string& path, const std::string& key, const toml:
 }
 
 std::vector<ConfigEntry> read_toml(const std::string& path) {
-  toml::table table;
-  try {
-    table = toml::parse(io::read_regular_file(path, fn), path);
-  } catch (const toml::parse_error& e) {
-    const auto& where = e.source().begin;
-    throw Error(message(fn, ": '", path, "' is not valid TOML (line ", where.line, ", column ",
-                        where.column, "): ", e.description()));
-  }
+  const toml::table table = parse_toml_file(path, fn);
   // kohya's read_config_from_file: a table's keys count as top-level keys (sections only group).
   std::vector<ConfigEntry> out;
   for (const auto& [key, value] : table) {

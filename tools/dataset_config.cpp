@@ -1,8 +1,6 @@
 // read_dataset_config of dataset_config.hpp.
 #include "dataset_config.hpp"
 
-#include <toml++/toml.h>
-
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -10,7 +8,7 @@
 #include <type_traits>
 
 #include "difftrain/core/error.hpp"
-#include "difftrain/io/regular_file.hpp"
+#include "toml_file.hpp"
 
 namespace difftrain::tools {
 
@@ -74,13 +72,7 @@ const toml::table* table_of(const std::string& path, const toml::node* n, const 
 }  // namespace
 
 std::vector<DatasetSubset> read_dataset_config(const std::string& path, TrainCommandOptions& o) {
-  toml::table root;
-  try {
-    root = toml::parse(io::read_regular_file(path, fn), path);
-  } catch (const toml::parse_error& e) {
-    throw Error(message(fn, ": ", path, " is not valid TOML (line ", e.source().begin.line,
-                        "): ", e.description()));
-  }
+  const toml::table root = parse_toml_file(path, fn);
   for (const auto& [key, value] : root)
     require(key.str() == "general" || key.str() == "datasets", fn, path, ": unknown key '",
             key.str(), "' at the top level (expected [general] and [[datasets]])");

@@ -1,18 +1,27 @@
-// The image functions of image_io.hpp, on top of stb_image, libwebp and stb_image_write; the EXIF
-// orientation parser and PIL's resampling (libImaging/Resample.c) are written here.
+// The image functions of image_io.hpp, on top of stb_image, libjpeg, libwebp and stb_image_write;
+// the EXIF orientation parser and PIL's resampling (libImaging/Resample.c) are written here.
 #include "image_io.hpp"
 
+// clang-format off
+#include <cstdio>  // jpeglib.h uses FILE and size_t without including their headers
+#include <jpeglib.h>
+#include <jerror.h>
+// clang-format on
 #include <webp/decode.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <csetjmp>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <numbers>
 #include <system_error>
+#include <vector>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
@@ -82,13 +91,186 @@ Pixels decode_webp(const std::string& path, std::span<const std::uint8_t> bytes,
   return p;
 }
 
+// A little-endian integer of `n` bytes at `at` (0 past the end).
+std::uint32_t le(std::span<const std::uint8_t> b, std::size_t at, int n) {
+  std::uint32_t v = 0;
+  for (int k = n - 1; k >= 0; --k) v = v << 8 | (at + k < b.size() ? b[at + k] : 0);
+  return v;
+}
+
+bool is_jpeg(std::span<const std::uint8_t> b) {
+  return b.size() >= 3 && b[0] == 0xFF && b[1] == 0xD8 && b[2] == 0xFF;
+}
+
+// PNG or BMP by their signatures (whatever the file is named), or "": what stb_image decodes
+// here. It also reads PSD, GIF, HDR, PIC, PNM and TGA: formats training images do not come in,
+// and more decoder surface for a file from the internet (a 23-byte PNM declared 10^8 pixels).
+const char* stb_format(std::span<const std::uint8_t> b) {
+  if (b.size() >= 8 && std::memcmp(b.data(), "\x89PNG\r\n\x1a\n", 8) == 0) return "PNG";
+  if (b.size() >= 2 && b[0] == 'B' && b[1] == 'M') return "BMP";
+  return "";
+}
+
+// ---- JPEG: libjpeg, the decoder PIL uses (same IDCT and upsampling, so the same pixels). stb
+// 2.27's JPEG decoder read and wrote past its Huffman tables on fuzzed files. ----
+
+// The most scans a progressive JPEG may have (TurboJPEG's limit): thousands of tiny scans make
+// decoding take minutes.
+constexpr int kMaxJpegScans = 500;
+
+// libjpeg reports errors through error_exit, which must not return: a longjmp back to
+// run_jpeg (libjpeg is C; no exception may cross its frames). Warnings are ignored as PIL ignores
+// them, except a premature end of the data, which PIL reports as a truncated image.
+struct JpegErrors {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char text[JMSG_LENGTH_MAX] = "";
+  bool truncated = false;
+};
+
+void jpeg_error_exit(j_common_ptr c) {
+  auto* e = reinterpret_cast<JpegErrors*>(c->err);
+  c->err->format_message(c, e->text);
+  std::longjmp(e->jump, 1);
+}
+
+void jpeg_emit_message(j_common_ptr c, int level) {
+  if (level < 0 && c->err->msg_code == JWRN_JPEG_EOF)
+    reinterpret_cast<JpegErrors*>(c->err)->truncated = true;
+}
+
+void jpeg_scan_limit(j_common_ptr c) {
+  const auto* d = reinterpret_cast<j_decompress_ptr>(c);
+  if (d->input_scan_number <= kMaxJpegScans) return;
+  auto* e = reinterpret_cast<JpegErrors*>(c->err);
+  std::snprintf(e->text, sizeof e->text, "more than %d progressive scans", kMaxJpegScans);
+  std::longjmp(e->jump, 1);
+}
+
+// One decode; its buffers live in the caller's frame, so a longjmp leaves them intact.
+struct JpegDecode {
+  jpeg_decompress_struct info{};
+  JpegErrors errors;
+  jpeg_progress_mgr progress{};
+  std::vector<std::uint8_t> pixels;  // RGB or CMYK rows
+  int width = 0, height = 0, components = 0;
+  double declared = 0;  // width · height from the header
+};
+
+enum class JpegResult { ok, error, too_large };
+
+// Decodes `bytes` into d.pixels (RGB, or CMYK as stored for CMYK/YCCK files); the header's size
+// is checked against `max_pixels` before anything is allocated.
+JpegResult run_jpeg(JpegDecode& d, double max_pixels) {
+  if (setjmp(d.errors.jump)) return JpegResult::error;
+  jpeg_read_header(&d.info, TRUE);
+  d.declared = double(d.info.image_width) * double(d.info.image_height);
+  if (d.declared > max_pixels) return JpegResult::too_large;
+  const bool cmyk = d.info.jpeg_color_space == JCS_CMYK || d.info.jpeg_color_space == JCS_YCCK;
+  d.info.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
+  jpeg_start_decompress(&d.info);
+  d.width = int(d.info.output_width);
+  d.height = int(d.info.output_height);
+  d.components = d.info.output_components;
+  const std::size_t stride = std::size_t(d.width) * std::size_t(d.components);
+  d.pixels.resize(stride * std::size_t(d.height));
+  while (d.info.output_scanline < d.info.output_height) {
+    JSAMPROW row = d.pixels.data() + stride * d.info.output_scanline;
+    jpeg_read_scanlines(&d.info, &row, 1);
+  }
+  jpeg_finish_decompress(&d.info);
+  return JpegResult::ok;
+}
+
+// PIL's CMYK → RGB (Convert.c cmyk2rgb) on un-inverted ink, after its "CMYK;I" read of Adobe's
+// inverted values: channel = 255 − clip(c + (255 − c)·k/255), with PIL's rounding of a·b/255.
+std::uint8_t cmyk_channel(std::uint8_t stored_c, std::uint8_t stored_k) {
+  const int c = 255 - stored_c, k = 255 - stored_k;
+  const int t = (255 - c) * k + 128;
+  return std::uint8_t(255 - std::min(255, c + (((t >> 8) + t) >> 8)));
+}
+
+Pixels decode_jpeg(const std::string& path, std::span<const std::uint8_t> bytes, int channels) {
+  constexpr const char* fn = "load_image";
+  JpegDecode d;
+  d.info.err = jpeg_std_error(&d.errors.mgr);
+  d.errors.mgr.error_exit = jpeg_error_exit;
+  d.errors.mgr.emit_message = jpeg_emit_message;
+  jpeg_create_decompress(&d.info);
+  d.progress.progress_monitor = jpeg_scan_limit;
+  d.info.progress = &d.progress;
+  jpeg_mem_src(&d.info, bytes.data(), static_cast<unsigned long>(bytes.size()));
+  // Every scan with DC codes spends at least one bit per 8×8 block: more pixels than 512 per
+  // byte cannot be coded, so a truncated header is not decoded into a huge image of padding.
+  const double max_pixels = std::min(kMaxImagePixels, 512.0 * double(bytes.size()));
+  const JpegResult result = run_jpeg(d, max_pixels);
+  jpeg_destroy_decompress(&d.info);
+  if (result == JpegResult::too_large) {
+    require(d.declared <= kMaxImagePixels, fn, "image '", path, "' declares ", d.info.image_width,
+            "x", d.info.image_height, " pixels, more than the limit of ", kMaxImagePixels,
+            ": refused before decoding");
+    fail(fn, "cannot read image '", path, "': it declares ", d.info.image_width, "x",
+         d.info.image_height, " pixels, more than its ", bytes.size(),
+         " bytes can code (truncated)");
+  }
+  require(result == JpegResult::ok, fn, "cannot read image '", path,
+          "': not a valid JPEG file (libjpeg: ", d.errors.text, ")");
+  require(!d.errors.truncated, fn, "cannot read image '", path,
+          "': the JPEG data ends early (truncated)");
+  const std::size_t n = std::size_t(d.width) * std::size_t(d.height);
+  Pixels p{{static_cast<std::uint8_t*>(std::malloc(n * std::size_t(channels))), std::free},
+           d.width,
+           d.height};
+  if (!p.data) throw std::bad_alloc();
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint8_t* out = p.data.get() + i * std::size_t(channels);
+    const std::uint8_t* in = d.pixels.data() + i * std::size_t(d.components);
+    for (int k = 0; k < 3; ++k) out[k] = d.components == 4 ? cmyk_channel(in[k], in[3]) : in[k];
+    if (channels == 4) out[3] = 255;
+  }
+  return p;
+}
+
+// The first PNG chunk whose declared length runs past the end of the file, as "chunk IDAT at
+// byte i declares n bytes, past the end", or "". stb_image 2.27 grows its buffer to a chunk's
+// declared length before reading it: a 215-byte file asked for 1.6 GB (found by fuzzing).
+std::string png_chunk_problem(std::span<const std::uint8_t> b) {
+  const std::size_t n = b.size();
+  for (std::size_t i = 8; i + 8 <= n;) {
+    const std::size_t length = std::size_t(b[i]) << 24 | std::size_t(b[i + 1]) << 16 |
+                               std::size_t(b[i + 2]) << 8 | b[i + 3];
+    const std::string type(reinterpret_cast<const char*>(b.data() + i + 4), 4);
+    if (length > n - i - 8)
+      return message("its chunk at byte ", i, " declares ", length, " bytes, past the end of the ",
+                     n, "-byte file (truncated)");
+    if (type == "IEND") break;
+    i += 12 + length;  // length, type, data, CRC
+  }
+  return "";
+}
+
 // Any other format stb_image reads, decoded to `channels`.
 Pixels decode_stb(const std::string& path, std::span<const std::uint8_t> bytes, int channels) {
   constexpr const char* fn = "load_image";
+  const std::string format = stb_format(bytes);
+  require(!format.empty(), fn, "cannot read image '", path,
+          "': it is not a PNG, JPEG, WebP or BMP file (by its contents)");
+  if (const std::string problem = format == "PNG" ? png_chunk_problem(bytes) : ""; !problem.empty())
+    fail(fn, "cannot read image '", path, "': not a valid PNG file (", problem, ")");
   int w = 0, h = 0, file_channels = 0;
-  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels))
-    require(double(w) * double(h) <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
+  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels)) {
+    const double pixels = double(w) * double(h), size = double(bytes.size());
+    require(pixels <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
             " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");
+    // What the file's bytes can hold, so that a truncated header is not decoded into a huge
+    // image of padding: an uncompressed BMP (stb reads no RLE) stores every row.
+    if (format == "BMP") {
+      const double bits = le(bytes, 28, 2), row = std::ceil(bits * w / 32) * 4;
+      require(le(bytes, 10, 4) + row * h <= size, fn, "cannot read image '", path,
+              "': it declares ", w, "x", h, " pixels of ", bits, " bits, more than its ",
+              bytes.size(), " bytes hold (truncated)");
+    }
+  }
   stbi_uc* data =
       stbi_load_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels, channels);
   if (data == nullptr) {
@@ -106,8 +288,9 @@ std::pair<Image, int> decode_image(const std::string& path, int channels) {
   const std::string file = io::read_regular_file(path, fn, INT_MAX);
   const std::span<const std::uint8_t> bytes(reinterpret_cast<const std::uint8_t*>(file.data()),
                                             file.size());
-  const Pixels p =
-      is_webp(bytes) ? decode_webp(path, bytes, channels) : decode_stb(path, bytes, channels);
+  const Pixels p = is_webp(bytes)   ? decode_webp(path, bytes, channels)
+                   : is_jpeg(bytes) ? decode_jpeg(path, bytes, channels)
+                                    : decode_stb(path, bytes, channels);
   Image image(p.width, p.height);
   const std::size_t n = std::size_t(p.width) * std::size_t(p.height);
   if (channels == 3) {

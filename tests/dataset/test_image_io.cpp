@@ -115,6 +115,26 @@ TEST_CASE("load_image and save_png errors name the file", "[image_io]") {
   CHECK_THAT(tools::image_problem(dir / "pipe.png"), Catch::Contains("not a regular file"));
   REQUIRE_THROWS_WITH(tools::load_image("/dev/zero"), Catch::Contains("a character device"));
 
+  // Decoded by their contents: stb_image's other formats are refused, whatever the name (a
+  // 23-byte PNM declaring 10^8 pixels took minutes under the fuzzer).
+  dir.write("pnm.png", "P6\n100000 1000\n255\n");
+  REQUIRE_THROWS_WITH(tools::load_image(dir / "pnm.png"),
+                      Catch::Contains("pnm.png") &&
+                          Catch::Contains("not a PNG, JPEG, WebP or BMP file (by its contents)"));
+  // A BMP header declaring 1000×1000 24-bit pixels with no pixel data: truncated, not decoded.
+  std::string bmp(54, '\0');
+  const auto put = [&](std::size_t at, std::uint32_t v, int n) {
+    for (int k = 0; k < n; ++k) bmp[at + k] = char((v >> (8 * k)) & 0xFF);
+  };
+  bmp[0] = 'B', bmp[1] = 'M';
+  put(2, 54, 4), put(10, 54, 4), put(14, 40, 4), put(18, 1000, 4), put(22, 1000, 4);
+  put(26, 1, 2), put(28, 24, 2);
+  dir.write("short.bmp", bmp);
+  REQUIRE_THROWS_WITH(tools::load_image(dir / "short.bmp"),
+                      Catch::Contains("short.bmp") &&
+                          Catch::Contains("1000x1000 pixels of 24 bits") &&
+                          Catch::Contains("(truncated)"));
+
   const std::string target = dir / "no_such_folder/out.png";
   REQUIRE_THROWS_WITH(tools::save_png(target, solid(2, 2, 1, 2, 3)), Catch::Contains("out.png"));
   CHECK_FALSE(std::filesystem::exists(target));

@@ -42,6 +42,29 @@ TEST_CASE("config file: a named pipe is refused at once (JSON and TOML)") {
   }
 }
 
+TEST_CASE("config file: TOML that toml++ 3.3.0 mishandles is refused before it parses") {
+  // Found by fuzzing (issue #19): each broke an assumption of Debian's toml++ (undefined
+  // behaviour in a release build). All are invalid TOML 1.0; now errors naming the file.
+  test::TempDir dir("config_limits");
+  const std::string path = dir.file("c.toml");
+  const auto error = [&](const std::string& text) {
+    dir.write("c.toml", text);
+    return error_of([&] { tools::read_config_file(path); });
+  };
+  CHECK_THAT(error(std::string("[\0\0\0\0]", 6)),
+             Contains(path) && Contains("control character 0x0 (only tab and line breaks"));
+  CHECK_THAT(error("a = 1\n\xd2\x95lpha = 2"),
+             Contains("line 2, column 1") && Contains("non-ASCII character outside a string"));
+  CHECK_THAT(error("a = \"\xff\""), Contains("invalid UTF-8"));
+  CHECK_THAT(error("[[[[["), Contains(path) && Contains("is not valid TOML"));
+  CHECK_THAT(error("a = [[[1}]]]"), Contains(path) && Contains("is not valid TOML"));
+  // Non-ASCII text is fine in strings (after escaped quotes too) and comments.
+  CHECK(error("# café\noutput_name = \"caf\\\"é\"  # naïve\nrank = 4\n") == "no error");
+  CHECK(tools::read_config_file(path).size() == 2);
+  CHECK(error("output_name = \"\"\"multi \\\"\"\" ünï\"\"\"\nrank = '''x'y'''\n") == "no error");
+  CHECK(tools::read_config_file(path).size() == 2);
+}
+
 TEST_CASE("config file: a large wrong value gives a message of bounded length") {
   test::TempDir dir("config_limits");
   CLI::App app;

@@ -18,6 +18,14 @@ struct TwoParams {
     visit(nn::join_name(prefix, "frozen"), frozen);
   }
 };
+// One parameter of 3 × kElementwiseSize values: EMA's update runs in parallel.
+struct BigParam {
+  nn::Parameter<float> w{{3 * parallel::kElementwiseSize}};
+  template <class V>
+  void for_each_parameter(const std::string& prefix, V&& visit) {
+    visit(nn::join_name(prefix, "w"), w);
+  }
+};
 }  // namespace
 
 TEST_CASE("EMA decay: 0 for the first update, then (1+k)/(10+k) clamped to [min_decay, decay]") {
@@ -83,4 +91,28 @@ TEST_CASE("EMA shadow follows shadow − (1 − d)(shadow − p); copy_to, store
   EmaOptions bad;
   bad.min_decay = 2;
   REQUIRE_THROWS_WITH(EmaModel::from_module(m, bad), Catch::Contains("min_decay is 2"));
+}
+
+TEST_CASE("EMA of a parameter above the parallel threshold: the same on 1, 2 and 3 threads") {
+  // Also what scripts/tsan (ThreadSanitizer) needs to see EMA's loop on several threads.
+  auto shadow = [](int threads) {
+#ifdef _OPENMP
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#endif
+    BigParam m;
+    for (std::size_t i = 0; i < m.w.value.size(); ++i) m.w.value(i) = float(i % 97) / 7.0f;
+    EmaModel ema = EmaModel::from_module(m, {});
+    for (int n = 1; n <= 3; ++n) {
+      m.w.value += float(n) * 0.125f;
+      ema.step();
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+    return ema.state_dict().at("w");
+  };
+  const xt::xarray<float> one = shadow(1);
+  REQUIRE((shadow(2) == one));
+  REQUIRE((shadow(3) == one));
 }

@@ -553,10 +553,10 @@ class Trainer {
                            shape_string(p->value.shape()));
     }
     if (model.size() != trainable_.size())
-      for (const auto& [name, v] : model)
+      for (const auto& entry : model)  // no structured binding: clang cannot capture one
         if (std::none_of(trainable_.begin(), trainable_.end(),
-                         [&](const auto& t) { return t.first == name; }))
-          problems.push_back("unexpected " + name);
+                         [&](const auto& t) { return t.first == entry.first; }))
+          problems.push_back("unexpected " + entry.first);
     if (!problems.empty()) {
       std::string message = std::string(fn) + ": '" + where +
                             "/model.safetensors' does not match the trainable parameters: ";
