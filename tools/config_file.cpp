@@ -51,11 +51,24 @@ std::vector<ConfigEntry> read_json(const std::string& path) {
   return out;
 }
 
-// A TOML value as written (for errors).
-std::string shown(const toml::node& v) {
-  std::ostringstream out;
-  v.visit([&](const auto& n) { out << n; });
-  return out.str();
+// A TOML value as written, briefly (for errors). Not toml++'s printer: 3.3.0 converts an
+// infinite float to an integer when it lays out an array (undefined behaviour; found by fuzzing).
+std::string shown(const toml::node& v, int depth = 0) {
+  if (auto s = v.as_string()) return "\"" + s->get() + "\"";
+  if (auto b = v.as_boolean()) return b->get() ? "true" : "false";
+  if (auto i = v.as_integer()) return std::to_string(i->get());
+  if (auto d = v.as_floating_point()) return shortest(d->get());
+  if (auto a = v.as_array()) {
+    if (depth == 4) return "[...]";
+    std::string out = "[";
+    std::size_t k = 0;
+    for (const toml::node& e : *a) {
+      if (k == 8) return out + ", ...]";
+      out += (k++ ? ", " : "") + shown(e, depth + 1);
+    }
+    return out + "]";
+  }
+  return v.is_table() ? "{...}" : "(a date or time)";
 }
 
 // A TOML scalar as a command-line string; tables and dates are errors naming the key.

@@ -258,7 +258,17 @@ Pixels decode_stb(const std::string& path, std::span<const std::uint8_t> bytes, 
   if (const std::string problem = format == "PNG" ? png_chunk_problem(bytes) : ""; !problem.empty())
     fail(fn, "cannot read image '", path, "': not a valid PNG file (", problem, ")");
   int w = 0, h = 0, file_channels = 0;
-  if (stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels)) {
+  // A header stb cannot read is refused here: decoding it anyway bypasses the size checks (a
+  // BMP of 70000 × −4464 pixels took minutes).
+  if (!stbi_info_from_memory(bytes.data(), int(bytes.size()), &w, &h, &file_channels)) {
+    const char* reason = stbi_failure_reason();
+    fail(fn, "cannot read image '", path, "': ", reason ? reason : "unreadable header");
+  }
+  {
+    // stb's BMP header reader gives a top-down BMP's height as stored: negative.
+    h = std::abs(h);
+    require(w > 0 && h > 0, fn, "cannot read image '", path, "': it declares ", w, "x", h,
+            " pixels");
     const double pixels = double(w) * double(h), size = double(bytes.size());
     require(pixels <= kMaxImagePixels, fn, "image '", path, "' declares ", w, "x", h,
             " pixels, more than the limit of ", kMaxImagePixels, ": refused before decoding");

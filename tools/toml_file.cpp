@@ -2,6 +2,7 @@
 #include "toml_file.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <sstream>
 
@@ -38,6 +39,19 @@ std::size_t utf8_length(std::string_view text, std::size_t i) {
   return n;
 }
 
+// A character of a bare key, number, boolean or date ('.' excluded: a quoted key part may follow).
+bool bare_value_char(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '+' ||
+         c == ':';
+}
+
+// A backslash followed by spaces or tabs up to the end of its line.
+bool line_ending_backslash(std::string_view text, std::size_t i) {
+  std::size_t j = i + 1;
+  while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
+  return j == text.size() || text[j] == '\n' || text[j] == '\r';
+}
+
 }  // namespace
 
 void check_toml_text(std::string_view text, std::string_view function, const std::string& path) {
@@ -66,6 +80,10 @@ void check_toml_text(std::string_view text, std::string_view function, const std
     std::size_t step = n;
     switch (state) {
       case State::code:
+        // A quote right after a bare value's character (`1979_ep-'''`): toml++ goes on reading
+        // the value, not a string, so what follows must be checked as code (invalid anyway).
+        if ((c == '"' || c == '\'') && i > 0 && bare_value_char(text[i - 1]))
+          invalid("a quote inside a bare value");
         if (c == '#')
           state = State::comment;
         else if (at(i, "\"\"\""))
@@ -90,6 +108,17 @@ void check_toml_text(std::string_view text, std::string_view function, const std
         if (c == '\'' || c == '\n') state = State::code;
         break;
       case State::multi_basic:
+        // A line-ending backslash: toml++ skips the whitespace after it with a classifier that
+        // is undefined for many non-ASCII characters (é among them), so what ends the run must
+        // be ASCII.
+        if (c == '\\' && line_ending_backslash(text, i)) {
+          std::size_t j = i + 1;
+          while (j < text.size() &&
+                 (text[j] == ' ' || text[j] == '\t' || text[j] == '\r' || text[j] == '\n'))
+            ++j;
+          if (j < text.size() && static_cast<unsigned char>(text[j]) >= 0x80)
+            invalid("a non-ASCII character after a line-ending backslash");
+        }
         if (c == '\\' && i + 1 < text.size())
           step = escape(i);
         else if (at(i, "\"\"\""))

@@ -58,6 +58,11 @@ TEST_CASE("config file: TOML that toml++ 3.3.0 mishandles is refused before it p
   CHECK_THAT(error("a = \"\xff\""), Contains("invalid UTF-8"));
   CHECK_THAT(error("[[[[["), Contains(path) && Contains("is not valid TOML"));
   CHECK_THAT(error("a = [[[1}]]]"), Contains(path) && Contains("is not valid TOML"));
+  // toml++'s whitespace classifier is undefined for many non-ASCII characters: none may reach it.
+  CHECK_THAT(error("seed = 1979_ep-'''/07:\"F8\"N\xc8\x90x"),
+             Contains("a quote inside a bare value"));
+  CHECK_THAT(error("a = \"\"\"x \\\n  \xc3\xa9\"\"\""),
+             Contains("a non-ASCII character after a line-ending backslash"));
   // Non-ASCII text is fine in strings (after escaped quotes too) and comments.
   CHECK(error("# café\noutput_name = \"caf\\\"é\"  # naïve\nrank = 4\n") == "no error");
   CHECK(tools::read_config_file(path).size() == 2);
