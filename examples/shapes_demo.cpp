@@ -20,7 +20,10 @@
 // A pixel classifier (shapes.hpp) scores every grid: the fraction of samples whose colour and
 // shape match their prompt.
 //
-// Usage: shapes_demo [--output DIR] [--scale F] [--compare_text_encoder]
+// With --objective flow, every training is flow matching (x_t = (1 − σ)·x0 + σ·eps, target
+// eps − x0, σ logit-normal) and every grid is sampled with flow Euler: same models, data, steps.
+//
+// Usage: shapes_demo [--output DIR] [--scale F] [--objective ddpm|flow] [--compare_text_encoder]
 //        (F multiplies the training steps; default 1)
 
 #include <unistd.h>
@@ -149,6 +152,7 @@ int main(int argc, char** argv) try {
   fs::path out = "demo-output";
   double scale = 1.0;
   bool compare_text_encoder = false;
+  bool flow = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--output" && i + 1 < argc) {
@@ -157,9 +161,13 @@ int main(int argc, char** argv) try {
       scale = std::atof(argv[++i]);
     } else if (a == "--compare_text_encoder") {
       compare_text_encoder = true;
+    } else if (a == "--objective" && i + 1 < argc &&
+               (argv[i + 1] == std::string("ddpm") || argv[i + 1] == std::string("flow"))) {
+      flow = argv[++i] == std::string("flow");
     } else {
       std::fprintf(stderr,
-                   "usage: shapes_demo [--output DIR] [--scale F] [--compare_text_encoder]\n");
+                   "usage: shapes_demo [--output DIR] [--scale F] [--objective ddpm|flow] "
+                   "[--compare_text_encoder]\n");
       return 2;
     }
   }
@@ -174,6 +182,7 @@ int main(int argc, char** argv) try {
   shapes::ModelSizes sizes;
   shapes::Models models = shapes::make_models(sizes, work / "tokenizer", /*seed=*/0);
   shapes::TrainSettings base;
+  base.flow = flow;
   base.steps = std::max<std::int64_t>(10, std::llround(static_cast<double>(base.steps) * scale));
   std::printf("shapes demo: %zux%zu images, UNet block_out_channels [%zu, %zu], %zu parameters\n",
               sizes.image_size, sizes.image_size, sizes.block_out_channels[0],
@@ -188,7 +197,7 @@ int main(int argc, char** argv) try {
       static_cast<long long>(base.steps), base.batch, base.learning_rate, base.lr_scheduler.c_str(),
       base.snr_gamma ? ("Min-SNR-" + std::to_string(*base.snr_gamma)).c_str()
                      : "uniform loss weights",
-      std::string(difftrain::to_string(base.prediction_type)).c_str(),
+      flow ? "flow matching" : std::string(difftrain::to_string(base.prediction_type)).c_str(),
       base.ema_decay ? (", EMA " + std::to_string(*base.ema_decay).substr(0, 5)).c_str() : "");
   std::ofstream csv(out / "loss.csv");
   csv << "phase,step,loss,lr,grad_norm\n";
@@ -211,16 +220,20 @@ int main(int argc, char** argv) try {
                                        "shapes demo: base model training loss");
 
   // ---- base grid ----
-  const shapes::SampleSettings sampling;
+  const shapes::SampleSettings sampling = [&] {
+    shapes::SampleSettings s;
+    s.flow = flow;
+    return s;
+  }();
   const std::size_t per_prompt = 8;
   GridSpec base_grid;
   for (const auto& spec : shapes::base_specs()) {
     base_grid.prompts.push_back(shapes::caption(spec));
     base_grid.expected.push_back(spec);
   }
-  std::printf("[2/4] sampling %zu prompts x %zu (DDIM %zu steps, guidance %.1f)\n",
-              base_grid.prompts.size(), per_prompt, sampling.num_inference_steps,
-              sampling.guidance_scale);
+  std::printf("[2/4] sampling %zu prompts x %zu (%s %zu steps, guidance %.1f)\n",
+              base_grid.prompts.size(), per_prompt, flow ? "flow Euler" : "DDIM",
+              sampling.num_inference_steps, sampling.guidance_scale);
   t = Clock::now();
   const GridResult base_result =
       sample_grid(models, base_grid, per_prompt, sampling, (out / "base_grid.png").string());
@@ -235,10 +248,11 @@ int main(int argc, char** argv) try {
       difftrain::pipeline::ModelFolderParts<difftrain::models::UNet2DConditionModel<float>,
                                             difftrain::models::ClipTextModel<float>>{
           models.unet, models.unet_config, models.text.model(), models.text_config,
-          models.tokenizer_dir, shapes::scheduler_config_json(base.prediction_type)});
+          models.tokenizer_dir, shapes::scheduler_config_json(base.prediction_type, flow)});
 
   // ---- LoRA: before ----
   shapes::DreamBoothSettings db;
+  db.train.flow = flow;
   // kohya's LoRA + LoCon targets: a ring's hole is a new spatial shape, which adapters on the
   // attention projections alone learned in only 4/8 samples within 150 steps (8/8 with these).
   db.locon = true;
@@ -290,6 +304,7 @@ int main(int argc, char** argv) try {
     // defaults), the setting its README figures were measured with.
     shapes::DreamBoothSettings attention;
     attention.train.steps = db.train.steps;
+    attention.train.flow = flow;
     compare_text_encoder_training(*base_models, attention, sampling, out);
   }
   fs::remove_all(work);

@@ -192,8 +192,13 @@ inline nlohmann::json text_config_json(const ModelSizes& m, std::size_t vocab_si
           {"torch_dtype", "float32"}};
 }
 
+/// The demo's flow-matching schedule: FlowMatchEulerDiscreteScheduler without a shift (SD3
+/// shifts by 3 for 1024² images; 32² images need no push towards noise).
+inline difftrain::FlowMatchEulerDiscreteSchedulerConfig flow_scheduler_config() { return {}; }
+
 /// diffusers scheduler_config.json: the cosine schedule (see the top of the file).
-inline nlohmann::json scheduler_config_json(difftrain::PredictionType type) {
+inline nlohmann::json scheduler_config_json(difftrain::PredictionType type, bool flow = false) {
+  if (flow) return flow_scheduler_config().to_json();
   return {{"_class_name", "DDIMScheduler"},
           {"_diffusers_version", "0.26.3"},
           {"num_train_timesteps", 1000},
@@ -273,6 +278,9 @@ struct TrainSettings {
   double caption_dropout = 0.1;     // fraction of captions replaced by "" (CFG's unconditional)
   std::optional<double> ema_decay = 0.999;  // EMA of the weights (diffusers' EMAModel): the result
   difftrain::PredictionType prediction_type = difftrain::PredictionType::v_prediction;
+  // Flow matching instead of DDPM (prediction_type and snr_gamma then unused): σ from the
+  // logit-normal density (SD3's choice), loss weight 1.
+  bool flow = false;
   std::uint64_t seed = 0;
 };
 
@@ -313,10 +321,7 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
   }
   difftrain::IdentityEncoder pixels;
   std::vector<double> losses;
-  auto run = [&](auto weighting) {
-    difftrain::DiffusionTrainStep step(make_scheduler(s.prediction_type), models.unet, pixels,
-                                       models.text, weighting,
-                                       difftrain::train::train_step_options(o));
+  auto train_with = [&](auto& step) {
     auto train = [&](auto& trained) {
       difftrain::train::Trainer trainer(step, trained, o);
       trainer.fit(data, [&](const difftrain::train::StepLog& log) {
@@ -333,10 +338,27 @@ std::vector<double> fit(Models& models, const TrainSettings& s, difftrain::train
       train(models.unet);
     }
   };
-  if (s.snr_gamma)
-    run(difftrain::loss::MinSnr(*s.snr_gamma));
-  else
-    run(difftrain::loss::Uniform{});
+  auto ddpm = [&](auto weighting) {
+    difftrain::DiffusionTrainStep step(make_scheduler(s.prediction_type), models.unet, pixels,
+                                       models.text, weighting,
+                                       difftrain::train::train_step_options(o));
+    train_with(step);
+  };
+  if (s.flow) {
+    difftrain::require(!s.snr_gamma, "shapes::fit", "Min-SNR is a DDPM weighting, not flow's");
+    o.prediction_type.reset();
+    const difftrain::FlowMatchEulerDiscreteScheduler scheduler(flow_scheduler_config());
+    difftrain::FlowMatchTimestepOptions density;
+    density.weighting_scheme = difftrain::FlowWeightingScheme::logit_normal;
+    difftrain::DiffusionTrainStep step(
+        scheduler, models.unet, pixels, models.text, difftrain::FlowMatchLossWeighting{},
+        difftrain::train::train_step_options(o), difftrain::FlowMatchTimesteps(scheduler, density));
+    train_with(step);
+  } else if (s.snr_gamma) {
+    ddpm(difftrain::loss::MinSnr(*s.snr_gamma));
+  } else {
+    ddpm(difftrain::loss::Uniform{});
+  }
   return losses;
 }
 
@@ -450,15 +472,14 @@ struct SampleSettings {
   double guidance_scale = 4.0;
   std::uint64_t seed = 1234;
   difftrain::PredictionType prediction_type = difftrain::PredictionType::v_prediction;
+  bool flow = false;  // flow matching's Euler sampler instead of DDIM
 };
 
-/// Images [B, 3, S, S] for the prompts (one image per prompt): DDIM (η = 0) with
+/// Images [B, 3, S, S] for the prompts (one image per prompt): DDIM (η = 0; flow Euler) with
 /// classifier-free guidance against the empty prompt. Image b's initial noise depends only on
 /// (seed, b), so grids of the same seed before and after the LoRA start from the same noise.
 inline Tensor4<float> sample(Models& models, const std::vector<std::string>& prompts,
                              const SampleSettings& s) {
-  difftrain::DdimScheduler scheduler(
-      difftrain::SamplingConfig::from_json(scheduler_config_json(s.prediction_type)));
   difftrain::SampleOptions o;
   o.num_inference_steps = static_cast<std::int64_t>(s.num_inference_steps);
   o.guidance_scale = s.guidance_scale;
@@ -467,6 +488,12 @@ inline Tensor4<float> sample(Models& models, const std::vector<std::string>& pro
   o.height = o.width = static_cast<std::int64_t>(models.sizes.image_size);
   const difftrain::Tensor3<float> cond = models.text.encode(models.tokenize(prompts));
   const difftrain::Tensor3<float> uncond = models.text.encode(models.tokenize({""}));
+  if (s.flow) {
+    difftrain::FlowMatchEulerDiscreteScheduler scheduler(flow_scheduler_config());
+    return difftrain::sample_latents(models.unet, scheduler, cond, uncond, o);
+  }
+  difftrain::DdimScheduler scheduler(
+      difftrain::SamplingConfig::from_json(scheduler_config_json(s.prediction_type)));
   return difftrain::sample_latents(models.unet, scheduler, cond, uncond, o);
 }
 

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/lora/lora_file.hpp"
@@ -35,8 +37,10 @@ void run_sample(const SampleCommandOptions& o) {
           ", expected a finite number");
   require(o.num_inference_steps >= 1 && o.num_inference_steps <= 10000, fn,
           "--num_inference_steps is ", o.num_inference_steps, ", expected 1 to 10000");
-  const pipeline::SamplerKind sampler = pipeline::parse_sampler_kind(o.sampler);
+  std::optional<pipeline::SamplerKind> sampler;
+  if (!o.sampler.empty()) sampler = pipeline::parse_sampler_kind(o.sampler);
   pipeline::ModelFolder model = pipeline::load_model_folder(o.model);
+  if (!sampler) sampler = pipeline::default_sampler(model.scheduler);  // the model's scheduler
   // Inference only: no gradient buffers for the base weights.
   model.unet.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
   if (!o.lora.empty()) {
@@ -55,10 +59,11 @@ void run_sample(const SampleCommandOptions& o) {
   options.seed = o.seed;
   const auto k = static_cast<std::size_t>(o.num_images_per_prompt);
   const Tensor4<float> images = pipeline::generate_images(model, o.prompts, o.negative_prompt, k,
-                                                          sampler, height, width, options);
+                                                          *sampler, height, width, options);
   save_png_grid(o.out, images, k);
   std::printf("wrote %s: %zu prompt(s) x %zu image(s) of %zux%zu, %s, %lld steps, guidance %g\n",
-              o.out.c_str(), o.prompts.size(), k, width, height, o.sampler.c_str(),
+              o.out.c_str(), o.prompts.size(), k, width, height,
+              std::string(pipeline::to_string(*sampler)).c_str(),
               static_cast<long long>(o.num_inference_steps), o.guidance_scale);
 }
 
@@ -66,7 +71,8 @@ void add_sample_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<SampleCommandOptions>();
   CLI::App* cmd = app.add_subcommand(
       "sample",
-      "Generate images from a diffusers model folder (DDIM or Euler, CFG) into a PNG grid");
+      "Generate images from a diffusers model folder (DDIM, Euler or flow Euler, CFG) into a PNG "
+      "grid");
   cmd->add_option("--model", o->model, "diffusers pipeline folder (unet/, text_encoder/, ...)")
       ->required();
   cmd->add_option("--prompt", o->prompts, "prompt (repeat for more rows)")->required();
@@ -77,8 +83,10 @@ void add_sample_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--num_inference_steps", o->num_inference_steps, "sampler steps (default 30)");
   cmd->add_option("--guidance_scale", o->guidance_scale,
                   "classifier-free guidance scale; <= 1 disables it (default 7.5)");
-  cmd->add_option("--sampler", o->sampler, "ddim (default) or euler")
-      ->check(CLI::IsMember({"ddim", "euler"}));
+  cmd->add_option(
+      "--sampler", o->sampler,
+      "ddim, euler or flow_euler (default: flow_euler for a model whose scheduler is "
+      "FlowMatchEulerDiscreteScheduler, ddim otherwise)");  // parse_sampler_kind checks it
   cmd->add_option("--lora", o->lora, "LoRA file (kohya or PEFT naming)");
   cmd->add_option("--lora_scale", o->lora_scale, "multiplier of the LoRA branch (default 1)");
   cmd->add_option("--seed", o->seed, "random seed of the initial noise (default 0)")

@@ -4,7 +4,7 @@
 //
 //   sample --model DIR --prompt P [--prompt P2 ...] [--negative_prompt N]
 //          [--num_images_per_prompt K] [--num_inference_steps 30] [--guidance_scale 7.5]
-//          [--sampler ddim|euler] [--lora FILE [--lora_scale 1.0]] [--seed S]
+//          [--sampler ddim|euler|flow_euler] [--lora FILE [--lora_scale 1.0]] [--seed S]
 //          [--height H --width W] [--threads N] --out grid.png
 //
 // DIR: see difftrain/pipeline/model_folder.hpp (vae/ optional: pixel space). The grid has one row
@@ -28,7 +28,7 @@ class App;
 namespace difftrain::tools {
 
 struct SampleCommandOptions {
-  std::string model, out, negative_prompt, sampler = "ddim", lora;
+  std::string model, out, negative_prompt, sampler, lora;  // sampler "": the model's
   std::vector<std::string> prompts;
   std::int64_t num_images_per_prompt = 1, num_inference_steps = 30;
   double guidance_scale = 7.5, lora_scale = 1.0;

@@ -547,6 +547,16 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
     r.ip_noise_gamma = lora::decimal_double(t.noise.input_perturbation);
   r.ip_noise_gamma_random_strength = t.noise.input_perturbation_random_strength;
   r.zero_terminal_snr = o.zero_terminal_snr;
+  if (model.scheduler.flow) {  // a flow-matching run (run_train sets the scheduler for it)
+    r.flow.emplace();
+    r.flow->timestep_sampling = o.timestep_sampling;
+    r.flow->weighting_scheme = o.weighting_scheme;
+    r.flow->logit_mean = o.flow.logit_mean;
+    r.flow->logit_std = o.flow.logit_std;
+    r.flow->mode_scale = o.flow.mode_scale;
+    r.flow->sigmoid_scale = o.flow.sigmoid_scale;
+    r.flow->discrete_flow_shift = o.flow.discrete_flow_shift;
+  }
   r.loss_type = t.loss_type;
   r.huber_schedule = t.huber_schedule;
   r.huber_c = t.huber_c;
@@ -603,8 +613,8 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   return lora::kohya_metadata(r);
 }
 
-/// validation/step-<n>.png: a grid of the validation prompt, DDIM with classifier-free guidance,
-/// LoRA dropout off while sampling.
+/// validation/step-<n>.png: a grid of the validation prompt, DDIM (flow Euler for flow matching)
+/// with classifier-free guidance, LoRA dropout off while sampling.
 fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolder& model,
                               std::int64_t step_number) {
   lora::set_lora_training(model.unet, false);
@@ -616,7 +626,7 @@ fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolde
   const auto size = std::size_t(o.resolution);
   const Tensor4<float> images = pipeline::generate_images(
       model, {o.validation_prompt}, "", std::size_t(o.num_validation_images),
-      pipeline::SamplerKind::ddim, size, size, so);
+      pipeline::default_sampler(model.scheduler), size, size, so);
   fs::create_directories(fs::path(o.trainer.output_dir) / "validation");
   const fs::path path = fs::path(o.trainer.output_dir) / "validation" /
                         ("step-" + std::to_string(step_number) + ".png");
@@ -817,7 +827,7 @@ std::size_t generate_class_images(const TrainCommandOptions& o, pipeline::ModelF
     const std::size_t n = std::min(std::size_t(o.sample_batch_size), wanted - have - written);
     so.seed = o.trainer.seed + batch;
     const Tensor4<float> images = pipeline::generate_images(
-        model, {o.class_prompt}, "", n, pipeline::SamplerKind::ddim, size, size, so);
+        model, {o.class_prompt}, "", n, pipeline::default_sampler(model.scheduler), size, size, so);
     for (std::size_t i = 0; i < n; ++i, ++written) {
       const fs::path path = dir / (std::to_string(have + written) + "-generated.png");
       require(!fs::exists(path), fn, "cannot write the class image '", path.string(),
@@ -828,6 +838,62 @@ std::size_t generate_class_images(const TrainCommandOptions& o, pipeline::ModelF
   }
   return written;
 }
+
+namespace {
+
+// Whether the run trains with flow matching: --objective, else the model's scheduler config.
+// A DDPM run needs a DDPM scheduler config; the flags of the other objective are refused.
+bool flow_objective(const TrainCommandOptions& o, const SamplingConfig& scheduler) {
+  require(o.objective.empty() || o.objective == "ddpm" || o.objective == "flow", fn,
+          "--objective is '", o.objective, "', expected ddpm or flow");
+  const bool flow = o.objective.empty() ? scheduler.flow.has_value() : o.objective == "flow";
+  if (!flow) {
+    require(!scheduler.flow, fn,
+            "--objective ddpm: the model's scheduler is FlowMatchEulerDiscreteScheduler, which "
+            "has no DDPM noise schedule (use --objective flow)");
+    const FlowMatchTimestepOptions d;
+    const FlowMatchTimestepOptions& f = o.flow;
+    require(o.timestep_sampling == "sigma" && o.weighting_scheme == "none" &&
+                f.logit_mean == d.logit_mean && f.logit_std == d.logit_std &&
+                f.mode_scale == d.mode_scale && f.sigmoid_scale == d.sigmoid_scale &&
+                f.discrete_flow_shift == d.discrete_flow_shift &&
+                f.noising_weight == d.noising_weight && f.noising_bias == d.noising_bias &&
+                f.timestep_shift == d.timestep_shift &&
+                f.min_noising_strength == d.min_noising_strength &&
+                f.max_noising_strength == d.max_noising_strength,
+            fn,
+            "flow-matching flags (--timestep_sampling, --weighting_scheme, --logit_mean, ...) "
+            "were given to a DDPM run: add --objective flow");
+    return false;
+  }
+  const auto refuse = [](bool given, const char* flag) {
+    require(!given, fn, flag,
+            " belongs to DDPM training (an SNR weighting, prediction type or integer-timestep "
+            "range); flow matching's are --timestep_sampling and --weighting_scheme");
+  };
+  refuse(o.snr_gamma > 0, "--snr_gamma");
+  refuse(o.p2_gamma > 0, "--p2_gamma");
+  refuse(o.v_pred_like_loss > 0, "--v_pred_like_loss");
+  refuse(o.trainer.weighting.debiased_estimation_loss, "--debiased_estimation_loss");
+  refuse(o.trainer.weighting.scale_v_pred_loss_like_noise_pred,
+         "--scale_v_pred_loss_like_noise_pred");
+  refuse(!o.prediction_type.empty(), "--prediction_type");
+  refuse(o.v_parameterization, "--v_parameterization");
+  refuse(o.min_timestep >= 0 || o.max_timestep >= 0, "--min_timestep / --max_timestep");
+  refuse(o.trainer.timestep_bias_strategy != "none", "--timestep_bias_strategy");
+  refuse(o.zero_terminal_snr, "--zero_terminal_snr");
+  return true;
+}
+
+// The flow-matching σ density of the flags.
+FlowMatchTimestepOptions flow_timestep_options(const TrainCommandOptions& o) {
+  FlowMatchTimestepOptions f = o.flow;
+  f.timestep_sampling = parse_flow_timestep_sampling(o.timestep_sampling);
+  f.weighting_scheme = parse_flow_weighting_scheme(o.weighting_scheme);
+  return f;
+}
+
+}  // namespace
 
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                          const TrainStepHook& on_step) {
@@ -844,9 +910,17 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   pipeline::ModelFolder model =
       pipeline::load_model_folder(o.pretrained_model_name_or_path, folder_options);
   if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
+  const bool flow = flow_objective(o, model.scheduler);
   if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
     std::fprintf(log, "difftrain train: drew %zu class images into %s\n", n,
                  o.class_data_dir.c_str());
+  if (flow && !model.scheduler.flow) {  // a DDPM model trained for flow matching: kohya's scheduler
+    FlowMatchEulerDiscreteSchedulerConfig config;
+    config.num_train_timesteps = model.scheduler.train.num_train_timesteps;
+    config.shift = o.flow.discrete_flow_shift;
+    config.validate("--discrete_flow_shift");
+    model.scheduler.flow = config;  // validation samples with it; --full_finetune saves it
+  }
   ImageCaptionDataSource data = make_data_source(o, model.tokenizer, log);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
@@ -874,125 +948,146 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   CachingTextEncoder text_encoder(
       model.text_encoder, o.cache_text_encoder_outputs,
       disk_cache(o.cache_text_encoder_outputs_to_disk, "text_encoder_outputs"));
+  // The loop, for the step of either objective.
+  auto train_with = [&](auto& step) -> TrainRunResult {
+    // The trained parameters: the UNet's under their own names, the text encoder's (if any are
+    // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr).
+    nn::ModulePair<models::UNet2DConditionModel<float>, models::ClipTextEncoder> trained{
+        model.unet, model.text_encoder, "text_encoder"};
+    train::Trainer trainer(step, trained, t);
+
+    {
+      std::error_code ec;
+      fs::create_directories(t.output_dir, ec);
+      require(!ec && fs::is_directory(t.output_dir), fn, "cannot create --output_dir '",
+              t.output_dir, "': ", ec ? ec.message() : std::string("it is not a folder"));
+    }
+    // Checkpoint housekeeping is logged: leftovers of a killed run recovered or removed (now, not
+    // at the first save), which checkpoint "latest" took and what it skipped.
+    const train::CheckpointLog checkpoint_log = [log](const std::string& line) {
+      if (log) std::fprintf(log, "difftrain train: %s\n", line.c_str());
+    };
+    trainer.set_checkpoint_log(checkpoint_log);
+    train::recover_checkpoints(t.output_dir, checkpoint_log);
+    const std::string& from = t.resume_from_checkpoint;
+    if (!from.empty() &&
+        !(from == "latest" && train::list_checkpoints(t.output_dir, checkpoint_log).empty())) {
+      trainer.resume(from);
+      if (latent_encoder.vae) latent_encoder.vae->set_calls(trainer.micro_batch_index());
+    }
+
+    TrainRunResult result;
+    result.max_train_steps = t.max_train_steps;
+    auto validate = [&](std::int64_t step_number) {
+      if (o.validation_prompt.empty()) return;
+      trainer.eval_weights();  // schedule-free: sample with the evaluation weights
+      result.validation_images.push_back(save_validation_grid(o, model, step_number));
+      trainer.train_weights();
+    };
+    // The result: the LoRA file, or with --full_finetune the model folder with the trained UNet.
+    const double started_at = unix_time_now();
+    auto save_result = [&] {
+      trainer.eval_weights();  // schedule-free: the evaluation weights are the result
+      if (train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA weights are the result
+      if (o.full_finetune) {
+        const fs::path unet_file =
+            save_finetuned_folder(o.pretrained_model_name_or_path, model.unet, t.output_dir);
+        if (flow)  // the folder samples as it was trained (a DDPM base trained for flow matching)
+          io::write_json_file(fs::path(t.output_dir) / "scheduler" / "scheduler_config.json",
+                              model.scheduler.flow->to_json());
+        return unet_file;
+      }
+      lora::LoraSaveOptions so;
+      so.metadata =
+          lora_metadata(o, t, model, trainer.global_step(), data, micro_per_epoch, started_at);
+      const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
+      std::vector<lora::LoraPart> parts;  // one file: the UNet's part, the text encoder's
+      if (!o.network_train_text_encoder_only)
+        parts.push_back(
+            {lora::kLoraUnet, lora::collect_lora(model.unet), lora::module_names(model.unet)});
+      if (text_encoder_adapted)
+        parts.push_back({lora::kLoraTextEncoder, lora::collect_lora(model.text_encoder),
+                         lora::module_names(model.text_encoder)});
+      lora::save_lora(path.string(), parts, format, so);
+      return path;
+    };
+
+    // The masks (--masked_loss) on the latent grid.
+    auto masked = [&data, f = model.vae_scale_factor()](std::uint64_t m) {
+      train::TrainBatch batch = data(m);
+      if (batch.mask) batch.mask = area_downsample(*batch.mask, f);
+      return batch;
+    };
+
+    // The loop: log, checkpoint every checkpointing_steps, validate every validation_epochs.
+    ProgressReporter progress(log, o.plain_log);
+    // What the disk caches did, in the result and the log.
+    auto report_caches = [&] {
+      auto report = [&](const std::optional<DiskCache>& disk, DiskCache::Counts& counts) {
+        if (!disk) return;
+        counts = disk->counts();
+        progress.message(message("difftrain train: ", disk->kind(), " cache '",
+                                 disk->dir().string(), "': ", counts.loaded, " read, ",
+                                 counts.stored, " computed and written, ", counts.damaged,
+                                 " damaged"));
+      };
+      if (cached) report(cached->disk(), result.latent_cache);
+      report(text_encoder.disk(), result.text_encoder_cache);
+    };
+    CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
+    InterruptGuard interrupt;
+    progress.message(message("difftrain train: ", data.num_examples(), " examples, ",
+                             micro_per_epoch, " micro-batches of ", t.train_batch_size,
+                             " per epoch, ", t.max_train_steps, " steps from step ",
+                             trainer.global_step()));
+    std::int64_t epochs_done = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
+    while (trainer.global_step() < t.max_train_steps) {
+      const train::StepLog s = cached ? trainer.train_step(*cached) : trainer.train_step(masked);
+      csv.write(s.step, s.loss, s.lr, s.grad_norm, s.skipped);
+      if (s.skipped)
+        progress.message(message("difftrain train: step ", s.step,
+                                 " skipped: its loss or gradient is not finite, the weights were "
+                                 "not updated (",
+                                 s.skipped_steps,
+                                 " skipped so far; --on_nonfinite stop ends the run)"));
+      progress.update({s.step, t.max_train_steps, s.loss, s.lr, s.it_per_s});
+      if (t.checkpointing_steps > 0 && s.step % t.checkpointing_steps == 0)
+        trainer.save_checkpoint();
+      const std::int64_t epochs = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
+      if (epochs > epochs_done) {
+        epochs_done = epochs;
+        if (epochs % o.validation_epochs == 0 && s.step < t.max_train_steps) validate(s.step);
+      }
+      if (on_step) on_step(s);
+      if (interrupt.interrupted()) {
+        const fs::path where = trainer.save_checkpoint();
+        result.lora_file = save_result();
+        progress.message(message("interrupted at step ", s.step, ": saved ", where.string(),
+                                 " and ", result.lora_file.string()));
+        result.interrupted = true;
+        result.global_step = trainer.global_step();
+        report_caches();
+        return result;
+      }
+    }
+    result.lora_file = save_result();
+    validate(trainer.global_step());
+    result.global_step = trainer.global_step();
+    report_caches();
+    progress.message("saved " + result.lora_file.string());
+    return result;
+  };
+  if (flow) {
+    const FlowMatchEulerDiscreteScheduler scheduler(*model.scheduler.flow);
+    const FlowMatchTimestepOptions density = flow_timestep_options(o);
+    DiffusionTrainStep step(scheduler, model.unet, latent_encoder, text_encoder,
+                            FlowMatchLossWeighting{density.weighting_scheme},
+                            train::train_step_options(t), FlowMatchTimesteps(scheduler, density));
+    return train_with(step);
+  }
   auto step = train::make_train_step(DdpmScheduler(model.scheduler.train), model.unet,
                                      latent_encoder, text_encoder, t);
-  // The trained parameters: the UNet's under their own names, the text encoder's (if any are
-  // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr).
-  nn::ModulePair<models::UNet2DConditionModel<float>, models::ClipTextEncoder> trained{
-      model.unet, model.text_encoder, "text_encoder"};
-  train::Trainer trainer(step, trained, t);
-
-  {
-    std::error_code ec;
-    fs::create_directories(t.output_dir, ec);
-    require(!ec && fs::is_directory(t.output_dir), fn, "cannot create --output_dir '", t.output_dir,
-            "': ", ec ? ec.message() : std::string("it is not a folder"));
-  }
-  // Checkpoint housekeeping is logged: leftovers of a killed run recovered or removed (now, not
-  // at the first save), which checkpoint "latest" took and what it skipped.
-  const train::CheckpointLog checkpoint_log = [log](const std::string& line) {
-    if (log) std::fprintf(log, "difftrain train: %s\n", line.c_str());
-  };
-  trainer.set_checkpoint_log(checkpoint_log);
-  train::recover_checkpoints(t.output_dir, checkpoint_log);
-  const std::string& from = t.resume_from_checkpoint;
-  if (!from.empty() &&
-      !(from == "latest" && train::list_checkpoints(t.output_dir, checkpoint_log).empty())) {
-    trainer.resume(from);
-    if (latent_encoder.vae) latent_encoder.vae->set_calls(trainer.micro_batch_index());
-  }
-
-  TrainRunResult result;
-  result.max_train_steps = t.max_train_steps;
-  auto validate = [&](std::int64_t step_number) {
-    if (o.validation_prompt.empty()) return;
-    trainer.eval_weights();  // schedule-free: sample with the evaluation weights
-    result.validation_images.push_back(save_validation_grid(o, model, step_number));
-    trainer.train_weights();
-  };
-  // The result: the LoRA file, or with --full_finetune the model folder with the trained UNet.
-  const double started_at = unix_time_now();
-  auto save_result = [&] {
-    trainer.eval_weights();  // schedule-free: the evaluation weights are the result
-    if (train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA weights are the result
-    if (o.full_finetune)
-      return save_finetuned_folder(o.pretrained_model_name_or_path, model.unet, t.output_dir);
-    lora::LoraSaveOptions so;
-    so.metadata =
-        lora_metadata(o, t, model, trainer.global_step(), data, micro_per_epoch, started_at);
-    const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
-    std::vector<lora::LoraPart> parts;  // one file: the UNet's part, the text encoder's
-    if (!o.network_train_text_encoder_only)
-      parts.push_back(
-          {lora::kLoraUnet, lora::collect_lora(model.unet), lora::module_names(model.unet)});
-    if (text_encoder_adapted)
-      parts.push_back({lora::kLoraTextEncoder, lora::collect_lora(model.text_encoder),
-                       lora::module_names(model.text_encoder)});
-    lora::save_lora(path.string(), parts, format, so);
-    return path;
-  };
-
-  // The masks (--masked_loss) on the latent grid.
-  auto masked = [&data, f = model.vae_scale_factor()](std::uint64_t m) {
-    train::TrainBatch batch = data(m);
-    if (batch.mask) batch.mask = area_downsample(*batch.mask, f);
-    return batch;
-  };
-
-  // The loop: log, checkpoint every checkpointing_steps, validate every validation_epochs.
-  ProgressReporter progress(log, o.plain_log);
-  // What the disk caches did, in the result and the log.
-  auto report_caches = [&] {
-    auto report = [&](const std::optional<DiskCache>& disk, DiskCache::Counts& counts) {
-      if (!disk) return;
-      counts = disk->counts();
-      progress.message(message("difftrain train: ", disk->kind(), " cache '", disk->dir().string(),
-                               "': ", counts.loaded, " read, ", counts.stored,
-                               " computed and written, ", counts.damaged, " damaged"));
-    };
-    if (cached) report(cached->disk(), result.latent_cache);
-    report(text_encoder.disk(), result.text_encoder_cache);
-  };
-  CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
-  InterruptGuard interrupt;
-  progress.message(message("difftrain train: ", data.num_examples(), " examples, ", micro_per_epoch,
-                           " micro-batches of ", t.train_batch_size, " per epoch, ",
-                           t.max_train_steps, " steps from step ", trainer.global_step()));
-  std::int64_t epochs_done = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
-  while (trainer.global_step() < t.max_train_steps) {
-    const train::StepLog s = cached ? trainer.train_step(*cached) : trainer.train_step(masked);
-    csv.write(s.step, s.loss, s.lr, s.grad_norm, s.skipped);
-    if (s.skipped)
-      progress.message(message("difftrain train: step ", s.step,
-                               " skipped: its loss or gradient is not finite, the weights were "
-                               "not updated (",
-                               s.skipped_steps,
-                               " skipped so far; --on_nonfinite stop ends the run)"));
-    progress.update({s.step, t.max_train_steps, s.loss, s.lr, s.it_per_s});
-    if (t.checkpointing_steps > 0 && s.step % t.checkpointing_steps == 0) trainer.save_checkpoint();
-    const std::int64_t epochs = std::int64_t(trainer.micro_batch_index()) / micro_per_epoch;
-    if (epochs > epochs_done) {
-      epochs_done = epochs;
-      if (epochs % o.validation_epochs == 0 && s.step < t.max_train_steps) validate(s.step);
-    }
-    if (on_step) on_step(s);
-    if (interrupt.interrupted()) {
-      const fs::path where = trainer.save_checkpoint();
-      result.lora_file = save_result();
-      progress.message(message("interrupted at step ", s.step, ": saved ", where.string(), " and ",
-                               result.lora_file.string()));
-      result.interrupted = true;
-      result.global_step = trainer.global_step();
-      report_caches();
-      return result;
-    }
-  }
-  result.lora_file = save_result();
-  validate(trainer.global_step());
-  result.global_step = trainer.global_step();
-  report_caches();
-  progress.message("saved " + result.lora_file.string());
-  return result;
+  return train_with(step);
 }
 
 void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
@@ -1164,6 +1259,34 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--huber_schedule", o.trainer.huber_schedule, "constant, exponential or snr");
   cmd.add_option("--huber_c", o.trainer.huber_c, "Huber c in (0, 1]");
   cmd.add_option("--huber_scale", o.trainer.huber_scale, "Huber c scale (kohya)");
+  cmd.add_option("--objective", o.objective,
+                 "ddpm or flow (flow matching: x_t = (1 − σ)·x0 + σ·eps, target eps − x0); "
+                 "default: flow for a FlowMatchEulerDiscreteScheduler model, ddpm otherwise");
+  cmd.add_option("--timestep_sampling", o.timestep_sampling,
+                 "flow: σ density, kohya's sigma (default: the scheduler's sigmas at "
+                 "--weighting_scheme's u), uniform, sigmoid, shift, flux_shift, or OneTrainer's "
+                 "inverted_parabola, heavy_tail");
+  cmd.add_option("--weighting_scheme", o.weighting_scheme,
+                 "flow: none (default), sigma_sqrt, logit_normal, mode or cosmap (diffusers; "
+                 "logit_normal and mode pick u, sigma_sqrt and cosmap weigh the loss)");
+  cmd.add_option("--logit_mean", o.flow.logit_mean, "flow, logit_normal: mean (default 0)");
+  cmd.add_option("--logit_std", o.flow.logit_std, "flow, logit_normal: std (default 1)");
+  cmd.add_option("--mode_scale", o.flow.mode_scale, "flow, mode: scale (default 1.29)");
+  cmd.add_option("--sigmoid_scale", o.flow.sigmoid_scale,
+                 "flow, sigmoid / shift / flux_shift: scale of the normal (kohya; default 1)");
+  cmd.add_option("--discrete_flow_shift", o.flow.discrete_flow_shift,
+                 "flow: the shift of --timestep_sampling shift, and of the scheduler made for a "
+                 "DDPM model folder (kohya; default 3)");
+  cmd.add_option("--noising_weight", o.flow.noising_weight,
+                 "flow, inverted_parabola / heavy_tail: OneTrainer's noising_weight");
+  cmd.add_option("--noising_bias", o.flow.noising_bias,
+                 "flow, inverted_parabola: OneTrainer's noising_bias");
+  cmd.add_option("--timestep_shift", o.flow.timestep_shift,
+                 "flow, inverted_parabola / heavy_tail: OneTrainer's timestep_shift");
+  cmd.add_option("--min_noising_strength", o.flow.min_noising_strength,
+                 "flow, inverted_parabola / heavy_tail: OneTrainer's min_noising_strength");
+  cmd.add_option("--max_noising_strength", o.flow.max_noising_strength,
+                 "flow, inverted_parabola / heavy_tail: OneTrainer's max_noising_strength");
   cmd.add_option("--min_timestep", o.min_timestep, "lowest training timestep (kohya)");
   cmd.add_option("--max_timestep", o.max_timestep, "training timesteps below this (kohya)");
   cmd.add_option("--timestep_bias_strategy", o.trainer.timestep_bias_strategy,
@@ -1198,7 +1321,7 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--num_validation_images", o.num_validation_images, "images per grid");
   cmd.add_option("--validation_epochs", o.validation_epochs, "validate every N epochs");
   cmd.add_option("--validation_inference_steps", o.validation_inference_steps,
-                 "DDIM steps of the validation images");
+                 "sampler steps of the validation images (DDIM; flow Euler for flow matching)");
   cmd.add_option("--validation_guidance_scale", o.validation_guidance_scale,
                  "classifier-free guidance of the validation images");
   add_threads_option(cmd, o.threads);

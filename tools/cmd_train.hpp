@@ -30,6 +30,7 @@
 #include "difftrain/lora/lora_linear.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
+#include "difftrain/schedule/flow_match.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "disk_cache.hpp"
 
@@ -133,6 +134,16 @@ struct TrainCommandOptions {
   std::string prediction_type;                        // "": the scheduler's
   bool v_parameterization = false;                    // kohya: prediction_type v_prediction
   std::int64_t min_timestep = -1, max_timestep = -1;  // -1: unset
+
+  // The objective: "ddpm" (eps / v / x0 of the DDPM schedule), "flow" (flow matching: x_t =
+  // (1 − σ)·x0 + σ·eps, target eps − x0), or "" for the model's scheduler config's (flow for a
+  // FlowMatchEulerDiscreteScheduler). Flow matching's σ density and weighting, kohya's and
+  // diffusers' flags (schedule/flow_match.hpp); its scheduler is the model's, or with a DDPM
+  // model folder FlowMatchEulerDiscreteScheduler(shift = --discrete_flow_shift).
+  std::string objective;
+  std::string timestep_sampling = "sigma";   // kohya --timestep_sampling (+ OneTrainer's two)
+  std::string weighting_scheme = "none";     // diffusers / kohya --weighting_scheme
+  FlowMatchTimestepOptions flow;             // the numeric flags (logit_mean, ...)
   std::string on_nonfinite = "skip";         // a NaN/Inf loss or gradient: skip the step, or stop
   std::int64_t checkpoints_total_limit = 0;  // 0: keep all
 

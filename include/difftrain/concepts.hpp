@@ -21,28 +21,64 @@ namespace difftrain {
 /// Token ids [B, L] (int64, as transformers' tokenizers return them).
 using TokenIds = Tensor<std::int64_t, 2>;
 
-/// A noise schedule on the training side: T discrete timesteps t ∈ [0, T), with
-/// sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and SNR(t) = ᾱ_t / (1 − ᾱ_t), and the prediction type the model
-/// is trained for. Admits DdpmScheduler; a flow-matching schedule would satisfy it with its own
-/// coefficients.
+/// What a training schedule gives for one sampled training time: x_t = x0_coef·x0 + eps_coef·eps,
+/// target = target_x0_coef·x0 + target_eps_coef·eps, the timestep the denoiser is given and the
+/// SNR for loss weightings. DDPM: (√ᾱ_t, √(1 − ᾱ_t)), its eps / v / x0 target, t, ᾱ_t/(1 − ᾱ_t);
+/// flow matching: (1 − σ, σ), eps − x0, σ·T, ((1 − σ)/σ)².
+struct TrainingCoefficients {
+  double x0_coef = 0, eps_coef = 0;
+  double target_x0_coef = 0, target_eps_coef = 0;
+  double model_timestep = 0;
+  double snr = 0;
+};
+
+/// A schedule on the training side: its training times are values of `time_type` (an integer
+/// timestep for DDPM, σ for flow matching) that a TimestepSamplerOf<time_type> draws, and
+/// `training_coefficients(time)` defines the step at each. Admits DdpmScheduler and
+/// FlowMatchEulerDiscreteScheduler; a user's own schedule needs these three members.
 template <class S>
-concept Scheduler = requires(const S& s, std::int64_t t) {
+concept TrainingSchedule = requires(const S& s, const typename S::time_type& time) {
   { s.num_train_timesteps() } -> std::convertible_to<std::int64_t>;
+  { s.training_coefficients(time) } -> std::same_as<TrainingCoefficients>;
+};
+
+/// A DDPM noise schedule: T discrete timesteps t ∈ [0, T), with sqrt(ᾱ_t), sqrt(1 − ᾱ_t) and
+/// SNR(t) = ᾱ_t / (1 − ᾱ_t), and the prediction type (eps / v / x0) the model is trained for.
+/// Admits DdpmScheduler.
+template <class S>
+concept Scheduler = TrainingSchedule<S> && requires(const S& s, std::int64_t t) {
   { s.sqrt_alpha_prod(t) } -> std::convertible_to<double>;
   { s.sqrt_one_minus_alpha_prod(t) } -> std::convertible_to<double>;
   { s.snr(t) } -> std::convertible_to<double>;
   { s.prediction_type() } -> std::same_as<PredictionType>;
 };
 
-/// A trainable network predicting eps, v or x0 from (x_t [B,C,H,W], timesteps [B], context
-/// [B,L,D]). `backward(dL/dpred)` accumulates gradients into its trainable parameters (and keeps
-/// what it needs from the last forward). Admits the reference UNet and any user wrapper.
+/// A denoiser taking float timesteps (fractional ones: σ·1000 for flow matching), as diffusers'
+/// models take float32 timesteps.
 template <class D>
-concept Denoiser = requires(D& d, const Tensor4<float>& x_t, std::span<const std::int64_t> t,
-                            const Tensor3<float>& context, const Tensor4<float>& grad_pred) {
+concept FloatTimestepDenoiser = requires(D& d, const Tensor4<float>& x_t, std::span<const float> t,
+                                         const Tensor3<float>& context,
+                                         const Tensor4<float>& grad_pred) {
   { d.forward(x_t, t, context) } -> std::convertible_to<Tensor4<float>>;
   d.backward(grad_pred);
 };
+
+/// A denoiser taking integer timesteps (DDPM's t ∈ [0, T)).
+template <class D>
+concept IntegerTimestepDenoiser = requires(D& d, const Tensor4<float>& x_t,
+                                           std::span<const std::int64_t> t,
+                                           const Tensor3<float>& context,
+                                           const Tensor4<float>& grad_pred) {
+  { d.forward(x_t, t, context) } -> std::convertible_to<Tensor4<float>>;
+  d.backward(grad_pred);
+};
+
+/// A trainable network predicting the training target from (x_t [B,C,H,W], timesteps [B],
+/// context [B,L,D]), with float or integer timesteps (integer-only ones train DDPM schedules).
+/// `backward(dL/dpred)` accumulates gradients into its trainable parameters (and keeps what it
+/// needs from the last forward). Admits the reference UNet and any user wrapper.
+template <class D>
+concept Denoiser = FloatTimestepDenoiser<D> || IntegerTimestepDenoiser<D>;
 
 /// A frozen map from In to Out: `encode(in)`. Declares `input_type` and `output_type`, which
 /// must be exactly In and Out (xtensor converts between tensor types implicitly, so
@@ -89,17 +125,28 @@ concept DenoiserWithContextGrad = Denoiser<D> && requires(const D& d) {
 };
 
 /// Per-sample loss weight w(SNR(t), prediction type), multiplied into that sample's mean
-/// loss. Must be finite for every SNR in [0, ∞) (zero terminal SNR gives SNR = 0).
+/// loss. Must be finite for every SNR in [0, ∞) (zero terminal SNR gives SNR = 0). A weighting
+/// may instead (or also) define weight(const TrainingCoefficients&): the step prefers it, and a
+/// schedule without a prediction type (flow matching) needs it.
 template <class W>
 concept LossWeighting = requires(const W& w, double snr, PredictionType type) {
   { w.weight(snr, type) } -> std::convertible_to<double>;
+}
+|| requires(const W& w, const TrainingCoefficients& c) {
+  { w.weight(c) } -> std::convertible_to<double>;
 };
 
-/// Fills B timesteps from a random stream: `sample(out, stream)`; deterministic in the stream.
-template <class S>
-concept TimestepSampler = requires(const S& s, std::span<std::int64_t> out, RandomStream rs) {
+/// Fills one training time of type Time per sample from a random stream: `sample(out, stream)`;
+/// deterministic in the stream. A sampler may also take the latent height and width
+/// (`sample(out, stream, h, w)`: resolution-dependent shifts), which the step then uses.
+template <class S, class Time>
+concept TimestepSamplerOf = requires(const S& s, std::span<Time> out, RandomStream rs) {
   s.sample(out, rs);
 };
+
+/// A sampler of integer timesteps (DDPM).
+template <class S>
+concept TimestepSampler = TimestepSamplerOf<S, std::int64_t>;
 
 /// Draws the training noise eps [B,C,H,W] for latents x0 (same shape) from a random stream:
 /// `sample(noise, x0, stream)`. x0 is given for schemes that adapt to it.

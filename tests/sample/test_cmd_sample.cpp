@@ -14,7 +14,9 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
+#include "difftrain/pipeline/generate_images.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
+#include "difftrain/schedule/flow_match.hpp"
 #include "image_io.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
@@ -158,6 +160,39 @@ TEST_CASE("difftrain sample on a pixel-space model folder", "[sample]") {
   CHECK(grid("g.png", {"--lora_scale", "0.5"}) == 1);
   CHECK_FALSE(fs::exists(m.dir.file("f.png")));
   CHECK_FALSE(fs::exists(m.dir.file("g.png")));
+}
+
+TEST_CASE("difftrain sample: a FlowMatchEulerDiscreteScheduler folder samples with flow Euler",
+          "[sample]") {
+  PixelModel m;
+  FlowMatchEulerDiscreteSchedulerConfig flow;
+  flow.shift = 3.0;
+  io::write_json_file(m.root / "scheduler" / "scheduler_config.json", flow.to_json());
+  const auto grid = [&](const std::string& name, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"--model",      m.root.string(),         "--prompt",
+                                     "a red circle", "--num_inference_steps", "3",
+                                     "--out",        m.dir.file(name)};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run(args);
+  };
+  REQUIRE(grid("auto.png", {}) == 0);
+  REQUIRE(grid("flow.png", {"--sampler", "flow_euler"}) == 0);
+  const auto a = tools::load_image(m.dir.file("auto.png"));
+  CHECK(tools::load_image(m.dir.file("flow.png")) == a);  // the folder's config selects it
+  CHECK(has_contrast(a, 8, 8));
+  // DDPM samplers cannot sample a flow model, nor flow Euler a DDPM one.
+  CHECK(grid("ddim.png", {"--sampler", "ddim"}) == 1);
+  CHECK_FALSE(fs::exists(m.dir.file("ddim.png")));
+  auto model = pipeline::load_model_folder(m.root.string());
+  CHECK_THROWS_WITH(
+      pipeline::generate_images(model, {"x"}, "", 1, pipeline::SamplerKind::euler, 8, 8, {}),
+      Catch::Contains("FlowMatchEulerDiscreteScheduler's (use flow_euler)"));
+  write_text(m.root / "scheduler" / "scheduler_config.json", kSchedulerConfig);
+  auto ddpm = pipeline::load_model_folder(m.root.string());
+  CHECK_THROWS_WITH(
+      pipeline::generate_images(ddpm, {"x"}, "", 1, pipeline::SamplerKind::flow_euler, 8, 8, {}),
+      Catch::Contains("is a DDPM one (use ddim or euler)"));
+  CHECK_THROWS_WITH(DdimScheduler(model.scheduler), Catch::Contains("--sampler flow_euler"));
 }
 
 TEST_CASE("load_model_folder names what is missing or mismatched", "[sample]") {

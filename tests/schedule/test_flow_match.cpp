@@ -129,7 +129,7 @@ using namespace flow_match_test;
 
 TEST_CASE("flow matching: per-sample coefficients, SNR and loss weightings", "[flow_match]") {
   // x_t = (1 − σ)·x0 + σ·eps, target eps − x0, timestep σ·1000, SNR ((1 − σ)/σ)².
-  const FlowMatchCoefficients c = flow_match_coefficients(0.25);
+  const TrainingCoefficients c = flow_match_coefficients(0.25);
   CHECK(c.x0_coef == 0.75);
   CHECK(c.eps_coef == 0.25);
   CHECK(c.target_x0_coef == -1.0);

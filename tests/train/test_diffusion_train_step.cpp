@@ -13,7 +13,7 @@ namespace {
 struct RecordingDenoiser {
   Tensor4<float> prediction;  // empty: predict zeros
   Tensor4<float> seen_input, seen_grad;
-  std::vector<std::int64_t> seen_timesteps;
+  std::vector<double> seen_timesteps;
   Tensor4<float> forward(const Tensor4<float>& x_t, std::span<const std::int64_t> t,
                          const Tensor3<float>&) {
     seen_input = x_t;
@@ -80,7 +80,7 @@ TEST_CASE("step: zero prediction gives the weighted mean of target², Min-SNR we
   double expected = 0;
   const std::size_t per = 4 * 8 * 8;
   for (std::size_t b = 0; b < 4; ++b) {
-    const std::int64_t t = r.timesteps[b];
+    const auto t = static_cast<std::int64_t>(r.timesteps[b]);
     REQUIRE((0 <= t && t < 1000));
     const double snr = scheduler.snr(t);
     const double w =

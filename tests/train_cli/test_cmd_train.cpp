@@ -1220,3 +1220,171 @@ TEST_CASE("difftrain train: --train_text_encoder with prior preservation and cli
     }
   }
 }
+
+TEST_CASE("difftrain train: --objective flow, and a FlowMatchEulerDiscreteScheduler folder") {
+  Fixture f;
+  // The same model folder with diffusers' FlowMatchEulerDiscreteScheduler config (shift 3).
+  const fs::path flow_model = f.dir / "flow_model";
+  fs::copy(f.model, flow_model, fs::copy_options::recursive);
+  FlowMatchEulerDiscreteSchedulerConfig shifted;
+  shifted.shift = 3.0;
+  io::write_json_file(flow_model / "scheduler" / "scheduler_config.json", shifted.to_json());
+  auto lora_of = [&](const std::string& out, auto&& change) {
+    TrainCommandOptions o = f.options(f.dir / out);
+    o.trainer.checkpointing_steps = 0;
+    change(o);
+    return read_all(tools::run_train(o).lora_file);
+  };
+  const auto ddpm = lora_of("ddpm", [](TrainCommandOptions&) {});
+  // A DDPM folder trained with --objective flow uses FlowMatchEulerDiscreteScheduler(shift =
+  // --discrete_flow_shift, 3 by default): the same run as the flow folder's, chosen by its config.
+  const auto flow = lora_of("flow", [](TrainCommandOptions& o) { o.objective = "flow"; });
+  CHECK(flow != ddpm);
+  CHECK(flow == lora_of("auto", [&](TrainCommandOptions& o) {
+          o.pretrained_model_name_or_path = flow_model.string();
+        }));
+  CHECK(flow != lora_of("shift1", [](TrainCommandOptions& o) {
+          o.objective = "flow";
+          o.flow.discrete_flow_shift = 1.0;  // other sigmas of the default `sigma` sampling
+        }));
+  // Every density and weighting runs, with validation sampled by flow Euler.
+  for (const char* sampling :
+       {"uniform", "sigmoid", "shift", "flux_shift", "inverted_parabola", "heavy_tail"}) {
+    TrainCommandOptions o = f.options(f.dir / (std::string("d_") + sampling));
+    o.objective = "flow";
+    o.timestep_sampling = sampling;
+    o.weighting_scheme = "cosmap";
+    o.max_train_steps = 2;
+    o.trainer.checkpointing_steps = 0;
+    const auto r = tools::run_train(o);
+    CHECK(r.global_step == 2);
+  }
+  {
+    TrainCommandOptions o = f.options(f.dir / "validated");
+    o.pretrained_model_name_or_path = flow_model.string();
+    o.weighting_scheme = "logit_normal";
+    o.validation_prompt = "a red circle";
+    o.num_validation_images = 1;
+    o.validation_inference_steps = 2;
+    o.max_train_steps = 2;
+    const auto r = tools::run_train(o);
+    CHECK(r.validation_images.size() == 1);
+    // kohya's flow metadata (flux_train_network.py); a DDPM run has none of it.
+    const auto meta = io::SafetensorsFile::open(r.lora_file.string()).metadata();
+    CHECK(meta.at("ss_weighting_scheme") == "logit_normal");
+    CHECK(meta.at("ss_timestep_sampling") == "sigma");
+    CHECK(meta.at("ss_discrete_flow_shift") == "3.0");
+    CHECK(meta.at("ss_model_prediction_type") == "raw");
+    TrainCommandOptions d = f.options(f.dir / "ddpm_meta");
+    d.max_train_steps = 1;
+    CHECK(io::SafetensorsFile::open(tools::run_train(d).lora_file.string())
+              .metadata()
+              .count("ss_weighting_scheme") == 0);
+  }
+  // --full_finetune of a DDPM folder for flow matching writes the flow scheduler config, so the
+  // folder samples with flow Euler.
+  {
+    TrainCommandOptions o = f.options(f.dir / "full_flow");
+    o.objective = "flow";
+    o.full_finetune = true;
+    o.max_train_steps = 1;
+    o.trainer.checkpointing_steps = 0;
+    tools::run_train(o);
+    const auto tuned = pipeline::load_model_folder(o.trainer.output_dir);
+    REQUIRE(tuned.scheduler.flow);
+    CHECK(tuned.scheduler.flow->shift == 3.0);
+    CHECK(pipeline::default_sampler(tuned.scheduler) == pipeline::SamplerKind::flow_euler);
+  }
+  // Flags of the other objective are refused, naming them.
+  auto refused = [&](auto&& change, const std::string& what) {
+    TrainCommandOptions o = f.options(f.dir / "refused");
+    change(o);
+    CHECK_THROWS_WITH(tools::run_train(o), Catch::Contains(what));
+  };
+  refused(
+      [&](TrainCommandOptions& o) {
+        o.pretrained_model_name_or_path = flow_model.string();
+        o.snr_gamma = 5;
+      },
+      "--snr_gamma belongs to DDPM training");
+  refused(
+      [&](TrainCommandOptions& o) {
+        o.objective = "flow";
+        o.prediction_type = "epsilon";
+      },
+      "--prediction_type belongs to DDPM training");
+  refused(
+      [&](TrainCommandOptions& o) {
+        o.objective = "flow";
+        o.min_timestep = 10;
+      },
+      "--min_timestep / --max_timestep");
+  refused(
+      [&](TrainCommandOptions& o) {
+        o.pretrained_model_name_or_path = flow_model.string();
+        o.objective = "ddpm";
+      },
+      "has no DDPM noise schedule");
+  refused([](TrainCommandOptions& o) { o.weighting_scheme = "logit_normal"; },
+          "add --objective flow");
+  refused([](TrainCommandOptions& o) { o.objective = "rectified"; },
+          "--objective is 'rectified', expected ddpm or flow");
+  refused(
+      [](TrainCommandOptions& o) {
+        o.objective = "flow";
+        o.timestep_sampling = "beta";
+      },
+      "beta");
+  refused(
+      [](TrainCommandOptions& o) {
+        o.objective = "flow";
+        o.flow.discrete_flow_shift = -1;
+      },
+      "shift is -1");
+}
+
+TEST_CASE("difftrain train: the flow-matching flags reach their options") {
+  CLI::App app;
+  TrainCommandOptions o;
+  tools::add_train_options(app, o);
+  const std::vector<std::string> args = {"--objective",
+                                         "flow",
+                                         "--timestep_sampling",
+                                         "heavy_tail",
+                                         "--weighting_scheme",
+                                         "mode",
+                                         "--logit_mean",
+                                         "0.5",
+                                         "--logit_std",
+                                         "1.5",
+                                         "--mode_scale",
+                                         "0.8",
+                                         "--sigmoid_scale",
+                                         "1.2",
+                                         "--discrete_flow_shift",
+                                         "3.5",
+                                         "--noising_weight",
+                                         "0.3",
+                                         "--noising_bias",
+                                         "0.1",
+                                         "--timestep_shift",
+                                         "2",
+                                         "--min_noising_strength",
+                                         "0.1",
+                                         "--max_noising_strength",
+                                         "0.9"};
+  app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
+  CHECK(o.objective == "flow");
+  CHECK(o.timestep_sampling == "heavy_tail");
+  CHECK(o.weighting_scheme == "mode");
+  CHECK(o.flow.logit_mean == 0.5);
+  CHECK(o.flow.logit_std == 1.5);
+  CHECK(o.flow.mode_scale == 0.8);
+  CHECK(o.flow.sigmoid_scale == 1.2);
+  CHECK(o.flow.discrete_flow_shift == 3.5);
+  CHECK(o.flow.noising_weight == 0.3);
+  CHECK(o.flow.noising_bias == 0.1);
+  CHECK(o.flow.timestep_shift == 2);
+  CHECK(o.flow.min_noising_strength == 0.1);
+  CHECK(o.flow.max_noising_strength == 0.9);
+}

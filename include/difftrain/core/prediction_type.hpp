@@ -32,4 +32,22 @@ inline PredictionType parse_prediction_type(std::string_view name) {
   return parse_choice("prediction_type", name, kPredictionTypes);
 }
 
+/// The coefficients of a training target target_eps·eps + target_x0·x0.
+struct TargetCoefficients {
+  double eps = 0, x0 = 0;
+};
+
+/// DDPM's targets for x_t = a·x0 + s·eps: epsilon (1, 0), v_prediction (a, −s), sample (0, 1).
+constexpr TargetCoefficients prediction_target(PredictionType type, double a, double s) {
+  switch (type) {
+    case PredictionType::v_prediction:
+      return {a, -s};
+    case PredictionType::sample:
+      return {0.0, 1.0};
+    case PredictionType::epsilon:
+      break;
+  }
+  return {1.0, 0.0};
+}
+
 }  // namespace difftrain

@@ -5,7 +5,7 @@
 //
 //   eps    = n_i + offset[b,c]                       (n_i = normal number i of the noise stream)
 //   x_t    = a_b·x0 + s_b·(eps + γ·ξ_i)              (γ: input perturbation, ξ_i its own stream)
-//   target = ce_b·eps + cx_b·x0                      ((1,0) eps, (a,−s) v, (0,1) x0)
+//   target = ce_b·eps + cx_b·x0                      ((1,0) eps, (a,−s) v, (0,1) x0, (1,−1) flow)
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +15,7 @@
 #include <vector>
 #include <xsimd/xsimd.hpp>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/parallel.hpp"
 #include "difftrain/core/prediction_type.hpp"
@@ -23,8 +24,8 @@
 
 namespace difftrain::kernels {
 
-/// Per-sample coefficients: x_t = a·x0 + s·eps (a = sqrt(ᾱ_t), s = sqrt(1 − ᾱ_t)) and
-/// target = target_eps·eps + target_x0·x0.
+/// Per-sample coefficients: x_t = a·x0 + s·eps (DDPM: a = sqrt(ᾱ_t), s = sqrt(1 − ᾱ_t); flow
+/// matching: 1 − σ, σ) and target = target_eps·eps + target_x0·x0.
 struct DiffusionCoefficients {
   std::vector<float> a, s, target_eps, target_x0;
 
@@ -39,17 +40,19 @@ struct DiffusionCoefficients {
     target_eps.resize(a.size());
     target_x0.resize(a.size());
     for (std::size_t b = 0; b < a.size(); ++b) {
-      switch (type) {
-        case PredictionType::epsilon:
-          target_eps[b] = 1, target_x0[b] = 0;
-          break;
-        case PredictionType::v_prediction:
-          target_eps[b] = a[b], target_x0[b] = -s[b];
-          break;
-        case PredictionType::sample:
-          target_eps[b] = 0, target_x0[b] = 1;
-          break;
-      }
+      const TargetCoefficients t = prediction_target(type, a[b], s[b]);
+      target_eps[b] = static_cast<float>(t.eps);
+      target_x0[b] = static_cast<float>(t.x0);
+    }
+  }
+  /// From a training schedule's coefficients of each sample (rounded to float).
+  explicit DiffusionCoefficients(std::span<const TrainingCoefficients> c)
+      : a(c.size()), s(c.size()), target_eps(c.size()), target_x0(c.size()) {
+    for (std::size_t b = 0; b < c.size(); ++b) {
+      a[b] = static_cast<float>(c[b].x0_coef);
+      s[b] = static_cast<float>(c[b].eps_coef);
+      target_eps[b] = static_cast<float>(c[b].target_eps_coef);
+      target_x0[b] = static_cast<float>(c[b].target_x0_coef);
     }
   }
   std::size_t batch() const { return a.size(); }

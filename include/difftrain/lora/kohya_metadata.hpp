@@ -354,6 +354,15 @@ struct KohyaRunInfo {
   double huber_c = 0.1;                                    // ss_huber_c
   double huber_scale = 1.0;                                // ss_huber_scale
   std::optional<std::int64_t> min_timestep, max_timestep;  // modelspec.timestep_range
+  // Flow matching (flux_train_network.py's update_metadata): set for a flow-matching run.
+  struct Flow {
+    std::string timestep_sampling = "sigma";                  // ss_timestep_sampling
+    std::string weighting_scheme = "none";                    // ss_weighting_scheme
+    double logit_mean = 0, logit_std = 1, mode_scale = 1.29;  // ss_logit_mean, _std, ss_mode_scale
+    double sigmoid_scale = 1;                                 // ss_sigmoid_scale
+    double discrete_flow_shift = 3;                           // ss_discrete_flow_shift
+  };
+  std::optional<Flow> flow;
 
   // Text encoder.
   std::optional<std::int64_t> clip_skip;         // ss_clip_skip, modelspec.encoder_layer
@@ -531,6 +540,16 @@ inline std::map<std::string, std::string> kohya_metadata(const KohyaRunInfo& run
   m["ss_multires_noise_discount"] = python_float(run.multires_noise_discount);
   m["ss_adaptive_noise_scale"] = python_optional(run.adaptive_noise_scale);
   m["ss_zero_terminal_snr"] = python_bool(run.zero_terminal_snr);
+  if (run.flow) {
+    m["ss_timestep_sampling"] = run.flow->timestep_sampling;
+    m["ss_weighting_scheme"] = run.flow->weighting_scheme;
+    m["ss_logit_mean"] = python_float(run.flow->logit_mean);
+    m["ss_logit_std"] = python_float(run.flow->logit_std);
+    m["ss_mode_scale"] = python_float(run.flow->mode_scale);
+    m["ss_sigmoid_scale"] = python_float(run.flow->sigmoid_scale);
+    m["ss_discrete_flow_shift"] = python_float(run.flow->discrete_flow_shift);
+    m["ss_model_prediction_type"] = "raw";  // the velocity as the model outputs it
+  }
   m["ss_training_comment"] = python_optional(run.training_comment);
   std::string optimizer = run.optimizer;
   if (!run.optimizer_args.empty()) {

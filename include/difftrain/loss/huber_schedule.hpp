@@ -38,27 +38,33 @@ struct HuberOptions {
   }
 };
 
-/// c_t: constant c·scale; exponential exp(−α t)·scale with α = −ln(c)/T; snr (1−c)/(1+σ_t)² + c
-/// with σ_t = √((1−ᾱ_t)/ᾱ_t) (kohya ignores the scale there, and so do we). At ᾱ_t = 0 (zero
-/// terminal SNR) σ_t = ∞ and c_t = c.
-template <Scheduler S>
-double huber_c(const HuberOptions& options, const S& scheduler, std::int64_t t) {
+/// c_t: constant c·scale; exponential exp(−α·τ)·scale with α = −ln(c)/T and τ the model timestep
+/// (t for DDPM, σ·T for flow matching, as kohya passes it); snr (1−c)/(1+σ_t)² + c with
+/// σ_t = s/a, the noise-to-signal ratio of x_t = a·x0 + s·eps (√((1−ᾱ_t)/ᾱ_t) for DDPM; kohya
+/// ignores the scale there, and so do we; for flow matching, where kohya has no snr schedule, it
+/// is σ/(1 − σ)). At a = 0 (zero terminal SNR, σ = 1) σ_t = ∞ and c_t = c.
+inline double huber_c(const HuberOptions& options, std::int64_t num_train_timesteps,
+                      const TrainingCoefficients& c) {
   switch (options.schedule) {
     case HuberSchedule::constant:
       return options.huber_c * options.huber_scale;
     case HuberSchedule::exponential: {
-      const double alpha =
-          -std::log(options.huber_c) / static_cast<double>(scheduler.num_train_timesteps());
-      return std::exp(-alpha * static_cast<double>(t)) * options.huber_scale;
+      const double alpha = -std::log(options.huber_c) / static_cast<double>(num_train_timesteps);
+      return std::exp(-alpha * c.model_timestep) * options.huber_scale;
     }
     case HuberSchedule::snr: {
-      const double a = scheduler.sqrt_alpha_prod(t);
-      if (a == 0) return options.huber_c;
-      const double sigma = scheduler.sqrt_one_minus_alpha_prod(t) / a;
+      if (c.x0_coef == 0) return options.huber_c;
+      const double sigma = c.eps_coef / c.x0_coef;
       return (1 - options.huber_c) / ((1 + sigma) * (1 + sigma)) + options.huber_c;
     }
   }
   return options.huber_c;
+}
+
+/// The same at training time `time` of a schedule.
+template <TrainingSchedule S>
+double huber_c(const HuberOptions& options, const S& scheduler, typename S::time_type time) {
+  return huber_c(options, scheduler.num_train_timesteps(), scheduler.training_coefficients(time));
 }
 
 }  // namespace difftrain::loss

@@ -10,14 +10,16 @@
 #include <algorithm>
 #include <cmath>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
 
 namespace difftrain::loss {
 
-/// w = 1: the plain mean (diffusers without --snr_gamma).
+/// w = 1: the plain mean (diffusers without --snr_gamma; flow matching's weighting_scheme none).
 struct Uniform {
   double weight(double /*snr*/, PredictionType /*type*/) const { return 1.0; }
+  double weight(const TrainingCoefficients& /*c*/) const { return 1.0; }
 };
 
 /// Min-SNR-γ (Hang et al. 2023; diffusers --snr_gamma, kohya --min_snr_gamma), the current

@@ -20,16 +20,24 @@
 
 namespace difftrain::pipeline {
 
-enum class SamplerKind { ddim, euler };
+enum class SamplerKind { ddim, euler, flow_euler };
 
 /// The samplers' names (`difftrain sample --sampler`).
-inline constexpr std::array<Choice<SamplerKind>, 2> kSamplerKinds{{
+inline constexpr std::array<Choice<SamplerKind>, 3> kSamplerKinds{{
     {"ddim", SamplerKind::ddim},
     {"euler", SamplerKind::euler},
+    {"flow_euler", SamplerKind::flow_euler},
 }};
 
 inline SamplerKind parse_sampler_kind(std::string_view name) {
   return parse_choice("--sampler", name, kSamplerKinds);
+}
+inline std::string_view to_string(SamplerKind kind) { return choice_name(kind, kSamplerKinds); }
+
+/// The sampler a model folder's scheduler config selects: flow_euler for a
+/// FlowMatchEulerDiscreteScheduler, ddim otherwise.
+inline SamplerKind default_sampler(const SamplingConfig& config) {
+  return config.flow ? SamplerKind::flow_euler : SamplerKind::ddim;
 }
 
 /// Images [P·K, 3, H, W] (≈ [−1, 1]) for `prompts`, K = images_per_prompt consecutive rows per
@@ -53,16 +61,26 @@ inline Tensor4<float> generate_images(ModelFolder& model, const std::vector<std:
   const Tensor3<float> uncond = options.guidance_scale > 1.0
                                     ? model.encode_prompts({negative_prompt})
                                     : Tensor3<float>(std::array<std::size_t, 3>{0, 0, 0});
-  const Tensor4<float> latents =
-      sampler == SamplerKind::ddim
-          ? [&] {
-              DdimScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }()
-          : [&] {
-              EulerDiscreteScheduler s(model.scheduler);
-              return sample_latents(model.unet, s, cond, uncond, options);
-            }();
+  require((sampler == SamplerKind::flow_euler) == model.scheduler.flow.has_value(), fn,
+          "--sampler ", to_string(sampler), " cannot sample this model: its scheduler config ",
+          model.scheduler.flow ? "is FlowMatchEulerDiscreteScheduler's (use flow_euler)"
+                               : "is a DDPM one (use ddim or euler)");
+  const Tensor4<float> latents = [&] {
+    switch (sampler) {
+      case SamplerKind::flow_euler: {
+        FlowMatchEulerDiscreteScheduler s(*model.scheduler.flow);
+        return sample_latents(model.unet, s, cond, uncond, options);
+      }
+      case SamplerKind::euler: {
+        EulerDiscreteScheduler s(model.scheduler);
+        return sample_latents(model.unet, s, cond, uncond, options);
+      }
+      case SamplerKind::ddim:
+        break;
+    }
+    DdimScheduler s(model.scheduler);
+    return sample_latents(model.unet, s, cond, uncond, options);
+  }();
   return model.decode(latents);
 }
 

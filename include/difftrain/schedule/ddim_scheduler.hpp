@@ -26,7 +26,8 @@ namespace difftrain {
 
 class DdimScheduler {
  public:
-  explicit DdimScheduler(SamplingConfig config) : config_(std::move(config)), ddpm_(config_.train) {
+  explicit DdimScheduler(SamplingConfig config)
+      : config_(std::move(config)), ddpm_(checked(config_).train) {
     if (!config_.timestep_spacing) config_.timestep_spacing = TimestepSpacing::leading;
     final_alpha_cumprod_ = config_.set_alpha_to_one ? 1.0 : ddpm_.alphas_cumprod()[0];
   }
@@ -110,6 +111,11 @@ class DdimScheduler {
   }
 
  private:
+  static const SamplingConfig& checked(const SamplingConfig& c) {
+    detail::require_ddpm_config("DdimScheduler", c);
+    return c;
+  }
+
   SamplingConfig config_;
   DdpmScheduler ddpm_;
   double final_alpha_cumprod_ = 1.0;

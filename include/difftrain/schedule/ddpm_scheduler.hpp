@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/prediction_type.hpp"
 #include "difftrain/io/json_file.hpp"
@@ -285,6 +286,16 @@ class DdpmScheduler {
   }
   /// SNR(t) = ᾱ_t/(1 − ᾱ_t) (diffusers' compute_snr); 0 at t = T−1 with zero terminal SNR.
   double snr(std::int64_t t) const { return snr_[index("DdpmScheduler::snr", t)]; }
+
+  /// Training times are the integer timesteps t ∈ [0, T) (TrainingSchedule).
+  using time_type = std::int64_t;
+  /// x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·eps, the prediction type's target, model timestep t, SNR(t).
+  TrainingCoefficients training_coefficients(std::int64_t t) const {
+    const std::size_t i = index("DdpmScheduler::training_coefficients", t);
+    const double a = sqrt_alpha_prod_[i], s = sqrt_one_minus_alpha_prod_[i];
+    const TargetCoefficients target = prediction_target(config_.prediction_type, a, s);
+    return {a, s, target.x0, target.eps, static_cast<double>(t), snr_[i]};
+  }
 
  private:
   std::size_t index(std::string_view function, std::int64_t t) const {

@@ -32,6 +32,7 @@ namespace difftrain {
 class EulerDiscreteScheduler {
  public:
   explicit EulerDiscreteScheduler(SamplingConfig config) : config_(std::move(config)) {
+    detail::require_ddpm_config("EulerDiscreteScheduler", config_);
     if (!config_.timestep_spacing) config_.timestep_spacing = TimestepSpacing::linspace;
     const DdpmScheduler ddpm(config_.train);
     const auto alphas_cumprod = ddpm.alphas_cumprod();

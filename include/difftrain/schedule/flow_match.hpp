@@ -47,6 +47,7 @@
 #include <utility>
 #include <vector>
 
+#include "difftrain/concepts.hpp"
 #include "difftrain/core/choice.hpp"
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/parallel.hpp"
@@ -62,15 +63,6 @@ namespace difftrain {
 // The formulas
 // ---------------------------------------------------------------------------------------------
 
-/// The per-sample coefficients of one training time σ: x_t = x0_coef·x0 + eps_coef·eps, target =
-/// target_x0_coef·x0 + target_eps_coef·eps, the timestep the denoiser sees, and the SNR.
-struct FlowMatchCoefficients {
-  double x0_coef = 0, eps_coef = 0;                // 1 − σ, σ
-  double target_x0_coef = 0, target_eps_coef = 0;  // −1, 1 (target eps − x0)
-  double model_timestep = 0;                       // σ·T
-  double snr = 0;                                  // ((1 − σ)/σ)²
-};
-
 /// SNR(σ) = ((1 − σ)/σ)²: the ratio of the signal and noise variances in x_σ (0 at σ = 1).
 inline double flow_match_snr(double sigma) {
   require(sigma > 0.0 && sigma <= 1.0, "flow_match_snr", "sigma is ", sigma,
@@ -79,15 +71,16 @@ inline double flow_match_snr(double sigma) {
   return r * r;
 }
 
-/// The coefficients for σ ∈ (0, 1] (model timestep σ·num_train_timesteps, as diffusers' and
-/// kohya's scripts pass it: σ·1000 for every released model).
-inline FlowMatchCoefficients flow_match_coefficients(double sigma,
-                                                     std::int64_t num_train_timesteps = 1000) {
+/// The coefficients for σ ∈ (0, 1]: x_t = (1 − σ)·x0 + σ·eps, target eps − x0, model timestep
+/// σ·num_train_timesteps (as diffusers' and kohya's scripts pass it: σ·1000 for every released
+/// model), SNR(σ).
+inline TrainingCoefficients flow_match_coefficients(double sigma,
+                                                    std::int64_t num_train_timesteps = 1000) {
   constexpr const char* fn = "flow_match_coefficients";
   require(sigma > 0.0 && sigma <= 1.0, fn, "sigma is ", sigma, ", expected a value in (0, 1]");
   require(num_train_timesteps > 0, fn, "num_train_timesteps is ", num_train_timesteps,
           ", expected > 0");
-  FlowMatchCoefficients c;
+  TrainingCoefficients c;
   c.x0_coef = 1.0 - sigma;
   c.eps_coef = sigma;
   c.target_x0_coef = -1.0;
@@ -190,6 +183,8 @@ struct FlowMatchLossWeighting {
   double weight_for_sigma(double sigma) const {
     return compute_loss_weighting_for_sd3(weighting_scheme, sigma);
   }
+  /// σ is the coefficient of eps in x_t (TrainingCoefficients of flow matching).
+  double weight(const TrainingCoefficients& c) const { return weight_for_sigma(c.eps_coef); }
   double weight(double snr, PredictionType /*type*/) const {
     require(snr >= 0.0 && std::isfinite(snr), "FlowMatchLossWeighting::weight", "snr is ", snr,
             ", expected a finite value >= 0");
@@ -263,6 +258,20 @@ struct FlowMatchEulerDiscreteSchedulerConfig {
 
   /// from_json of the file at `path`; throws Error naming the path if it is missing or invalid.
   static FlowMatchEulerDiscreteSchedulerConfig from_file(const std::string& path);
+
+  /// The diffusers `scheduler_config.json` of this config (from_json reads it back).
+  nlohmann::json to_json() const {
+    return {{"_class_name", "FlowMatchEulerDiscreteScheduler"},
+            {"num_train_timesteps", num_train_timesteps},
+            {"shift", shift},
+            {"use_dynamic_shifting", use_dynamic_shifting},
+            {"base_shift", base_shift},
+            {"max_shift", max_shift},
+            {"base_image_seq_len", base_image_seq_len},
+            {"max_image_seq_len", max_image_seq_len},
+            {"shift_terminal", shift_terminal ? nlohmann::json(*shift_terminal) : nullptr},
+            {"time_shift_type", std::string(to_string(time_shift_type))}};
+  }
 };
 
 /// True when a parsed scheduler config names diffusers' FlowMatchEulerDiscreteScheduler
@@ -407,6 +416,12 @@ class FlowMatchEulerDiscreteScheduler {
   std::int64_t num_train_timesteps() const { return config_.num_train_timesteps; }
   /// The model is trained to predict the flow's velocity eps − x0 (no diffusers prediction_type).
   double init_noise_sigma() const { return 1.0; }
+
+  /// Training times are sigmas σ ∈ (0, 1] (TrainingSchedule; FlowMatchTimesteps draws them).
+  using time_type = double;
+  TrainingCoefficients training_coefficients(double sigma) const {
+    return flow_match_coefficients(sigma, config_.num_train_timesteps);
+  }
 
   /// The T training sigmas, descending from σ_max = 1: σ_i = shift((T − i)/T).
   std::span<const double> train_sigmas() const { return train_sigmas_; }

@@ -1,12 +1,12 @@
 #pragma once
 // sample_latents: the sampling loop of diffusers' text-to-image pipelines, with classifier-free
-// guidance, for any Denoiser and a DDIM or Euler scheduler.
+// guidance, for any Denoiser and a DDIM or Euler scheduler, or flow matching's Euler sampler.
 //
 //   x ← N(0, I)·init_noise_sigma            (counter-based RNG, deterministic in the seed)
-//   for t in timesteps (descending):
+//   for t in timesteps (descending; flow matching: σ_k·T, fractional):
 //     out = denoiser([x; x] scaled, t, [uncond; cond])     one forward on 2B rows
 //     pred = u + g·(c − u)                                  (g <= 1: cond only, B rows)
-//     x ← step(pred, t, x)
+//     x ← step(pred, t, x)                                  (flow: x + (σ_{k+1} − σ_k)·pred)
 //
 // Dims legend: B images (rows of cond_context), C, H, W the latent shape, L tokens, D features.
 
@@ -15,7 +15,9 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "difftrain/concepts.hpp"
@@ -24,6 +26,7 @@
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/schedule/ddim_scheduler.hpp"
 #include "difftrain/schedule/euler_discrete_scheduler.hpp"
+#include "difftrain/schedule/flow_match.hpp"
 
 namespace difftrain {
 
@@ -72,10 +75,18 @@ inline Tensor3<float> guidance_context(const Tensor3<float>& cond, const Tensor3
 
 /// Latents [B, C, H, W] sampled from `denoiser` with `scheduler` (B = rows of cond_context);
 /// uncond_context has 1 row (broadcast) or B rows and is used only when guidance_scale > 1.
-template <Denoiser D, SamplingScheduler S>
-Tensor4<float> sample_latents(D& denoiser, S& scheduler, const Tensor3<float>& cond_context,
-                              const Tensor3<float>& uncond_context, const SampleOptions& options) {
+/// With FlowMatchEulerDiscreteScheduler the denoiser gets float timesteps σ·T; with
+/// use_dynamic_shifting, mu = calculate_shift((H/2)·(W/2)) (the tokens of 2×2 latent patches, as
+/// the Flux pipeline packs them).
+template <Denoiser D, class S>
+requires SamplingScheduler<S> || std::same_as<S, FlowMatchEulerDiscreteScheduler> Tensor4<float>
+sample_latents(D& denoiser, S& scheduler, const Tensor3<float>& cond_context,
+               const Tensor3<float>& uncond_context, const SampleOptions& options) {
   constexpr const char* fn = "sample_latents";
+  constexpr bool flow = std::same_as<S, FlowMatchEulerDiscreteScheduler>;
+  static_assert(!flow || FloatTimestepDenoiser<D>,
+                "sample_latents: flow matching's timesteps σ·T are fractional, so the denoiser "
+                "needs a forward(x, std::span<const float> timesteps, context) overload");
   const std::size_t B = cond_context.shape()[0];
   require(B > 0, fn, "cond_context has 0 rows, expected one per image");
   const bool guided = options.guidance_scale > 1.0;
@@ -83,7 +94,15 @@ Tensor4<float> sample_latents(D& denoiser, S& scheduler, const Tensor3<float>& c
       guided ? detail::guidance_context(cond_context, uncond_context) : cond_context;
   const std::size_t rows = guided ? 2 * B : B;
 
-  scheduler.set_timesteps(options.num_inference_steps);
+  if constexpr (flow) {
+    std::optional<double> mu;
+    if (scheduler.config().use_dynamic_shifting)
+      mu = scheduler.calculate_shift(
+          static_cast<double>((options.height / 2) * (options.width / 2)));
+    scheduler.set_timesteps(options.num_inference_steps, mu);
+  } else {
+    scheduler.set_timesteps(options.num_inference_steps);
+  }
   Tensor4<float> x = initial_latents(B, options, scheduler.init_noise_sigma());
   const auto shape = x.shape();
   const std::size_t per_image = x.size() / B;
@@ -91,25 +110,29 @@ Tensor4<float> sample_latents(D& denoiser, S& scheduler, const Tensor3<float>& c
 
   Tensor4<float> model_input(std::array<std::size_t, 4>{rows, shape[1], shape[2], shape[3]});
   Tensor4<float> pred(x.shape());
-  std::vector<std::int64_t> t_batch(rows);
-  const std::vector<std::int64_t> timesteps(scheduler.timesteps().begin(),
-                                            scheduler.timesteps().end());
-  for (const std::int64_t t : timesteps) {
+  using Time = std::conditional_t<flow, float, std::int64_t>;
+  std::vector<Time> t_batch(rows);
+  const std::vector<double> timesteps(scheduler.timesteps().begin(), scheduler.timesteps().end());
+  for (std::size_t k = 0; k < timesteps.size(); ++k) {
     std::copy_n(x.data(), x.size(), model_input.data());
     if (guided) std::copy_n(x.data(), x.size(), model_input.data() + x.size());
-    scheduler.scale_model_input(model_input, t);
+    const auto t = static_cast<Time>(timesteps[k]);
+    if constexpr (!flow) scheduler.scale_model_input(model_input, t);
     std::fill(t_batch.begin(), t_batch.end(), t);
     const Tensor4<float> out =
-        denoiser.forward(model_input, std::span<const std::int64_t>(t_batch), context);
+        denoiser.forward(model_input, std::span<const Time>(t_batch), context);
     check_shape(fn, "the denoiser's output", out.shape(), {rows, shape[1], shape[2], shape[3]});
     if (guided) {
       const float* u = out.data();
       const float* c = out.data() + B * per_image;
       float* p = pred.data();
       for (std::size_t i = 0; i < B * per_image; ++i) p[i] = u[i] + g * (c[i] - u[i]);
-      scheduler.step(pred, t, x);
+    }
+    const Tensor4<float>& velocity_or_pred = guided ? pred : out;
+    if constexpr (flow) {
+      scheduler.step(velocity_or_pred, static_cast<std::int64_t>(k), x);
     } else {
-      scheduler.step(out, t, x);
+      scheduler.step(velocity_or_pred, t, x);
     }
   }
   return x;

@@ -22,6 +22,7 @@
 #include "difftrain/core/error.hpp"
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
+#include "difftrain/schedule/flow_match.hpp"
 
 namespace difftrain {
 
@@ -55,10 +56,14 @@ struct SamplingConfig {
   bool set_alpha_to_one = true;  // DDIM: ᾱ after the last step is 1 (else ᾱ_0)
   bool clip_sample = false;      // DDIM: clamp the predicted x0 to ±clip_sample_range
   double clip_sample_range = 1.0;
+  // Set for a FlowMatchEulerDiscreteScheduler config: the model is trained and sampled with flow
+  // matching (`train` then only carries its num_train_timesteps).
+  std::optional<FlowMatchEulerDiscreteSchedulerConfig> flow;
 
-  /// Reads a parsed `scheduler_config.json`: timestep_spacing, steps_offset, set_alpha_to_one,
-  /// clip_sample and clip_sample_range here, every other key as DdpmSchedulerConfig::from_json
-  /// does (other sampler-specific keys such as use_karras_sigmas are accepted and ignored).
+  /// Reads a parsed `scheduler_config.json`: a FlowMatchEulerDiscreteScheduler's (`_class_name`)
+  /// into `flow`; otherwise timestep_spacing, steps_offset, set_alpha_to_one, clip_sample and
+  /// clip_sample_range here, every other key as DdpmSchedulerConfig::from_json does (other
+  /// sampler-specific keys such as use_karras_sigmas are accepted and ignored).
   /// Throws Error naming the key, its value and what was expected.
   static SamplingConfig from_json(const nlohmann::json& json);
 
@@ -70,6 +75,11 @@ inline SamplingConfig SamplingConfig::from_json(const nlohmann::json& json) {
   constexpr std::string_view fn = "SamplingConfig::from_json";
   require(json.is_object(), fn, "expected a JSON object, got ", json.type_name());
   SamplingConfig config;
+  if (is_flow_match_scheduler_config(json)) {
+    config.flow = FlowMatchEulerDiscreteSchedulerConfig::from_json(json);
+    config.train.num_train_timesteps = config.flow->num_train_timesteps;
+    return config;
+  }
   const auto bad = [&](std::string_view key, const nlohmann::json& value,
                        std::string_view expected) {
     fail(fn, "key '", key, "' has value ", io::json_excerpt(value), ", expected ", expected);
@@ -115,6 +125,13 @@ inline SamplingConfig SamplingConfig::from_file(const std::string& path) {
 }
 
 namespace detail {
+
+/// A DDPM sampler (DDIM, Euler) cannot sample a flow-matching model: refuse its config.
+inline void require_ddpm_config(std::string_view sampler, const SamplingConfig& config) {
+  require(!config.flow, sampler, "the scheduler config is a FlowMatchEulerDiscreteScheduler's: ",
+          "the model predicts a flow velocity, sample it with FlowMatchEulerDiscreteScheduler "
+          "(--sampler flow_euler)");
+}
 
 /// The inference timesteps of `config` for n steps, descending, before diffusers' final
 /// rounding for `linspace` (DDIM rounds it, Euler keeps it fractional); leading and trailing are

@@ -2,13 +2,15 @@
 // DiffusionTrainStep: one training step of a latent diffusion model, composed from concepts.
 //
 //   x0     = LatentEncoder(images)                 (or given latents)
-//   ctx    = TextEncoder(token ids)                (or given context)
-//   t[b]   ~ TimestepSampler
+//   ctx    = TextEncoder(token ids)                (or given context; empty with NoTextEncoder)
+//   τ[b]   ~ TimestepSamplerOf<time_type>          (DDPM: integer t; flow matching: σ)
+//   (a, s, ce, cx, t_model, SNR) = TrainingSchedule.training_coefficients(τ[b])
 //   eps    = NoiseSampler (fused with the next two lines for StandardNoise without pyramid noise)
-//   x_t    = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·(eps + γ·ξ)
-//   target = eps | v = sqrt(ᾱ_t)·eps − sqrt(1−ᾱ_t)·x0 | x0
-//   pred   = Denoiser.forward(x_t, t, ctx)
-//   L      = mean_b w_b·mean_chw ℓ(pred − target),  w_b = LossWeighting(SNR(t_b)) · sample_weight_b
+//   x_t    = a·x0 + s·(eps + γ·ξ)                  (DDPM: a = sqrt(ᾱ_t), s = sqrt(1−ᾱ_t);
+//                                                   flow: a = 1 − σ, s = σ)
+//   target = ce·eps + cx·x0                        (eps | v = a·eps − s·x0 | x0 | flow: eps − x0)
+//   pred   = Denoiser.forward(x_t, t_model, ctx)   (t_model: t, or σ·T as float)
+//   L      = mean_b w_b·mean_chw ℓ(pred − target),  w_b = LossWeighting · sample_weight_b
 //   Denoiser.backward(dL/dpred)
 //   TextEncoder.backward(dL/dctx)                 (a TrainableTextEncoder being trained)
 //
@@ -18,6 +20,7 @@
 // micro-batch, as kohya draws them each forward, and the same again on resume.
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -32,11 +35,13 @@
 #include "difftrain/loss/huber_schedule.hpp"
 #include "difftrain/loss/weighting.hpp"
 #include "difftrain/schedule/timestep_sampler.hpp"
+#include "difftrain/train/identity_encoder.hpp"
 
 namespace difftrain {
 
 struct TrainStepOptions {
-  std::optional<PredictionType> prediction_type;  // overrides the scheduler's (diffusers flag)
+  // Overrides the scheduler's (diffusers flag); only for schedules with a prediction type (DDPM).
+  std::optional<PredictionType> prediction_type;
   kernels::NoiseOptions noise;  // also configures StandardNoise; γ applies to any NoiseSampler
   kernels::LossType loss_type = kernels::LossType::l2;
   loss::HuberOptions huber;  // for huber / smooth_l1
@@ -54,14 +59,33 @@ struct TrainStepResult {
   double loss = 0;
   std::vector<double> per_sample_loss;  // mean_chw ℓ per sample, before weights
   std::vector<double> weights;          // w_b
-  std::vector<std::int64_t> timesteps;  // t_b
+  std::vector<double> timesteps;        // the denoiser's timestep of each sample: t_b, or σ_b·T
 };
 
-template <Scheduler SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
+/// A schedule with a DDPM prediction type (eps / v / x0) that TrainStepOptions may override.
+template <class S>
+concept HasPredictionType = requires(const S& s) {
+  { s.prediction_type() } -> std::same_as<PredictionType>;
+};
+
+template <TrainingSchedule SchedulerT, Denoiser DenoiserT, LatentEncoder LatentEncoderT,
           TextEncoder TextEncoderT, LossWeighting WeightingT = loss::Uniform,
-          TimestepSampler SamplerT = UniformTimesteps, NoiseSampler NoiseT = kernels::StandardNoise>
+          class SamplerT = UniformTimesteps, NoiseSampler NoiseT = kernels::StandardNoise>
+requires TimestepSamplerOf<SamplerT, typename SchedulerT::time_type>
 class DiffusionTrainStep {
  public:
+  using time_type = typename SchedulerT::time_type;
+  static_assert(FloatTimestepDenoiser<DenoiserT> || std::integral<time_type>,
+                "DiffusionTrainStep: the schedule's training times are not integers (flow "
+                "matching's model timesteps are σ·T), so the denoiser needs a forward(x_t, "
+                "std::span<const float> timesteps, context) overload");
+  static_assert(
+      requires(const WeightingT& w, const TrainingCoefficients& c) { w.weight(c); } ||
+          HasPredictionType<SchedulerT>,
+      "DiffusionTrainStep: the weighting only has weight(snr, prediction_type), and the "
+      "schedule has no prediction type (flow matching): use a weighting with "
+      "weight(const TrainingCoefficients&), e.g. FlowMatchLossWeighting or loss::Uniform");
+
   /// The denoiser and the encoders are held by reference (the caller owns the models and their
   /// optimizer); the scheduler, weighting and samplers by value. Timesteps uniform on [0, T).
   DiffusionTrainStep(SchedulerT scheduler, DenoiserT& denoiser, LatentEncoderT& latent_encoder,
@@ -86,6 +110,10 @@ class DiffusionTrainStep {
     // StandardNoise takes its options from TrainStepOptions::noise (one source of truth).
     if constexpr (std::is_same_v<NoiseT, kernels::StandardNoise>) noise_.options = options_.noise;
     if (kernels::uses_huber_c(options_.loss_type)) options_.huber.validate();
+    if constexpr (!HasPredictionType<SchedulerT>)
+      require(!options_.prediction_type, "DiffusionTrainStep", "prediction_type is ",
+              to_string(options_.prediction_type.value_or(PredictionType::epsilon)),
+              ", but the schedule has no prediction type (flow matching trains eps − x0)");
   }
 
   /// Encodes images and token ids, then runs the step. A TrainableTextEncoder with trainable
@@ -108,8 +136,13 @@ class DiffusionTrainStep {
         return result;
       }
     }
-    const Tensor3<float> context = text_encoder_.encode(token_ids);
-    return step_latents(latents, context, step_index, extras);
+    if constexpr (std::is_same_v<TextEncoderT, NoTextEncoder>) {
+      const Tensor3<float> none(std::array<std::size_t, 3>{latents.shape()[0], 0, 0});
+      return step_latents(latents, none, step_index, extras);
+    } else {
+      const Tensor3<float> context = text_encoder_.encode(token_ids);
+      return step_latents(latents, context, step_index, extras);
+    }
   }
 
   /// The step from precomputed latents x0 [B,C,H,W] and context [B,L,D].
@@ -123,37 +156,52 @@ class DiffusionTrainStep {
             ", expected batch ", batch, " as the latents ", shape_string(x0.shape()));
     require(extras.sample_weights.empty() || extras.sample_weights.size() == batch, fn,
             "sample_weights has ", extras.sample_weights.size(), " entries, expected ", batch);
-    const PredictionType type = prediction_type();
     const RandomStream step_stream =
         RandomStream{options_.seed, 0}.derive(step_index, StreamPurpose::train_step);
 
-    TrainStepResult result;
-    result.timesteps.resize(batch);
-    sampler_.sample(result.timesteps, step_stream.derive(0, StreamPurpose::step_timesteps));
+    std::vector<time_type> times(batch);
+    const RandomStream time_stream = step_stream.derive(0, StreamPurpose::step_timesteps);
+    if constexpr (requires { sampler_.sample(std::span<time_type>(times), time_stream, 0, 0); }) {
+      sampler_.sample(std::span<time_type>(times), time_stream,
+                      static_cast<std::int64_t>(x0.shape()[2]),
+                      static_cast<std::int64_t>(x0.shape()[3]));
+    } else {
+      sampler_.sample(std::span<time_type>(times), time_stream);
+    }
     const std::int64_t T = scheduler_.num_train_timesteps();
-    std::vector<float> a(batch), s(batch), huber_c(batch), weights(batch);
+    TrainStepResult result;
+    std::vector<TrainingCoefficients> coefficients(batch);
+    std::vector<float> huber_c(batch), weights(batch);
+    result.timesteps.resize(batch);
     result.weights.resize(batch);
     for (std::size_t b = 0; b < batch; ++b) {
-      const std::int64_t t = result.timesteps[b];
-      require(0 <= t && t < T, fn, "timestep sampler gave t = ", t, ", expected [0, ", T, ")");
-      a[b] = static_cast<float>(scheduler_.sqrt_alpha_prod(t));
-      s[b] = static_cast<float>(scheduler_.sqrt_one_minus_alpha_prod(t));
-      double w = weighting_.weight(scheduler_.snr(t), type);
+      const time_type t = times[b];
+      if constexpr (std::integral<time_type>)
+        require(0 <= t && t < T, fn, "timestep sampler gave t = ", t, ", expected [0, ", T, ")");
+      TrainingCoefficients& c = coefficients[b] = scheduler_.training_coefficients(t);
+      if (options_.prediction_type) {
+        const TargetCoefficients target =
+            prediction_target(*options_.prediction_type, c.x0_coef, c.eps_coef);
+        c.target_eps_coef = target.eps;
+        c.target_x0_coef = target.x0;
+      }
+      result.timesteps[b] = c.model_timestep;
+      double w = weight(c);
       if (!extras.sample_weights.empty()) w *= extras.sample_weights[b];
-      require(std::isfinite(w), fn, "loss weight of sample ", b, " (t = ", t, ") is ", w,
-              ", expected a finite value");
+      require(std::isfinite(w), fn, "loss weight of sample ", b, " (t = ", c.model_timestep,
+              ") is ", w, ", expected a finite value");
       result.weights[b] = w;
       weights[b] = static_cast<float>(w);
       if (kernels::uses_huber_c(options_.loss_type))
-        huber_c[b] = static_cast<float>(loss::huber_c(options_.huber, scheduler_, t));
+        huber_c[b] = static_cast<float>(loss::huber_c(options_.huber, T, c));
     }
 
-    const kernels::DiffusionCoefficients k(a, s, type);
+    const kernels::DiffusionCoefficients k(coefficients);
     const RandomStream noise_stream = step_stream.derive(0, StreamPurpose::step_noise);
     make_noisy_input(x0, k, noise_stream);
 
     if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index);
-    const Tensor4<float> pred = denoiser_.forward(x_t_, result.timesteps, context);
+    const Tensor4<float> pred = forward(context, result.timesteps);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
     const std::span<const float> c = kernels::uses_huber_c(options_.loss_type)
                                          ? std::span<const float>(huber_c)
@@ -170,7 +218,8 @@ class DiffusionTrainStep {
     return result;
   }
 
-  PredictionType prediction_type() const {
+  /// The prediction type trained (DDPM schedules).
+  PredictionType prediction_type() const requires HasPredictionType<SchedulerT> {
     return options_.prediction_type.value_or(scheduler_.prediction_type());
   }
   const SchedulerT& scheduler() const { return scheduler_; }
@@ -185,6 +234,31 @@ class DiffusionTrainStep {
       return SamplerT(T);
     } else {
       return SamplerT{};
+    }
+  }
+
+  // w_b: weight(c) when the weighting has it, else weight(SNR, prediction type).
+  double weight(const TrainingCoefficients& c) const {
+    if constexpr (requires { weighting_.weight(c); }) {
+      return weighting_.weight(c);
+    } else {
+      return weighting_.weight(c.snr, prediction_type());
+    }
+  }
+
+  // The denoiser's forward with float timesteps when it takes them, else integer ones.
+  Tensor4<float> forward(const Tensor3<float>& context, std::span<const double> timesteps) {
+    if constexpr (FloatTimestepDenoiser<DenoiserT>) {
+      const std::vector<float> t(timesteps.begin(), timesteps.end());
+      return denoiser_.forward(x_t_, std::span<const float>(t), context);
+    } else {
+      std::vector<std::int64_t> t(timesteps.size());
+      for (std::size_t b = 0; b < t.size(); ++b) {
+        t[b] = static_cast<std::int64_t>(timesteps[b]);
+        require(static_cast<double>(t[b]) == timesteps[b], "DiffusionTrainStep::step",
+                "the denoiser takes integer timesteps, but sample ", b, "'s is ", timesteps[b]);
+      }
+      return denoiser_.forward(x_t_, std::span<const std::int64_t>(t), context);
     }
   }
 
