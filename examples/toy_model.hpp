@@ -37,8 +37,9 @@ class PixelMlp {
     zero_grad();
   }
 
-  // pred[b,:,p] = W2·silu(W1·[x_t[b,:,p]; τ(t_b)] + b1) + b2, τ(t) = sin/cos(2^k·π·t/T).
-  Tensor4<float> forward(const Tensor4<float>& x_t, std::span<const std::int64_t> timesteps,
+  // pred[b,:,p] = W2·silu(W1·[x_t[b,:,p]; τ(t_b)] + b1) + b2, τ(t) = sin/cos(2^k·π·t/T); t may be
+  // fractional (flow matching: σ·T).
+  Tensor4<float> forward(const Tensor4<float>& x_t, std::span<const float> timesteps,
                          const Tensor3<float>& /*context*/) {
     const auto& sh = x_t.shape();
     B_ = sh[0];
@@ -108,6 +109,14 @@ class PixelMlp {
     zero_grad();
   }
 
+  // What train::Trainer trains (a train::TrainableModel): names, values, gradients, shapes.
+  std::vector<difftrain::train::ParameterView> trainable_parameters() {
+    return {{"w1", w1_, gw1_, {Hd_, F_}},
+            {"b1", b1_, gb1_, {Hd_}},
+            {"w2", w2_, gw2_, {C_, Hd_}},
+            {"b2", b2_, gb2_, {C_}}};
+  }
+
   void zero_grad() {
     gw1_.assign(w1_.size(), 0.0f);
     gb1_.assign(b1_.size(), 0.0f);
@@ -125,7 +134,7 @@ class PixelMlp {
   std::size_t B_ = 0, P_ = 0;
   std::vector<float> inputs_, pre_;  // saved by forward for backward
 };
-static_assert(difftrain::Denoiser<PixelMlp>);
+static_assert(difftrain::Denoiser<PixelMlp> && difftrain::train::TrainableModel<PixelMlp>);
 
 /// Text "encoder" of the toy: a context of zeros [B, L, 1] (the toy model ignores it).
 struct ZeroContext {

@@ -46,7 +46,7 @@ void set_grad(nn::Parameter<float>& p, const std::vector<float>& g) {
 ParamGroup group_of(std::vector<nn::Parameter<float>*> params, std::vector<std::string> names,
                     double lr) {
   ParamGroup g;
-  g.params = std::move(params);
+  g.params.assign(params.begin(), params.end());
   g.names = std::move(names);
   g.lr = lr;
   return g;

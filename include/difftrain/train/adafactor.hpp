@@ -134,10 +134,10 @@ class Adafactor : public detail::OptimizerBase {
             "warmup_init");
     build(fn);
     for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) {
+      for (const ParameterRef& p : g.params) {
         Slot s;
-        s.shape.assign(p->value.shape().begin(), p->value.shape().end());
-        s.n = p->value.size();
+        s.shape = p.shape();
+        s.n = p.value().size();
         s.factored = s.shape.size() >= 2;
         if (s.factored) {
           s.rows = s.shape[s.shape.size() - 2];
@@ -158,7 +158,7 @@ class Adafactor : public detail::OptimizerBase {
   void step(double lr_scale = 1.0) {
     constexpr std::string_view fn = "Adafactor::step";
     check_lr_scale(fn, lr_scale);
-    const std::vector<nn::Parameter<float>*> params = checked_params(fn);
+    const std::vector<detail::ParamSpans> params = checked_params(fn);
     ++step_count_;
     const double t = double(step_count_);
     const double beta2t = 1.0 - std::pow(t, options_.decay_rate);
@@ -166,7 +166,7 @@ class Adafactor : public detail::OptimizerBase {
     std::size_t slot = 0;
     for (const ParamGroup& g : groups_)
       for (std::size_t i = 0; i < g.params.size(); ++i, ++slot)
-        update(*params[slot], slots_[slot], g.lr * lr_scale, t, beta2t, u.data());
+        update(params[slot], slots_[slot], g.lr * lr_scale, t, beta2t, u.data());
   }
 
   const AdafactorOptions& options() const { return options_; }
@@ -228,7 +228,7 @@ class Adafactor : public detail::OptimizerBase {
   }
 
   // One parameter's update; u is scratch of at least s.n floats.
-  void update(nn::Parameter<float>& p, Slot& s, double group_lr, double t, double beta2t,
+  void update(const detail::ParamSpans& p, Slot& s, double group_lr, double t, double beta2t,
               float* u) const {
     if (s.n == 0) return;
     const AdafactorOptions& o = options_;

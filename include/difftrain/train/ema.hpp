@@ -7,6 +7,8 @@
 //   d = 0 if k <= 0; else 1 − (1 + k/inv_gamma)^(−power) (use_ema_warmup) or (1 + k)/(10 + k);
 //   d ← clamp(d, min_decay, decay);  shadow ← shadow − (1 − d)·(shadow − p)
 // so the first update copies the weights. A parameter frozen at update time is copied.
+// The parameters are ParameterRefs (parameter_view.hpp): nn::Parameter<float>s or views of any
+// model's storage.
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/parameter.hpp"
+#include "difftrain/train/parameter_view.hpp"
 
 namespace difftrain::train {
 
@@ -50,22 +53,21 @@ struct EmaOptions {
 class EmaModel {
  public:
   /// Shadows of the given (name, parameter) pairs, initialised to their current values.
-  EmaModel(std::vector<std::pair<std::string, nn::Parameter<float>*>> params, EmaOptions options)
+  EmaModel(std::vector<NamedParameter> params, EmaOptions options)
       : params_(std::move(params)), options_(options) {
     options_.validate();
     for (const auto& [name, p] : params_) {
-      require(p != nullptr, "EmaModel", "parameter '", name, "' is a null pointer");
-      shadow_.push_back(p->value);
+      require(!p.is_null(), "EmaModel", "parameter '", name, "' is a null pointer");
+      xt::xarray<float> shadow = xt::xarray<float>::from_shape(p.shape());
+      std::copy(p.value().begin(), p.value().end(), shadow.begin());
+      shadow_.push_back(std::move(shadow));
     }
   }
 
-  /// Shadows of the module's trainable parameters.
-  template <nn::Module M>
+  /// Shadows of the model's trainable parameters (an nn::Module's or trainable_parameters()'s).
+  template <TrainableModel M>
   static EmaModel from_module(M& module, EmaOptions options = {}) {
-    std::vector<std::pair<std::string, nn::Parameter<float>*>> trainable;
-    for (auto& [name, p] : nn::named_parameters<float>(module))
-      if (p->trainable) trainable.emplace_back(name, p);
-    return EmaModel(std::move(trainable), options);
+    return EmaModel(named_trainable_parameters(module), options);
   }
 
   /// d at update n (1-based); formula at the top of the file.
@@ -86,12 +88,12 @@ class EmaModel {
     const double d = get_decay(optimization_step_);
     const float one_minus_decay = static_cast<float>(1.0 - d);
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      const nn::Parameter<float>& p = *params_[i].second;
+      const ParameterRef& p = params_[i].second;
       check_shape(i, "EmaModel::step");
       float* s = shadow_[i].data();
-      const float* v = p.value.data();
-      const auto n = static_cast<std::ptrdiff_t>(p.value.size());
-      if (!p.trainable) {
+      const float* v = p.value().data();
+      const auto n = static_cast<std::ptrdiff_t>(p.value().size());
+      if (!p.trainable()) {
         std::copy(v, v + n, s);
         continue;
       }
@@ -105,20 +107,20 @@ class EmaModel {
   void copy_to() {
     for (std::size_t i = 0; i < params_.size(); ++i) {
       check_shape(i, "EmaModel::copy_to");
-      std::copy(shadow_[i].begin(), shadow_[i].end(), params_[i].second->value.begin());
+      std::copy(shadow_[i].begin(), shadow_[i].end(), params_[i].second.value().begin());
     }
   }
   /// Saves the parameters' current values (to put them back with restore after copy_to).
   void store() {
     stored_.clear();
-    for (const auto& [name, p] : params_) stored_.push_back(p->value);
+    for (const auto& [name, p] : params_) stored_.emplace_back(p.value().begin(), p.value().end());
   }
   void restore() {
     require(stored_.size() == params_.size(), "EmaModel::restore",
             "nothing stored; call store() first");
     for (std::size_t i = 0; i < params_.size(); ++i) {
       check_shape(i, "EmaModel::restore");
-      std::copy(stored_[i].begin(), stored_[i].end(), params_[i].second->value.begin());
+      std::copy(stored_[i].begin(), stored_[i].end(), params_[i].second.value().begin());
     }
     stored_.clear();
   }
@@ -167,14 +169,17 @@ class EmaModel {
 
  private:
   void check_shape(std::size_t i, const char* fn) const {
-    require(params_[i].second->value.shape() == shadow_[i].shape(), fn, "parameter '",
-            params_[i].first, "' has shape ", shape_string(params_[i].second->value.shape()),
-            ", expected ", shape_string(shadow_[i].shape()), " as its shadow");
+    const std::vector<std::size_t> shape = params_[i].second.shape();
+    require(std::equal(shape.begin(), shape.end(), shadow_[i].shape().begin(),
+                       shadow_[i].shape().end()),
+            fn, "parameter '", params_[i].first, "' has shape ", shape_string(shape), ", expected ",
+            shape_string(shadow_[i].shape()), " as its shadow");
   }
 
-  std::vector<std::pair<std::string, nn::Parameter<float>*>> params_;
+  std::vector<NamedParameter> params_;
   EmaOptions options_;
-  std::vector<xt::xarray<float>> shadow_, stored_;
+  std::vector<xt::xarray<float>> shadow_;
+  std::vector<std::vector<float>> stored_;
   std::int64_t optimization_step_ = 0;
 };
 

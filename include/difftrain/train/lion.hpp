@@ -78,7 +78,7 @@ class Lion : public detail::OptimizerBase {
   /// One update from the current gradients, with lr = group.lr · lr_scale.
   void step(double lr_scale = 1.0) {
     check_lr_scale("Lion::step", lr_scale);
-    const std::vector<nn::Parameter<float>*> params = checked_params("Lion::step");
+    const std::vector<detail::ParamSpans> params = checked_params("Lion::step");
     std::vector<detail::LionCoefficients> k(groups_.size());
     const double b1 = options_.betas[0], b2 = options_.betas[1];
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -91,7 +91,7 @@ class Lion : public detail::OptimizerBase {
                float(1.0 - b2)};
     }
     for_each_chunk([&](const detail::UpdateChunk& ch) {
-      nn::Parameter<float>& p = *params[ch.slot];
+      const detail::ParamSpans& p = params[ch.slot];
       detail::lion_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset,
           exp_avg_[ch.slot].data() + ch.offset, ch.size, k[ch.group]);

@@ -6,6 +6,9 @@
 // OpenMP threads, and each chunk runs an xsimd kernel with a scalar tail. Chunk boundaries do not
 // depend on the thread count, so neither does the result.
 //
+// The parameters are ParameterRefs (parameter_view.hpp): nn::Parameter<float>s or views of any
+// model's storage (a model with trainable_parameters()); the updates are the same either way.
+//
 // State for checkpoints: state_dict() maps "<parameter name>.<state>" to a tensor shaped like the
 // parameter (exp_avg, exp_avg_sq for AdamW; momentum_buffer for SGD); step_count() is the number
 // of updates taken (AdamW's bias-correction t).
@@ -18,13 +21,18 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <map>
+#include <ranges>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 #include <xsimd/xsimd.hpp>
 #include <xtensor/xadapt.hpp>
@@ -33,14 +41,15 @@
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/parameter.hpp"
+#include "difftrain/train/parameter_view.hpp"
 
 namespace difftrain::train {
 
 /// A set of parameters sharing hyperparameters (PyTorch's param_groups). `names` holds one name per
-/// parameter (used to key the optimizer state). AdamW reads lr, weight_decay, betas, eps; SGD
-/// reads lr, weight_decay, momentum, nesterov.
+/// parameter (used to key the optimizer state; a view's own name must equal it). AdamW reads lr,
+/// weight_decay, betas, eps; SGD reads lr, weight_decay, momentum, nesterov.
 struct ParamGroup {
-  std::vector<nn::Parameter<float>*> params;
+  std::vector<ParameterRef> params;  // nn::Parameter<float>* or ParameterView
   std::vector<std::string> names;
   double lr = 1e-4;
   double weight_decay = 1e-2;
@@ -49,6 +58,72 @@ struct ParamGroup {
   double momentum = 0;    // SGD
   bool nesterov = false;  // SGD
 };
+
+/// An optimizer the Trainer can drive (AdamW, Sgd, Lion, Adafactor, Prodigy, ScheduleFreeAdamW,
+/// AnyOptimizer, or a type of your own). Each part is a concept of its own, so that the error for
+/// a rejected type names what it lacks:
+///   OptimizerStep      o.step(lr_scale): one update, every group's lr × lr_scale (the LR
+///                      schedule's multiplier), from the gradients of the parameters it holds
+///   HasStepCount       o.step_count(): the updates taken (checkpoints store it)
+///   HasParamGroupLrs   o.param_groups(): a range of groups with a `lr` (the first one is logged)
+///   HasOptimizerState  o.state_dict() → std::map<std::string, xt::xarray<float>>, and
+///                      o.load_state_dict(state, step_count); a load that throws must leave the
+///                      optimizer as it was (the Trainer resumes in place)
+///   HasOptimizerName   o.name() or O::kName: recorded in the checkpoint manifest; a resume needs
+///                      the same name
+/// Optional: eval() / train() (schedule-free weights), called by Trainer::eval_weights() /
+/// train_weights() when present.
+template <class O>
+concept OptimizerStep = requires(O& o, double lr_scale) {
+  o.step(lr_scale);
+};
+
+template <class O>
+concept HasStepCount = requires(const O& o) {
+  { o.step_count() } -> std::convertible_to<std::int64_t>;
+};
+
+template <class O>
+concept HasParamGroupLrs = requires(const O& o) {
+  { o.param_groups() } -> std::ranges::input_range;
+  { (*std::begin(o.param_groups())).lr } -> std::convertible_to<double>;
+};
+
+/// name → tensor, as state_dict() gives and checkpoints store (checkpoint.hpp says the same).
+using TensorMap = std::map<std::string, xt::xarray<float>>;
+
+template <class O>
+concept HasOptimizerState = requires(O& o, const O& c, const TensorMap& state, std::int64_t n) {
+  { c.state_dict() } -> std::convertible_to<TensorMap>;
+  o.load_state_dict(state, n);
+};
+
+namespace detail {
+template <class O>
+concept HasNameFunction = requires(const O& o) {
+  { o.name() } -> std::convertible_to<std::string_view>;
+};
+template <class O>
+concept HasNameConstant = requires {
+  { O::kName } -> std::convertible_to<std::string_view>;
+};
+}  // namespace detail
+
+template <class O>
+concept HasOptimizerName = detail::HasNameFunction<O> || detail::HasNameConstant<O>;
+
+template <class O>
+concept Optimizer = std::move_constructible<O> && OptimizerStep<O> && HasStepCount<O> &&
+    HasParamGroupLrs<O> && HasOptimizerState<O> && HasOptimizerName<O>;
+
+/// The name an optimizer records in checkpoints: o.name(), else O::kName.
+template <HasOptimizerName O>
+std::string optimizer_name(const O& o) {
+  if constexpr (detail::HasNameFunction<O>)
+    return std::string(o.name());
+  else
+    return std::string(O::kName);
+}
 
 /// LoRA+ (Hayou et al. 2024; kohya --loraplus_lr_ratio): the "B"/"up" matrices of LoRA.
 inline bool is_loraplus_parameter(std::string_view name) {
@@ -63,12 +138,12 @@ struct PrefixLr {
   double lr = 0;
 };
 
-/// Groups of a module's trainable parameters with the hyperparameters of `hyper` (its params and
-/// names are ignored): one group per learning rate (hyper.lr, and each prefix_lrs entry for the
-/// parameters named with its prefix, the first match winning), each split in two with
-/// loraplus_lr_ratio != 1: the parameters named like lora_B / lora_up get lr · loraplus_lr_ratio.
-/// Empty groups are dropped.
-template <nn::Module M>
+/// Groups of a model's trainable parameters (an nn::Module's or trainable_parameters()'s) with the
+/// hyperparameters of `hyper` (its params and names are ignored): one group per learning rate
+/// (hyper.lr, and each prefix_lrs entry for the parameters named with its prefix, the first match
+/// winning), each split in two with loraplus_lr_ratio != 1: the parameters named like lora_B /
+/// lora_up get lr · loraplus_lr_ratio. Empty groups are dropped.
+template <TrainableModel M>
 std::vector<ParamGroup> make_param_groups(M& module, const ParamGroup& hyper,
                                           double loraplus_lr_ratio = 1.0,
                                           const std::vector<PrefixLr>& prefix_lrs = {}) {
@@ -85,8 +160,7 @@ std::vector<ParamGroup> make_param_groups(M& module, const ParamGroup& hyper,
     all[g].params.clear();
     all[g].names.clear();
   }
-  for (auto& [name, p] : nn::named_parameters<float>(module)) {
-    if (!p->trainable) continue;
+  for (auto& [name, p] : named_trainable_parameters(module)) {
     std::size_t c = 0;
     for (std::size_t i = 0; i < prefix_lrs.size() && c == 0; ++i)
       if (name.starts_with(prefix_lrs[i].prefix)) c = 1 + i;
@@ -149,15 +223,18 @@ inline std::vector<UpdateChunk> check_groups(const std::vector<ParamGroup>& grou
               " nesterov needs momentum > 0, got momentum ", g.momentum);
     }
     for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-      const nn::Parameter<float>* p = g.params[i];
-      require(p != nullptr, fn, "parameter '", g.names[i], "' is a null pointer");
-      require(p->trainable, fn, "parameter '", g.names[i], "' is frozen, expected trainable");
+      const ParameterRef& p = g.params[i];
+      require(!p.is_null(), fn, "parameter '", g.names[i], "' is a null pointer");
+      require(p.parameter() || p.view_name() == g.names[i], fn, "parameter view '", p.view_name(),
+              "' is listed under the name '", g.names[i], "', expected its own");
+      require(p.trainable(), fn, "parameter '", g.names[i], "' is frozen, expected trainable");
       require(seen_names.insert(g.names[i]).second, fn, "parameter name '", g.names[i],
               "' appears twice");
-      require(seen_params.insert(p).second, fn, "parameter '", g.names[i],
-              "' is listed twice (in one or two groups)");
-      for (std::size_t o = 0; o < p->value.size(); o += kUpdateChunk)
-        chunks.push_back({gi, slot, o, std::min(kUpdateChunk, p->value.size() - o)});
+      require(!p.identity() || seen_params.insert(p.identity()).second, fn, "parameter '",
+              g.names[i], "' is listed twice (in one or two groups)");
+      const std::size_t n = p.value().size();
+      for (std::size_t o = 0; o < n; o += kUpdateChunk)
+        chunks.push_back({gi, slot, o, std::min(kUpdateChunk, n - o)});
     }
   }
   return chunks;
@@ -229,6 +306,11 @@ void sgd_kernel(float* p, const float* g, float* buf, std::size_t n, const SgdCo
   }
 }
 
+// A parameter's values and gradient at the time of a step.
+struct ParamSpans {
+  std::span<float> value, grad;
+};
+
 // f(0), …, f(n − 1) spread over OpenMP threads (each call must write only its own outputs).
 template <class F>
 void parallel_items(std::size_t n, F&& f) {
@@ -265,8 +347,7 @@ inline void export_state(std::map<std::string, xt::xarray<float>>& out,
   std::size_t slot = 0;
   for (const ParamGroup& g : groups)
     for (std::size_t i = 0; i < g.params.size(); ++i, ++slot)
-      export_shaped(out, g.names[i] + "." + std::string(state), g.params[i]->value.shape(),
-                    values[slot]);
+      export_shaped(out, g.names[i] + "." + std::string(state), g.params[i].shape(), values[slot]);
 }
 
 // Strict reading of a state_dict (load_state_dict): each read notes its key as used or a problem
@@ -305,9 +386,7 @@ class StateReader {
     std::vector<std::vector<float>> values;
     for (const ParamGroup& g : groups_)
       for (std::size_t i = 0; i < g.params.size(); ++i) {
-        const auto& shape = g.params[i]->value.shape();
-        read(g.names[i] + "." + std::string(state),
-             std::vector<std::size_t>(shape.begin(), shape.end()), values.emplace_back());
+        read(g.names[i] + "." + std::string(state), g.params[i].shape(), values.emplace_back());
       }
     return values;
   }
@@ -373,7 +452,7 @@ class OptimizerBase {
  public:
   void zero_grad() {
     for (ParamGroup& g : groups_)
-      for (auto* p : g.params) p->zero_grad();
+      for (const ParameterRef& p : g.params) p.zero_grad();
   }
 
   std::vector<ParamGroup>& param_groups() { return groups_; }
@@ -387,7 +466,7 @@ class OptimizerBase {
   void build(std::string_view fn, bool adam = false) {
     chunks_ = check_groups(groups_, fn, adam);
     for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) sizes_.push_back(p->value.size());
+      for (const ParameterRef& p : g.params) sizes_.push_back(p.value().size());
   }
 
   // A zero state vector per slot, sized like the parameter.
@@ -401,7 +480,10 @@ class OptimizerBase {
   std::vector<std::vector<float>> parameter_values() const {
     std::vector<std::vector<float>> out;
     for (const ParamGroup& g : groups_)
-      for (const auto* p : g.params) out.emplace_back(p->value.begin(), p->value.end());
+      for (const ParameterRef& p : g.params) {
+        const std::span<float> v = p.value();
+        out.emplace_back(v.begin(), v.end());
+      }
     return out;
   }
 
@@ -410,21 +492,22 @@ class OptimizerBase {
             ", expected a finite value >= 0");
   }
 
-  // The parameters per slot, each checked: its gradient's shape (with `gradients`) and its size.
-  std::vector<nn::Parameter<float>*> checked_params(std::string_view fn,
-                                                    bool gradients = true) const {
-    std::vector<nn::Parameter<float>*> params;
+  // The parameters' spans per slot, each checked: its gradient's shape (with `gradients`) and
+  // its size.
+  std::vector<ParamSpans> checked_params(std::string_view fn, bool gradients = true) const {
+    std::vector<ParamSpans> params;
     std::size_t slot = 0;
     for (const ParamGroup& g : groups_)
       for (std::size_t i = 0; i < g.params.size(); ++i, ++slot) {
-        nn::Parameter<float>& p = *g.params[i];
-        if (gradients)
-          require(p.grad.shape() == p.value.shape(), fn, "gradient of '", g.names[i],
-                  "' has shape ", shape_string(p.grad.shape()), ", expected ",
-                  shape_string(p.value.shape()));
-        require(p.value.size() == sizes_[slot], fn, "parameter '", g.names[i],
+        const ParameterRef& p = g.params[i];
+        if (gradients) {
+          const std::vector<std::size_t> shape = p.shape(), grad_shape = p.grad_shape();
+          require(grad_shape == shape, fn, "gradient of '", g.names[i], "' has shape ",
+                  shape_string(grad_shape), ", expected ", shape_string(shape));
+        }
+        require(p.value().size() == sizes_[slot], fn, "parameter '", g.names[i],
                 "' changed size since the optimizer was built");
-        params.push_back(&p);
+        params.push_back({p.value(), p.grad()});
       }
     return params;
   }
@@ -467,7 +550,7 @@ class AdamW : public detail::OptimizerBase {
   /// One update from the current gradients, with lr = group.lr · lr_scale.
   void step(double lr_scale = 1.0) {
     check_lr_scale("AdamW::step", lr_scale);
-    const std::vector<nn::Parameter<float>*> params = checked_params("AdamW::step");
+    const std::vector<detail::ParamSpans> params = checked_params("AdamW::step");
     ++step_count_;
     std::vector<detail::AdamWCoefficients> k(groups_.size());
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -484,7 +567,7 @@ class AdamW : public detail::OptimizerBase {
                float(g.eps)};
     }
     for_each_chunk([&](const detail::UpdateChunk& ch) {
-      nn::Parameter<float>& p = *params[ch.slot];
+      const detail::ParamSpans& p = params[ch.slot];
       detail::adamw_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset,
           exp_avg_[ch.slot].data() + ch.offset, exp_avg_sq_[ch.slot].data() + ch.offset, ch.size,
@@ -531,7 +614,7 @@ class Sgd : public detail::OptimizerBase {
 
   void step(double lr_scale = 1.0) {
     check_lr_scale("Sgd::step", lr_scale);
-    const std::vector<nn::Parameter<float>*> params = checked_params("Sgd::step");
+    const std::vector<detail::ParamSpans> params = checked_params("Sgd::step");
     std::vector<detail::SgdCoefficients> k(groups_.size());
     for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
       const ParamGroup& g = groups_[gi];
@@ -539,7 +622,7 @@ class Sgd : public detail::OptimizerBase {
                step_count_ == 0};
     }
     for_each_chunk([&](const detail::UpdateChunk& ch) {
-      nn::Parameter<float>& p = *params[ch.slot];
+      const detail::ParamSpans& p = params[ch.slot];
       detail::sgd_kernel<xsimd::default_arch>(p.value.data() + ch.offset, p.grad.data() + ch.offset,
                                               momentum_buffer_[ch.slot].data() + ch.offset, ch.size,
                                               k[ch.group]);
@@ -566,5 +649,8 @@ class Sgd : public detail::OptimizerBase {
  private:
   std::vector<std::vector<float>> momentum_buffer_;
 };
+
+static_assert(Optimizer<AdamW>);
+static_assert(Optimizer<Sgd>);
 
 }  // namespace difftrain::train

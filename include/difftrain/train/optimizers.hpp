@@ -35,14 +35,66 @@
 
 namespace difftrain::train {
 
-using AnyOptimizer = std::variant<AdamW, Sgd, Lion, Adafactor, Prodigy, ScheduleFreeAdamW>;
+/// One of the optimizers above, chosen at run time (make_optimizer): a std::variant (index(),
+/// std::get, std::visit work on it) that is itself an Optimizer, each call going to the
+/// alternative held. eval() / train() are no-ops for the optimizers without them.
+class AnyOptimizer : public std::variant<AdamW, Sgd, Lion, Adafactor, Prodigy, ScheduleFreeAdamW> {
+ public:
+  using Base = AnyOptimizer::variant;
+  using Base::Base;
+
+  void step(double lr_scale = 1.0) {
+    std::visit([&](auto& o) { o.step(lr_scale); }, base());
+  }
+  void zero_grad() {
+    std::visit([](auto& o) { o.zero_grad(); }, base());
+  }
+  std::int64_t step_count() const {
+    return std::visit([](const auto& o) { return o.step_count(); }, base());
+  }
+  const std::vector<ParamGroup>& param_groups() const {
+    return std::visit(
+        [](const auto& o) -> const std::vector<ParamGroup>& { return o.param_groups(); }, base());
+  }
+  std::map<std::string, xt::xarray<float>> state_dict() const {
+    return std::visit([](const auto& o) { return o.state_dict(); }, base());
+  }
+  void load_state_dict(const std::map<std::string, xt::xarray<float>>& state,
+                       std::int64_t step_count) {
+    std::visit([&](auto& o) { o.load_state_dict(state, step_count); }, base());
+  }
+  std::string_view name() const {
+    return std::visit([](const auto& o) { return std::string_view(o.kName); }, base());
+  }
+  void eval() {
+    std::visit(
+        [](auto& o) {
+          if constexpr (requires { o.eval(); }) o.eval();
+        },
+        base());
+  }
+  void train() {
+    std::visit(
+        [](auto& o) {
+          if constexpr (requires { o.train(); }) o.train();
+        },
+        base());
+  }
+
+ private:
+  Base& base() { return *this; }
+  const Base& base() const { return *this; }
+};
+static_assert(Optimizer<AnyOptimizer>);
+static_assert(Optimizer<Lion> && Optimizer<Adafactor> && Optimizer<Prodigy> &&
+              Optimizer<ScheduleFreeAdamW>);
 
 /// Calls visit.template operator()<O>() for each optimizer class O of AnyOptimizer.
 template <class Visitor>
 void for_each_optimizer_type(Visitor&& visit) {
   [&]<class... O>(std::variant<O...>*) {
     (visit.template operator()<O>(), ...);
-  }(static_cast<AnyOptimizer*>(nullptr));
+  }(static_cast<AnyOptimizer::Base*>(nullptr));
 }
 
 /// The optimizer class kohya's metadata names (ss_optimizer) for a canonical name.
@@ -239,19 +291,7 @@ inline AnyOptimizer make_optimizer(std::string_view name, std::vector<ParamGroup
 /// Schedule-free optimizers keep the weights to evaluate (x) apart from the ones the gradient is
 /// taken at (y): eval_weights() before sampling or saving, train_weights() before training on.
 /// No-ops for the other optimizers.
-inline void eval_weights(AnyOptimizer& optimizer) {
-  std::visit(
-      [](auto& opt) {
-        if constexpr (requires { opt.eval(); }) opt.eval();
-      },
-      optimizer);
-}
-inline void train_weights(AnyOptimizer& optimizer) {
-  std::visit(
-      [](auto& opt) {
-        if constexpr (requires { opt.train(); }) opt.train();
-      },
-      optimizer);
-}
+inline void eval_weights(AnyOptimizer& optimizer) { optimizer.eval(); }
+inline void train_weights(AnyOptimizer& optimizer) { optimizer.train(); }
 
 }  // namespace difftrain::train

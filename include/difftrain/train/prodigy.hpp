@@ -150,7 +150,7 @@ class Prodigy : public detail::OptimizerBase {
     constexpr std::string_view fn = "Prodigy::step";
     check_lr_scale(fn, lr_scale);
     check_group_lrs(fn);
-    const std::vector<nn::Parameter<float>*> params = checked_params(fn);
+    const std::vector<detail::ParamSpans> params = checked_params(fn);
     ++step_count_;
     if (!p0_ready_) {
       p0_ = parameter_values();
@@ -179,7 +179,7 @@ class Prodigy : public detail::OptimizerBase {
     detail::parallel_items(chunks_.size(), [&](std::size_t c) {
       const detail::UpdateChunk& ch = chunks_[c];
       if (!(groups_[ch.group].lr * lr_scale > 0)) return;
-      const nn::Parameter<float>& p = *params[ch.slot];
+      const detail::ParamSpans& p = params[ch.slot];
       const float* pv = p.value.data() + ch.offset;
       const float* gv = p.grad.data() + ch.offset;
       const float* p0 = p0_[ch.slot].data() + ch.offset;
@@ -228,7 +228,7 @@ class Prodigy : public detail::OptimizerBase {
     const detail::ProdigyStepCoefficients sk{float(d_new * o.eps), decoupled_decay, float(-dlr)};
     for_each_chunk([&](const detail::UpdateChunk& ch) {
       detail::prodigy_step_kernel<xsimd::default_arch>(
-          params[ch.slot]->value.data() + ch.offset, exp_avg_[ch.slot].data() + ch.offset,
+          params[ch.slot].value.data() + ch.offset, exp_avg_[ch.slot].data() + ch.offset,
           exp_avg_sq_[ch.slot].data() + ch.offset, ch.size, sk);
     });
     ++k_;

@@ -133,7 +133,7 @@ class ScheduleFreeAdamW : public detail::OptimizerBase {
     constexpr std::string_view fn = "ScheduleFreeAdamW::step";
     check_lr_scale(fn, lr_scale);
     require(train_mode_, fn, "the optimizer is in eval mode, expected train mode (call train())");
-    const std::vector<nn::Parameter<float>*> params = checked_params(fn);
+    const std::vector<detail::ParamSpans> params = checked_params(fn);
     if (!z_ready_) {
       z_ = parameter_values();
       z_ready_ = true;
@@ -155,7 +155,7 @@ class ScheduleFreeAdamW : public detail::OptimizerBase {
                float(lr)};
     }
     for_each_chunk([&](const detail::UpdateChunk& ch) {
-      nn::Parameter<float>& p = *params[ch.slot];
+      const detail::ParamSpans& p = params[ch.slot];
       detail::schedule_free_adamw_kernel<xsimd::default_arch>(
           p.value.data() + ch.offset, p.grad.data() + ch.offset, z_[ch.slot].data() + ch.offset,
           exp_avg_sq_[ch.slot].data() + ch.offset, ch.size, c[ch.group]);
@@ -228,10 +228,10 @@ class ScheduleFreeAdamW : public detail::OptimizerBase {
   }
 
   void lerp_parameters(float weight) {
-    const std::vector<nn::Parameter<float>*> params =
+    const std::vector<detail::ParamSpans> params =
         checked_params("ScheduleFreeAdamW::eval/train", false);
     for_each_chunk([&](const detail::UpdateChunk& ch) {
-      detail::lerp_kernel<xsimd::default_arch>(params[ch.slot]->value.data() + ch.offset,
+      detail::lerp_kernel<xsimd::default_arch>(params[ch.slot].value.data() + ch.offset,
                                                z_[ch.slot].data() + ch.offset, ch.size, weight);
     });
   }

@@ -27,6 +27,19 @@
 // Randomness: micro-batch m is step index m of the DiffusionTrainStep (its noise and timesteps
 // depend only on (seed, m)), and data(m) must depend only on m. A checkpoint stores m, so a
 // resumed run repeats the uninterrupted one bit for bit.
+//
+// One seed: the seed that draws noise and timesteps is the step's. The Trainer records it in
+// checkpoints (and a resume must find the same one): the step's options().seed when the step
+// has one, else TrainerOptions::seed (a step without options).
+//
+// What is trained and by what (each pluggable):
+// - the model: any TrainableModel (parameter_view.hpp): an nn::Module (its trainable
+//   nn::Parameter<float>s) or a type whose trainable_parameters() returns ParameterViews of its
+//   own storage (std::vector<float> weights, host mirrors of GPU buffers, …);
+// - the optimizer: built from TrainerOptions::optimizer by name (AnyOptimizer), or any object
+//   satisfying the Optimizer concept (optimizer.hpp) handed to the constructor;
+// - the step: any type with `TrainStepResult step(images, token_ids, step_index, BatchExtras)`.
+//   token_ids may have 0 rows: an unconditional model (no text encoder).
 
 #include <array>
 #include <chrono>
@@ -60,22 +73,27 @@
 #include "difftrain/train/grad_clip.hpp"
 #include "difftrain/train/lr_schedule.hpp"
 #include "difftrain/train/optimizers.hpp"
+#include "difftrain/train/parameter_view.hpp"
 
 namespace difftrain::train {
 
-/// The name of the first trainable parameter holding a NaN or ±Inf (the module's order), or
+/// The name of the first trainable parameter holding a NaN or ±Inf (in their order), or
 /// nothing. Σ v·0 is NaN exactly when some v is not finite, and vectorises.
-template <nn::Module M>
-std::optional<std::string> first_non_finite_trainable(M& module) {
-  std::optional<std::string> found;
-  module.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
-    if (found || !p.trainable) return;
+inline std::optional<std::string> first_non_finite_trainable(
+    const std::vector<NamedParameter>& params) {
+  for (const auto& [name, p] : params) {
+    if (!p.trainable()) continue;
     float acc = 0;
-    const float* v = p.value.data();
-    for (std::size_t i = 0, n = p.value.size(); i < n; ++i) acc += v[i] * 0.0f;
-    if (!std::isfinite(acc)) found = name;
-  });
-  return found;
+    const std::span<const float> v = p.value();
+    for (std::size_t i = 0, n = v.size(); i < n; ++i) acc += v[i] * 0.0f;
+    if (!std::isfinite(acc)) return name;
+  }
+  return std::nullopt;
+}
+/// The same over a model's trainable parameters.
+template <TrainableModel M>
+std::optional<std::string> first_non_finite_trainable(M& model) {
+  return first_non_finite_trainable(named_trainable_parameters(model));
 }
 
 /// What to do when a micro-batch's loss or the gradient norm is NaN/Inf. Either way the weights,
@@ -135,6 +153,8 @@ struct TrainerOptions {
   bool with_prior_preservation = false;
   double prior_loss_weight = 1.0;
   std::optional<PredictionType> prediction_type;  // unset: the scheduler's (parse_prediction_type)
+  // The seed of make_train_step / train_step_options (noise and timesteps); the Trainer records
+  // the step's own seed when the step has options(), this one otherwise.
   std::uint64_t seed = 0;
 
   // Loss weighting: snr_gamma (Min-SNR-γ), debiased_estimation_loss, p2_gamma,
@@ -228,31 +248,35 @@ struct StepLog {
   std::int64_t step = 0;  // global step just completed (1-based)
   double loss = 0;        // mean over micro-batches of the step's loss (L_inst + λ·L_prior)
   std::vector<double> per_sample_loss;  // mean_chw ℓ of every row of every micro-batch, in order
-  std::vector<double> weights;  // the step's w_b for those rows (all factors, incl. 1/accum)
-  std::vector<std::int64_t> timesteps;  // their timesteps
-  double lr = 0;                        // learning rate of the first group used for this update
-  double grad_norm = 0;                 // global gradient norm before clipping
-  double it_per_s = 0;                  // global steps per second (this step)
-  bool skipped = false;                 // non-finite loss or gradient: no update
-  std::int64_t skipped_steps = 0;       // total so far
+  std::vector<double> weights;     // the step's w_b for those rows (all factors, incl. 1/accum)
+  std::vector<double> timesteps;   // their denoiser timesteps: t (DDPM), σ·1000 (flow matching)
+  double lr = 0;                   // learning rate of the first group used for this update
+  double grad_norm = 0;            // global gradient norm before clipping
+  double it_per_s = 0;             // global steps per second (this step)
+  bool skipped = false;            // non-finite loss or gradient: no update
+  std::int64_t skipped_steps = 0;  // total so far
 };
 
 /// The batch handed to the step: instance rows then class rows, with per-sample weights.
 struct ComposedBatch {
   Tensor4<float> images;
-  TokenIds token_ids;
+  TokenIds token_ids;                 // 0 rows for an unconditional model
   std::vector<float> sample_weights;  // empty when all are 1
   std::size_t num_instance = 0;
 };
 
-/// Rows and weights for one micro-batch (see the top of the file for the weights).
+/// Rows and weights for one micro-batch (see the top of the file for the weights). token_ids
+/// with 0 rows (an unconditional model, no text encoder) pass through as they are; class_token_ids
+/// must then have 0 rows too.
 inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_preservation,
                                    double prior_loss_weight, std::int64_t accumulation_steps) {
   constexpr const char* fn = "compose_batch";
   require(batch.images.dimension() == 4 && batch.images.shape()[0] > 0, fn, "images have shape ",
           shape_string(batch.images.shape()), ", expected [B,C,H,W] with B > 0");
-  require(batch.token_ids.shape()[0] == batch.images.shape()[0], fn, "token_ids have shape ",
-          shape_string(batch.token_ids.shape()), ", expected ", batch.images.shape()[0], " rows");
+  const bool unconditional = batch.token_ids.shape()[0] == 0;
+  require(unconditional || batch.token_ids.shape()[0] == batch.images.shape()[0], fn,
+          "token_ids have shape ", shape_string(batch.token_ids.shape()), ", expected ",
+          batch.images.shape()[0], " rows (or 0: an unconditional model)");
   ComposedBatch out;
   const std::size_t bi = batch.images.shape()[0];
   std::size_t bc = 0;
@@ -266,14 +290,22 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
             fn, "class_images have shape ", shape_string(batch.class_images.shape()),
             ", expected [", bc, ",", batch.images.shape()[1], ",", batch.images.shape()[2], ",",
             batch.images.shape()[3], "] like the instance images");
-    require(batch.class_token_ids.shape()[0] == bc &&
-                batch.class_token_ids.shape()[1] == batch.token_ids.shape()[1],
-            fn, "class_token_ids have shape ", shape_string(batch.class_token_ids.shape()),
-            ", expected [", bc, ",", batch.token_ids.shape()[1], "]");
+    if (unconditional)
+      require(batch.class_token_ids.shape()[0] == 0, fn, "class_token_ids have shape ",
+              shape_string(batch.class_token_ids.shape()),
+              ", expected 0 rows as token_ids (an unconditional model)");
+    else
+      require(batch.class_token_ids.shape()[0] == bc &&
+                  batch.class_token_ids.shape()[1] == batch.token_ids.shape()[1],
+              fn, "class_token_ids have shape ", shape_string(batch.class_token_ids.shape()),
+              ", expected [", bc, ",", batch.token_ids.shape()[1], "]");
     require(std::isfinite(prior_loss_weight) && prior_loss_weight >= 0, fn, "prior_loss_weight is ",
             prior_loss_weight, ", expected a finite value >= 0");
     out.images = xt::concatenate(xt::xtuple(batch.images, batch.class_images), 0);
-    out.token_ids = xt::concatenate(xt::xtuple(batch.token_ids, batch.class_token_ids), 0);
+    if (unconditional)
+      out.token_ids = batch.token_ids;
+    else
+      out.token_ids = xt::concatenate(xt::xtuple(batch.token_ids, batch.class_token_ids), 0);
   } else {
     out.images = batch.images;
     out.token_ids = batch.token_ids;
@@ -300,72 +332,37 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
 
 /// The loop around a step type StepT (DiffusionTrainStep or any type with
 /// `TrainStepResult step(images, token_ids, step_index, BatchExtras)`) training the trainable
-/// parameters of ModelT. Both are held by reference.
-template <class StepT, nn::Module ModelT>
+/// parameters of ModelT (a TrainableModel) with an OptimizerT (an Optimizer). The step and the
+/// model are held by reference.
+///
+///   train::Trainer trainer(step, model, options);            // the optimizer options names
+///   train::Trainer trainer(step, model, std::move(my_optimizer), options);  // any Optimizer
+template <class StepT, class ModelT, class OptimizerT = AnyOptimizer>
 class Trainer {
+  static_assert(TrainableModel<ModelT>,
+                "Trainer: the model type is not a train::TrainableModel: it needs either "
+                "trainable_parameters() returning a range of train::ParameterView, or "
+                "for_each_parameter(prefix, visitor) over nn::Parameter<float> (an nn::Module)");
+  static_assert(Optimizer<OptimizerT>,
+                "Trainer: the optimizer type is not a train::Optimizer: it needs step(lr_scale), "
+                "step_count(), param_groups() (groups with an lr), state_dict(), "
+                "load_state_dict(state, step_count) and name() or kName (see optimizer.hpp)");
+
  public:
   using Callback = std::function<void(const StepLog&)>;
 
-  Trainer(StepT& step, ModelT& model, TrainerOptions options)
-      : step_(step), model_(model), options_(std::move(options)) {
-    constexpr const char* fn = "Trainer";
-    const TrainerOptions& o = options_;
-    require(o.micro_batches_per_epoch >= 0, fn, "micro_batches_per_epoch is ",
-            o.micro_batches_per_epoch, ", expected >= 0 (0: no epochs)");
-    require(o.gradient_accumulation_steps >= 1, fn, "gradient_accumulation_steps is ",
-            o.gradient_accumulation_steps, ", expected >= 1");
-    require(o.max_train_steps >= 1, fn, "max_train_steps is ", o.max_train_steps,
-            ", expected >= 1");
-    require(!std::isnan(o.max_grad_norm), fn, "max_grad_norm is NaN");
-    require(o.checkpointing_steps >= 0, fn, "checkpointing_steps is ", o.checkpointing_steps,
-            ", expected >= 0");
-    require(!o.checkpoints_total_limit || *o.checkpoints_total_limit >= 1, fn,
-            "checkpoints_total_limit is ", o.checkpoints_total_limit.value_or(0),
-            ", expected >= 1");
-    double lr = o.learning_rate;
-    if (o.scale_lr) lr = train::scale_lr(lr, o.gradient_accumulation_steps, o.train_batch_size);
-    require(std::isfinite(lr) && lr >= 0, fn, "learning_rate is ", lr,
-            ", expected a finite value >= 0");
-    base_lr_ = lr;
-    if constexpr (requires { step.options().seed; })
-      require(step.options().seed == o.seed, fn, "the step's seed is ", step.options().seed,
-              ", expected TrainerOptions::seed ", o.seed, " (see train_step_options())");
+  /// The optimizer TrainerOptions::optimizer names (with optimizer_args, its hyperparameters,
+  /// learning_rate (scale_lr), LoRA+ and text_encoder_lr groups) over the trainable parameters.
+  Trainer(StepT& step, ModelT& model,
+          TrainerOptions options) requires std::same_as<OptimizerT, AnyOptimizer>
+      : Trainer(step, model, AnyOptimizer(std::in_place_type<Sgd>, std::vector<ParamGroup>{}),
+                std::move(options), /*by_name=*/true) {}
 
-    for (auto& [name, p] : nn::named_parameters<float>(model_))
-      if (p->trainable) {
-        trainable_.emplace_back(name, p);
-        params_.push_back(p);
-      }
-    require(!params_.empty(), fn, "the model has no trainable parameters");
-
-    ParamGroup hyper;
-    hyper.lr = lr;
-    const bool sgd = parse_optimizer_name(o.optimizer).name == Sgd::kName;
-    hyper.weight_decay = sgd ? o.sgd_weight_decay : o.adam_weight_decay;
-    hyper.betas = {o.adam_beta1, o.adam_beta2};
-    hyper.eps = o.adam_epsilon;
-    hyper.momentum = o.sgd_momentum;
-    hyper.nesterov = o.sgd_nesterov;
-    std::vector<PrefixLr> prefix_lrs;
-    if (o.text_encoder_lr) {
-      double te_lr = *o.text_encoder_lr;
-      if (o.scale_lr)
-        te_lr = train::scale_lr(te_lr, o.gradient_accumulation_steps, o.train_batch_size);
-      prefix_lrs.push_back({"text_encoder.", te_lr});
-    }
-    optimizer_ = make_optimizer(o.optimizer,
-                                make_param_groups(model_, hyper, o.loraplus_lr_ratio, prefix_lrs),
-                                hyper, o.optimizer_args);
-    LrScheduleOptions so;
-    so.num_warmup_steps = o.lr_warmup_steps;
-    so.num_training_steps = o.max_train_steps;
-    so.num_cycles = o.lr_num_cycles;
-    so.power = o.lr_power;
-    so.lr_end = o.lr_end;
-    so.lr_init = lr > 0 ? lr : 1.0;
-    schedule_ = get_scheduler(o.lr_scheduler, so);
-    if (o.use_ema) ema_.emplace(trainable_, o.ema);
-  }
+  /// A user-built optimizer (over the model's trainable parameters, e.g. from
+  /// make_param_groups(model, hyper)); TrainerOptions' optimizer fields are not read, and the
+  /// run's learning rate (the LR schedule's base) is its first group's lr.
+  Trainer(StepT& step, ModelT& model, OptimizerT optimizer, TrainerOptions options)
+      : Trainer(step, model, std::move(optimizer), std::move(options), /*by_name=*/false) {}
 
   /// One global step from gradient_accumulation_steps micro-batches of `data`.
   template <TrainDataSource D>
@@ -375,7 +372,7 @@ class Trainer {
     const std::int64_t group = group_size();
     StepLog log;
     log.step = global_step_ + 1;
-    nn::zero_grad<float>(model_);
+    zero_grad();
     std::optional<std::string> non_finite;
     try {
       for (std::int64_t k = 0; k < group && !non_finite; ++k) {
@@ -404,7 +401,7 @@ class Trainer {
         log.timesteps.insert(log.timesteps.end(), r.timesteps.begin(), r.timesteps.end());
       }
     } catch (...) {
-      nn::zero_grad<float>(model_);  // bad input: no partial gradients left behind
+      zero_grad();  // bad input: no partial gradients left behind
       throw;
     }
     if (!non_finite) {
@@ -414,23 +411,23 @@ class Trainer {
     const double multiplier = schedule_.multiplier(scheduler_step_);
     log.lr = first_group_lr() * multiplier;
     if (non_finite) {
-      nn::zero_grad<float>(model_);
+      zero_grad();
       require(options_.non_finite != NonFinitePolicy::error, "Trainer::train_step",
               "non-finite value at global step ", log.step, " (", *non_finite,
               "); the weights were not updated");
       ++skipped_steps_;
       log.skipped = true;
     } else {
-      std::visit([&](auto& opt) { opt.step(multiplier); }, optimizer_);
+      optimizer_.step(multiplier);
       // A finite loss and gradient can still give a non-finite weight (a huge learning rate, a
       // damaged optimizer state): stop before anything broken is saved.
-      if (const auto bad = first_non_finite_trainable(model_))
+      if (const auto bad = first_non_finite_trainable(trainable_))
         fail("Trainer::train_step", "parameter '", *bad,
              "' is not finite after the update of global step ", log.step, " (learning rate ",
              log.lr, "); stopped: the checkpoints and files already written are untouched");
       ++scheduler_step_;
       if (ema_) ema_->step();
-      nn::zero_grad<float>(model_);
+      zero_grad();
     }
     micro_batch_index_ += std::uint64_t(group);
     ++global_step_;
@@ -471,9 +468,12 @@ class Trainer {
     const CheckpointSaveScope saving;
     CheckpointContents c;
     TensorMap& model = c.tensor_files["model.safetensors"];
-    for (const auto& [name, p] : trainable_) model.emplace(name, p->value);
-    c.tensor_files["optimizer.safetensors"] =
-        std::visit([](const auto& opt) { return opt.state_dict(); }, optimizer_);
+    for (const auto& [name, p] : trainable_) {
+      xt::xarray<float> value = xt::xarray<float>::from_shape(p.shape());
+      std::copy(p.value().begin(), p.value().end(), value.begin());
+      model.emplace(name, std::move(value));
+    }
+    c.tensor_files["optimizer.safetensors"] = optimizer_.state_dict();
     if (ema_) c.tensor_files["ema.safetensors"] = ema_->state_dict();
     c.manifest = {
         {"format", "difftrain.checkpoint"},
@@ -484,8 +484,8 @@ class Trainer {
         {"micro_batch_index", micro_batch_index_},
         {"skipped_steps", skipped_steps_},
         {"ema_optimization_step", ema_ ? ema_->optimization_step() : 0},
-        {"optimizer", parse_optimizer_name(options_.optimizer).name},
-        {"seed", options_.seed},
+        {"optimizer", optimizer_name(optimizer_)},
+        {"seed", seed()},
         {"gradient_accumulation_steps", options_.gradient_accumulation_steps},
         {"micro_batches_per_epoch", options_.micro_batches_per_epoch},
         {"lr_scheduler", options_.lr_scheduler},
@@ -502,8 +502,8 @@ class Trainer {
   /// Loads a checkpoint folder, or for "latest" the newest complete one in output_dir (newer
   /// incomplete or damaged ones are skipped; the checkpoint log says which and why, and which
   /// was taken): parameters, optimizer state, EMA, counters and data position. Settings that
-  /// would change the continuation (seed, optimizer, accumulation, EMA on/off) must match the
-  /// checkpoint's. Returns the folder loaded.
+  /// would change the continuation (seed(), the optimizer's name, accumulation, EMA on/off) must
+  /// match the checkpoint's. Returns the folder loaded.
   std::filesystem::path resume(const std::string& dir_or_latest) {
     constexpr const char* fn = "Trainer::resume";
     std::vector<std::string> required = {"model.safetensors", "optimizer.safetensors"};
@@ -524,18 +524,18 @@ class Trainer {
     };
     require(field("format", std::string{}) == "difftrain.checkpoint", fn, "'", where,
             "' is not a difftrain checkpoint");
-    auto same = [&]<class T>(const char* key, const T& expected) {
+    auto same = [&]<class T>(const char* key, const T& expected, const char* from) {
       const T actual = field(key, T{});
       require(actual == expected, fn, "checkpoint '", where, "' has ", key, " = ", actual,
-              ", expected ", expected, " (TrainerOptions)");
+              ", expected ", expected, " (", from, ")");
     };
-    same("optimizer", parse_optimizer_name(options_.optimizer).name);
-    same("seed", options_.seed);
-    same("gradient_accumulation_steps", options_.gradient_accumulation_steps);
+    same("optimizer", optimizer_name(optimizer_), "the optimizer");
+    same("seed", seed(), "the step's seed");
+    same("gradient_accumulation_steps", options_.gradient_accumulation_steps, "TrainerOptions");
     // Where accumulation groups end; checkpoints written before it existed had no epochs.
     if (m.contains("micro_batches_per_epoch") || options_.micro_batches_per_epoch != 0)
-      same("micro_batches_per_epoch", options_.micro_batches_per_epoch);
-    same("use_ema", ema_.has_value());
+      same("micro_batches_per_epoch", options_.micro_batches_per_epoch, "TrainerOptions");
+    same("use_ema", ema_.has_value(), "TrainerOptions");
     auto file = [&](const std::string& name) -> const TensorMap& {
       auto it = c.tensor_files.find(name);
       require(it != c.tensor_files.end(), fn, "checkpoint '", where, "' has no ", name);
@@ -548,9 +548,11 @@ class Trainer {
       auto it = model.find(name);
       if (it == model.end())
         problems.push_back("missing " + name);
-      else if (it->second.shape() != p->value.shape())
+      else if (const std::vector<std::size_t> shape = p.shape();
+               !std::equal(shape.begin(), shape.end(), it->second.shape().begin(),
+                           it->second.shape().end()))
         problems.push_back(name + " has shape " + shape_string(it->second.shape()) + ", expected " +
-                           shape_string(p->value.shape()));
+                           shape_string(shape));
     }
     if (model.size() != trainable_.size())
       for (const auto& entry : model)  // no structured binding: clang cannot capture one
@@ -573,18 +575,16 @@ class Trainer {
                 skipped_steps >= 0,
             fn, "checkpoint '", where, "' has inconsistent counters: global_step ", global_step,
             ", scheduler_step ", scheduler_step, ", skipped_steps ", skipped_steps);
-    auto optimizer = optimizer_;
-    std::visit(
-        [&](auto& opt) { opt.load_state_dict(file("optimizer.safetensors"), optimizer_steps); },
-        optimizer);
+    // The EMA loads into a copy; the optimizer in place, last (a load that throws leaves an
+    // Optimizer as it was), so a failure anywhere changes nothing.
     std::optional<EmaModel> ema = ema_;
     if (ema)
       ema->load_state_dict(file("ema.safetensors"), field("ema_optimization_step", std::int64_t{}));
-    optimizer_ = std::move(optimizer);
+    optimizer_.load_state_dict(file("optimizer.safetensors"), optimizer_steps);
     ema_ = std::move(ema);
     for (const auto& [name, p] : trainable_) {
       const auto& v = model.at(name);
-      std::copy(v.begin(), v.end(), p->value.begin());
+      std::copy(v.begin(), v.end(), p.value().begin());
     }
     global_step_ = global_step;
     scheduler_step_ = scheduler_step;
@@ -595,8 +595,14 @@ class Trainer {
 
   std::int64_t global_step() const { return global_step_; }
   std::int64_t scheduler_step() const { return scheduler_step_; }
-  std::int64_t optimizer_step() const {
-    return std::visit([](const auto& opt) { return opt.step_count(); }, optimizer_);
+  std::int64_t optimizer_step() const { return std::int64_t(optimizer_.step_count()); }
+  /// The seed of the run's noise and timesteps (the top of the file): the step's
+  /// options().seed, else TrainerOptions::seed. Checkpoints record it; a resume must match it.
+  std::uint64_t seed() const {
+    if constexpr (requires { step_.options().seed; })
+      return std::uint64_t(step_.options().seed);
+    else
+      return options_.seed;
   }
   std::uint64_t micro_batch_index() const { return micro_batch_index_; }
   std::int64_t skipped_steps() const { return skipped_steps_; }
@@ -604,14 +610,24 @@ class Trainer {
   double current_lr() const { return first_group_lr() * schedule_.multiplier(scheduler_step_); }
   const LrSchedule& lr_schedule() const { return schedule_; }
   const TrainerOptions& options() const { return options_; }
-  AnyOptimizer& optimizer() { return optimizer_; }
+  OptimizerT& optimizer() { return optimizer_; }
+  const OptimizerT& optimizer() const { return optimizer_; }
   /// Schedule-free optimizers: the weights to evaluate (x) into the model before sampling or
-  /// saving them, and back to the training weights (y) before the next step. Else no-ops.
-  void eval_weights() { train::eval_weights(optimizer_); }
-  void train_weights() { train::train_weights(optimizer_); }
+  /// saving them, and back to the training weights (y) before the next step. Else (an optimizer
+  /// without eval() / train()) no-ops.
+  void eval_weights() {
+    if constexpr (requires { optimizer_.eval(); }) optimizer_.eval();
+  }
+  void train_weights() {
+    if constexpr (requires { optimizer_.train(); }) optimizer_.train();
+  }
   EmaModel* ema() { return ema_ ? &*ema_ : nullptr; }
-  const std::vector<std::pair<std::string, nn::Parameter<float>*>>& trainable_parameters() const {
-    return trainable_;
+  /// Views of the trainable parameters as they are now (names, values, gradients, shapes), in
+  /// the model's order.
+  std::vector<ParameterView> trainable_parameters() const {
+    std::vector<ParameterView> out;
+    for (const auto& [name, p] : trainable_) out.push_back(p.view(name));
+    return out;
   }
   /// Test hook: called before a checkpoint's temporary folder is renamed into place.
   void set_checkpoint_hook(CheckpointHook hook) { hooks_.before_rename = std::move(hook); }
@@ -622,6 +638,77 @@ class Trainer {
   void set_checkpoint_log(CheckpointLog log) { log_ = std::move(log); }
 
  private:
+  // Both public constructors: checks the options, collects the trainable parameters, builds the
+  // optimizer by name (by_name) or takes `optimizer`, then the LR schedule and the EMA.
+  Trainer(StepT& step, ModelT& model, OptimizerT optimizer, TrainerOptions options, bool by_name)
+      : step_(step), model_(model), options_(std::move(options)), optimizer_(std::move(optimizer)) {
+    constexpr const char* fn = "Trainer";
+    const TrainerOptions& o = options_;
+    require(o.micro_batches_per_epoch >= 0, fn, "micro_batches_per_epoch is ",
+            o.micro_batches_per_epoch, ", expected >= 0 (0: no epochs)");
+    require(o.gradient_accumulation_steps >= 1, fn, "gradient_accumulation_steps is ",
+            o.gradient_accumulation_steps, ", expected >= 1");
+    require(o.max_train_steps >= 1, fn, "max_train_steps is ", o.max_train_steps,
+            ", expected >= 1");
+    require(!std::isnan(o.max_grad_norm), fn, "max_grad_norm is NaN");
+    require(o.checkpointing_steps >= 0, fn, "checkpointing_steps is ", o.checkpointing_steps,
+            ", expected >= 0");
+    require(!o.checkpoints_total_limit || *o.checkpoints_total_limit >= 1, fn,
+            "checkpoints_total_limit is ", o.checkpoints_total_limit.value_or(0),
+            ", expected >= 1");
+    double lr = o.learning_rate;
+    if (by_name) {
+      if (o.scale_lr) lr = train::scale_lr(lr, o.gradient_accumulation_steps, o.train_batch_size);
+      require(std::isfinite(lr) && lr >= 0, fn, "learning_rate is ", lr,
+              ", expected a finite value >= 0");
+    }
+
+    trainable_ = named_trainable_parameters(model_);
+    for (const auto& [name, p] : trainable_) params_.push_back(p);
+    require(!params_.empty(), fn, "the model has no trainable parameters");
+
+    if constexpr (std::same_as<OptimizerT, AnyOptimizer>)
+      if (by_name) optimizer_ = optimizer_by_name(lr);
+    if (!by_name) lr = first_group_lr();
+    base_lr_ = lr;
+    LrScheduleOptions so;
+    so.num_warmup_steps = o.lr_warmup_steps;
+    so.num_training_steps = o.max_train_steps;
+    so.num_cycles = o.lr_num_cycles;
+    so.power = o.lr_power;
+    so.lr_end = o.lr_end;
+    so.lr_init = lr > 0 ? lr : 1.0;
+    schedule_ = get_scheduler(o.lr_scheduler, so);
+    if (o.use_ema) ema_.emplace(trainable_, o.ema);
+  }
+
+  // TrainerOptions::optimizer over groups of the trainable parameters with learning rate `lr`.
+  AnyOptimizer optimizer_by_name(double lr) {
+    const TrainerOptions& o = options_;
+    ParamGroup hyper;
+    hyper.lr = lr;
+    const bool sgd = parse_optimizer_name(o.optimizer).name == Sgd::kName;
+    hyper.weight_decay = sgd ? o.sgd_weight_decay : o.adam_weight_decay;
+    hyper.betas = {o.adam_beta1, o.adam_beta2};
+    hyper.eps = o.adam_epsilon;
+    hyper.momentum = o.sgd_momentum;
+    hyper.nesterov = o.sgd_nesterov;
+    std::vector<PrefixLr> prefix_lrs;
+    if (o.text_encoder_lr) {
+      double te_lr = *o.text_encoder_lr;
+      if (o.scale_lr)
+        te_lr = train::scale_lr(te_lr, o.gradient_accumulation_steps, o.train_batch_size);
+      prefix_lrs.push_back({"text_encoder.", te_lr});
+    }
+    return make_optimizer(o.optimizer,
+                          make_param_groups(model_, hyper, o.loraplus_lr_ratio, prefix_lrs), hyper,
+                          o.optimizer_args);
+  }
+
+  void zero_grad() {
+    for (const ParameterRef& p : params_) p.zero_grad();
+  }
+
   // Micro-batches of the next optimizer step: gradient_accumulation_steps, or what is left of
   // the epoch.
   std::int64_t group_size() const {
@@ -633,16 +720,19 @@ class Trainer {
   }
 
   double first_group_lr() const {
-    return std::visit([](const auto& opt) { return opt.param_groups().front().lr; }, optimizer_);
+    const auto& groups = optimizer_.param_groups();  // a reference or a temporary kept alive
+    require(std::begin(groups) != std::end(groups), "Trainer",
+            "the optimizer has no parameter groups, expected at least one");
+    return double((*std::begin(groups)).lr);
   }
 
   StepT& step_;
   ModelT& model_;
   TrainerOptions options_;
   double base_lr_ = 0;
-  std::vector<std::pair<std::string, nn::Parameter<float>*>> trainable_;
-  std::vector<nn::Parameter<float>*> params_;
-  AnyOptimizer optimizer_{std::in_place_type<Sgd>, std::vector<ParamGroup>{}};
+  std::vector<NamedParameter> trainable_;
+  std::vector<ParameterRef> params_;
+  OptimizerT optimizer_;
   LrSchedule schedule_;
   std::optional<EmaModel> ema_;
   std::int64_t global_step_ = 0, scheduler_step_ = 0, skipped_steps_ = 0;
