@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "difftrain/pipeline/generate_images.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
@@ -160,4 +161,74 @@ TEST_CASE("the pipeline learns the prompts and a DreamBooth LoRA learns the new 
   CHECK(base_scores.colour >= 0.8);  // chance: 1/3
   CHECK(base_scores.both >= 0.25);   // chance: 1/9
   CHECK(lora_scores.colour >= 0.6);  // yellow; chance: 1/4
+}
+
+TEST_CASE("flow matching: the saved folder selects flow Euler and samples as in memory", "[demo]") {
+  test::TempDir dir;
+  shapes::ModelSizes sizes;
+  sizes.image_size = 8;
+  auto models = shapes::make_models(sizes, fs::path(dir.str()) / "tok", 3);
+  shapes::TrainSettings t;
+  t.flow = true;
+  t.steps = 2;
+  t.batch = 2;
+  t.warmup = 0;
+  shapes::train_base(models, t);
+  const fs::path folder = dir / "base_model";
+  pipeline::save_model_folder(
+      folder,
+      pipeline::ModelFolderParts<models::UNet2DConditionModel<float>, models::ClipTextModel<float>>{
+          models.unet, models.unet_config, models.text.model(), models.text_config,
+          models.tokenizer_dir, shapes::scheduler_config_json(PredictionType::epsilon, true)});
+
+  shapes::SampleSettings s;
+  s.flow = true;
+  s.num_inference_steps = 3;
+  const std::vector<std::string> prompts = {"a red circle", "a blue square"};
+  const Tensor4<float> expected = shapes::sample(models, prompts, s);
+
+  pipeline::ModelFolder loaded = pipeline::load_model_folder(folder.string());
+  REQUIRE(loaded.scheduler.flow.has_value());
+  REQUIRE(pipeline::default_sampler(loaded.scheduler) == pipeline::SamplerKind::flow_euler);
+  FlowMatchEulerDiscreteScheduler scheduler(*loaded.scheduler.flow);
+  SampleOptions o;
+  o.num_inference_steps = 3;
+  o.guidance_scale = s.guidance_scale;
+  o.seed = s.seed;
+  o.channels = 3;
+  o.height = o.width = 8;
+  const Tensor4<float> got = sample_latents(loaded.unet, scheduler, loaded.encode_prompts(prompts),
+                                            loaded.encode_prompts({""}), o);
+  REQUIRE_CLOSE(got, expected, 1e-4, 1e-5);
+}
+
+TEST_CASE("flow matching: the pipeline learns the prompts at the DDPM test's budget", "[demo]") {
+  test::TempDir dir;
+  auto models = shapes::make_models(shapes::ModelSizes{}, fs::path(dir.str()) / "tok", 0);
+  shapes::TrainSettings base;
+  base.flow = true;
+  base.steps = kOptimised ? 120 : 2;
+  base.warmup = kOptimised ? 10 : 0;
+  if (!kOptimised) base.batch = 2;
+  const auto losses = shapes::train_base(models, base);
+  for (double l : losses) REQUIRE(std::isfinite(l));
+  std::vector<std::string> prompts;
+  std::vector<shapes::ShapeSpec> expected;
+  const std::size_t per_prompt = kOptimised ? 4 : 1;
+  for (const auto& spec : shapes::base_specs())
+    for (std::size_t k = 0; k < per_prompt; ++k) {
+      prompts.push_back(shapes::caption(spec));
+      expected.push_back(spec);
+    }
+  shapes::SampleSettings s;
+  s.flow = true;
+  s.num_inference_steps = kOptimised ? 20 : 2;
+  const Scores scores = score(shapes::sample(models, prompts, s), expected);
+  if (!kOptimised) {
+    WARN("Debug build: a few steps only; the quality assertions need a Release build");
+    return;
+  }
+  INFO("colour right " << scores.colour << ", colour and shape right " << scores.both);
+  CHECK(scores.colour >= 0.8);  // chance: 1/3
+  CHECK(scores.both >= 0.25);   // chance: 1/9
 }
