@@ -28,18 +28,25 @@ struct TextEncodeOptions {
   int threads = 0;
 };
 
-/// The output gradients named `grad_output.<X>` in `inputs` (Error for any other X).
+/// The output gradients named `grad_output.<X>` in `inputs` (Error for any other X, and for the
+/// pooled output the model's class does not have: pooler_output or text_embeds).
 models::ClipTextOutputGrads<float> read_output_grads(const io::SafetensorsFile& inputs,
-                                                     const std::string& path, std::size_t layers) {
+                                                     const std::string& path,
+                                                     const models::ClipTextModel<float>& model) {
   constexpr std::string_view prefix = "grad_output.";
+  const std::size_t layers = model.layers.size();
+  const bool projection = model.has_projection();
+  const char* pooled = projection ? "text_embeds" : "pooler_output";
   models::ClipTextOutputGrads<float> grads;
   for (const std::string& name : inputs.names()) {
     if (!name.starts_with(prefix)) continue;
     const std::string x = name.substr(prefix.size());
     if (x == "last_hidden_state") {
       grads.last_hidden_state = inputs.read_tensor<float, 3>(name);
-    } else if (x == "pooler_output") {
+    } else if (x == "pooler_output" && !projection) {
       grads.pooler_output = inputs.read_tensor<float, 2>(name);
+    } else if (x == "text_embeds" && projection) {
+      grads.text_embeds = inputs.read_tensor<float, 2>(name);
     } else if (x.starts_with("hidden_states.") &&
                x.find_first_not_of("0123456789", 14) == std::string::npos && x.size() > 14 &&
                x.size() < 20) {
@@ -47,13 +54,14 @@ models::ClipTextOutputGrads<float> read_output_grads(const io::SafetensorsFile& 
       require(i <= layers, "text-encode", "'", path, "' has ", name,
               ", but the model has hidden_states.0 to hidden_states.", layers);
       grads.hidden_states[i] = inputs.read_tensor<float, 3>(name);
-    } else if (x == "text_embeds") {
-      fail("text-encode", "'", path, "' has ", name,
-           ", but the model is a CLIPTextModel (text_embeds needs a projection model)");
+    } else if (x == "text_embeds" || x == "pooler_output") {
+      fail("text-encode", "'", path, "' has ", name, ", but the model is a ",
+           projection ? "CLIPTextModelWithProjection (its pooled output is text_embeds)"
+                      : "CLIPTextModel (text_embeds needs a CLIPTextModelWithProjection)");
     } else {
       fail("text-encode", "'", path, "' has ", name,
-           ", expected grad_output.last_hidden_state, grad_output.pooler_output or "
-           "grad_output.hidden_states.<i>");
+           ", expected grad_output.last_hidden_state, grad_output.", pooled,
+           " or grad_output.hidden_states.<i>");
     }
   }
   return grads;
@@ -67,9 +75,9 @@ void text_encode(const TextEncodeOptions& o) {
   auto model = models::load_clip_text_model<float>(o.model);
   const auto inputs = io::SafetensorsFile::open(o.inputs);
   const TokenIds ids = inputs.read_tensor<std::int64_t, 2>("input_ids");
-  const auto grads = read_output_grads(inputs, o.inputs, model.layers.size());
+  const auto grads = read_output_grads(inputs, o.inputs, model);
   const bool backward = grads.last_hidden_state.size() > 0 || grads.pooler_output.size() > 0 ||
-                        !grads.hidden_states.empty();
+                        grads.text_embeds.size() > 0 || !grads.hidden_states.empty();
   if (!o.lora.empty()) {
     const auto state = lora::read_lora(o.lora, lora::module_names(model), lora::kLoraTextEncoder);
     require(!state.empty(), fn, "'", o.lora, "' has no text-encoder entries");
@@ -81,7 +89,11 @@ void text_encode(const TextEncodeOptions& o) {
   const auto out = backward ? model.forward_train(ids) : model.forward(ids);
   std::vector<io::TensorToWrite> tensors;
   tensors.push_back(io::TensorToWrite::from_tensor("last_hidden_state", out.last_hidden_state));
-  tensors.push_back(io::TensorToWrite::from_tensor("pooler_output", out.pooler_output));
+  if (model.has_projection()) {  // CLIPTextModelWithProjection: no pooler_output
+    tensors.push_back(io::TensorToWrite::from_tensor("text_embeds", out.text_embeds));
+  } else {
+    tensors.push_back(io::TensorToWrite::from_tensor("pooler_output", out.pooler_output));
+  }
   for (std::size_t i = 0; i < out.hidden_states.size(); ++i)
     tensors.push_back(
         io::TensorToWrite::from_tensor("hidden_states." + std::to_string(i), out.hidden_states[i]));
@@ -141,8 +153,8 @@ void add_text_commands(CLI::App& app, int& exit_code) {
 
   CLI::App* encode = app.add_subcommand(
       "text-encode",
-      "Run a CLIP text model (transformers CLIPTextModel folder) on input_ids, and backward when "
-      "the inputs hold grad_output.<output> tensors");
+      "Run a CLIP text model (transformers CLIPTextModel or CLIPTextModelWithProjection folder) "
+      "on input_ids, and backward when the inputs hold grad_output.<output> tensors");
   encode
       ->add_option("--model", encode_options->model, "folder with config.json + model.safetensors")
       ->required();
@@ -152,8 +164,8 @@ void add_text_commands(CLI::App& app, int& exit_code) {
       ->required();
   encode
       ->add_option("--out", encode_options->out,
-                   "safetensors file for last_hidden_state, pooler_output, hidden_states.<i> "
-                   "(and grad.<parameter>)")
+                   "safetensors file for last_hidden_state, pooler_output (text_embeds for a "
+                   "projection model), hidden_states.<i> (and grad.<parameter>)")
       ->required();
   encode->add_option("--lora", encode_options->lora,
                      "LoRA file whose text-encoder part is applied (kohya or PEFT naming)");

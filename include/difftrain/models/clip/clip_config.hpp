@@ -4,12 +4,17 @@
 //
 // Parsing is strict: a key set to a value this implementation does not support throws
 // difftrain::Error naming the key and the value; a key that is not a CLIPTextConfig setting throws
-// unless its value is null. Ignored: `architectures`, `model_type`, `torch_dtype`,
-// `transformers_version`, keys with a leading underscore (`_name_or_path`, ...), `projection_dim`
-// (used by CLIPTextModelWithProjection only), the initialisers, and PretrainedConfig's generation
+// unless its value is null. Ignored: `model_type`, `torch_dtype`, `transformers_version`, keys with
+// a leading underscore (`_name_or_path`, ...), the initialisers, and PretrainedConfig's generation
 // and bookkeeping settings (num_beams, id2label, return_dict, ...), which do not change the
-// text model's forward. Dropout (`dropout`, `attention_dropout`) is inactive in a frozen
-// forward: any probability in [0, 1] is accepted and not applied.
+// text model's forward.
+//
+// The class: `architectures` ["CLIPTextModel"] or ["CLIPTextModelWithProjection"] (SDXL's second
+// text encoder: text_projection, hidden_size → projection_dim, on the pooled output); absent, null
+// or [] leaves `architecture` unset, and load_clip_text_model decides from the weights (a
+// text_projection.weight tensor makes it the projection model). `projection_dim` (transformers'
+// default 512) is used by the projection model only. Dropout (`dropout`, `attention_dropout`) is
+// inactive in a frozen forward: any probability in [0, 1] is accepted and not applied.
 //
 // Pooling (transformers ≥ 4.31): with eos_token_id == 2 (the legacy configs of SD 1.x/2.x,
 // written before the tokenizer's eos id reached the config) the pooled position is the argmax of
@@ -38,6 +43,16 @@ inline const char* to_string(ClipActivation a) {
   return a == ClipActivation::quick_gelu ? "quick_gelu" : "gelu";
 }
 
+/// transformers' text model classes: CLIPTextModel (pooler_output) and
+/// CLIPTextModelWithProjection (text_embeds = text_projection(pooled), no pooler_output).
+enum class ClipTextArchitecture { clip_text_model, clip_text_model_with_projection };
+
+/// The transformers class name ("CLIPTextModel", "CLIPTextModelWithProjection").
+inline const char* to_string(ClipTextArchitecture a) {
+  return a == ClipTextArchitecture::clip_text_model ? "CLIPTextModel"
+                                                    : "CLIPTextModelWithProjection";
+}
+
 struct ClipTextConfig {
   // transformers' CLIPTextConfig defaults
   std::size_t vocab_size = 49408;
@@ -51,6 +66,15 @@ struct ClipTextConfig {
   std::optional<std::int64_t> bos_token_id = 49406;  // informational (the tokenizer's)
   std::int64_t eos_token_id = 49407;                 // selects the pooled position
   std::optional<std::int64_t> pad_token_id = 1;      // informational (the tokenizer's)
+  std::size_t projection_dim = 512;                  // P, text_projection's width
+  // config.json's `architectures`; unset: not stated (the loader decides from the weights; a
+  // model built from the config alone is a CLIPTextModel)
+  std::optional<ClipTextArchitecture> architecture;
+
+  /// Whether the model has text_projection (CLIPTextModelWithProjection).
+  bool with_projection() const {
+    return architecture == ClipTextArchitecture::clip_text_model_with_projection;
+  }
 
   std::size_t head_dim() const { return hidden_size / num_attention_heads; }
   /// transformers' rule: eos_token_id == 2 pools at argmax(input_ids).
@@ -121,6 +145,7 @@ inline void ClipTextConfig::validate() const {
   positive("num_hidden_layers", num_hidden_layers);
   positive("num_attention_heads", num_attention_heads);
   positive("max_position_embeddings", max_position_embeddings);
+  positive("projection_dim", projection_dim);
   require(hidden_size % num_attention_heads == 0, kFunction, "hidden_size = ", hidden_size,
           " is not divisible by num_attention_heads = ", num_attention_heads);
   require(layer_norm_eps > 0 && std::isfinite(layer_norm_eps), kFunction,
@@ -132,10 +157,11 @@ inline void ClipTextConfig::validate() const {
   const double h = double(hidden_size);
   const double weights =
       (double(vocab_size) + double(max_position_embeddings)) * h +
-      double(num_hidden_layers) * (4 * h * h + 2 * h * double(intermediate_size));
+      double(num_hidden_layers) * (4 * h * h + 2 * h * double(intermediate_size)) +
+      (with_projection() ? double(projection_dim) * h : 0.0);
   require_fits_in_memory(kFunction,
                          "the config's text encoder (vocab_size, hidden_size, num_hidden_layers, "
-                         "intermediate_size, max_position_embeddings)",
+                         "intermediate_size, max_position_embeddings, projection_dim)",
                          weights * sizeof(float));
 }
 
@@ -180,6 +206,20 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
     c.pad_token_id = has("pad_token_id")
                          ? std::optional(token_id("pad_token_id", at("pad_token_id")))
                          : std::nullopt;
+  if (has("projection_dim"))
+    c.projection_dim = positive_int("projection_dim", at("projection_dim"));
+  if (has("architectures") && !(at("architectures").is_array() && at("architectures").empty())) {
+    const auto& v = at("architectures");
+    const auto a = v.is_array() && v.size() == 1 ? v[0] : nlohmann::json();
+    if (a == "CLIPTextModel") {
+      c.architecture = ClipTextArchitecture::clip_text_model;
+    } else if (a == "CLIPTextModelWithProjection") {
+      c.architecture = ClipTextArchitecture::clip_text_model_with_projection;
+    } else {
+      bad_value("architectures", v,
+                "[\"CLIPTextModel\"] or [\"CLIPTextModelWithProjection\"] (or no architectures)");
+    }
+  }
   for (const char* key : {"dropout", "attention_dropout"})
     if (has(key)) probability(key, at(key));
   // pruned heads would remove rows of q/k/v/out_proj: only the empty set is this model
@@ -194,12 +234,11 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
   // --- keys that do not change the text model's forward ---
   static const std::set<std::string> ignored = {
       // bookkeeping
-      "architectures", "model_type", "torch_dtype", "transformers_version", "projection_dim",
-      "initializer_range", "initializer_factor", "id2label", "label2id", "finetuning_task",
-      "problem_type", "tokenizer_class", "prefix", "task_specific_params", "sep_token_id",
-      "decoder_start_token_id", "cross_attention_hidden_size", "tie_word_embeddings",
-      "tie_encoder_decoder", "use_bfloat16", "torchscript", "tf_legacy_loss",
-      "chunk_size_feed_forward",
+      "model_type", "torch_dtype", "transformers_version", "initializer_range",
+      "initializer_factor", "id2label", "label2id", "finetuning_task", "problem_type",
+      "tokenizer_class", "prefix", "task_specific_params", "sep_token_id", "decoder_start_token_id",
+      "cross_attention_hidden_size", "tie_word_embeddings", "tie_encoder_decoder", "use_bfloat16",
+      "torchscript", "tf_legacy_loss", "chunk_size_feed_forward",
       // outputs and generation
       "return_dict", "output_attentions", "output_hidden_states", "output_scores",
       "return_dict_in_generate", "max_length", "min_length", "do_sample", "early_stopping",
@@ -214,7 +253,8 @@ inline ClipTextConfig ClipTextConfig::from_json(const nlohmann::json& json) {
       "hidden_act",        "layer_norm_eps",      "eos_token_id",
       "bos_token_id",      "pad_token_id",        "dropout",
       "attention_dropout", "pruned_heads",        "add_cross_attention",
-      "is_decoder",        "is_encoder_decoder"};
+      "is_decoder",        "is_encoder_decoder",  "projection_dim",
+      "architectures"};
   for (const auto& [key, value] : json.items()) {
     if (!key.empty() && key[0] == '_') continue;
     if (model_keys.count(key) || ignored.count(key) || value.is_null()) continue;
@@ -247,6 +287,7 @@ inline ClipTextConfig ClipTextConfig::sd15() {
   c.bos_token_id = 0;
   c.eos_token_id = 2;
   c.pad_token_id = 1;
+  c.architecture = ClipTextArchitecture::clip_text_model;
   return c;
 }
 

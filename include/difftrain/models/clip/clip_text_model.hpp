@@ -1,22 +1,29 @@
 #pragma once
-// ClipTextModel: the CLIP text encoder (transformers' CLIPTextModel), forward and backward, with
-// transformers' parameter names and its outputs last_hidden_state, pooler_output and every
-// layer's hidden states (for "clip skip"). Its Linear layers sit in LoRA slots (text-encoder LoRA,
-// module names "text_model.encoder.layers.N.self_attn.q_proj", "….mlp.fc1", …).
+// ClipTextModel: the CLIP text encoder (transformers' CLIPTextModel, or CLIPTextModelWithProjection
+// when the config's architecture says so: SDXL's second text encoder), forward and backward, with
+// transformers' parameter names and its outputs last_hidden_state, pooler_output (CLIPTextModel)
+// or text_embeds (CLIPTextModelWithProjection) and every layer's hidden states (for "clip skip").
+// The encoder layers' Linear layers sit in LoRA slots (text-encoder LoRA, module names
+// "text_model.encoder.layers.N.self_attn.q_proj", "….mlp.fc1", …); text_projection does not (kohya
+// and PEFT do not adapt it).
 //
-// Dims legend: B batch, L tokens (≤ max_position_embeddings), D hidden_size, V vocab_size.
+// Dims legend: B batch, L tokens (≤ max_position_embeddings), D hidden_size, V vocab_size,
+// P projection_dim.
 //   h_0 = token_embedding[ids] + position_embedding[0..L−1]                 (hidden_states[0])
 //   h_k = h' + mlp(layer_norm2(h')),  h' = h_{k−1} + self_attn(layer_norm1(h_{k−1}))
 //                                      (causal self-attention; hidden_states[k], k = 1..layers)
 //   last_hidden_state = final_layer_norm(h_layers)
 //   pooler_output[b] = last_hidden_state[b, p_b], p_b = argmax_l ids[b, l] when eos_token_id == 2
 //                      (legacy configs), else the first l with ids[b, l] == eos_token_id
+//   text_embeds[b] = text_projection(pooled[b]) = W_proj · pooled[b],  W_proj [P, D], no bias
+//                      (CLIPTextModelWithProjection, whose outputs have no pooler_output)
 //   encode(ids, clip_skip) = final_layer_norm(h_{layers − clip_skip})   (diffusers' clip_skip:
 //                      0 = last layer, 1 = penultimate; kohya's "clip skip" n is diffusers' n − 1)
 //
 // Names: text_model.embeddings.{token,position}_embedding.weight,
 // text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1, mlp.fc2,
-// layer_norm2}.{weight,bias}, text_model.final_layer_norm.{weight,bias}. Loading is strict except
+// layer_norm2}.{weight,bias}, text_model.final_layer_norm.{weight,bias}, and for the projection
+// model text_projection.weight (outside text_model). Loading is strict except
 // for the buffer text_model.embeddings.position_ids, which many SD checkpoints still hold and which
 // is ignored. Every parameter starts frozen (no gradient memory); nn::set_trainable or
 // lora::inject_lora makes some trainable.
@@ -24,7 +31,9 @@
 // Training: forward_train / encode_train run the same math saving each layer's state (one batch
 // of activations, overwritten by the next call); backward / encode_backward take dL/d of the
 // outputs and accumulate (+=) the gradients of the trainable parameters:
-//   d last_hidden_state += scatter of d pooler_output to the pooled positions
+//   d pooled = d pooler_output, or W_projᵀ · d text_embeds (text_projection.grad += d text_embedsᵀ
+//              · pooled if trainable)
+//   d last_hidden_state += scatter of d pooled to the pooled positions
 //   d h_layers = final_layer_norm'(d last_hidden_state) (+ d hidden_states[layers])
 //   d h_{k−1} = layer_k'(d h_k) (+ d hidden_states[k−1]),  k = layers..1
 //   token_embedding.grad[ids] += d h_0 (if trainable), position_embedding.grad += Σ_b d h_0
@@ -54,6 +63,7 @@
 #include "difftrain/models/ldm_names.hpp"
 #include "difftrain/nn/embedding.hpp"
 #include "difftrain/nn/layer_norm.hpp"
+#include "difftrain/nn/linear.hpp"
 #include "difftrain/nn/parameter.hpp"
 
 namespace difftrain::models {
@@ -165,7 +175,8 @@ class ClipEncoderLayer {
 template <class T = float>
 struct ClipTextOutput {
   Tensor3<T> last_hidden_state;           // [B, L, D]
-  Tensor<T, 2> pooler_output;             // [B, D]
+  Tensor<T, 2> pooler_output;             // [B, D] (CLIPTextModel; empty for the projection model)
+  Tensor<T, 2> text_embeds;               // [B, P] (CLIPTextModelWithProjection; else empty)
   std::vector<Tensor3<T>> hidden_states;  // layers + 1 of [B, L, D]; [0] = embeddings
 };
 
@@ -174,7 +185,8 @@ struct ClipTextOutput {
 template <class T = float>
 struct ClipTextOutputGrads {
   Tensor3<T> last_hidden_state;                     // [B, L, D]
-  Tensor<T, 2> pooler_output;                       // [B, D]
+  Tensor<T, 2> pooler_output;                       // [B, D] (CLIPTextModel only)
+  Tensor<T, 2> text_embeds;                         // [B, P] (CLIPTextModelWithProjection only)
   std::map<std::size_t, Tensor3<T>> hidden_states;  // index (0..layers) → [B, L, D]
 };
 
@@ -184,10 +196,16 @@ class ClipTextModel {
   using Scalar = T;
   /// The non-persistent buffer of transformers' CLIPTextEmbeddings, ignored when loading.
   static constexpr const char* kPositionIdsKey = "text_model.embeddings.position_ids";
+  /// The projection model's extra parameter (its presence in the weights makes a config without
+  /// `architectures` a CLIPTextModelWithProjection).
+  static constexpr const char* kTextProjectionKey = "text_projection.weight";
 
   ClipTextEmbeddings<T> embeddings;
   std::vector<ClipEncoderLayer<T>> layers;  // "encoder.layers.N"
   nn::LayerNorm<T> final_layer_norm;
+  // CLIPTextModelWithProjection's text_projection [P, D], no bias (outside "text_model"); empty
+  // for a CLIPTextModel
+  std::optional<nn::Linear<T>> text_projection;
 
   explicit ClipTextModel(const ClipTextConfig& config)
       : embeddings((config.validate(), config.vocab_size), config.max_position_embeddings,
@@ -196,19 +214,24 @@ class ClipTextModel {
         config_(config) {
     layers.reserve(config.num_hidden_layers);
     for (std::size_t i = 0; i < config.num_hidden_layers; ++i) layers.emplace_back(config);
+    if (config.with_projection())
+      text_projection.emplace(config.hidden_size, config.projection_dim, false);
     nn::set_trainable<T>(*this, false);
   }
 
   const ClipTextConfig& config() const { return config_; }
+  /// Whether this is a CLIPTextModelWithProjection (text_embeds instead of pooler_output).
+  bool has_projection() const { return text_projection.has_value(); }
 
-  /// Every parameter under transformers' CLIPTextModel name ("text_model.…").
+  /// Every parameter under its transformers name ("text_model.…", then "text_projection.weight"
+  /// for the projection model).
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& visit) {
-    visit_all(*this, nn::join_name(prefix, "text_model"), visit);
+    visit_all(*this, prefix, visit);
   }
   template <class F>
   void for_each_parameter(const std::string& prefix, F&& visit) const {
-    visit_all(*this, nn::join_name(prefix, "text_model"), visit);
+    visit_all(*this, prefix, visit);
   }
 
   /// LoRA slots of every encoder layer ("text_model.encoder.layers.N.self_attn.q_proj", …).
@@ -235,7 +258,7 @@ class ClipTextModel {
     load_state_dict(io::open_safetensors_state<T>(paths), what);
   }
 
-  /// ids [B, L] → last_hidden_state, pooler_output and all hidden states.
+  /// ids [B, L] → last_hidden_state, pooler_output or text_embeds, and all hidden states.
   ClipTextOutput<T> forward(const TokenIds& ids);
 
   // final_layer_norm(hidden_states[layers − clip_skip]) (diffusers' clip_skip; 0: last layer)
@@ -258,6 +281,7 @@ class ClipTextModel {
   /// Frees the saved forward state.
   void clear_saved() {
     for (auto& layer : layers) layer.clear_saved();
+    if (text_projection) text_projection->clear_saved();
     saved_depth_ = kNotSaved;
   }
 
@@ -276,8 +300,8 @@ class ClipTextModel {
         while (l < L && row[l] != config_.eos_token_id) ++l;
         require(l < L, "ClipTextModel::forward", "input_ids row ", b, " has no eos_token_id ",
                 config_.eos_token_id,
-                " (pooler_output is taken at the first eos; the config's eos_token_id must be "
-                "the tokenizer's)");
+                " (the pooled output is taken at the first eos; the config's eos_token_id must "
+                "be the tokenizer's)");
         positions[b] = l;
       }
     }
@@ -299,12 +323,15 @@ class ClipTextModel {
 
  private:
   template <class Self, class F>
-  static void visit_all(Self& self, const std::string& root, F& visit) {
+  static void visit_all(Self& self, const std::string& prefix, F& visit) {
+    const std::string root = nn::join_name(prefix, "text_model");
     self.embeddings.for_each_parameter(nn::join_name(root, "embeddings"), visit);
     for (std::size_t i = 0; i < self.layers.size(); ++i)
       self.layers[i].for_each_parameter(nn::join_name(root, "encoder.layers." + std::to_string(i)),
                                         visit);
     self.final_layer_norm.for_each_parameter(nn::join_name(root, "final_layer_norm"), visit);
+    if (self.text_projection)
+      self.text_projection->for_each_parameter(nn::join_name(prefix, "text_projection"), visit);
   }
 
   static constexpr std::size_t kNotSaved = static_cast<std::size_t>(-1);
@@ -356,7 +383,11 @@ ClipTextOutput<T> ClipTextModel<T>::forward(const TokenIds& ids) {
   out.hidden_states.push_back(
       run_layers(ids, layers.size(), false, "ClipTextModel::forward", &out.hidden_states));
   out.last_hidden_state = final_layer_norm.forward_inference(out.hidden_states.back());
-  out.pooler_output = pool(out.last_hidden_state, ids);
+  if (text_projection) {  // text_embeds = text_projection(pooled)
+    out.text_embeds = text_projection->forward_inference(pool(out.last_hidden_state, ids));
+  } else {
+    out.pooler_output = pool(out.last_hidden_state, ids);
+  }
   return out;
 }
 
@@ -368,7 +399,11 @@ ClipTextOutput<T> ClipTextModel<T>::forward_train(const TokenIds& ids) {
       run_layers(ids, layers.size(), true, "ClipTextModel::forward_train", &out.hidden_states));
   out.last_hidden_state = final_layer_norm.forward(out.hidden_states.back());
   saved_positions_ = pooled_positions(ids);
-  out.pooler_output = pool(out.last_hidden_state, ids);
+  if (text_projection) {  // saves pooled for backward
+    out.text_embeds = text_projection->forward(pool(out.last_hidden_state, ids));
+  } else {
+    out.pooler_output = pool(out.last_hidden_state, ids);
+  }
   saved_shape_ = out.last_hidden_state.shape();
   saved_full_ = true;
   saved_depth_ = layers.size();
@@ -415,11 +450,23 @@ void ClipTextModel<T>::backward(const ClipTextOutputGrads<T>& grads) {
   const std::size_t N = layers.size();
   const bool has_last = grads.last_hidden_state.size() > 0;
   const bool has_pooled = grads.pooler_output.size() > 0;
+  const bool has_embeds = grads.text_embeds.size() > 0;
   if (has_last)
     check_shape(fn, "grad last_hidden_state", grads.last_hidden_state.shape(), {B, L, D});
-  if (has_pooled) check_shape(fn, "grad pooler_output", grads.pooler_output.shape(), {B, D});
+  if (has_pooled) {
+    require(!text_projection, fn,
+            "gradient for pooler_output, but the model is a CLIPTextModelWithProjection (its "
+            "pooled output is text_embeds)");
+    check_shape(fn, "grad pooler_output", grads.pooler_output.shape(), {B, D});
+  }
+  if (has_embeds) {
+    require(text_projection.has_value(), fn,
+            "gradient for text_embeds, but the model is a CLIPTextModel (no text_projection)");
+    check_shape(fn, "grad text_embeds", grads.text_embeds.shape(),
+                {B, text_projection->out_features()});
+  }
   std::size_t top = 0;
-  bool any = has_last || has_pooled;
+  bool any = has_last || has_pooled || has_embeds;
   for (const auto& [i, g] : grads.hidden_states) {
     require(i <= N, fn, "gradient for hidden_states.", i, ", expected an index in [0, ", N, "]");
     check_shape(fn, "grad hidden_states." + std::to_string(i), g.shape(), {B, L, D});
@@ -427,17 +474,20 @@ void ClipTextModel<T>::backward(const ClipTextOutputGrads<T>& grads) {
     any = true;
   }
   require(any, fn, "no output gradient given");
-  if (!has_last && !has_pooled) {  // start at the highest hidden state that has a gradient
+  if (!has_last && !has_pooled && !has_embeds) {  // start at the highest hidden state with one
     backward_layers(Tensor3<T>(std::array<std::size_t, 3>{B, L, D}, T(0)), top,
                     grads.hidden_states);
     return;
   }
   Tensor3<T> d_last =
       has_last ? grads.last_hidden_state : Tensor3<T>(std::array<std::size_t, 3>{B, L, D}, T(0));
-  if (has_pooled) {  // pooler_output[b] = last_hidden_state[b, p_b]
+  if (has_pooled || has_embeds) {  // pooled[b] = last_hidden_state[b, p_b]
+    // d pooled = d pooler_output, or W_projᵀ · d text_embeds (text_projection.grad += if trainable)
+    const Tensor<T, 2> d_pooled =
+        has_embeds ? text_projection->backward(grads.text_embeds) : grads.pooler_output;
     for (std::size_t b = 0; b < B; ++b) {
       T* row = d_last.data() + (b * L + saved_positions_[b]) * D;
-      const T* g = grads.pooler_output.data() + b * D;
+      const T* g = d_pooled.data() + b * D;
       for (std::size_t d = 0; d < D; ++d) row[d] += g[d];
     }
   }
@@ -466,14 +516,38 @@ extern template class ClipTextModel<double>;
 #endif
 
 /// A ClipTextModel from a transformers folder: config.json + model.safetensors (or the shards of
-/// model.safetensors.index.json).
+/// model.safetensors.index.json). The class is config.json's `architectures` (CLIPTextModel or
+/// CLIPTextModelWithProjection) or, without it, CLIPTextModelWithProjection exactly when the
+/// weights hold text_projection.weight; Error when the weights do not fit the stated class.
 template <class T = float>
 ClipTextModel<T> load_clip_text_model(const std::string& folder) {
-  const auto config =
-      ClipTextConfig::from_file((std::filesystem::path(folder) / "config.json").string());
+  const std::string config_path = (std::filesystem::path(folder) / "config.json").string();
+  auto config = ClipTextConfig::from_file(config_path);
+  const auto files = io::diffusers_weight_files(folder, "model");
+  auto state = io::open_safetensors_state<T>(files);
+  const std::string what = "load_clip_text_model('" + folder + "')";
+  const std::string key = ClipTextModel<T>::kTextProjectionKey;
+  const bool has_projection = state.count(key) > 0;
+  auto weights = [&] {  // the file(s) searched, for the errors
+    std::string names;
+    for (const auto& f : files) names += (names.empty() ? "'" : ", '") + f + "'";
+    return names;
+  };
+  if (!config.architecture) {
+    config.architecture = has_projection ? ClipTextArchitecture::clip_text_model_with_projection
+                                         : ClipTextArchitecture::clip_text_model;
+  } else if (config.with_projection()) {
+    require(has_projection, what, "'", config_path,
+            "' says architectures [\"CLIPTextModelWithProjection\"], but ", weights(),
+            " has no tensor ", key, " (expected [", config.projection_dim, ", ", config.hidden_size,
+            "])");
+  } else {
+    require(!has_projection, what, "'", config_path,
+            "' says architectures [\"CLIPTextModel\"], but ", weights(), " has tensor ", key,
+            " (a CLIPTextModelWithProjection's)");
+  }
   ClipTextModel<T> model(config);
-  model.load_safetensors(io::diffusers_weight_files(folder, "model"),
-                         "load_clip_text_model('" + folder + "')");
+  model.load_state_dict(std::move(state), what);
   return model;
 }
 

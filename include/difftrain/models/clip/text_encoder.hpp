@@ -35,7 +35,8 @@ class ClipTextEncoder {
   }
 
   /// config.json + model.safetensors of a transformers CLIPTextModel folder (an SD
-  /// `text_encoder/` folder).
+  /// `text_encoder/` folder; a CLIPTextModelWithProjection folder loads too, its context being
+  /// the same hidden states: encode does not use text_projection).
   static ClipTextEncoder from_folder(const std::string& folder,
                                      ClipTextEncoderOptions options = {}) {
     return ClipTextEncoder(load_clip_text_model<float>(folder), options);
