@@ -21,6 +21,7 @@
 #include "dataset_config.hpp"
 #include "difftrain/lora/kohya_metadata.hpp"
 #include "difftrain/lora/lora_file.hpp"
+#include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
 #include "difftrain/pipeline/pipeline.hpp"
 #include "difftrain/schedule/sample.hpp"
@@ -1003,8 +1004,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       const fs::path path = fs::path(t.output_dir) / (o.output_name + ".safetensors");
       std::vector<lora::LoraPart> parts;  // one file: the UNet's part, the text encoder's
       if (!o.network_train_text_encoder_only)
-        parts.push_back(
-            {lora::kLoraUnet, lora::collect_lora(model.unet), lora::module_names(model.unet)});
+        parts.push_back({models::unet_lora_component(model.unet), lora::collect_lora(model.unet),
+                         lora::module_names(model.unet)});
       if (text_encoder_adapted)
         parts.push_back({lora::kLoraTextEncoder, lora::collect_lora(model.text_encoder),
                          lora::module_names(model.text_encoder)});

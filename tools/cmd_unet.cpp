@@ -10,6 +10,7 @@
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "tool_common.hpp"
 
@@ -33,7 +34,8 @@ void run_unet(const UnetCommandOptions& o) {
                    ? models::load_unet<float>(o.model)
                    : models::load_unet_single_file<float>(o.model, unet_config_argument(o.config));
   if (!o.lora.empty()) {
-    const auto state = lora::read_lora(o.lora, lora::module_names(model));
+    const auto state =
+        lora::read_lora(o.lora, lora::module_names(model), models::unet_lora_component(model));
     lora::apply_lora(model, state, o.lora_scale);
   } else {
     require(o.lora_scale == 1.0, fn, "--lora-scale is given without --lora");
@@ -43,14 +45,30 @@ void run_unet(const UnetCommandOptions& o) {
   const Tensor3<float> context = in.read_tensor<float, 3>("encoder_hidden_states");
   require(in.info("timestep").shape.size() == 1, fn, "timestep has shape ",
           shape_string(in.info("timestep").shape), ", expected [B]");
-  Tensor4<float> output;
-  if (in.info("timestep").dtype == io::Dtype::I64) {
-    const auto t = in.read<std::int64_t>("timestep");
-    output = model.forward(sample, std::span<const std::int64_t>(t), context);
-  } else {
-    const auto t = in.read<float>("timestep");
-    output = model.forward(sample, std::span<const float>(t), context);
+  // SDXL's added_cond_kwargs: both or neither, as the model's config asks
+  const bool added = in.contains("text_embeds") || in.contains("time_ids");
+  require(added == model.uses_added_conditions(), fn, "'", o.inputs, "' ",
+          added ? "has text_embeds/time_ids, but the UNet has no addition_embed_type"
+                : "has no text_embeds and time_ids, which the UNet's addition_embed_type "
+                  "\"text_time\" (SDXL) needs");
+  AddedConditions<float> conditions;
+  if (added) {
+    require(in.contains("text_embeds") && in.contains("time_ids"), fn, "'", o.inputs,
+            "' has only one of text_embeds and time_ids, expected both");
+    conditions.text_embeds = in.read_tensor<float, 2>("text_embeds");
+    conditions.time_ids = in.read_tensor<float, 2>("time_ids");
   }
+  std::vector<float> t;
+  if (in.info("timestep").dtype == io::Dtype::I64) {
+    // diffusers converts integer timesteps to float32 first
+    for (const std::int64_t v : in.read<std::int64_t>("timestep"))
+      t.push_back(static_cast<float>(v));
+  } else {
+    t = in.read<float>("timestep");
+  }
+  const Tensor4<float> output =
+      added ? model.forward(sample, std::span<const float>(t), context, conditions)
+            : model.forward(sample, std::span<const float>(t), context);
   std::vector<io::TensorToWrite> out;
   out.push_back(io::TensorToWrite::from_tensor("output", output));
   if (in.contains("grad_output")) {
@@ -61,6 +79,8 @@ void run_unet(const UnetCommandOptions& o) {
     out.push_back(io::TensorToWrite::from_tensor("grad_sample", model.grad_sample()));
     out.push_back(io::TensorToWrite::from_tensor("grad_encoder_hidden_states",
                                                  model.grad_encoder_hidden_states()));
+    if (added)
+      out.push_back(io::TensorToWrite::from_tensor("grad_text_embeds", model.grad_text_embeds()));
     model.for_each_parameter("", [&](const std::string& name, nn::Parameter<float>& p) {
       if (p.trainable) out.push_back(io::TensorToWrite::from_tensor("grad." + name, p.grad));
     });

@@ -63,6 +63,27 @@ concept FloatTimestepDenoiser = requires(D& d, const Tensor4<float>& x_t, std::s
   d.backward(grad_pred);
 };
 
+/// diffusers' `added_cond_kwargs` of SDXL's UNet (addition_embed_type "text_time"): the pooled,
+/// projected text embedding [B, P] and the micro-conditioning time ids [B, K] (SDXL: K = 6,
+/// original height and width, crop top and left, target height and width, in pixels). The ids
+/// are float32 whatever T is: their sinusoids are computed in float32, as diffusers does.
+template <class T = float>
+struct AddedConditions {
+  Tensor<T, 2> text_embeds;
+  Tensor<float, 2> time_ids;
+};
+
+/// A denoiser that also takes SDXL's added conditions: forward(x_t, t, context, added) and, after
+/// backward, grad_text_embeds() (to train the encoder giving text_embeds).
+template <class D>
+concept DenoiserWithAddedConditions = requires(D& d, const Tensor4<float>& x_t,
+                                               std::span<const float> t,
+                                               const Tensor3<float>& context,
+                                               const AddedConditions<float>& added) {
+  { d.forward(x_t, t, context, added) } -> std::convertible_to<Tensor4<float>>;
+  { d.uses_added_conditions() } -> std::convertible_to<bool>;
+};
+
 /// A denoiser taking integer timesteps (DDPM's t ∈ [0, T)).
 template <class D>
 concept IntegerTimestepDenoiser = requires(D& d, const Tensor4<float>& x_t,

@@ -103,3 +103,46 @@ TEST_CASE("difftrain unet: bad inputs exit 1 and write nothing") {
                "0.5"}) == 1);
   REQUIRE(!fs::exists(out));
 }
+
+TEST_CASE("difftrain unet: SDXL's text_time UNet (unet_sdxl_tiny) matches diffusers") {
+  TempDir dir;
+  const std::string out = dir.file("out.safetensors");
+  REQUIRE(run({"unet", "--model", test::data_path("unet_sdxl_tiny"), "--inputs",
+               test::data_path("unet_sdxl_tiny/inputs.safetensors"), "--out", out}) == 0);
+  compare_with_golden(out, test::data_path("unet_sdxl_tiny/expected.safetensors"));
+  REQUIRE(io::SafetensorsFile::open(out).size() == 4 + 428);  // with grad_text_embeds
+
+  // an SDXL UNet without text_embeds / time_ids, and an SD UNet given them, are refused
+  const std::string never = dir.file("never.safetensors");
+  REQUIRE(run({"unet", "--model", test::data_path("unet_sdxl_tiny"), "--inputs",
+               test::data_path("unet_tiny/inputs.safetensors"), "--out", never}) == 1);
+  REQUIRE(!fs::exists(never));
+}
+
+TEST_CASE("difftrain unet --lora on SDXL: kohya SGM-named and PEFT files match diffusers") {
+  TempDir dir;
+  const std::string model = test::data_path("unet_sdxl_tiny_lora");
+  const std::string inputs = test::data_path("unet_sdxl_tiny_lora/inputs.safetensors");
+  for (const char* file : {"lora_kohya.safetensors", "lora_peft.safetensors"}) {
+    INFO(file);
+    const std::string out = dir.file(std::string("out_") + file);
+    REQUIRE(run({"unet", "--model", model, "--inputs", inputs, "--out", out, "--lora",
+                 test::data_path(std::string("unet_sdxl_tiny_lora/") + file)}) == 0);
+    compare_with_golden(out, test::data_path("unet_sdxl_tiny_lora/expected.safetensors"));
+    REQUIRE(io::SafetensorsFile::open(out).size() == 4 + 192);
+  }
+  // --lora-scale 0 gives the plain SDXL UNet's output and input gradients.
+  const std::string out = dir.file("scale0.safetensors");
+  REQUIRE(run({"unet", "--model", model, "--inputs", inputs, "--out", out, "--lora",
+               test::data_path("unet_sdxl_tiny_lora/lora_kohya.safetensors"), "--lora-scale",
+               "0"}) == 0);
+  const auto got = io::SafetensorsFile::open(out);
+  const auto plain =
+      io::SafetensorsFile::open(test::data_path("unet_sdxl_tiny/expected.safetensors"));
+  for (const char* name :
+       {"output", "grad_sample", "grad_encoder_hidden_states", "grad_text_embeds"}) {
+    INFO(name);
+    const auto r = plain.read<float>(name);
+    REQUIRE_CLOSE(got.read<float>(name), r, 0, 1e-4 * xt::amax(xt::abs(xt::adapt(r)))());
+  }
+}

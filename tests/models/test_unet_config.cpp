@@ -126,7 +126,7 @@ TEST_CASE("UNet2DConditionConfig errors name the key and the value", "[models][c
        "resnet_time_scale_shift = \"scale_shift\" is not supported"},
       {"time_embedding_type", "fourier", "time_embedding_type = \"fourier\" is not supported"},
       {"class_embed_type", "timestep", "class_embed_type = \"timestep\" is not supported"},
-      {"addition_embed_type", "text_time", "addition_embed_type = \"text_time\""},
+      {"addition_embed_type", "text", "addition_embed_type = \"text\" is not supported"},
       {"only_cross_attention", true, "only_cross_attention = true is not supported"},
       {"dual_cross_attention", true, "dual_cross_attention = true is not supported"},
       {"attention_type", "gated", "attention_type = \"gated\" is not supported"},

@@ -56,8 +56,17 @@ void check_golden_case(const std::string& folder) {
   const auto context = inputs.read_tensor<T, 3>("encoder_hidden_states");
   const auto grad_output = inputs.read_tensor<T, 4>("grad_output");
 
+  // SDXL cases add text_embeds and time_ids (added_cond_kwargs)
+  const bool sdxl = inputs.contains("text_embeds");
+  REQUIRE(sdxl == model.uses_added_conditions());
+  AddedConditions<T> added;
+  if (sdxl) {
+    added.text_embeds = inputs.read_tensor<T, 2>("text_embeds");
+    added.time_ids = inputs.read_tensor<float, 2>("time_ids");
+  }
+  const std::span<const std::int64_t> t(timesteps);
   const Tensor4<T> output =
-      model.forward(sample, std::span<const std::int64_t>(timesteps), context);
+      sdxl ? model.forward(sample, t, context, added) : model.forward(sample, t, context);
   model.backward(grad_output);
 
   std::map<std::string, const xt::xarray<T>*> grads;
@@ -88,9 +97,12 @@ void check_golden_case(const std::string& folder) {
       REQUIRE(std::equal(shape.begin(), shape.end(), output.shape().begin(), output.shape().end()));
       error = golden_error(output, ref, 0);
       worst_forward = std::max(worst_forward, error);
-    } else if (name == "grad_sample" || name == "grad_encoder_hidden_states") {
-      const auto& got = name == "grad_sample" ? xt::xarray<T>(model.grad_sample())
-                                              : xt::xarray<T>(model.grad_encoder_hidden_states());
+    } else if (name == "grad_sample" || name == "grad_encoder_hidden_states" ||
+               name == "grad_text_embeds") {
+      const auto got = name == "grad_sample" ? xt::xarray<T>(model.grad_sample())
+                       : name == "grad_encoder_hidden_states"
+                           ? xt::xarray<T>(model.grad_encoder_hidden_states())
+                           : xt::xarray<T>(model.grad_text_embeds());
       REQUIRE(std::equal(shape.begin(), shape.end(), got.shape().begin(), got.shape().end()));
       error = golden_error(got, ref, 0);
     } else {
@@ -151,4 +163,10 @@ TEST_CASE("UNet2DConditionModel: float and integer timesteps give the same outpu
   const auto a = model.forward(sample, std::span<const std::int64_t>(t_int), context);
   const auto b = model.forward(sample, std::span<const float>(t_float), context);
   REQUIRE_CLOSE(a, b, 0.0, 0.0);
+}
+
+TEMPLATE_TEST_CASE("UNet2DConditionModel matches diffusers on unet_sdxl_tiny (text_time)",
+                   "[models][unet][golden][sdxl]", float, double) {
+  const test::SingleThreaded single_threaded;
+  check_golden_case<TestType>("unet_sdxl_tiny");
 }

@@ -4,6 +4,7 @@
 // and backward reaches the adapters while the base stays frozen; one AdamW step after a backward
 // pass changes the output and leaves the base weights untouched.
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <map>
@@ -14,9 +15,11 @@
 
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/lora/inject.hpp"
+#include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/models.hpp"
 #include "difftrain/train/optimizer.hpp"
 #include "single_threaded.hpp"
+#include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
@@ -125,4 +128,68 @@ TEST_CASE_METHOD(
   });
   CHECK(base_checked == base_weights.size());
   CHECK(b_moved == 32);
+}
+
+TEST_CASE("SDXL LoRA names: kohya's SGM names read and written, PEFT alike",
+          "[models][unet][lora][sdxl]") {
+  auto model = models::load_unet<float>(data_path("unet_sdxl_tiny_lora"));
+  const auto modules = lora::module_names(model);
+  const lora::LoraComponent component = models::unet_lora_component(model);
+  REQUIRE(component.kohya_names.size() == modules.size());
+  // the examples of the golden README, and the non-attention modules kohya's conv LoRA adapts
+  CHECK(
+      component.kohya_names.at("down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0") ==
+      "input_blocks_4_1_transformer_blocks_1_attn2_to_out_0");
+  CHECK(component.kohya_names.at("mid_block.attentions.0.transformer_blocks.0.attn1.to_q") ==
+        "middle_block_1_transformer_blocks_0_attn1_to_q");
+  CHECK(component.kohya_names.at("up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_k") ==
+        "output_blocks_2_1_transformer_blocks_0_attn1_to_k");
+  CHECK(component.kohya_names.at("down_blocks.0.resnets.1.conv1") ==
+        "input_blocks_2_0_in_layers_2");
+  CHECK(component.kohya_names.at("down_blocks.0.downsamplers.0.conv") == "input_blocks_3_0_op");
+  CHECK(component.kohya_names.at("up_blocks.0.upsamplers.0.conv") == "output_blocks_2_2_conv");
+  CHECK(component.kohya_names.at("up_blocks.1.resnets.0.conv_shortcut") ==
+        "output_blocks_3_0_skip_connection");
+  // an SD 1.x UNet keeps the diffusers paths (kohya trains it with a diffusers-shaped UNet)
+  auto sd1 = models::load_unet<float>(data_path("unet_tiny"));
+  CHECK(models::unet_lora_component(sd1).kohya_names.empty());
+
+  const std::string dir = data_path("unet_sdxl_tiny_lora");
+  const lora::LoraState kohya =
+      lora::read_lora(dir + "/lora_kohya.safetensors", modules, component);
+  const lora::LoraState peft = lora::read_lora(dir + "/lora_peft.safetensors", modules, component);
+  REQUIRE(kohya.size() == 96);
+  REQUIRE(peft.size() == 96);
+  for (const auto& [name, w] : kohya) {
+    INFO(name);
+    REQUIRE(peft.count(name) == 1);
+    CHECK(w.alpha == peft.at(name).alpha);
+    REQUIRE_CLOSE(w.down, peft.at(name).down, 0.0, 0.0);
+    REQUIRE_CLOSE(w.up, peft.at(name).up, 0.0, 0.0);
+  }
+  // plain diffusers-path kohya names would not find these modules: the SGM names are needed
+  CHECK_THROWS_WITH(lora::read_lora(dir + "/lora_kohya.safetensors", modules, lora::kLoraUnet),
+                    Catch::Contains("name no module of the model"));
+
+  // written back, the kohya file has exactly the golden file's keys and its base model version
+  const test::TempDir tmp;
+  const std::string written = tmp.file("sdxl_kohya.safetensors");
+  lora::LoraSaveOptions options;
+  options.base_model_version = "sdxl_base_v1-0";
+  lora::save_lora(written, {{component, kohya, modules}}, lora::LoraFormat::kohya, options);
+  const auto golden = io::SafetensorsFile::open(dir + "/lora_kohya.safetensors");
+  const auto ours = io::SafetensorsFile::open(written);
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  CHECK(sorted(ours.names()) == sorted(golden.names()));
+  CHECK(ours.metadata().at("ss_base_model_version") == "sdxl_base_v1-0");
+  const lora::LoraState again = lora::read_lora(written, modules, component);
+  for (const auto& [name, w] : kohya) {
+    INFO(name);
+    REQUIRE(again.count(name) == 1);
+    CHECK(again.at(name).alpha == w.alpha);
+    REQUIRE_CLOSE(again.at(name).up, w.up, 0.0, 0.0);
+  }
 }

@@ -81,6 +81,9 @@ using LoraState = std::map<std::string, LoraModuleWeights>;
 struct LoraComponent {
   std::string peft;   // unet, text_encoder, text_encoder_2
   std::string kohya;  // lora_unet, lora_te, lora_te1, lora_te2
+  // module → its kohya name where it is not the module path with "." → "_" (SDXL's UNet: kohya
+  // names it by the original SGM blocks, models/unet/lora_names.hpp). Read: both are accepted.
+  std::map<std::string, std::string> kohya_names = {};
 };
 
 /// The UNet.
@@ -115,6 +118,12 @@ namespace lora_file_detail {
 inline std::string underscored(std::string name) {
   std::replace(name.begin(), name.end(), '.', '_');
   return name;
+}
+
+// the kohya name of `module` below the component's prefix
+inline std::string kohya_stem(const LoraComponent& c, const std::string& module) {
+  const auto it = c.kohya_names.find(module);
+  return it != c.kohya_names.end() ? it->second : underscored(module);
 }
 
 inline bool starts_with(std::string_view s, std::string_view prefix) {
@@ -213,7 +222,7 @@ inline void save_parts(const std::string& path, std::span<const PartView> parts,
     std::set<double> alphas;
     for (const PartView& part : parts) {
       for (const auto& [name, w] : *part.state) {
-        const std::string key = part.component->kohya + "_" + underscored(name);
+        const std::string key = part.component->kohya + "_" + kohya_stem(*part.component, name);
         tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_down.weight", w.down));
         tensors.push_back(io::TensorToWrite::from_tensor(key + ".lora_up.weight", w.up));
         xt::xarray<float> alpha_tensor = xt::xarray<float>::from_shape(std::vector<std::size_t>{});
@@ -340,7 +349,10 @@ inline LoraState read_lora(const std::string& path, const std::vector<std::strin
   const io::SafetensorsFile file = io::SafetensorsFile::open(path);
   std::map<std::string, std::string> by_underscored;
   const std::set<std::string> known(modules.begin(), modules.end());
-  for (const auto& m : modules) by_underscored.emplace(underscored(m), m);
+  for (const auto& m : modules) {
+    by_underscored.emplace(underscored(m), m);
+    by_underscored.emplace(kohya_stem(component, m), m);
+  }
   const std::string kohya = component.kohya + "_";
   const std::string peft = component.peft + ".";
 

@@ -10,6 +10,7 @@
 // UNet (blocks counted in forward order; L_i = layers_per_block[i], up block i has
 // L'_i + 1 resnets with L' the reversed list):
 //   conv_in ↔ input_blocks.0.0        time_embedding.linear_1 / _2 ↔ time_embed.0 / .2
+//   (SDXL) add_embedding.linear_1 / _2 ↔ label_emb.0.0 / .2
 //   down_blocks.i.resnets.j / attentions.j ↔ input_blocks.k.0 / .1,  k = 1 + Σ_{b<i}(L_b+1) + j
 //   down_blocks.i.downsamplers.0.conv ↔ input_blocks.(1 + Σ_{b<i}(L_b+1) + L_i).0.op
 //   mid_block.resnets.0 / attentions.0 / resnets.1 ↔ middle_block.0 / .1 / .2
@@ -134,6 +135,12 @@ inline std::string ldm_unet_name(const UNet2DConditionConfig& c, const std::stri
   if (p.is(0, "conv_in")) return "input_blocks.0.0." + p.rest(1);
   if (p.is(0, "time_embedding") && p.is(1, "linear_1")) return "time_embed.0." + p.rest(2);
   if (p.is(0, "time_embedding") && p.is(1, "linear_2")) return "time_embed.2." + p.rest(2);
+  if (p.is(0, "add_embedding") && p.is(1, "linear_1") &&
+      c.addition_embed_type == AdditionEmbedType::text_time)
+    return "label_emb.0.0." + p.rest(2);
+  if (p.is(0, "add_embedding") && p.is(1, "linear_2") &&
+      c.addition_embed_type == AdditionEmbedType::text_time)
+    return "label_emb.0.2." + p.rest(2);
   if (p.is(0, "conv_norm_out")) return "out.0." + p.rest(1);
   if (p.is(0, "conv_out")) return "out.2." + p.rest(1);
   if (p.is(0, "down_blocks")) {

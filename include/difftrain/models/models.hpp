@@ -5,6 +5,7 @@
 #include "difftrain/models/clip_tokenizer.hpp"
 #include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
 #include "difftrain/models/unet/resample.hpp"
 #include "difftrain/models/unet/resnet_block.hpp"

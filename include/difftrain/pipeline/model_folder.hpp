@@ -37,6 +37,7 @@
 #include "difftrain/models/clip/text_encoder.hpp"
 #include "difftrain/models/clip_tokenizer.hpp"
 #include "difftrain/models/unet/load.hpp"
+#include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/vae/autoencoder_kl.hpp"
 #include "difftrain/models/vae/vae_load.hpp"
@@ -102,7 +103,8 @@ inline std::vector<std::string> ModelFolder::apply_lora(const std::string& path,
                                                         double multiplier) {
   lora::require_lora_components(path, {lora::kLoraUnet, lora::kLoraTextEncoder});
   std::vector<std::string> applied = lora::apply_lora(
-      unet, lora::read_lora(path, lora::module_names(unet), lora::kLoraUnet), multiplier);
+      unet, lora::read_lora(path, lora::module_names(unet), models::unet_lora_component(unet)),
+      multiplier);
   nn::set_trainable<float>(text_encoder, false);
   if (lora::lora_file_components(path).count(lora::kLoraTextEncoder.peft)) {
     for (auto& name : lora::apply_lora(

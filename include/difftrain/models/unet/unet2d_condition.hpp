@@ -5,6 +5,10 @@
 // Dc cross_attention_dim, C0 = block_out_channels[0], E = time embedding width (4·C0).
 //   x   = 2·sample − 1 if center_input_sample else sample           [B, Cin, H, W]
 //   emb = time_embedding(time_proj(t))                              [B, E]
+//   SDXL (addition_embed_type "text_time"), with text_embeds [B, P] and time_ids [B, K]:
+//   emb += add_embedding(cat[text_embeds, add_time_proj(time_ids)])  (add_time_proj: the sinusoids
+//          of time_proj, addition_time_embed_dim wide, for each of the K ids; P + K·d = the
+//          config's projection_class_embeddings_input_dim)
 //   h   = conv_in(x);                      res = [h]
 //   for each down block: states = block(h, emb, ctx); res += states; h = states.back()
 //   h   = mid_block(h, emb, ctx)
@@ -16,7 +20,8 @@
 // At t ≈ 900 one float ulp of t·f is ~6e-5, so a double time_proj would not be diffusers' model.
 //
 // backward(grad_output) back-propagates the last forward: grad_sample() [B, Cin, H, W] and
-// grad_encoder_hidden_states() [B, L, Dc] are overwritten; trainable parameter gradients are
+// grad_encoder_hidden_states() [B, L, Dc] (and grad_text_embeds() [B, P]) are overwritten;
+// trainable parameter gradients are
 // accumulated (+=). Parameters carry diffusers' names (for_each_parameter). Every Linear and Conv2d
 // but time_embedding's sits in a LoRA slot: lora::inject_lora(unet, {"to_q", "to_k", "to_v",
 // "to_out.0"}, ...) adapts them by name (for_each_slot); for_each_linear / for_each_conv2d give
@@ -24,6 +29,8 @@
 // builds the structure without parameter storage: for_each_parameter_shape works, forward and
 // the other visitors throw.
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -81,6 +88,7 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
 
   lora::Conv2dSlot<T> conv_in;
   nn::TimestepEmbedding<T> time_embedding;
+  std::vector<nn::TimestepEmbedding<T>> add_embedding;  // 1 with addition_embed_type text_time
   std::vector<UNetDownBlock2D<T>> down_blocks;
   std::vector<UNetMidBlock2DCrossAttn<T>> mid_block;  // 0 or 1 (mid_block_type null: none)
   std::vector<UNetUpBlock2D<T>> up_blocks;
@@ -134,6 +142,9 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   nn::TimestepEmbeddingConfig time_embedding_config() const {
     return {config_.block_out_channels[0], config_.time_embed_dim(), 0, true};
   }
+  nn::TimestepEmbeddingConfig add_embedding_config() const {
+    return {config_.projection_class_embeddings_input_dim, config_.time_embed_dim(), 0, true};
+  }
   nn::GroupNormConfig conv_norm_out_config() const {
     return {config_.norm_num_groups, config_.block_out_channels[0], config_.norm_eps, true};
   }
@@ -153,6 +164,7 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
     auto name = [&](const std::string& n) { return nn::join_name(prefix, n); };
     f(name("conv_in"), self.conv_in, self.conv_in_config());
     f(name("time_embedding"), self.time_embedding, self.time_embedding_config());
+    for (auto& add : self.add_embedding) f(name("add_embedding"), add, self.add_embedding_config());
     for (std::size_t i = 0; i < self.down_blocks.size(); ++i)
       UNetDownBlock2D<T>::walk(self.down_blocks[i], name("down_blocks." + std::to_string(i)), f);
     for (auto& mid : self.mid_block) UNetMidBlock2DCrossAttn<T>::walk(mid, name("mid_block"), f);
@@ -165,14 +177,24 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   /// sample [B, Cin, H, W], timesteps [B] (integers), encoder_hidden_states [B, L, Dc].
   Tensor4<T> forward(const Tensor4<T>& sample, std::span<const std::int64_t> timesteps,
                      const Tensor3<T>& encoder_hidden_states) {
-    std::vector<float> t(timesteps.size());
-    for (std::size_t b = 0; b < t.size(); ++b) t[b] = static_cast<float>(timesteps[b]);
-    return forward(sample, std::span<const float>(t), encoder_hidden_states);
+    return forward_impl(sample, float_timesteps(timesteps), encoder_hidden_states, nullptr);
   }
-
   /// The same with float32 timesteps (diffusers converts integer timesteps to float32 first).
   Tensor4<T> forward(const Tensor4<T>& sample, std::span<const float> timesteps,
-                     const Tensor3<T>& encoder_hidden_states);
+                     const Tensor3<T>& encoder_hidden_states) {
+    return forward_impl(sample, timesteps, encoder_hidden_states, nullptr);
+  }
+  /// SDXL: the same with added_cond_kwargs (text_embeds, time_ids).
+  Tensor4<T> forward(const Tensor4<T>& sample, std::span<const std::int64_t> timesteps,
+                     const Tensor3<T>& encoder_hidden_states, const AddedConditions<T>& added) {
+    return forward_impl(sample, float_timesteps(timesteps), encoder_hidden_states, &added);
+  }
+  Tensor4<T> forward(const Tensor4<T>& sample, std::span<const float> timesteps,
+                     const Tensor3<T>& encoder_hidden_states, const AddedConditions<T>& added) {
+    return forward_impl(sample, timesteps, encoder_hidden_states, &added);
+  }
+  /// Whether forward needs AddedConditions (addition_embed_type "text_time").
+  bool uses_added_conditions() const { return !add_embedding.empty(); }
 
   /// Back-propagates grad_output (dL/d output) through the last forward.
   void backward(const Tensor4<T>& grad_output);
@@ -181,6 +203,8 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   const Tensor4<T>& grad_sample() const { return grad_sample_; }
   /// d⟨output, grad_output⟩ / d encoder_hidden_states of the last backward.
   const Tensor3<T>& grad_encoder_hidden_states() const { return grad_encoder_hidden_states_; }
+  /// d⟨output, grad_output⟩ / d text_embeds of the last backward (SDXL; empty otherwise).
+  const Tensor<T, 2>& grad_text_embeds() const { return grad_text_embeds_; }
 
  private:
   void require_parameters(const char* what) const {
@@ -188,6 +212,16 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
             "the model was built with Allocation::shapes_only and has no parameters (use "
             "for_each_parameter_shape)");
   }
+
+  static std::vector<float> float_timesteps(std::span<const std::int64_t> timesteps) {
+    std::vector<float> t(timesteps.size());
+    for (std::size_t b = 0; b < t.size(); ++b) t[b] = static_cast<float>(timesteps[b]);
+    return t;
+  }
+  Tensor4<T> forward_impl(const Tensor4<T>& sample, std::span<const float> timesteps,
+                          const Tensor3<T>& encoder_hidden_states, const AddedConditions<T>* added);
+  // aug_emb = add_embedding(cat[text_embeds, add_time_proj(time_ids)])  [B, E]
+  Tensor<T, 2> added_embedding(const AddedConditions<T>& added, std::size_t batch);
 
   static const UNet2DConditionConfig& checked(const UNet2DConditionConfig& c) {
     c.validate();
@@ -205,6 +239,8 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   std::vector<std::size_t> up_skip_begin_;  // index in res of each up block's first skip
   Tensor4<T> grad_sample_;
   Tensor3<T> grad_encoder_hidden_states_;
+  std::size_t text_embeds_width_ = 0;  // P of the last forward (0: no added conditions)
+  Tensor<T, 2> grad_text_embeds_;
 };
 
 // The heavy members, defined out of the class so that DIFFTRAIN_EXTERN_TEMPLATES can keep them
@@ -218,6 +254,9 @@ UNet2DConditionModel<T>::UNet2DConditionModel(const UNet2DConditionConfig& confi
   const std::size_t n = c.num_blocks(), E = c.time_embed_dim(), c0 = c.block_out_channels[0];
   conv_in = make_slot<lora::Conv2dSlot<T>>(conv_in_config(), allocation);
   time_embedding = make_layer<nn::TimestepEmbedding<T>>(time_embedding_config(), allocation);
+  if (c.addition_embed_type == AdditionEmbedType::text_time)
+    add_embedding.push_back(
+        make_layer<nn::TimestepEmbedding<T>>(add_embedding_config(), allocation));
   std::size_t output = c0;
   for (std::size_t i = 0; i < n; ++i) {
     const std::size_t input = output;
@@ -280,9 +319,36 @@ UNet2DConditionModel<T>::UNet2DConditionModel(const UNet2DConditionConfig& confi
 }
 
 template <class T>
-Tensor4<T> UNet2DConditionModel<T>::forward(const Tensor4<T>& sample,
-                                            std::span<const float> timesteps,
-                                            const Tensor3<T>& encoder_hidden_states) {
+Tensor<T, 2> UNet2DConditionModel<T>::added_embedding(const AddedConditions<T>& added,
+                                                      std::size_t batch) {
+  constexpr const char* fn = "UNet2DConditionModel::forward";
+  const auto& c = config_;
+  const std::size_t d = c.addition_time_embed_dim, width = c.projection_class_embeddings_input_dim;
+  const std::size_t P = added.text_embeds.shape()[1], K = added.time_ids.shape()[1];
+  require(added.text_embeds.shape()[0] == batch && added.time_ids.shape()[0] == batch, fn,
+          "text_embeds has shape ", shape_string(added.text_embeds.shape()), " and time_ids ",
+          shape_string(added.time_ids.shape()), ", expected batch ", batch, " as the sample");
+  require(P + K * d == width, fn, "text_embeds ", shape_string(added.text_embeds.shape()),
+          " and time_ids ", shape_string(added.time_ids.shape()), " give ", P, " + ", K, " x ", d,
+          " = ", P + K * d,
+          " add_embedding inputs, expected projection_class_embeddings_input_dim = ", width);
+  // [B·K, d] sinusoids are [B, K·d] row by row: value 0's d numbers first
+  const Tensor<T, 2> time_embeds = unet_time_proj<T>(
+      std::span<const float>(added.time_ids.data(), batch * K), d, c.flip_sin_to_cos, c.freq_shift);
+  Tensor<T, 2> add_embeds(std::array<std::size_t, 2>{batch, width});
+  for (std::size_t b = 0; b < batch; ++b) {
+    std::copy_n(added.text_embeds.data() + b * P, P, add_embeds.data() + b * width);
+    std::copy_n(time_embeds.data() + b * K * d, K * d, add_embeds.data() + b * width + P);
+  }
+  text_embeds_width_ = P;
+  return add_embedding[0].forward(add_embeds);
+}
+
+template <class T>
+Tensor4<T> UNet2DConditionModel<T>::forward_impl(const Tensor4<T>& sample,
+                                                 std::span<const float> timesteps,
+                                                 const Tensor3<T>& encoder_hidden_states,
+                                                 const AddedConditions<T>* added) {
   constexpr const char* fn = "UNet2DConditionModel::forward";
   require_parameters("forward");
   const auto& c = config_;
@@ -301,7 +367,15 @@ Tensor4<T> UNet2DConditionModel<T>::forward(const Tensor4<T>& sample,
 
   const Tensor<T, 2> t_emb =
       unet_time_proj<T>(timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift);
-  const Tensor<T, 2> emb = time_embedding.forward(t_emb);
+  Tensor<T, 2> emb = time_embedding.forward(t_emb);
+  require(uses_added_conditions() == (added != nullptr), fn,
+          uses_added_conditions()
+              ? "the UNet has addition_embed_type \"text_time\" (SDXL): forward needs text_embeds "
+                "and time_ids (AddedConditions)"
+              : "added conditions (text_embeds, time_ids) were given, but the UNet has no "
+                "addition_embed_type");
+  text_embeds_width_ = 0;
+  if (added) emb += added_embedding(*added, B);
 
   Tensor4<T> h = c.center_input_sample ? Tensor4<T>(T(2) * sample - T(1)) : sample;
   h = conv_in.forward(h);
@@ -360,6 +434,15 @@ void UNet2DConditionModel<T>::backward(const Tensor4<T>& grad_output) {
   dh += d_res[0];
   grad_sample_ = conv_in.backward(dh);
   if (config_.center_input_sample) grad_sample_ *= T(2);
+  if (text_embeds_width_ > 0) {
+    const Tensor<T, 2> d_add = add_embedding[0].backward(dtemb);
+    const std::size_t P = text_embeds_width_, width = d_add.shape()[1];
+    grad_text_embeds_.resize({batch_, P});
+    for (std::size_t b = 0; b < batch_; ++b)
+      std::copy_n(d_add.data() + b * width, P, grad_text_embeds_.data() + b * P);
+  } else {
+    grad_text_embeds_ = Tensor<T, 2>();
+  }
   time_embedding.backward(dtemb, false);
   grad_encoder_hidden_states_ = std::move(dcontext);
 }

@@ -6,7 +6,8 @@
 // difftrain::Error naming the key and the value; a key diffusers' UNet2DConditionModel does not
 // have throws unless its value is null; keys with a leading underscore (`_class_name`,
 // `_diffusers_version`, ...) are ignored. Keys that only matter for features we do not have
-// (class/addition embeddings, encoder_hid_proj, ...) must keep the value that disables them.
+// (class embeddings, encoder_hid_proj, addition embeddings other than SDXL's "text_time", ...)
+// must keep the value that disables them.
 //
 // Per-block values (diffusers' rules, n = number of down blocks):
 //   num_attention_heads[i] = attention_head_dim[i] (SD1.x/2.x misnomer: it IS the head count;
@@ -34,6 +35,9 @@ namespace difftrain::models {
 enum class DownBlockType { DownBlock2D, CrossAttnDownBlock2D };
 /// Up block kinds (the same two shapes on the way up).
 enum class UpBlockType { UpBlock2D, CrossAttnUpBlock2D };
+
+/// addition_embed_type: none, or SDXL's "text_time" (pooled text embedding + size/crop time ids).
+enum class AdditionEmbedType { none, text_time };
 
 inline const char* to_string(DownBlockType t) {
   return t == DownBlockType::DownBlock2D ? "DownBlock2D" : "CrossAttnDownBlock2D";
@@ -67,6 +71,10 @@ struct UNet2DConditionConfig {
   std::size_t time_embedding_dim = 0;  // 0: 4 · block_out_channels[0]
   std::size_t conv_in_kernel = 3;
   std::size_t conv_out_kernel = 3;
+  // SDXL: emb += add_embedding([text_embeds, add_time_proj(time_ids)]) (see unet2d_condition.hpp)
+  AdditionEmbedType addition_embed_type = AdditionEmbedType::none;
+  std::size_t addition_time_embed_dim = 0;                // width of each time id's sinusoids
+  std::size_t projection_class_embeddings_input_dim = 0;  // add_embedding's input width
 
   std::size_t num_blocks() const { return block_out_channels.size(); }
   std::size_t time_embed_dim() const {
@@ -90,6 +98,8 @@ struct UNet2DConditionConfig {
   static UNet2DConditionConfig sd15();
   /// stabilityai/stable-diffusion-2-1 (768-v) unet/config.json.
   static UNet2DConditionConfig sd21();
+  /// stabilityai/stable-diffusion-xl-base-1.0 unet/config.json.
+  static UNet2DConditionConfig sdxl();
 };
 
 namespace unet_config_detail {
@@ -195,6 +205,13 @@ inline void UNet2DConditionConfig::validate() const {
       check_heads(n - 1 - i, reversed_at(num_attention_heads, i), "up");
   }
   if (has_mid_block) check_heads(n - 1, num_attention_heads.back(), "mid");
+  if (addition_embed_type == AdditionEmbedType::text_time) {
+    require(addition_time_embed_dim > 0, kFunction,
+            "addition_embed_type = \"text_time\" needs a positive addition_time_embed_dim");
+    require(projection_class_embeddings_input_dim > 0, kFunction,
+            "addition_embed_type = \"text_time\" needs a positive "
+            "projection_class_embeddings_input_dim");
+  }
   // A lower bound of the weights, before any is allocated: per block, 2 3×3 convs (18c²) per
   // resnet and ≥ 12c² per transformer layer (attention 4c², feed-forward 8c²), down and up.
   double weights = 0;
@@ -352,10 +369,21 @@ inline UNet2DConditionConfig UNet2DConditionConfig::from_json(const nlohmann::js
   require_value("resnet_skip_time_act", false);
   require_value("class_embeddings_concat", false);
   for (const char* key :
-       {"class_embed_type", "addition_embed_type", "addition_time_embed_dim", "num_class_embeds",
-        "encoder_hid_dim", "encoder_hid_dim_type", "time_embedding_act_fn", "timestep_post_act",
-        "time_cond_proj_dim", "projection_class_embeddings_input_dim", "cross_attention_norm"})
+       {"class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
+        "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim", "cross_attention_norm"})
     require_null(key);
+  if (has("addition_embed_type")) {
+    if (at("addition_embed_type") != "text_time")
+      unsupported("addition_embed_type", at("addition_embed_type"), "\"text_time\", null");
+    c.addition_embed_type = AdditionEmbedType::text_time;
+  }
+  // read only with an addition embedding (diffusers ignores them otherwise)
+  if (has("addition_time_embed_dim"))
+    c.addition_time_embed_dim =
+        positive_int("addition_time_embed_dim", at("addition_time_embed_dim"));
+  if (has("projection_class_embeddings_input_dim"))
+    c.projection_class_embeddings_input_dim = positive_int(
+        "projection_class_embeddings_input_dim", at("projection_class_embeddings_input_dim"));
   // only read by block types we do not build: any value is harmless
   if (has("mid_block_only_cross_attention"))
     (void)boolean("mid_block_only_cross_attention", at("mid_block_only_cross_attention"));
@@ -404,6 +432,25 @@ inline UNet2DConditionConfig UNet2DConditionConfig::sd21() {
   c.num_attention_heads = {5, 10, 20, 20};
   c.use_linear_projection = true;
   c.upcast_attention = true;
+  return c;
+}
+
+inline UNet2DConditionConfig UNet2DConditionConfig::sdxl() {
+  UNet2DConditionConfig c;
+  c.sample_size = 128;
+  c.block_out_channels = {320, 640, 1280};
+  c.down_block_types = {DownBlockType::DownBlock2D, DownBlockType::CrossAttnDownBlock2D,
+                        DownBlockType::CrossAttnDownBlock2D};
+  c.up_block_types = {UpBlockType::CrossAttnUpBlock2D, UpBlockType::CrossAttnUpBlock2D,
+                      UpBlockType::UpBlock2D};
+  c.layers_per_block = {2, 2, 2};
+  c.cross_attention_dim = {2048, 2048, 2048};
+  c.transformer_layers_per_block = {1, 2, 10};
+  c.num_attention_heads = {5, 10, 20};
+  c.use_linear_projection = true;
+  c.addition_embed_type = AdditionEmbedType::text_time;
+  c.addition_time_embed_dim = 256;
+  c.projection_class_embeddings_input_dim = 2816;
   return c;
 }
 
