@@ -4,4 +4,5 @@
 #include "difftrain/models/clip/clip_config.hpp"
 #include "difftrain/models/clip/clip_mlp.hpp"
 #include "difftrain/models/clip/clip_text_model.hpp"
+#include "difftrain/models/clip/open_clip_names.hpp"
 #include "difftrain/models/clip/text_encoder.hpp"

@@ -1,6 +1,7 @@
 #pragma once
 // ClipTextConfig: the transformers CLIPTextConfig (a text encoder's config.json), with the SD 1.x
-// (openai/clip-vit-large-patch14) and SD 2.x (OpenCLIP ViT-H/14) presets.
+// (openai/clip-vit-large-patch14), SD 2.x (OpenCLIP ViT-H/14) and SDXL
+// second-encoder (OpenCLIP ViT-bigG/14) presets.
 //
 // Parsing is strict: a key set to a value this implementation does not support throws
 // difftrain::Error naming the key and the value; a key that is not a CLIPTextConfig setting throws
@@ -92,6 +93,9 @@ struct ClipTextConfig {
   static ClipTextConfig sd15();
   /// stabilityai/stable-diffusion-2-1 text_encoder/config.json (OpenCLIP ViT-H/14 text tower).
   static ClipTextConfig sd21();
+  /// stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (OpenCLIP ViT-bigG/14
+  /// text tower, CLIPTextModelWithProjection; SDXL's first encoder is sd15()'s ViT-L/14).
+  static ClipTextConfig sdxl_text_encoder_2();
 };
 
 namespace clip_config_detail {
@@ -298,6 +302,18 @@ inline ClipTextConfig ClipTextConfig::sd21() {
   c.num_hidden_layers = 23;
   c.num_attention_heads = 16;
   c.hidden_act = ClipActivation::gelu;
+  return c;
+}
+
+inline ClipTextConfig ClipTextConfig::sdxl_text_encoder_2() {
+  ClipTextConfig c = sd15();
+  c.hidden_size = 1280;
+  c.intermediate_size = 5120;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 20;
+  c.hidden_act = ClipActivation::gelu;
+  c.projection_dim = 1280;
+  c.architecture = ClipTextArchitecture::clip_text_model_with_projection;
   return c;
 }
 

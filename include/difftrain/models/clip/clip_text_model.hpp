@@ -44,12 +44,14 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -60,6 +62,7 @@
 #include "difftrain/models/clip/clip_attention.hpp"
 #include "difftrain/models/clip/clip_config.hpp"
 #include "difftrain/models/clip/clip_mlp.hpp"
+#include "difftrain/models/clip/open_clip_names.hpp"
 #include "difftrain/models/ldm_names.hpp"
 #include "difftrain/nn/embedding.hpp"
 #include "difftrain/nn/layer_norm.hpp"
@@ -551,27 +554,153 @@ ClipTextModel<T> load_clip_text_model(const std::string& folder) {
   return model;
 }
 
-/// A ClipTextModel of `config` from an original single-file checkpoint: its
-/// cond_stage_model.transformer.* tensors (transformers' names below the prefix; files of older
-/// transformers versions lack the "text_model." level and are read alike), strictly, errors in
-/// the file's names; position_ids and the file's other tensors are ignored.
+namespace clip_detail {
+
+// 0, 1, 2 for a q_proj, k_proj, v_proj parameter name ("….self_attn.q_proj.weight"), else -1.
+inline int qkv_part(const std::string& name) {
+  for (int k = 0; k < 3; ++k)
+    if (name.find(std::string(".self_attn.") + "qkv"[k] + "_proj.") != std::string::npos) return k;
+  return -1;
+}
+
+// A ClipTextModel seen in OpenCLIP's names below `prefix` (open_clip_names.hpp), for
+// nn::load_state_dict: each file tensor is one visited parameter. q_proj, k_proj, v_proj of a
+// layer are visited as one staging parameter of the fused in_proj's shape ([3D, D] or [3D]) and
+// text_projection.weight [P, D] as one of shape [D, P]; after the visit (which checks the file's
+// shape before reading anything) the staged values go to the model, split or transposed.
+template <class T>
+struct OpenClipView {
+  ClipTextModel<T>& model;
+  const std::string& prefix;
+
+  template <class Visitor>
+  void for_each_parameter(const std::string& /*unused*/, Visitor&& visit) {
+    std::map<std::string, std::array<nn::Parameter<T>*, 3>> pending;  // in_proj name → q, k, v
+    model.for_each_parameter("", [&](const std::string& name, nn::Parameter<T>& p) {
+      const std::string file_name = prefix + open_clip_name(name);
+      const auto& shape = p.value.shape();
+      if (name == ClipTextModel<T>::kTextProjectionKey) {  // W [P, D] = (file [D, P])ᵀ
+        const std::size_t P = shape[0], D = shape[1];
+        nn::Parameter<T> staged({D, P}, false);
+        visit(file_name, staged);
+        for (std::size_t i = 0; i < P; ++i)
+          for (std::size_t d = 0; d < D; ++d)
+            p.value.data()[i * D + d] = staged.value.data()[d * P + i];
+        return;
+      }
+      const int part = qkv_part(name);
+      if (part < 0) {
+        visit(file_name, p);
+        return;
+      }
+      auto& parts = pending[file_name];
+      parts[part] = &p;
+      if (!parts[0] || !parts[1] || !parts[2]) return;
+      std::vector<std::size_t> fused_shape(shape.begin(), shape.end());
+      fused_shape[0] *= 3;  // [Wq; Wk; Wv] stacked along the rows
+      nn::Parameter<T> fused(fused_shape, false);
+      visit(file_name, fused);
+      const std::size_t n = p.value.size();
+      for (std::size_t k = 0; k < 3; ++k)
+        std::copy(fused.value.data() + k * n, fused.value.data() + (k + 1) * n,
+                  parts[k]->value.data());
+      pending.erase(file_name);
+    });
+  }
+};
+
+// The block index i of an OpenCLIP name "transformer.resblocks.<i>.…", if it is one.
+inline std::optional<std::size_t> open_clip_block(std::string_view rest) {
+  constexpr std::string_view blocks = "transformer.resblocks.";
+  if (!rest.starts_with(blocks)) return std::nullopt;
+  rest.remove_prefix(blocks.size());
+  std::size_t index = 0;
+  const auto [end, ec] = std::from_chars(rest.data(), rest.data() + rest.size(), index);
+  if (ec != std::errc() || end == rest.data() || end == rest.data() + rest.size() || *end != '.')
+    return std::nullopt;
+  return index;
+}
+
+}  // namespace clip_detail
+
+/// A ClipTextModel of `config` from an original single-file checkpoint: the text encoder under
+/// the layout's prefix (open_clip_names.hpp: SD 1.x's cond_stage_model.transformer.*, SD 2.x's
+/// cond_stage_model.model.*, SDXL's conditioner.embedders.0.transformer.* and .1.model.*), loaded
+/// strictly, errors in the file's names; the file's other tensors are ignored.
+///   hf_transformer, sdxl_first: transformers' names below the prefix (files of older
+///     transformers versions lack the "text_model." level and are read alike); position_ids is
+///     ignored.
+///   open_clip, sdxl_second: OpenCLIP's names; q/k/v are split from the fused in_proj ([3D, D]
+///     checked before it is read) and text_projection is transposed. Ignored: logit_scale,
+///     attn_mask, and the resblocks from num_hidden_layers on, as diffusers does for SD 2.x,
+///     whose file has 24 blocks and whose config 23 (SD 2 conditions on the penultimate layer).
+/// The class: config.architecture if set; else CLIPTextModelWithProjection for sdxl_second and
+/// for an hf layout whose file has <prefix>text_projection.weight, CLIPTextModel otherwise. A
+/// CLIPTextModel ignores an OpenCLIP file's text_projection (SD 2.x's, which diffusers drops).
 template <class T = float>
-ClipTextModel<T> load_clip_text_model_single_file(const std::string& path,
-                                                  const ClipTextConfig& config) {
-  const std::string prefix(kLdmClipPrefix);
+ClipTextModel<T> load_clip_text_model_single_file(const std::string& path, ClipTextConfig config,
+                                                  ClipSingleFileLayout layout) {
+  const std::string prefix(clip_single_file_prefix(layout));
+  const bool open_clip = is_open_clip(layout);
+  const std::string what = "load_clip_text_model_single_file('" + path + "')";
+  const auto state = io::open_safetensors_state<T>({path});
+  if (!config.architecture) {
+    const bool projection =
+        layout == ClipSingleFileLayout::sdxl_second ||
+        (!open_clip && state.count(prefix + ClipTextModel<T>::kTextProjectionKey) > 0);
+    config.architecture = projection ? ClipTextArchitecture::clip_text_model_with_projection
+                                     : ClipTextArchitecture::clip_text_model;
+  }
   ClipTextModel<T> model(config);
-  load_single_file_component<T>(
-      model, path, prefix, [&](const std::string& name) { return prefix + name; },
+  const auto component = io::rename_state(
+      state,
       [&](const std::string& name,
           const std::vector<std::size_t>& shape) -> std::optional<io::StateKey> {
         if (!name.starts_with(prefix)) return std::nullopt;
         std::string rest = name.substr(prefix.size());
-        if (!rest.starts_with("text_model.")) rest = "text_model." + rest;
+        if (open_clip) {
+          if (rest == "logit_scale" || rest == "attn_mask") return std::nullopt;
+          if (rest == "text_projection" && !model.has_projection()) return std::nullopt;
+          const auto block = clip_detail::open_clip_block(rest);
+          if (block && *block >= config.num_hidden_layers) return std::nullopt;
+          return io::StateKey{name, shape};
+        }
+        if (!rest.starts_with("text_model.") && rest != ClipTextModel<T>::kTextProjectionKey)
+          rest = "text_model." + rest;
         if (rest == ClipTextModel<T>::kPositionIdsKey) return std::nullopt;
         return io::StateKey{prefix + rest, shape};
       },
-      "load_clip_text_model_single_file('" + path + "')");
+      what);
+  if (component.empty()) {  // name the layouts the file does have
+    std::string found;
+    for (auto other : {ClipSingleFileLayout::hf_transformer, ClipSingleFileLayout::sdxl_first,
+                       ClipSingleFileLayout::open_clip, ClipSingleFileLayout::sdxl_second}) {
+      const std::string other_prefix(clip_single_file_prefix(other));
+      const auto it = state.lower_bound(other_prefix);
+      if (it != state.end() && it->first.starts_with(other_prefix))
+        found += (found.empty() ? "; it has " : ", ") + other_prefix +
+                 "* (ClipSingleFileLayout::" + std::string(to_string(other)) + ")";
+    }
+    fail(what, "'", path, "' has no tensor named ", prefix,
+         "* (not an original single-file checkpoint of this component?", found, ")");
+  }
+  if (open_clip) {
+    clip_detail::OpenClipView<T> view{model, prefix};
+    nn::load_state_dict<T>(view, component, what);
+  } else {
+    auto to_file_name = [&](const std::string& name) { return prefix + name; };
+    RenamedModule<ClipTextModel<T>, decltype(to_file_name)&> view{model, to_file_name};
+    nn::load_state_dict<T>(view, component, what);
+  }
   return model;
+}
+
+/// load_clip_text_model_single_file of an SD 1.x file (ClipSingleFileLayout::hf_transformer:
+/// cond_stage_model.transformer.*).
+template <class T = float>
+ClipTextModel<T> load_clip_text_model_single_file(const std::string& path,
+                                                  const ClipTextConfig& config) {
+  return load_clip_text_model_single_file<T>(path, config, ClipSingleFileLayout::hf_transformer);
 }
 
 #ifdef DIFFTRAIN_EXTERN_TEMPLATES
