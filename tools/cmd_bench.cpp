@@ -89,8 +89,8 @@ void UnetMacsCounter::add(const std::string& name, std::span<const std::size_t> 
   } else if (name.starts_with("conv_in.") || name.starts_with("conv_out.")) {
     level = 0;
   } else {
-    require(name.starts_with("time_embedding."), "unet_forward_macs", "parameter '", name,
-            "' is in no known block");
+    require(name.starts_with("time_embedding.") || name.starts_with("add_embedding."),
+            "unet_forward_macs", "parameter '", name, "' is in no known block");
   }
   require(level == kNoLevel || level < n, "unet_forward_macs", "parameter '", name,
           "' is at level ", level, ", expected below ", n);
@@ -299,13 +299,30 @@ nlohmann::ordered_json run_bench(const BenchOptions& o) {
   options.seed = o.seed;
   DiffusionTrainStep step(DdpmScheduler::sd15(), unet, latents_as_is, text, loss::MinSnr(5.0),
                           options);
+  // SDXL: a pooled embedding and the time ids of an uncropped image of the latent's size
+  BatchExtras extras;
+  AddedConditions<float> added;
+  if (unet.uses_added_conditions()) {
+    const std::size_t P =
+        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim;
+    require(config.projection_class_embeddings_input_dim > 6 * config.addition_time_embed_dim, fn,
+            "'", o.config,
+            "': projection_class_embeddings_input_dim leaves no text_embeds for 6 "
+            "time ids");
+    added.text_embeds = random_tensor<2>({B, P}, RandomStream{o.seed, 5});
+    added.time_ids = Tensor<float, 2>(std::array<std::size_t, 2>{B, 6}, 0.f);
+    const float pixels = static_cast<float>(8 * S);
+    for (std::size_t b = 0; b < B; ++b)
+      for (const std::size_t k : {0, 1, 4, 5}) added.time_ids(b, k) = pixels;
+    extras.added_conditions = &added;
+  }
 
   const double setup_peak = peak_rss_mb();
   const StepPeakRss step_peak;
   double loss = 0;
   const StepTimes times = time_steps(o.warmup, o.steps, [&](std::uint64_t s) {
     optimizer.zero_grad();
-    loss = step.step(latents, ids, s).loss;
+    loss = step.step(latents, ids, s, extras).loss;
     optimizer.step();
   });
   const TimeSummary t = summarize(times.wall_ms), cpu = summarize(times.cpu_ms);

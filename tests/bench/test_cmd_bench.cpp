@@ -110,6 +110,25 @@ TEST_CASE("bench lora: one step of the tiny UNet, adapters counted independently
   CHECK(j["params"] == base + lora);
 }
 
+TEST_CASE("bench lora on an SDXL UNet (text_time): pooled embedding and time ids supplied") {
+  tools::BenchOptions o = tiny_options("lora");
+  o.config = test::data_path("unet_sdxl_tiny/config.json");
+  const Json j = tools::run_bench(o);
+  INFO(j.dump());
+  check_timing(j, "ms");
+  CHECK(number(j, "loss") > 0);
+  // unet_sdxl_tiny: attention only at level 1 (C = 16), whose transformers have 2 layers
+  // (transformer_layers_per_block [1, 2]): 2 down + 3 up transformers, and the mid block's (the
+  // last entry, 2); context D = 64. Adapters: r(8C) + r(6C + 2D) per transformer layer.
+  const std::size_t r = 2, C = 16, D = 64;
+  const std::size_t per_layer = 8 * r * C + r * (6 * C + 2 * D);
+  const std::size_t layers = 2 * 2 + 3 * 2 + 2;  // down 2×2, up 3×2, mid 2
+  const std::size_t base =
+      checkpoint_parameters(test::data_path("unet_sdxl_tiny/diffusion_pytorch_model.safetensors"));
+  CHECK(j["trainable_params"] == layers * per_layer);
+  CHECK(j["params"] == base + layers * per_layer);
+}
+
 TEST_CASE("bench full: every parameter trains, the step counts 3x the forward FLOPs") {
   const Json j = tools::run_bench(tiny_options("full"));
   INFO(j.dump());

@@ -59,8 +59,10 @@ const std::vector<std::pair<std::string, std::string>> kResnetLeaves = {
     {"time_emb_proj.", "emb_layers.1."}, {"norm2.", "out_layers.0."},
     {"conv2.", "out_layers.3."},         {"conv_shortcut.", "skip_connection."}};
 
-std::string tiny_ldm_name(const std::string& name) {
-  for (const auto& [module, ldm] : kTinyModules) {
+// The LDM name of a diffusers parameter by one of this test's module tables.
+std::string table_ldm_name(const std::vector<std::pair<std::string, std::string>>& table,
+                           const std::string& name) {
+  for (const auto& [module, ldm] : table) {
     if (!name.starts_with(module)) continue;
     std::string rest = name.substr(module.size());
     if (module.find("resnets") != std::string::npos) {
@@ -83,8 +85,8 @@ Tensors tiny_single_file_tensors() {
       io::SafetensorsFile::open(data_path("unet_tiny/diffusion_pytorch_model.safetensors"));
   Tensors out;
   for (const auto& name : file.names())
-    out["model.diffusion_model." + tiny_ldm_name(name)] = {file.read<float>(name),
-                                                           file.info(name).shape};
+    out["model.diffusion_model." + table_ldm_name(kTinyModules, name)] = {file.read<float>(name),
+                                                                          file.info(name).shape};
   REQUIRE(out.size() == 208);
   out["first_stage_model.encoder.conv_in.weight"] = {std::vector<float>(8 * 3 * 9, 0.5f),
                                                      {8, 3, 3, 3}};
@@ -266,4 +268,88 @@ TEST_CASE("load_unet_single_file: a unet_tiny single file reproduces the golden 
                           data_path("unet_tiny/diffusion_pytorch_model.safetensors"), config),
                       Contains("has no tensor named model.diffusion_model.*"));
   }
+}
+
+namespace {
+// This test's own LDM table for unet_sdxl_tiny (SDXL's layout: 2 levels, layers_per_block 2,
+// attention only in the deeper level, label_emb for add_embedding), written out by hand.
+const std::vector<std::pair<std::string, std::string>> kSdxlTinyModules = {
+    {"conv_in.", "input_blocks.0.0."},
+    {"time_embedding.linear_1.", "time_embed.0."},
+    {"time_embedding.linear_2.", "time_embed.2."},
+    {"add_embedding.linear_1.", "label_emb.0.0."},
+    {"add_embedding.linear_2.", "label_emb.0.2."},
+    {"down_blocks.0.resnets.0.", "input_blocks.1.0."},
+    {"down_blocks.0.resnets.1.", "input_blocks.2.0."},
+    {"down_blocks.0.downsamplers.0.conv.", "input_blocks.3.0.op."},
+    {"down_blocks.1.resnets.0.", "input_blocks.4.0."},
+    {"down_blocks.1.attentions.0.", "input_blocks.4.1."},
+    {"down_blocks.1.resnets.1.", "input_blocks.5.0."},
+    {"down_blocks.1.attentions.1.", "input_blocks.5.1."},
+    {"mid_block.resnets.0.", "middle_block.0."},
+    {"mid_block.attentions.0.", "middle_block.1."},
+    {"mid_block.resnets.1.", "middle_block.2."},
+    {"up_blocks.0.resnets.0.", "output_blocks.0.0."},
+    {"up_blocks.0.attentions.0.", "output_blocks.0.1."},
+    {"up_blocks.0.resnets.1.", "output_blocks.1.0."},
+    {"up_blocks.0.attentions.1.", "output_blocks.1.1."},
+    {"up_blocks.0.resnets.2.", "output_blocks.2.0."},
+    {"up_blocks.0.attentions.2.", "output_blocks.2.1."},
+    {"up_blocks.0.upsamplers.0.conv.", "output_blocks.2.2.conv."},
+    {"up_blocks.1.resnets.0.", "output_blocks.3.0."},
+    {"up_blocks.1.resnets.1.", "output_blocks.4.0."},
+    {"up_blocks.1.resnets.2.", "output_blocks.5.0."},
+    {"conv_norm_out.", "out.0."},
+    {"conv_out.", "out.2."}};
+
+}  // namespace
+
+TEST_CASE(
+    "load_unet_single_file: an SDXL single file (SGM names, label_emb) gives the golden output",
+    "[models][unet][ldm][sdxl]") {
+  const test::SingleThreaded single_threaded;
+  test::TempDir dir("unet_sdxl_single_file");
+  const std::string path = dir.file("sdxl-tiny.safetensors");
+  const auto weights =
+      io::SafetensorsFile::open(data_path("unet_sdxl_tiny/diffusion_pytorch_model.safetensors"));
+  Tensors tensors;
+  for (const auto& name : weights.names())
+    tensors["model.diffusion_model." + table_ldm_name(kSdxlTinyModules, name)] = {
+        weights.read<float>(name), weights.info(name).shape};
+  REQUIRE(tensors.size() == 428);
+  // the other components of an SDXL checkpoint, which the UNet loader ignores
+  tensors["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = {
+      std::vector<float>(32, 1.f), {32}};
+  tensors["conditioner.embedders.1.model.ln_final.weight"] = {std::vector<float>(32, 1.f), {32}};
+  tensors["first_stage_model.encoder.conv_in.weight"] = {std::vector<float>(8 * 3 * 9, 0.5f),
+                                                         {8, 3, 3, 3}};
+  write_tensors(path, tensors);
+
+  const auto config = UNet2DConditionConfig::from_file(data_path("unet_sdxl_tiny/config.json"));
+  auto model = models::load_unet_single_file<float>(path, config);
+  const auto inputs = io::SafetensorsFile::open(data_path("unet_sdxl_tiny/inputs.safetensors"));
+  const auto expected = io::SafetensorsFile::open(data_path("unet_sdxl_tiny/expected.safetensors"));
+  const auto t = inputs.read<std::int64_t>("timestep");
+  AddedConditions<float> added{inputs.read_tensor<float, 2>("text_embeds"),
+                               inputs.read_tensor<float, 2>("time_ids")};
+  const Tensor4<float> output =
+      model.forward(inputs.read_tensor<float, 4>("sample"), std::span<const std::int64_t>(t),
+                    inputs.read_tensor<float, 3>("encoder_hidden_states"), added);
+  const double error = test::golden_error(output, expected.read<float>("output"));
+  INFO("forward error " << error);
+  CHECK(error <= 1e-4);
+
+  // SDXL 1.0's own checkpoint names for the preset (9 input and 9 output blocks)
+  const auto sdxl = UNet2DConditionConfig::sdxl();
+  CHECK(models::ldm_unet_name(sdxl, "add_embedding.linear_1.weight") == "label_emb.0.0.weight");
+  CHECK(models::ldm_unet_name(sdxl,
+                              "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k."
+                              "weight") ==
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight");
+  CHECK(models::ldm_unet_name(sdxl, "up_blocks.1.upsamplers.0.conv.weight") ==
+        "output_blocks.5.2.conv.weight");
+  CHECK(models::ldm_unet_name(sdxl, "up_blocks.2.resnets.2.conv_shortcut.bias") ==
+        "output_blocks.8.0.skip_connection.bias");
+  CHECK_THROWS_AS(
+      models::ldm_unet_name(UNet2DConditionConfig::sd15(), "add_embedding.linear_1.weight"), Error);
 }

@@ -3,6 +3,7 @@
 // CLIPTextModel and the CLIP tokenizer.
 #include "difftrain/models/clip/clip.hpp"
 #include "difftrain/models/clip_tokenizer.hpp"
+#include "difftrain/models/sdxl_conditioning.hpp"
 #include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/load.hpp"
 #include "difftrain/models/unet/lora_names.hpp"

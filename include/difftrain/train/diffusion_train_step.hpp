@@ -9,7 +9,8 @@
 //   x_t    = a·x0 + s·(eps + γ·ξ)                  (DDPM: a = sqrt(ᾱ_t), s = sqrt(1−ᾱ_t);
 //                                                   flow: a = 1 − σ, s = σ)
 //   target = ce·eps + cx·x0                        (eps | v = a·eps − s·x0 | x0 | flow: eps − x0)
-//   pred   = Denoiser.forward(x_t, t_model, ctx)   (t_model: t, or σ·T as float)
+//   pred   = Denoiser.forward(x_t, t_model, ctx)   (t_model: t, or σ·T as float; SDXL: also the
+//                                                   batch's text_embeds and time_ids)
 //   L      = mean_b w_b·mean_chw ℓ(pred − target),  w_b = LossWeighting · sample_weight_b
 //   Denoiser.backward(dL/dpred)
 //   TextEncoder.backward(dL/dctx)                 (a TrainableTextEncoder being trained)
@@ -49,10 +50,12 @@ struct TrainStepOptions {
 };
 
 /// Per-batch extras: per-sample weights (DreamBooth prior preservation: λ on class images, kohya's
-/// prior_loss_weight) and a loss mask ([B,1,H,W] or [B,C,H,W] at latent resolution).
+/// prior_loss_weight), a loss mask ([B,1,H,W] or [B,C,H,W] at latent resolution) and SDXL's
+/// added conditions (pooled text_embeds [B,P], time_ids [B,6]) for a DenoiserWithAddedConditions.
 struct BatchExtras {
   std::vector<float> sample_weights;  // [B] or empty (all 1)
   const Tensor4<float>* mask = nullptr;
+  const AddedConditions<float>* added_conditions = nullptr;
 };
 
 struct TrainStepResult {
@@ -201,7 +204,7 @@ class DiffusionTrainStep {
     make_noisy_input(x0, k, noise_stream);
 
     if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index);
-    const Tensor4<float> pred = forward(context, result.timesteps);
+    const Tensor4<float> pred = forward(context, result.timesteps, extras.added_conditions);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
     const std::span<const float> c = kernels::uses_huber_c(options_.loss_type)
                                          ? std::span<const float>(huber_c)
@@ -246,8 +249,20 @@ class DiffusionTrainStep {
     }
   }
 
-  // The denoiser's forward with float timesteps when it takes them, else integer ones.
-  Tensor4<float> forward(const Tensor3<float>& context, std::span<const double> timesteps) {
+  // The denoiser's forward with float timesteps when it takes them, else integer ones; with the
+  // added conditions when the batch has them.
+  Tensor4<float> forward(const Tensor3<float>& context, std::span<const double> timesteps,
+                         const AddedConditions<float>* added) {
+    if (added) {
+      if constexpr (DenoiserWithAddedConditions<DenoiserT>) {
+        const std::vector<float> t(timesteps.begin(), timesteps.end());
+        return denoiser_.forward(x_t_, std::span<const float>(t), context, *added);
+      } else {
+        fail("DiffusionTrainStep::step",
+             "the batch has added conditions (text_embeds, time_ids), but the denoiser takes "
+             "none (no forward(x_t, t, context, AddedConditions))");
+      }
+    }
     if constexpr (FloatTimestepDenoiser<DenoiserT>) {
       const std::vector<float> t(timesteps.begin(), timesteps.end());
       return denoiser_.forward(x_t_, std::span<const float>(t), context);
