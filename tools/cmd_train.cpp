@@ -380,10 +380,10 @@ std::vector<DatasetDir> dataset_dirs(const std::vector<Example>& examples,
 }
 
 /// The captioned images (or the DreamBooth instance and class images) as micro-batches.
-ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokenizer& tokenizer,
-                                        std::FILE* log) {
-  Tokenize tokenize = [&tokenizer](const std::vector<std::string>& captions) {
-    return tokenizer.encode_batch(captions, tokenizer.model_max_length());
+ImageCaptionDataSource make_data_source(const TrainCommandOptions& o,
+                                        const pipeline::ModelFolder& model, std::FILE* log) {
+  Tokenize tokenize = [&model](const std::vector<std::string>& captions) {
+    return model.tokenize(captions);
   };
   DataSourceOptions data_options;
   data_options.resolution = o.resolution;
@@ -397,6 +397,7 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o, ClipTokeni
   data_options.caption = o.caption;
   data_options.reg_loss_weight = float(o.trainer.prior_loss_weight);
   data_options.alpha_mask = o.alpha_mask;
+  data_options.size_conditioning = model.is_sdxl();
   if (o.masked_loss && !o.alpha_mask) {
     require(!o.conditioning_data_dir.empty(), fn,
             "--masked_loss needs masks: --conditioning_data_dir (same-named mask images) or "
@@ -496,8 +497,9 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
                                                  std::int64_t micro_per_epoch, double started_at) {
   lora::KohyaRunInfo r;
   const auto& unet = model.unet.config();
-  r.base = unet.cross_attention_dim.front() == 1024 ? lora::KohyaBaseModel::sd_v2
-                                                    : lora::KohyaBaseModel::sd_v1;
+  r.base = model.is_sdxl()                            ? lora::KohyaBaseModel::sdxl
+           : unet.cross_attention_dim.front() == 1024 ? lora::KohyaBaseModel::sd_v2
+                                                      : lora::KohyaBaseModel::sd_v1;
   r.v_parameterization = t.prediction_type.value_or(model.scheduler.train.prediction_type) ==
                          PredictionType::v_prediction;
   r.sd_model_name = fs::path(o.pretrained_model_name_or_path).filename().string();
@@ -618,8 +620,12 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
 /// with classifier-free guidance, LoRA dropout off while sampling.
 fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolder& model,
                               std::int64_t step_number) {
-  lora::set_lora_training(model.unet, false);
-  lora::set_lora_training(model.text_encoder, false);
+  auto set_training = [&model](bool on) {
+    lora::set_lora_training(model.unet, on);
+    lora::set_lora_training(model.text_encoder, on);
+    if (model.text_encoder_2) lora::set_lora_training(*model.text_encoder_2, on);
+  };
+  set_training(false);
   SampleOptions so;
   so.num_inference_steps = o.validation_inference_steps;
   so.guidance_scale = o.validation_guidance_scale;
@@ -633,8 +639,7 @@ fs::path save_validation_grid(const TrainCommandOptions& o, pipeline::ModelFolde
                         ("step-" + std::to_string(step_number) + ".png");
   save_png_grid(path.string(), images,
                 std::size_t(std::ceil(std::sqrt(double(o.num_validation_images)))));
-  lora::set_lora_training(model.unet, true);
-  lora::set_lora_training(model.text_encoder, true);
+  set_training(true);
   return path;
 }
 
@@ -771,13 +776,14 @@ std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& un
 }
 
 std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& text_encoder,
-                                                      const TrainCommandOptions& o) {
+                                                      const TrainCommandOptions& o,
+                                                      std::uint64_t encoder_index) {
   if (!o.train_text_encoder && !o.network_train_text_encoder_only) return {};
   const std::vector<std::string> targets = kohya_targets(o)
                                                ? lora::kohya_text_encoder_targets()
                                                : lora::diffusers_text_encoder_targets();
   return lora::inject_lora(text_encoder, targets, lora_config(o),
-                           RandomStream{o.trainer.seed, 0x6c6f7465});
+                           RandomStream{o.trainer.seed, 0x6c6f7465 + encoder_index});
 }
 
 fs::path save_finetuned_folder(const fs::path& base, models::UNet2DConditionModel<float>& unet,
@@ -922,7 +928,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     config.validate("--discrete_flow_shift");
     model.scheduler.flow = config;  // validation samples with it; --full_finetune saves it
   }
-  ImageCaptionDataSource data = make_data_source(o, model.tokenizer, log);
+  ImageCaptionDataSource data = make_data_source(o, model, log);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
   if (o.network_train_text_encoder_only)
@@ -930,6 +936,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   else if (!o.full_finetune)
     inject_adapters(model.unet, o);
   const bool text_encoder_adapted = !inject_text_encoder_adapters(model.text_encoder, o).empty();
+  if (model.text_encoder_2) inject_text_encoder_adapters(*model.text_encoder_2, o, 1);
+  if (model.is_sdxl())
+    require(!o.cache_text_encoder_outputs && !o.cache_text_encoder_outputs_to_disk, fn,
+            "--cache_text_encoder_outputs is not supported for SDXL models yet (it would have to "
+            "keep the pooled embeddings too): leave it out");
 
   const std::int64_t micro_per_epoch = std::int64_t(data.steps_per_epoch());
   const train::TrainerOptions t = trainer_options(o, micro_per_epoch);
@@ -949,12 +960,14 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
   CachingTextEncoder text_encoder(
       model.text_encoder, o.cache_text_encoder_outputs,
       disk_cache(o.cache_text_encoder_outputs_to_disk, "text_encoder_outputs"));
-  // The loop, for the step of either objective.
-  auto train_with = [&](auto& step) -> TrainRunResult {
+  // The loop, for the step of either objective and text encoder (`text`: SD's ClipTextEncoder
+  // or SDXL's two encoders).
+  auto train_with = [&](auto& step, auto& text) -> TrainRunResult {
     // The trained parameters: the UNet's under their own names, the text encoder's (if any are
-    // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr).
-    nn::ModulePair<models::UNet2DConditionModel<float>, models::ClipTextEncoder> trained{
-        model.unet, model.text_encoder, "text_encoder"};
+    // trainable) under "text_encoder." (checkpoints, EMA, --text_encoder_lr; SDXL's second
+    // encoder under "text_encoder.text_encoder_2.").
+    nn::ModulePair<models::UNet2DConditionModel<float>, std::remove_reference_t<decltype(text)>>
+        trained{model.unet, text, "text_encoder"};
     train::Trainer trainer(step, trained, t);
 
     {
@@ -1006,9 +1019,14 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       if (!o.network_train_text_encoder_only)
         parts.push_back({models::unet_lora_component(model.unet), lora::collect_lora(model.unet),
                          lora::module_names(model.unet)});
-      if (text_encoder_adapted)
-        parts.push_back({lora::kLoraTextEncoder, lora::collect_lora(model.text_encoder),
+      if (text_encoder_adapted) {
+        parts.push_back({model.is_sdxl() ? lora::kLoraSdxlTextEncoder1 : lora::kLoraTextEncoder,
+                         lora::collect_lora(model.text_encoder),
                          lora::module_names(model.text_encoder)});
+        if (model.text_encoder_2)
+          parts.push_back({lora::kLoraSdxlTextEncoder2, lora::collect_lora(*model.text_encoder_2),
+                           lora::module_names(*model.text_encoder_2)});
+      }
       lora::save_lora(path.string(), parts, format, so);
       return path;
     };
@@ -1078,17 +1096,25 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     progress.message("saved " + result.lora_file.string());
     return result;
   };
-  if (flow) {
-    const FlowMatchEulerDiscreteScheduler scheduler(*model.scheduler.flow);
-    const FlowMatchTimestepOptions density = flow_timestep_options(o);
-    DiffusionTrainStep step(scheduler, model.unet, latent_encoder, text_encoder,
-                            FlowMatchLossWeighting{density.weighting_scheme},
-                            train::train_step_options(t), FlowMatchTimesteps(scheduler, density));
-    return train_with(step);
+  // The step of the run's objective with text encoder `encoder`, trained as module `text`.
+  auto train_objective = [&](auto& encoder, auto& text) {
+    if (flow) {
+      const FlowMatchEulerDiscreteScheduler scheduler(*model.scheduler.flow);
+      const FlowMatchTimestepOptions density = flow_timestep_options(o);
+      DiffusionTrainStep step(scheduler, model.unet, latent_encoder, encoder,
+                              FlowMatchLossWeighting{density.weighting_scheme},
+                              train::train_step_options(t), FlowMatchTimesteps(scheduler, density));
+      return train_with(step, text);
+    }
+    auto step = train::make_train_step(DdpmScheduler(model.scheduler.train), model.unet,
+                                       latent_encoder, encoder, t);
+    return train_with(step, text);
+  };
+  if (model.is_sdxl()) {
+    models::SdxlTextEncoders encoders = model.sdxl_text_encoders();
+    return train_objective(encoders, encoders);
   }
-  auto step = train::make_train_step(DdpmScheduler(model.scheduler.train), model.unet,
-                                     latent_encoder, text_encoder, t);
-  return train_with(step);
+  return train_objective(text_encoder, model.text_encoder);
 }
 
 void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {

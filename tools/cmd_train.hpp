@@ -208,9 +208,11 @@ std::vector<std::string> inject_adapters(models::UNet2DConditionModel<float>& un
 /// With --train_text_encoder or --network_train_text_encoder_only: adapts the text encoder's
 /// Linear layers (q_proj, k_proj, v_proj, out_proj as diffusers' DreamBooth LoRA script; with
 /// --lora_target_set kohya also mlp.fc1, mlp.fc2 as kohya) with the LoRA flags' configuration;
-/// returns the adapted module names (none when the text encoder is not trained).
+/// returns the adapted module names (none when the text encoder is not trained). encoder_index:
+/// 0, or 1 for SDXL's text_encoder_2 (its own initialisation stream).
 std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& text_encoder,
-                                                      const TrainCommandOptions& o);
+                                                      const TrainCommandOptions& o,
+                                                      std::uint64_t encoder_index = 0);
 
 /// Runs `difftrain train` (see the top of the file).
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = stderr,

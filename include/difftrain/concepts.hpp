@@ -139,6 +139,14 @@ concept TrainableTextEncoder = TextEncoder<E> &&
   { e.is_training() } -> std::convertible_to<bool>;
 };
 
+/// A TextEncoder that also gives a pooled embedding [B,P] of its last encode / encode_train
+/// (SDXL's text_embeds): a step hands it to a DenoiserWithAddedConditions with the batch's
+/// time_ids. If trainable, backward(dL/dcontext, dL/dpooled) takes both gradients.
+template <class E>
+concept PooledTextEncoder = TextEncoder<E> && requires(const E& e) {
+  { e.pooled_prompt_embeds() } -> std::convertible_to<Tensor<float, 2>>;
+};
+
 /// A Denoiser that gives dL/dcontext of its last backward (to train the text encoder).
 template <class D>
 concept DenoiserWithContextGrad = Denoiser<D> && requires(const D& d) {
@@ -224,6 +232,8 @@ struct TrainBatch {
   TokenIds class_token_ids;
   std::vector<float> sample_weights;
   std::optional<Tensor4<float>> mask;
+  // SDXL's size conditioning (models::sdxl_time_ids) [B,6] of the rows, and of the class rows.
+  std::optional<Tensor<float, 2>> time_ids, class_time_ids;
 };
 
 /// A source of micro-batches: data(m) is micro-batch m, a function of m only (resume relies on it).

@@ -27,11 +27,9 @@ Tensor3<float> expected3(const std::string& folder, const std::string& name) {
 TEST_CASE("SdxlTextEncoders: penultimate states of both encoders, pooled text_embeds",
           "[models][sdxl]") {
   const test::SingleThreaded single_threaded;
-  auto make = [](std::size_t clip_skip) {
-    return models::SdxlTextEncoders(
-        models::load_clip_text_model<float>(data_path("clip_tiny")),
-        models::load_clip_text_model<float>(data_path("clip_proj_tiny")), clip_skip);
-  };
+  auto te1 = models::load_clip_text_model<float>(data_path("clip_tiny"));
+  auto te2 = models::load_clip_text_model<float>(data_path("clip_proj_tiny"));
+  auto make = [&](std::size_t clip_skip) { return models::SdxlTextEncoders(te1, te2, clip_skip); };
   const TokenIds ids_1 = ids_of("clip_tiny"), ids_2 = ids_of("clip_proj_tiny");
   for (const std::size_t clip_skip : {0, 1}) {
     INFO("clip_skip " << clip_skip);
@@ -53,10 +51,9 @@ TEST_CASE("SdxlTextEncoders: penultimate states of both encoders, pooled text_em
     REQUIRE_CLOSE(out.pooled_prompt_embeds, pooled, 1e-5, 1e-5);
   }
   // the encoders' roles are checked, and the two id tensors must agree in shape
-  CHECK_THROWS_WITH(
-      models::SdxlTextEncoders(models::load_clip_text_model<float>(data_path("clip_proj_tiny")),
-                               models::load_clip_text_model<float>(data_path("clip_tiny"))),
-      Catch::Contains("text_encoder is a CLIPTextModelWithProjection"));
+  CHECK_THROWS_WITH(models::SdxlTextEncoders(te2, te1),
+                    Catch::Contains("text_encoder is a CLIPTextModelWithProjection"));
+  CHECK_THROWS_WITH(make(3), Catch::Contains("clip_skip 3 leaves no layer"));
   auto encoders = make(0);
   const TokenIds short_ids = xt::view(ids_2, xt::all(), xt::range(0, 10));
   CHECK_THROWS_WITH(encoders.encode(ids_1, short_ids), Catch::Contains("[2,10]"));

@@ -7,10 +7,14 @@
 //   DIR/text_encoder/                transformers CLIPTextModel (required)
 //   DIR/tokenizer/                   vocab.json + merges.txt (required)
 //   DIR/scheduler/scheduler_config.json                                  (required)
+//   DIR/text_encoder_2/, DIR/tokenizer_2/  SDXL: CLIPTextModelWithProjection and its tokenizer
+//                                    (both, or neither); the UNet then has addition_embed_type
+//                                    "text_time" and is conditioned as SdxlTextEncoders says
 //
 // The parts must fit together: the UNet's in/out channels equal the VAE's latent_channels (3 in
-// pixel space) and its cross_attention_dim the text encoder's hidden_size; a mismatch or a
-// missing part is an Error naming the folder and the values.
+// pixel space) and its cross_attention_dim the text encoder's hidden_size (SDXL: the sum of
+// both, and projection_class_embeddings_input_dim = projection_dim + 6·addition_time_embed_dim);
+// a mismatch or a missing part is an Error naming the folder and the values.
 //
 // save_model_folder writes such a folder (pixel space: no vae/) that load_model_folder and
 // diffusers' StableDiffusionPipeline.from_pretrained read. Weights by their diffusers /
@@ -23,6 +27,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -36,6 +41,7 @@
 #include "difftrain/lora/lora_file.hpp"
 #include "difftrain/models/clip/text_encoder.hpp"
 #include "difftrain/models/clip_tokenizer.hpp"
+#include "difftrain/models/sdxl_conditioning.hpp"
 #include "difftrain/models/unet/load.hpp"
 #include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/unet/unet2d_condition.hpp"
@@ -58,6 +64,14 @@ struct ModelFolder {
   models::ClipTextEncoder text_encoder;
   ClipTokenizer tokenizer;
   SamplingConfig scheduler;
+  std::optional<models::ClipTextEncoder> text_encoder_2;  // SDXL
+  std::optional<ClipTokenizer> tokenizer_2;               // SDXL
+  std::size_t clip_skip = 0;                              // diffusers' clip_skip
+
+  /// An SDXL pipeline (text_encoder_2/, tokenizer_2/, a "text_time" UNet).
+  bool is_sdxl() const { return text_encoder_2.has_value(); }
+  /// SDXL: both text encoders as one (held by reference), with clip_skip.
+  models::SdxlTextEncoders sdxl_text_encoders();
 
   /// Spatial factor between images and the UNet's sample: the VAE's 2^(blocks−1), 1 in pixel space.
   std::size_t vae_scale_factor() const { return vae ? vae->downsample_factor() : 1; }
@@ -68,13 +82,20 @@ struct ModelFolder {
   /// multiples of vae_scale_factor() × 2^(UNet blocks − 1) (the UNet halves the size that often).
   std::array<std::size_t, 3> latent_shape(std::size_t height, std::size_t width) const;
 
-  /// Context [B, L, D] of the prompts: tokenized to the tokenizer's model_max_length (77 for
-  /// CLIP), then the text encoder (with clip_skip).
+  /// Token ids of the prompts, padded to the tokenizer's model_max_length L (77 for CLIP): [B, L],
+  /// or for SDXL both tokenizers' ids side by side, [B, 2L] (models::sdxl_token_ids).
+  TokenIds tokenize(const std::vector<std::string>& prompts) const;
+
+  /// Context [B, L, D] of the prompts: tokenize, then the text encoder (with clip_skip); SDXL:
+  /// SdxlTextEncoders' prompt_embeds (encode_sdxl_prompts has the pooled embeddings too).
   Tensor3<float> encode_prompts(const std::vector<std::string>& prompts);
+  /// SDXL: prompt_embeds [B, L, D1 + D2] and pooled_prompt_embeds [B, P].
+  models::SdxlPromptEmbeds encode_sdxl_prompts(const std::vector<std::string>& prompts);
 
   /// Applies a LoRA file with multiplier m: its UNet part to the UNet, its text-encoder part
-  /// (kohya lora_te_, PEFT text_encoder.) to the text encoder; a part for a component this
-  /// pipeline lacks (SDXL's lora_te1_/lora_te2_, text_encoder_2.) is an Error naming it.
+  /// (kohya lora_te_, PEFT text_encoder.) to the text encoder; SDXL: lora_te1_ / text_encoder.
+  /// and lora_te2_ / text_encoder_2. to the two encoders. A part for a component this pipeline
+  /// lacks (lora_te_ on SDXL, lora_te1_ on SD 1.x) is an Error naming it.
   /// Everything but the adapters is frozen. Returns the adapted modules (text encoder's last).
   std::vector<std::string> apply_lora(const std::string& path, double multiplier = 1.0);
 
@@ -95,22 +116,51 @@ inline std::array<std::size_t, 3> ModelFolder::latent_shape(std::size_t height,
   return {latent_channels(), height / vae_scale_factor(), width / vae_scale_factor()};
 }
 
+inline models::SdxlTextEncoders ModelFolder::sdxl_text_encoders() {
+  require(is_sdxl(), "ModelFolder", "'", root.string(), "' is not an SDXL pipeline");
+  return models::SdxlTextEncoders(text_encoder.model(), text_encoder_2->model(), clip_skip);
+}
+
+inline TokenIds ModelFolder::tokenize(const std::vector<std::string>& prompts) const {
+  const TokenIds ids = tokenizer.encode_batch(prompts, tokenizer.model_max_length());
+  if (!is_sdxl()) return ids;
+  return models::sdxl_token_ids(ids,
+                                tokenizer_2->encode_batch(prompts, tokenizer.model_max_length()));
+}
+
 inline Tensor3<float> ModelFolder::encode_prompts(const std::vector<std::string>& prompts) {
-  return text_encoder.encode(tokenizer.encode_batch(prompts, tokenizer.model_max_length()));
+  if (is_sdxl()) return encode_sdxl_prompts(prompts).prompt_embeds;
+  return text_encoder.encode(tokenize(prompts));
+}
+
+inline models::SdxlPromptEmbeds ModelFolder::encode_sdxl_prompts(
+    const std::vector<std::string>& prompts) {
+  const auto L = tokenizer.model_max_length();
+  return sdxl_text_encoders().encode(tokenizer.encode_batch(prompts, L),
+                                     tokenizer_2->encode_batch(prompts, L));
 }
 
 inline std::vector<std::string> ModelFolder::apply_lora(const std::string& path,
                                                         double multiplier) {
-  lora::require_lora_components(path, {lora::kLoraUnet, lora::kLoraTextEncoder});
+  // The text encoders of this pipeline and their LoRA components.
+  std::vector<std::pair<models::ClipTextEncoder*, const lora::LoraComponent*>> encoders;
+  if (is_sdxl())
+    encoders = {{&text_encoder, &lora::kLoraSdxlTextEncoder1},
+                {&*text_encoder_2, &lora::kLoraSdxlTextEncoder2}};
+  else
+    encoders = {{&text_encoder, &lora::kLoraTextEncoder}};
+  std::vector<lora::LoraComponent> known{lora::kLoraUnet};
+  for (const auto& e : encoders) known.push_back(*e.second);
+  lora::require_lora_components(path, known);
   std::vector<std::string> applied = lora::apply_lora(
       unet, lora::read_lora(path, lora::module_names(unet), models::unet_lora_component(unet)),
       multiplier);
-  nn::set_trainable<float>(text_encoder, false);
-  if (lora::lora_file_components(path).count(lora::kLoraTextEncoder.peft)) {
+  const std::set<std::string> parts = lora::lora_file_components(path);
+  for (auto& [encoder, component] : encoders) {
+    nn::set_trainable<float>(*encoder, false);
+    if (!parts.count(component->peft)) continue;
     for (auto& name : lora::apply_lora(
-             text_encoder,
-             lora::read_lora(path, lora::module_names(text_encoder), lora::kLoraTextEncoder),
-             multiplier))
+             *encoder, lora::read_lora(path, lora::module_names(*encoder), *component), multiplier))
       applied.push_back(std::move(name));
   }
   require(!applied.empty(), "ModelFolder::apply_lora", "'", path,
@@ -158,17 +208,55 @@ inline ModelFolder load_model_folder(const std::string& dir, const ModelFolderOp
             "' has no vae/ (pixel space) but unet in/out_channels are ", u.in_channels, "/",
             u.out_channels, ", expected 3 (RGB)");
   }
-  const std::size_t hidden = text_encoder.model().config().hidden_size;
+  // SDXL: the second text encoder and tokenizer, and the UNet's added conditions.
+  std::optional<models::ClipTextEncoder> text_encoder_2;
+  std::optional<ClipTokenizer> tokenizer_2;
+  const bool sdxl = fs::exists(root / "text_encoder_2", ec) || fs::exists(root / "tokenizer_2", ec);
+  std::size_t hidden = text_encoder.model().config().hidden_size;
+  if (sdxl) {
+    need(root / "text_encoder_2" / "config.json", "SDXL's second text encoder's config");
+    need(root / "tokenizer_2", "SDXL's second tokenizer folder");
+    text_encoder_2.emplace(
+        models::ClipTextEncoder::from_folder((root / "text_encoder_2").string()));
+    tokenizer_2.emplace(ClipTokenizer::from_folder((root / "tokenizer_2").string()));
+    const auto& c2 = text_encoder_2->model().config();
+    require(text_encoder_2->model().has_projection(), fn, "'", dir,
+            "': text_encoder_2 is a CLIPTextModel, expected a CLIPTextModelWithProjection");
+    require(tokenizer_2->model_max_length() == tokenizer.model_max_length(), fn, "'", dir,
+            "': tokenizer_2's model_max_length is ", tokenizer_2->model_max_length(),
+            ", expected tokenizer's ", tokenizer.model_max_length());
+    require(u.addition_embed_type == models::AdditionEmbedType::text_time, fn, "'", dir,
+            "' has text_encoder_2 (SDXL), but unet's addition_embed_type is not \"text_time\"");
+    const std::size_t want = c2.projection_dim + 6 * u.addition_time_embed_dim;
+    require(u.projection_class_embeddings_input_dim == want, fn, "'", dir,
+            "': unet projection_class_embeddings_input_dim ",
+            u.projection_class_embeddings_input_dim, ", expected text_encoder_2's projection_dim ",
+            c2.projection_dim, " + 6 × addition_time_embed_dim ", u.addition_time_embed_dim, " = ",
+            want);
+    for (const auto* model : {&text_encoder.model(), &text_encoder_2->model()})
+      require(options.clip_skip < model->config().num_hidden_layers, fn, "'", dir, "': clip_skip ",
+              options.clip_skip, " leaves no layer of a ", model->config().num_hidden_layers,
+              "-layer text encoder");
+    hidden += c2.hidden_size;
+  } else {
+    require(u.addition_embed_type == models::AdditionEmbedType::none, fn, "'", dir,
+            "': unet's addition_embed_type is \"text_time\" (SDXL), but there is no "
+            "text_encoder_2/ (SDXL's second text encoder)");
+  }
   for (const std::size_t d : u.cross_attention_dim) {
-    require(d == hidden, fn, "'", dir, "': unet cross_attention_dim ", d,
-            ", expected the text encoder's hidden_size ", hidden);
+    require(d == hidden, fn, "'", dir, "': unet cross_attention_dim ", d, ", expected ",
+            sdxl ? "the sum of the text encoders' hidden_size " : "the text encoder's hidden_size ",
+            hidden);
   }
   return ModelFolder{root,
                      std::move(unet),
                      std::move(vae),
                      std::move(text_encoder),
                      std::move(tokenizer),
-                     std::move(scheduler)};
+                     std::move(scheduler),
+                     std::move(text_encoder_2),
+                     std::move(tokenizer_2),
+                     options.clip_skip};
 }
 
 /// Every non-adapter parameter of `model` as a safetensors file (F32).

@@ -52,10 +52,12 @@ struct TrainStepOptions {
 /// Per-batch extras: per-sample weights (DreamBooth prior preservation: λ on class images, kohya's
 /// prior_loss_weight), a loss mask ([B,1,H,W] or [B,C,H,W] at latent resolution) and SDXL's
 /// added conditions (pooled text_embeds [B,P], time_ids [B,6]) for a DenoiserWithAddedConditions.
+/// With a PooledTextEncoder, time_ids alone are given: the step pairs them with its pooled output.
 struct BatchExtras {
   std::vector<float> sample_weights;  // [B] or empty (all 1)
   const Tensor4<float>* mask = nullptr;
   const AddedConditions<float>* added_conditions = nullptr;
+  const Tensor<float, 2>* time_ids = nullptr;
 };
 
 struct TrainStepResult {
@@ -134,8 +136,15 @@ class DiffusionTrainStep {
         if constexpr (lora::HasLoraSlots<TextEncoderT>)
           lora::set_lora_step(text_encoder_, step_index);
         const Tensor3<float> context = text_encoder_.encode_train(token_ids);
-        TrainStepResult result = step_latents(latents, context, step_index, extras);
-        text_encoder_.backward(denoiser_.grad_encoder_hidden_states());
+        AddedConditions<float> added;
+        TrainStepResult result =
+            step_latents(latents, context, step_index, with_pooled(extras, added));
+        if constexpr (PooledTextEncoder<TextEncoderT> && DenoiserWithAddedConditions<DenoiserT>) {
+          text_encoder_.backward(denoiser_.grad_encoder_hidden_states(),
+                                 denoiser_.grad_text_embeds());
+        } else {
+          text_encoder_.backward(denoiser_.grad_encoder_hidden_states());
+        }
         return result;
       }
     }
@@ -144,7 +153,8 @@ class DiffusionTrainStep {
       return step_latents(latents, none, step_index, extras);
     } else {
       const Tensor3<float> context = text_encoder_.encode(token_ids);
-      return step_latents(latents, context, step_index, extras);
+      AddedConditions<float> added;
+      return step_latents(latents, context, step_index, with_pooled(extras, added));
     }
   }
 
@@ -237,6 +247,31 @@ class DiffusionTrainStep {
       return SamplerT(T);
     } else {
       return SamplerT{};
+    }
+  }
+
+  // With a PooledTextEncoder: extras whose added conditions are its pooled output and the
+  // batch's time_ids (kept in `added`); otherwise the extras as given.
+  BatchExtras with_pooled(const BatchExtras& extras, AddedConditions<float>& added) const {
+    if constexpr (PooledTextEncoder<TextEncoderT>) {
+      require(extras.time_ids != nullptr && extras.added_conditions == nullptr,
+              "DiffusionTrainStep::step",
+              extras.time_ids ? "the batch gives added_conditions, but the text encoder gives "
+                                "the pooled embeddings: give time_ids alone"
+                              : "the text encoder gives pooled embeddings (SDXL), but the batch "
+                                "has no time_ids (original size, crop, target size)");
+      added.text_embeds = text_encoder_.pooled_prompt_embeds();
+      added.time_ids = *extras.time_ids;
+      BatchExtras out = extras;
+      out.added_conditions = &added;
+      out.time_ids = nullptr;
+      return out;
+    } else {
+      require(extras.time_ids == nullptr, "DiffusionTrainStep::step",
+              "the batch has time_ids, but the text encoder gives no pooled embeddings to go "
+              "with them (not an SDXL text encoder)");
+      (void)added;
+      return extras;
     }
   }
 

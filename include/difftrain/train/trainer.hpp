@@ -263,6 +263,7 @@ struct ComposedBatch {
   TokenIds token_ids;                 // 0 rows for an unconditional model
   std::vector<float> sample_weights;  // empty when all are 1
   std::size_t num_instance = 0;
+  std::optional<Tensor<float, 2>> time_ids;  // SDXL: the rows' size conditioning [B,6]
 };
 
 /// Rows and weights for one micro-batch (see the top of the file for the weights). token_ids
@@ -301,7 +302,12 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
               ", expected [", bc, ",", batch.token_ids.shape()[1], "]");
     require(std::isfinite(prior_loss_weight) && prior_loss_weight >= 0, fn, "prior_loss_weight is ",
             prior_loss_weight, ", expected a finite value >= 0");
+    require(batch.time_ids.has_value() == batch.class_time_ids.has_value(), fn,
+            "time_ids are given for ", batch.time_ids ? "the instance rows" : "the class rows",
+            " only, expected both or neither");
     out.images = xt::concatenate(xt::xtuple(batch.images, batch.class_images), 0);
+    if (batch.time_ids)
+      out.time_ids = xt::concatenate(xt::xtuple(*batch.time_ids, *batch.class_time_ids), 0);
     if (unconditional)
       out.token_ids = batch.token_ids;
     else
@@ -309,8 +315,12 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
   } else {
     out.images = batch.images;
     out.token_ids = batch.token_ids;
+    out.time_ids = batch.time_ids;
   }
   const std::size_t b = bi + bc;
+  if (out.time_ids)
+    require(out.time_ids->shape() == std::array<std::size_t, 2>{b, 6}, fn, "time_ids have shape ",
+            shape_string(out.time_ids->shape()), ", expected [", b, ",6] (one row per image)");
   out.num_instance = bi;
   require(batch.sample_weights.empty() || batch.sample_weights.size() == b, fn,
           "sample_weights has ", batch.sample_weights.size(), " entries, expected ", b,
@@ -383,6 +393,7 @@ class Trainer {
         BatchExtras extras;
         extras.sample_weights = c.sample_weights;
         if (batch.mask) extras.mask = &*batch.mask;
+        if (c.time_ids) extras.time_ids = &*c.time_ids;
         TrainStepResult r;
         try {
           r = step_.step(c.images, c.token_ids, m, extras);
