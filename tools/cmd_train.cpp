@@ -21,6 +21,7 @@
 #include "dataset_config.hpp"
 #include "difftrain/lora/kohya_metadata.hpp"
 #include "difftrain/lora/lora_file.hpp"
+#include "difftrain/models/sdxl_conditioning.hpp"
 #include "difftrain/models/unet/lora_names.hpp"
 #include "difftrain/models/vae/vae_encoder.hpp"
 #include "difftrain/pipeline/pipeline.hpp"
@@ -68,7 +69,8 @@ Tensor4<float> area_downsample(const Tensor4<float>& mask, std::size_t f) {
 
 /// Micro-batches whose images are replaced by VAE latents computed once per example
 /// (--cache_latents, as diffusers' DreamBooth script does: the posterior of each example's first
-/// preprocessing is kept and sampled anew every micro-batch, deterministic in m).
+/// preprocessing is kept and sampled anew every micro-batch, deterministic in m; SDXL's time ids
+/// are that preprocessing's).
 class CachedLatentSource {
  public:
   /// With `disk` (--cache_latents_to_disk) the posteriors are also kept there, keyed by the
@@ -83,11 +85,14 @@ class CachedLatentSource {
   train::TrainBatch operator()(std::uint64_t m) {
     train::TrainBatch batch;
     const std::vector<std::size_t> rows = data_.batch_indices(m);
+    const bool sizes = data_.options().size_conditioning;
     batch.images = latents(rows, false, m);
     batch.token_ids = data_.batch_token_ids(m, false);
+    if (sizes) batch.time_ids = time_ids(rows, false);
     if (data_.with_prior_preservation()) {
       batch.class_images = latents(rows, true, m);
       batch.class_token_ids = data_.batch_token_ids(m, true);
+      if (sizes) batch.class_time_ids = time_ids(rows, true);
     }
     batch.sample_weights = data_.batch_sample_weights(m);
     if (data_.has_masks()) {  // the masks of the cached crops, on the latent grid
@@ -100,6 +105,20 @@ class CachedLatentSource {
   }
 
  private:
+  // The cached preprocessing of one example: its posterior and SDXL size conditioning.
+  struct Entry {
+    models::DiagonalGaussian<float> posterior;
+    models::SdxlSizeConditioning size;
+  };
+
+  // The time ids of the rows' cached preprocessings (latents(rows, class_set, m) cached them).
+  Tensor<float, 2> time_ids(const std::vector<std::size_t>& rows, bool class_set) const {
+    std::vector<models::SdxlSizeConditioning> sizes;
+    for (std::size_t i : rows)
+      sizes.push_back(cache_[class_set ? 1 : 0].at(data_.example_of(i, class_set)).size);
+    return models::sdxl_time_ids(sizes);
+  }
+
   Tensor4<float> latents(const std::vector<std::size_t>& rows, bool class_set, std::uint64_t m) {
     auto& cache = cache_[class_set ? 1 : 0];
     std::vector<Tensor4<float>> per_row;
@@ -109,19 +128,20 @@ class CachedLatentSource {
       const std::size_t k = data_.example_of(rows[r], class_set);
       auto it = cache.find(k);
       if (it == cache.end()) {
-        const Tensor3<float> image =
-            image_to_tensor(data_.example_image(data_.first_index_of(k, class_set), 0, class_set));
+        models::SdxlSizeConditioning size;
+        const Tensor3<float> image = image_to_tensor(
+            data_.example_image(data_.first_index_of(k, class_set), 0, class_set, &size));
         Tensor4<float> batch1(
             std::array<std::size_t, 4>{1, image.shape()[0], image.shape()[1], image.shape()[2]});
         std::copy(image.begin(), image.end(), batch1.begin());
         const Example& e = class_set ? data_.class_examples()[k] : data_.examples()[k];
-        it = cache.emplace(k, encode(batch1, e.image_path)).first;
+        it = cache.emplace(k, Entry{encode(batch1, e.image_path), size}).first;
       }
       const RandomStream rs =
           stream_.derive(m, purpose_id(class_set ? StreamPurpose::latent_sample_class
                                                  : StreamPurpose::latent_sample_instance) +
                                 4u * std::uint32_t(r));
-      per_row.push_back(vae_.scale_latents(it->second.sample(rs)));
+      per_row.push_back(vae_.scale_latents(it->second.posterior.sample(rs)));
     }
     const auto& s = per_row.front().shape();
     Tensor4<float> out(std::array<std::size_t, 4>{per_row.size(), s[1], s[2], s[3]});
@@ -175,7 +195,7 @@ class CachedLatentSource {
   ImageCaptionDataSource& data_;
   const models::AutoencoderKL<float>& vae_;
   RandomStream stream_;
-  std::map<std::size_t, models::DiagonalGaussian<float>> cache_[2];
+  std::map<std::size_t, Entry> cache_[2];
   std::optional<DiskCache> disk_;
   std::string vae_digest_;
 };

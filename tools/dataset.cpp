@@ -11,10 +11,12 @@
 #include <numeric>
 #include <sstream>
 #include <system_error>
+#include <tuple>
 #include <utility>
 
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/io/regular_file.hpp"
+#include "difftrain/models/sdxl_conditioning.hpp"
 
 namespace difftrain::tools {
 
@@ -304,7 +306,10 @@ ImageCaptionDataSource::ImageCaptionDataSource(std::vector<Example> examples, To
     entries_.insert(entries_.end(), e.num_repeats, k);
     has_reg_ = has_reg_ || e.is_reg;
   }
-  for (int s = 0; s < 2; ++s) cache_[s].resize(options_.cache_images ? sets_[s].size() : 0);
+  for (int s = 0; s < 2; ++s) {
+    cache_[s].resize(options_.cache_images ? sets_[s].size() : 0);
+    original_size_[s].resize(sets_[s].size());
+  }
   mask_cache_.resize(options_.cache_images && has_masks() ? sets_[0].size() : 0);
   require(!has_masks() || sets_[1].empty(), fn,
           "masked loss with DreamBooth class images is not supported: give regularisation images "
@@ -329,6 +334,7 @@ void ImageCaptionDataSource::assign_buckets() {
   // Each image is decoded once here for its size; with cache_images the resize is kept.
   for (std::size_t k = 0; k < sets_[0].size(); ++k) {
     const Image image = load_image(sets_[0][k].image_path);
+    original_size_[0][k] = {image.height, image.width};
     choices_.push_back(select_bucket(bo, predefined, image.width, image.height));
     if (options_.cache_images)
       cache_[0][k] = resize_image(image, choices_[k].resized_width, choices_[k].resized_height,
@@ -387,8 +393,9 @@ std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) 
           perm.begin() + std::ptrdiff_t(std::min(first + b, perm.size()))};
 }
 
-Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, bool class_set) {
-  return preprocess(i, epoch, class_set ? 1 : 0, false);
+Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, bool class_set,
+                                            models::SdxlSizeConditioning* size) {
+  return preprocess(i, epoch, class_set ? 1 : 0, false, size);
 }
 
 Image ImageCaptionDataSource::example_mask(std::size_t i, std::uint64_t epoch) {
@@ -420,7 +427,8 @@ Tensor4<float> ImageCaptionDataSource::masks(const std::vector<std::size_t>& row
   return out;
 }
 
-Image ImageCaptionDataSource::preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask) {
+Image ImageCaptionDataSource::preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask,
+                                         models::SdxlSizeConditioning* size) {
   require(!sets_[s].empty(), "example_image", "there are no class examples");
   const std::size_t k = example_index(s, i);
   const RandomStream crop =
@@ -433,24 +441,33 @@ Image ImageCaptionDataSource::preprocess(std::size_t i, std::uint64_t epoch, int
                    i) &
        1);
   const Image& resized = resized_image(s, k, mask);
+  int left = 0, top = 0, width = options_.resolution, height = options_.resolution;
   if (options_.buckets && s == 0) {
     const BucketChoice& c = choices_[k];
-    const auto [left, top] = bucket_crop_origin(c, !options_.center_crop, crop_seed);
-    return crop_image(resized, left, top, c.bucket.width, c.bucket.height, flip);
+    std::tie(left, top) = bucket_crop_origin(c, !options_.center_crop, crop_seed);
+    width = c.bucket.width, height = c.bucket.height;
+  } else {
+    std::tie(left, top) = crop_origin(resized.width, resized.height, options_.resolution,
+                                      options_.center_crop, crop_seed);
   }
-  const auto [left, top] = crop_origin(resized.width, resized.height, options_.resolution,
-                                       options_.center_crop, crop_seed);
-  return crop_image(resized, left, top, options_.resolution, flip);
+  if (size) {  // resized_image has recorded the original size
+    const auto [original_height, original_width] = original_size_[s][k];
+    size->original_size = {double(original_height), double(original_width)};
+    size->crop_top_left = {double(top), double(flip ? resized.width - left - width : left)};
+    size->target_size = {double(height), double(width)};
+  }
+  return crop_image(resized, left, top, width, height, flip);
 }
 
 train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
   const std::vector<std::size_t> rows = batch_indices(m);
   const std::uint64_t epoch = m / steps_per_epoch();
   train::TrainBatch batch;
-  batch.images = make_images(rows, epoch, 0);
+  const bool sizes = options_.size_conditioning;
+  batch.images = make_images(rows, epoch, 0, sizes ? &batch.time_ids : nullptr);
   batch.token_ids = tokenize(rows, epoch, 0);
   if (with_prior_preservation()) {
-    batch.class_images = make_images(rows, epoch, 1);
+    batch.class_images = make_images(rows, epoch, 1, sizes ? &batch.class_time_ids : nullptr);
     batch.class_token_ids = tokenize(rows, epoch, 1);
   }
   batch.sample_weights = batch_sample_weights(m);
@@ -499,6 +516,8 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k, bool ma
       require(image.width == reference.width && image.height == reference.height, "masked loss",
               "the mask of '", sets_[s][k].image_path, "' is ", image.width, "x", image.height,
               ", expected the image's ", reference.width, "x", reference.height);
+    } else {
+      original_size_[s][k] = {image.height, image.width};  // as decoded: SDXL's original_size
     }
     if (options_.buckets && s == 0)
       return resize_image(image, choices_[k].resized_width, choices_[k].resized_height,
@@ -516,16 +535,19 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k, bool ma
 }
 
 Tensor4<float> ImageCaptionDataSource::make_images(const std::vector<std::size_t>& rows,
-                                                   std::uint64_t epoch, int s) {
+                                                   std::uint64_t epoch, int s,
+                                                   std::optional<Tensor<float, 2>>* time_ids) {
   std::size_t w = std::size_t(options_.resolution), h = w;
   if (options_.buckets && s == 0 && !rows.empty()) {  // one bucket per micro-batch
     const BucketSize b = choices_[example_index(0, rows[0])].bucket;
     w = std::size_t(b.width), h = std::size_t(b.height);
   }
   Tensor4<float> images(Tensor4<float>::shape_type{rows.size(), 3, h, w});
+  std::vector<models::SdxlSizeConditioning> sizes(time_ids ? rows.size() : 0);
   for (std::size_t j = 0; j < rows.size(); ++j)
     xt::view(images, j, xt::all(), xt::all(), xt::all()) =
-        image_to_tensor(example_image(rows[j], epoch, s == 1));
+        image_to_tensor(example_image(rows[j], epoch, s == 1, time_ids ? &sizes[j] : nullptr));
+  if (time_ids) *time_ids = models::sdxl_time_ids(sizes);
   return images;
 }
 

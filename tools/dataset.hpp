@@ -20,6 +20,8 @@
 // batches of B (the last of a bucket short), and the epoch's micro-batches are shuffled
 // (derive(0, 0)); S = Σ ceil(n_bucket / B). Crop: kohya's (center with center_crop, else
 // uniform), flip and caption as above.
+// SDXL's size conditioning (DataSourceOptions::size_conditioning): TrainBatch::time_ids row =
+// [original h, w (as decoded), crop top, left (in the flipped image when flipped), target h, w].
 // The definitions are in dataset.cpp.
 
 #include <algorithm>
@@ -28,6 +30,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 #include <xtensor/xview.hpp>  // xt::view, to take rows out of the batches
 
@@ -38,6 +41,10 @@
 #include "difftrain/core/random.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "image_io.hpp"
+
+namespace difftrain::models {
+struct SdxlSizeConditioning;  // models/sdxl_conditioning.hpp
+}  // namespace difftrain::models
 
 namespace difftrain::tools {
 
@@ -139,6 +146,9 @@ struct DataSourceOptions {
   // resized to cover it (`interpolation`) and cropped to it; a micro-batch holds one bucket.
   // resolution, and the shorter-side resize, are then unused.
   std::optional<BucketOptions> buckets = std::nullopt;
+  // SDXL: fill TrainBatch::time_ids (and class_time_ids) with models::sdxl_time_ids of the rows
+  // (diffusers' add_time_ids: original size, crop top-left, target size), as example_image's size.
+  bool size_conditioning = false;
 };
 
 /// Micro-batches of examples (see the top of the file); satisfies train::TrainDataSource.
@@ -150,7 +160,6 @@ class ImageCaptionDataSource {
   /// Examples per epoch: Σ num_repeats of the instance examples (#instance when all are 1), or
   /// max(that, #class) with class examples.
   std::size_t num_examples() const { return std::max(entries_.size(), sets_[1].size()); }
-  /// Micro-batches per epoch: ceil(num_examples / batch_size).
   /// Micro-batches per epoch: ceil(num_examples / batch_size); with buckets Σ over the buckets.
   std::size_t steps_per_epoch(std::size_t batch_size) const;
   std::size_t steps_per_epoch() const { return steps_per_epoch(options_.train_batch_size); }
@@ -166,8 +175,13 @@ class ImageCaptionDataSource {
   std::vector<std::size_t> batch_indices(std::uint64_t m) const;
 
   /// The preprocessed image of dataset index i in epoch e (class_set: the class example paired
-  /// with i): crop and flip drawn from (seed, e, i), separately for the two sets.
-  Image example_image(std::size_t i, std::uint64_t epoch, bool class_set = false);
+  /// with i): crop and flip drawn from (seed, e, i), separately for the two sets. `size` (if
+  /// given) gets its SDXL size conditioning: original_size (height, width) as decoded, before the
+  /// resize; crop_top_left (top, left) of the crop in the resized image W wide, as trained: left
+  /// is W − left − crop width when flipped (diffusers flips, then crops); target_size the crop's
+  /// (height, width). For sources that cache latents (models/sdxl_conditioning.hpp defines it).
+  Image example_image(std::size_t i, std::uint64_t epoch, bool class_set = false,
+                      models::SdxlSizeConditioning* size = nullptr);
 
   /// With masks (alpha_mask or mask_dir): the mask of dataset index i in epoch e, with the crop and
   /// flip of example_image(i, e), as a grey image (the mask in every channel).
@@ -224,12 +238,15 @@ class ImageCaptionDataSource {
   // Decoded and resized to the shorter side = resolution, or to its bucket's resize (cached when
   // asked).
   const Image& resized_image(int s, std::size_t k, bool mask = false);
-  // example_image (mask false) or example_mask (true).
-  Image preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask);
+  // example_image (mask false) or example_mask (true); `size` as example_image's.
+  Image preprocess(std::size_t i, std::uint64_t epoch, int s, bool mask,
+                   models::SdxlSizeConditioning* size = nullptr);
   // The mask of example k as decoded (before the resize).
   Image load_mask(std::size_t k) const;
 
-  Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s);
+  // The rows' images, and their time_ids (sdxl_time_ids) when `time_ids` is given.
+  Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s,
+                             std::optional<Tensor<float, 2>>* time_ids = nullptr);
 
   TokenIds tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s) const;
 
@@ -250,6 +267,8 @@ class ImageCaptionDataSource {
   Tokenize tokenize_;
   DataSourceOptions options_;
   std::vector<std::optional<Image>> cache_[2];
+  // Each example's (height, width) as decoded, recorded where it is decoded ((0, 0) until then).
+  std::vector<std::pair<int, int>> original_size_[2];
   std::vector<std::optional<Image>> mask_cache_;  // resized masks of sets_[0] (cache_images)
   Image scratch_;
   mutable std::vector<std::size_t> perm_;  // epoch_permutation(perm_epoch_)

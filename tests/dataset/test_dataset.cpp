@@ -1,10 +1,11 @@
 // tools/dataset.hpp: folder scanning (kohya .txt captions, diffusers metadata.jsonl with caption
 // lists, DreamBooth), its errors, and the micro-batches of ImageCaptionDataSource (caption lists
-// drawn per epoch, the resize filter).
+// drawn per epoch, the resize filter, SDXL's size conditioning).
 
 #include <webp/encode.h>
 
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <fstream>
@@ -14,12 +15,14 @@
 #include <vector>
 
 #include "dataset.hpp"
+#include "difftrain/models/sdxl_conditioning.hpp"
 #include "support/temp_dir.hpp"
 
 namespace tools = difftrain::tools;
 namespace fs = std::filesystem;
 using difftrain::Error;
 using difftrain::TokenIds;
+using difftrain::models::SdxlSizeConditioning;
 using difftrain::test::TempDir;
 using tools::Example;
 using tools::Image;
@@ -72,6 +75,25 @@ TokenIds number_tokenizer_any(const std::vector<std::string>& captions) {
   for (std::size_t b = 0; b < captions.size(); ++b) ids(b, 0) = std::int64_t(captions[b].size());
   for (std::size_t b = 0; b < captions.size(); ++b) ids(b, 1) = 1000;
   return ids;
+}
+
+// w × h noise (an LCG from `state`): no crop of it equals another crop, or its mirror image.
+Image lcg_image(int w, int h, std::uint32_t state) {
+  Image im(w, h);
+  for (auto& v : im.rgb) v = std::uint8_t((state = state * 1664525u + 1013904223u) >> 24);
+  return im;
+}
+
+// Row j of time_ids [B, 6] is `expected`, and example_image's conditioning `size` agrees.
+void check_time_ids(const difftrain::Tensor<float, 2>& time_ids, std::size_t j,
+                    const std::array<double, 6>& expected, const SdxlSizeConditioning& size) {
+  for (std::size_t c = 0; c < 6; ++c) {
+    INFO("row " << j << ", column " << c);
+    CHECK(double(time_ids(j, c)) == expected[c]);
+  }
+  CHECK(size.original_size == std::array<double, 2>{expected[0], expected[1]});
+  CHECK(size.crop_top_left == std::array<double, 2>{expected[2], expected[3]});
+  CHECK(size.target_size == std::array<double, 2>{expected[4], expected[5]});
 }
 
 // "img3.png" (concat: GCC 12 warns falsely (-Wrestrict) on "literal" + std::string + ...).
@@ -726,4 +748,186 @@ TEST_CASE(
   o.alpha_mask = true;
   CHECK_THROWS_WITH(tools::ImageCaptionDataSource(ex, number_tokenizer, o),
                     Catch::Contains("one mask source"));
+}
+
+TEST_CASE(
+    "size conditioning (SDXL time ids): the center crop of a non-square image; off by default",
+    "[dataset][sdxl]") {
+  TempDir dir;
+  write_solid(dir / "wide.png", 1, 0, 12, 8);  // 12 wide, 8 high
+  const std::vector<Example> ex{{dir / "wide.png", "caption 1"}};
+  tools::DataSourceOptions o{.resolution = 4, .center_crop = true};
+
+  // Off by default: no time ids.
+  CHECK_FALSE(tools::DataSourceOptions{}.size_conditioning);
+  tools::ImageCaptionDataSource plain(ex, number_tokenizer, o);
+  const auto off = plain(0);
+  CHECK_FALSE(off.time_ids.has_value());
+  CHECK_FALSE(off.class_time_ids.has_value());
+
+  // 12×8 → shorter side 8 to 4: resized 6×4; the 4×4 center crop starts at left (6 − 4)/2 = 1,
+  // top 0. Row: [orig h 8, orig w 12, crop top 0, crop left 1, target 4, 4].
+  const std::array<double, 6> expected = {8, 12, 0, 1, 4, 4};
+  o.size_conditioning = true;
+  for (const bool cache : {false, true}) {
+    INFO("cache_images " << cache);
+    o.cache_images = cache;
+    tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+    SdxlSizeConditioning size;  // asked first, before any batch decodes the image
+    const Image image = data.example_image(0, 0, false, &size);
+    const auto batch = data(0);
+    REQUIRE(batch.time_ids.has_value());
+    REQUIRE(batch.time_ids->shape() == std::array<std::size_t, 2>{1, 6});
+    CHECK_FALSE(batch.class_time_ids.has_value());  // no class examples
+    check_time_ids(*batch.time_ids, 0, expected, size);
+    CHECK(image == tools::tensor_to_image(xt::view(batch.images, 0)));
+    CHECK(bool(batch.images == plain(0).images));  // the images are unchanged
+  }
+}
+
+TEST_CASE("size conditioning: random crops and flips, recorded as the crop is trained",
+          "[dataset][sdxl]") {
+  TempDir dir;
+  // A wide and a tall noise image: resolution 6 resizes them to 10×6 and 6×10, so the random crop
+  // moves left in one and top in the other.
+  constexpr int R = 6;
+  const std::vector<std::pair<int, int>> sizes = {{20, 12}, {12, 20}};  // (width, height)
+  const std::vector<std::pair<int, int>> resized_sizes = {{10, 6}, {6, 10}};
+  std::vector<Example> ex;
+  std::vector<Image> resized;  // the decoded images, resized
+  for (std::size_t k = 0; k < sizes.size(); ++k) {
+    const std::string path = dir / png_name("noise", int(k));
+    tools::save_png(path, lcg_image(sizes[k].first, sizes[k].second, std::uint32_t(k + 1)));
+    ex.push_back({path, "caption " + std::to_string(k)});
+    resized.push_back(tools::resize_image(tools::load_image(path), resized_sizes[k].first,
+                                          resized_sizes[k].second));
+  }
+  for (const bool cache : {false, true}) {
+    INFO("cache_images " << cache);
+    tools::DataSourceOptions o{
+        .resolution = R, .random_flip = true, .train_batch_size = 2, .seed = 7};
+    o.cache_images = cache;
+    o.size_conditioning = true;
+    tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+    REQUIRE(data.steps_per_epoch() == 1);  // micro-batch m is epoch m
+    std::size_t flipped = 0, unflipped = 0;
+    std::set<std::pair<int, int>> origins[2];  // (top, left) per image
+    for (std::uint64_t m = 0; m < 40; ++m) {
+      const auto batch = data(m);
+      const auto rows = data.batch_indices(m);
+      REQUIRE(batch.time_ids.has_value());
+      REQUIRE(batch.time_ids->shape() == std::array<std::size_t, 2>{rows.size(), 6});
+      for (std::size_t j = 0; j < rows.size(); ++j) {
+        const std::size_t k = data.example_of(rows[j]);
+        const difftrain::Tensor<float, 2>& t = *batch.time_ids;
+        const int W = resized[k].width, H = resized[k].height;
+        const int top = int(t(j, 2)), left = int(t(j, 3));
+        REQUIRE(top >= 0);
+        REQUIRE(top + R <= H);
+        REQUIRE(left >= 0);
+        REQUIRE(left + R <= W);
+        SdxlSizeConditioning size;
+        const Image row = tools::tensor_to_image(xt::view(batch.images, j));
+        CHECK(row == data.example_image(rows[j], m, false, &size));
+        check_time_ids(
+            t, j,
+            {double(sizes[k].second), double(sizes[k].first), double(top), double(left), R, R},
+            size);
+        // The recorded left is in the flipped image when the row is flipped: the window of the
+        // unflipped image starts at W − left − R, then mirrored. Exactly one reading matches.
+        const bool as_flipped = row == tools::crop_image(resized[k], W - left - R, top, R, true);
+        const bool as_unflipped = row == tools::crop_image(resized[k], left, top, R, false);
+        REQUIRE(as_flipped != as_unflipped);
+        flipped += as_flipped, unflipped += as_unflipped;
+        origins[k].insert({top, left});
+      }
+    }
+    CHECK(flipped > 10);  // 80 rows, each flipped with probability 1/2
+    CHECK(unflipped > 10);
+    CHECK(origins[0].size() >= 4);  // left in [0, 4]: many seen
+    CHECK(origins[1].size() >= 4);  // top in [0, 4]
+  }
+}
+
+TEST_CASE("size conditioning with buckets: the target size is the bucket", "[dataset][sdxl]") {
+  TempDir dir;
+  const std::vector<std::pair<int, int>> sizes = {{32, 16}, {16, 32}, {24, 24}, {40, 20}, {20, 36}};
+  std::vector<Example> ex;
+  for (int i = 0; i < int(sizes.size()); ++i) {
+    write_solid(dir / png_name("img", i), i, 0, sizes[std::size_t(i)].first,
+                sizes[std::size_t(i)].second);
+    ex.push_back({dir / png_name("img", i), "caption " + std::to_string(i)});
+  }
+  for (const bool cache : {false, true}) {  // cached: the sizes come from assign_buckets' decode
+    INFO("cache_images " << cache);
+    tools::DataSourceOptions o{
+        .resolution = 16, .random_flip = true, .train_batch_size = 2, .seed = 9};
+    o.cache_images = cache;
+    o.size_conditioning = true;
+    o.buckets = tools::BucketOptions{.resolution_width = 16,
+                                     .resolution_height = 16,
+                                     .min_bucket_reso = 4,
+                                     .max_bucket_reso = 32,
+                                     .bucket_reso_steps = 4};
+    tools::ImageCaptionDataSource data(ex, number_tokenizer, o);
+    REQUIRE(data.buckets().size() >= 3);
+    const std::size_t steps = data.steps_per_epoch();
+    for (std::uint64_t m = 0; m < 3 * steps; ++m) {
+      const auto batch = data(m);
+      const auto rows = data.batch_indices(m);
+      REQUIRE(batch.time_ids.has_value());
+      REQUIRE(batch.time_ids->shape() == std::array<std::size_t, 2>{rows.size(), 6});
+      const double H = double(batch.images.shape()[2]), W = double(batch.images.shape()[3]);
+      for (std::size_t j = 0; j < rows.size(); ++j) {
+        const std::size_t k = data.example_of(rows[j]);
+        const tools::BucketChoice& c = data.bucket_choice(k);
+        REQUIRE(H == c.bucket.height);
+        REQUIRE(W == c.bucket.width);
+        const difftrain::Tensor<float, 2>& t = *batch.time_ids;
+        const int top = int(t(j, 2)), left = int(t(j, 3));
+        CHECK(top >= 0);
+        CHECK(top <= c.resized_height - c.bucket.height);
+        CHECK(left >= 0);
+        CHECK(left <= c.resized_width - c.bucket.width);
+        SdxlSizeConditioning size;
+        data.example_image(rows[j], m / steps, false, &size);
+        check_time_ids(
+            t, j,
+            {double(sizes[k].second), double(sizes[k].first), double(top), double(left), H, W},
+            size);
+      }
+    }
+  }
+}
+
+TEST_CASE("size conditioning with class images: class_time_ids of the class rows",
+          "[dataset][sdxl]") {
+  TempDir dir;
+  std::vector<Example> instance, cls;
+  for (int i = 0; i < 3; ++i) {  // 12 wide, 8 high: at resolution 8 the center crop's left is 2
+    write_solid(dir / png_name("i", i), i, 0, 12, 8);
+    instance.push_back({dir / png_name("i", i), "instance 1"});
+  }
+  for (int c = 0; c < 5; ++c) {  // 8 wide, 12 high: its top is 2
+    write_solid(dir / png_name("c", c), c, 1, 8, 12);
+    cls.push_back({dir / png_name("c", c), "class 2"});
+  }
+  tools::DataSourceOptions o{.resolution = 8, .center_crop = true, .train_batch_size = 2};
+  o.size_conditioning = true;
+  tools::ImageCaptionDataSource data(instance, number_tokenizer, o, cls);
+  for (std::uint64_t m = 0; m < 3; ++m) {
+    const auto batch = data(m);
+    const auto rows = data.batch_indices(m);
+    REQUIRE(batch.time_ids.has_value());
+    REQUIRE(batch.class_time_ids.has_value());
+    REQUIRE(batch.time_ids->shape() == std::array<std::size_t, 2>{rows.size(), 6});
+    REQUIRE(batch.class_time_ids->shape() == std::array<std::size_t, 2>{rows.size(), 6});
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      SdxlSizeConditioning size, class_size;
+      data.example_image(rows[j], 0, false, &size);
+      data.example_image(rows[j], 0, true, &class_size);
+      check_time_ids(*batch.time_ids, j, {8, 12, 0, 2, 8, 8}, size);
+      check_time_ids(*batch.class_time_ids, j, {12, 8, 2, 0, 8, 8}, class_size);
+    }
+  }
 }

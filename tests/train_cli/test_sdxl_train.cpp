@@ -1,0 +1,238 @@
+// `difftrain train` and `difftrain sample` on a small SDXL-shaped pipeline folder: the golden
+// unet_sdxl_tiny UNet ("text_time" added conditions), vae_tiny, clip_tiny as text_encoder and a
+// CLIPTextModelWithProjection as text_encoder_2 (its tokenizer_2 pads with "!" as SDXL's does).
+// The LoRA file training writes (kohya SDXL names: SGM UNet blocks, lora_te1_, lora_te2_) is read
+// back by `difftrain sample --lora` with the same effect: the sampled grid equals the validation
+// grid the trained model drew at the end of training, and the PEFT file of the same run samples
+// the same images.
+
+#include <catch2/catch.hpp>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "cmd_sample.hpp"
+#include "cmd_train.hpp"
+#include "difftrain/io/json_file.hpp"
+#include "difftrain/io/safetensors.hpp"
+#include "difftrain/nn/init.hpp"
+#include "difftrain/pipeline/generate_images.hpp"
+#include "difftrain/pipeline/model_folder.hpp"
+#include "image_io.hpp"
+#include "shapes_pipeline.hpp"
+#include "support/temp_dir.hpp"
+#include "support/tensor_match.hpp"
+
+namespace fs = std::filesystem;
+using namespace difftrain;
+using difftrain::tools::TrainCommandOptions;
+
+namespace {
+
+void copy_files(const std::string& from, const fs::path& to,
+                const std::vector<std::string>& names) {
+  fs::create_directories(to);
+  for (const auto& name : names) fs::copy_file(test::data_path(from + "/" + name), to / name);
+}
+
+// The SDXL folder and a folder of captioned images of several sizes (so the time ids differ).
+struct SdxlFixture {
+  test::TempDir dir;
+  fs::path model, data;
+
+  SdxlFixture() {
+    model = dir / "sdxl";
+    copy_files("unet_sdxl_tiny", model / "unet",
+               {"config.json", "diffusion_pytorch_model.safetensors"});
+    copy_files("vae_tiny", model / "vae", {"config.json", "diffusion_pytorch_model.safetensors"});
+    copy_files("clip_tiny", model / "text_encoder", {"config.json", "model.safetensors"});
+    // SDXL's configs have eos_token_id 2: the legacy rule, pooled at the highest id (the eos of
+    // tokenizer_tiny; the golden configs name another vocabulary's eos)
+    nlohmann::json te1 = io::read_json_file("test", model / "text_encoder" / "config.json");
+    te1["eos_token_id"] = 2;
+    io::write_json_file(model / "text_encoder" / "config.json", te1);
+    const std::vector<std::string> tokenizer{"vocab.json", "merges.txt", "tokenizer_config.json"};
+    copy_files("tokenizer_tiny", model / "tokenizer", tokenizer);
+    copy_files("tokenizer_tiny", model / "tokenizer_2", tokenizer);
+    nlohmann::json tok =
+        io::read_json_file("test", model / "tokenizer_2" / "tokenizer_config.json");
+    tok["pad_token"] = "!";
+    io::write_json_file(model / "tokenizer_2" / "tokenizer_config.json", tok);
+    // text_encoder_2: pooled width 32 = projection_class_embeddings_input_dim 80 − 6 × 8
+    nlohmann::json te2 = io::read_json_file("test", test::data_path("clip_proj_tiny/config.json"));
+    te2["projection_dim"] = 32;
+    te2["eos_token_id"] = 2;
+    models::ClipTextModel<float> text_encoder_2(models::ClipTextConfig::from_json(te2));
+    nn::init_like_pytorch<float>(text_encoder_2, RandomStream{3, 0});
+    fs::create_directories(model / "text_encoder_2");
+    io::write_json_file(model / "text_encoder_2" / "config.json", te2);
+    pipeline::save_model_weights(text_encoder_2, model / "text_encoder_2" / "model.safetensors");
+    fs::create_directories(model / "scheduler");
+    io::write_json_file(model / "scheduler" / "scheduler_config.json",
+                        shapes::scheduler_config_json(PredictionType::epsilon));
+
+    data = dir / "data";
+    fs::create_directories(data);
+    const std::vector<std::pair<int, int>> sizes{{16, 16}, {24, 16}, {16, 20}, {32, 24}};
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      tools::Image image(sizes[i].first, sizes[i].second);
+      for (std::size_t p = 0; p < image.rgb.size(); ++p)
+        image.rgb[p] = std::uint8_t((p * (37 + 11 * i)) % 251);
+      const std::string stem = "img" + std::to_string(i);
+      tools::save_png((data / (stem + ".png")).string(), image);
+      std::ofstream(data / (stem + ".txt")) << (i % 2 ? "a red circle" : "a blue square") << "\n";
+    }
+  }
+
+  TrainCommandOptions options(const std::string& out) const {
+    TrainCommandOptions o;
+    o.pretrained_model_name_or_path = model.string();
+    o.train_data_dir = data.string();
+    o.trainer.output_dir = dir / out;
+    o.resolution = 16;
+    o.trainer.train_batch_size = 2;
+    o.max_train_steps = 2;
+    o.trainer.checkpointing_steps = 0;
+    o.lr_warmup_steps = 0;
+    o.trainer.learning_rate = 1e-2;
+    o.trainer.seed = 5;
+    o.plain_log = true;
+    return o;
+  }
+};
+
+std::string file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+std::size_t count_prefixed(const std::vector<std::string>& names, const std::string& prefix) {
+  std::size_t n = 0;
+  for (const auto& name : names) n += name.rfind(prefix, 0) == 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("difftrain train on an SDXL folder: kohya SDXL LoRA read back with the same effect",
+          "[train_cli][sdxl]") {
+  SdxlFixture f;
+  {  // the folder loads as SDXL: both tokenizers' ids side by side, tokenizer_2 pads with "!"
+    auto m = pipeline::load_model_folder(f.model.string());
+    REQUIRE(m.is_sdxl());
+    const TokenIds ids = m.tokenize({"a red circle"});
+    REQUIRE(ids.shape() == std::array<std::size_t, 2>{1, 154});
+    CHECK(ids(0, 76) == m.tokenizer.pad_token_id());
+    CHECK(ids(0, 153) == 0);  // "!"
+  }
+  std::map<std::string, fs::path> files;
+  for (const std::string format : {"kohya", "peft"}) {
+    TrainCommandOptions o = f.options("out_" + format);
+    o.train_text_encoder = true;
+    o.save_format = format;
+    o.validation_prompt = "a red circle";
+    o.num_validation_images = 1;
+    o.validation_inference_steps = 2;
+    o.validation_guidance_scale = 3;
+    const auto r = tools::run_train(o, stdout);
+    REQUIRE(r.global_step == 2);
+    files[format] = r.lora_file;
+    const auto file = io::SafetensorsFile::open(r.lora_file.string());
+    const std::vector<std::string> names = file.names();
+    if (format == "kohya") {
+      CHECK(count_prefixed(names, "lora_unet_input_blocks_") > 0);
+      CHECK(count_prefixed(names, "lora_unet_middle_block_") > 0);
+      CHECK(count_prefixed(names, "lora_unet_output_blocks_") > 0);
+      CHECK(count_prefixed(names, "lora_unet_down_blocks_") == 0);  // not diffusers paths
+      // both encoders, 4 modules (q, k, v, out) of each layer, down/up/alpha each
+      CHECK(count_prefixed(names, "lora_te1_") == 3 * 4 * 3);
+      CHECK(count_prefixed(names, "lora_te2_") == 3 * 4 * 3);
+      CHECK(count_prefixed(names, "lora_te_") == 0);
+      CHECK(file.metadata().at("ss_base_model_version") == "sdxl_base_v1-0");
+    } else {
+      CHECK(count_prefixed(names, "text_encoder.") == 3 * 4 * 2);
+      CHECK(count_prefixed(names, "text_encoder_2.") == 3 * 4 * 2);
+    }
+    // read back: `difftrain sample --lora` draws the validation grid of the trained model
+    tools::SampleCommandOptions s;
+    s.model = f.model.string();
+    s.lora = r.lora_file.string();
+    s.prompts = {o.validation_prompt};
+    s.num_inference_steps = o.validation_inference_steps;
+    s.guidance_scale = o.validation_guidance_scale;
+    s.seed = o.trainer.seed;
+    s.height = s.width = 16;
+    s.out = f.dir / ("sampled_" + format + ".png");
+    tools::run_sample(s);
+    REQUIRE(r.validation_images.size() == 1);
+    CHECK(file_bytes(s.out) == file_bytes(r.validation_images.back()));
+  }
+
+  // the two files have the same effect, and it is not nothing: the UNet's prediction and both
+  // encoders' outputs move against the base model's
+  auto base = pipeline::load_model_folder(f.model.string());
+  auto kohya = pipeline::load_model_folder(f.model.string());
+  auto peft = pipeline::load_model_folder(f.model.string());
+  kohya.apply_lora(files["kohya"].string());
+  peft.apply_lora(files["peft"].string());
+  const std::vector<std::string> prompts{"a red circle", "a blue square"};
+  const auto e0 = base.encode_sdxl_prompts(prompts);
+  const auto ek = kohya.encode_sdxl_prompts(prompts);
+  const auto ep = peft.encode_sdxl_prompts(prompts);
+  REQUIRE_CLOSE(ek.prompt_embeds, ep.prompt_embeds, 0.0, 0.0);
+  REQUIRE_CLOSE(ek.pooled_prompt_embeds, ep.pooled_prompt_embeds, 0.0, 0.0);
+  CHECK(xt::amax(xt::abs(ek.prompt_embeds - e0.prompt_embeds))() > 1e-5);
+  CHECK(xt::amax(xt::abs(ek.pooled_prompt_embeds - e0.pooled_prompt_embeds))() > 1e-5);
+  Tensor4<float> x(std::array<std::size_t, 4>{2, 4, 2, 2});
+  fill_normal(std::span<float>(x.data(), x.size()), RandomStream{8, 0});
+  const std::vector<std::int64_t> t{10, 500};
+  const auto added = pipeline::sdxl_added_conditions(e0.pooled_prompt_embeds, nullptr, 16, 16);
+  auto predict = [&](pipeline::ModelFolder& m) {
+    return m.unet.forward(x, std::span<const std::int64_t>(t), e0.prompt_embeds, added);
+  };
+  const Tensor4<float> pk = predict(kohya);
+  REQUIRE_CLOSE(pk, predict(peft), 0.0, 0.0);
+  CHECK(xt::amax(xt::abs(pk - predict(base)))() > 1e-5);
+}
+
+TEST_CASE("difftrain train on an SDXL folder: latents cached, parts that do not fit",
+          "[train_cli][sdxl]") {
+  SdxlFixture f;
+  {  // --cache_latents gives the time ids of the cached crops
+    TrainCommandOptions o = f.options("cached");
+    o.cache_latents = true;
+    o.random_flip = true;
+    const auto r = tools::run_train(o, stdout);
+    CHECK(r.global_step == 2);
+  }
+  {  // --cache_text_encoder_outputs would lose the pooled embeddings: refused, naming it
+    TrainCommandOptions o = f.options("te_cache");
+    o.cache_text_encoder_outputs = true;
+    CHECK_THROWS_WITH(tools::run_train(o, stdout),
+                      Catch::Contains("--cache_text_encoder_outputs") && Catch::Contains("SDXL"));
+  }
+  // the parts must fit: a UNet without "text_time" beside text_encoder_2, text_encoder_2 alone
+  nlohmann::json unet = io::read_json_file("test", f.model / "unet" / "config.json");
+  const fs::path sd_unet = f.dir / "sd_unet";
+  {
+    nlohmann::json sd = unet;
+    sd["addition_embed_type"] = nullptr;
+    models::UNet2DConditionModel<float> plain(models::UNet2DConditionConfig::from_json(sd));
+    fs::create_directories(sd_unet);
+    io::write_json_file(sd_unet / "config.json", sd);
+    pipeline::save_model_weights(plain, sd_unet / "diffusion_pytorch_model.safetensors");
+  }
+  fs::rename(f.model / "unet", f.dir / "sdxl_unet");
+  fs::rename(sd_unet, f.model / "unet");
+  CHECK_THROWS_WITH(pipeline::load_model_folder(f.model.string()),
+                    Catch::Contains("addition_embed_type is not \"text_time\""));
+  fs::remove_all(f.model / "unet");
+  fs::rename(f.dir / "sdxl_unet", f.model / "unet");
+  fs::remove_all(f.model / "tokenizer_2");
+  CHECK_THROWS_WITH(pipeline::load_model_folder(f.model.string()), Catch::Contains("tokenizer_2"));
+  fs::remove_all(f.model / "text_encoder_2");
+  CHECK_THROWS_WITH(pipeline::load_model_folder(f.model.string()),
+                    Catch::Contains("no text_encoder_2/"));
+}
