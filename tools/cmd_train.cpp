@@ -200,35 +200,49 @@ class CachedLatentSource {
   std::string vae_digest_;
 };
 
-/// The run's text encoder, with kohya's --cache_text_encoder_outputs: the context of each caption
-/// (token-id row) is computed once, a row at a time so that it does not depend on the batch it
-/// came in, and kept in memory; with `disk` (--cache_text_encoder_outputs_to_disk) also there,
-/// keyed by the token ids, the encoder's weights and clip_skip. Without caching it passes through.
+// The cache key part of a text encoder: its weights and the options that change its output.
+void add_config(CacheKey& key, const models::ClipTextConfig& c) {
+  key.add(c.num_attention_heads)
+      .add(to_string(c.hidden_act))
+      .add(std::bit_cast<std::uint64_t>(c.layer_norm_eps));
+}
+std::string encoder_digest(const models::ClipTextEncoder& encoder) {
+  CacheKey key("text_encoder");
+  key.add(parameter_digest(encoder));
+  add_config(key, encoder.model().config());
+  return key.add(encoder.options().clip_skip).hex();
+}
+std::string encoder_digest(const models::SdxlTextEncoders& encoders) {
+  CacheKey key("sdxl_text_encoders");
+  key.add(parameter_digest(encoders));
+  add_config(key, std::as_const(encoders).text_encoder().config());
+  add_config(key, std::as_const(encoders).text_encoder_2().config());
+  return key.add(encoders.clip_skip()).hex();
+}
+
+/// The run's text encoder E (SD's ClipTextEncoder, SDXL's SdxlTextEncoders), with kohya's
+/// --cache_text_encoder_outputs: the outputs of each caption (token-id row: its context, and for
+/// SDXL its pooled embedding) are computed once, a row at a time so that they do not depend on the
+/// batch they came in, and kept in memory; with `disk` (--cache_text_encoder_outputs_to_disk) also
+/// there, keyed by the token ids, the encoders' weights and clip_skip. Without caching it passes
+/// through.
+template <class E>
 class CachingTextEncoder {
  public:
   using input_type = TokenIds;
   using output_type = Tensor3<float>;
+  static constexpr bool kPooled = PooledTextEncoder<E>;
 
-  CachingTextEncoder(models::ClipTextEncoder& encoder, bool cache,
-                     std::optional<DiskCache> disk = std::nullopt)
+  CachingTextEncoder(E& encoder, bool cache, std::optional<DiskCache> disk = std::nullopt)
       : encoder_(encoder), cache_(cache || disk), disk_(std::move(disk)) {
-    if (!cache_) return;
-    const auto& c = encoder.model().config();
-    digest_ = CacheKey("text_encoder")
-                  .add(parameter_digest(encoder))
-                  .add(c.num_attention_heads)
-                  .add(to_string(c.hidden_act))
-                  .add(std::bit_cast<std::uint64_t>(c.layer_norm_eps))
-                  .add(encoder.options().clip_skip)
-                  .hex();
+    if (cache_) digest_ = encoder_digest(encoder);
   }
   const std::optional<DiskCache>& disk() const { return disk_; }
 
   Tensor3<float> encode(const TokenIds& ids) {
     if (!cache_) return encoder_.encode(ids);
     const std::size_t B = ids.shape()[0], L = ids.shape()[1];
-    std::vector<const std::vector<float>*> rows;
-    std::size_t D = 0;
+    std::vector<const Outputs*> rows;
     for (std::size_t b = 0; b < B; ++b) {
       const TokenIds row = xt::view(ids, xt::range(b, b + 1), xt::all());
       const std::string key = CacheKey(kKind)
@@ -238,39 +252,74 @@ class CachingTextEncoder {
       auto it = memory_.find(key);
       if (it == memory_.end()) it = memory_.emplace(key, compute(row, key)).first;
       rows.push_back(&it->second);
-      D = it->second.size() / L;
     }
-    Tensor3<float> out(std::array<std::size_t, 3>{B, L, D});
+    // context rows [L', D] (SDXL: L' = L / 2, the ids being both tokenizers' side by side)
+    const std::size_t D = rows[0]->shape[2], Lc = rows[0]->shape[1];
+    Tensor3<float> out(std::array<std::size_t, 3>{B, Lc, D});
     for (std::size_t b = 0; b < B; ++b)
-      std::copy(rows[b]->begin(), rows[b]->end(), out.begin() + std::ptrdiff_t(b * L * D));
+      std::copy(rows[b]->context.begin(), rows[b]->context.end(),
+                out.begin() + std::ptrdiff_t(b * Lc * D));
+    if constexpr (kPooled) {
+      const std::size_t P = rows[0]->pooled.size();
+      pooled_ = Tensor<float, 2>(std::array<std::size_t, 2>{B, P});
+      for (std::size_t b = 0; b < B; ++b)
+        std::copy(rows[b]->pooled.begin(), rows[b]->pooled.end(),
+                  pooled_.begin() + std::ptrdiff_t(b * P));
+    }
+    (void)L;
     return out;
+  }
+  /// SDXL: the pooled embeddings of the last encode.
+  const Tensor<float, 2>& pooled_prompt_embeds() const requires kPooled {
+    return cache_ ? pooled_ : encoder_.pooled_prompt_embeds();
   }
   Tensor3<float> encode_train(const TokenIds& ids) { return encoder_.encode_train(ids); }
   void backward(const Tensor3<float>& grad_context) { encoder_.backward(grad_context); }
+  void backward(const Tensor3<float>& grad_context,
+                const Tensor<float, 2>& grad_pooled) requires kPooled {
+    encoder_.backward(grad_context, grad_pooled);
+  }
   bool is_training() const { return encoder_.is_training(); }
 
  private:
-  std::vector<float> compute(const TokenIds& row, const std::string& key) {
+  struct Outputs {
+    std::vector<std::size_t> shape;  // the context's [1, L, D]
+    std::vector<float> context, pooled;
+  };
+
+  Outputs compute(const TokenIds& row, const std::string& key) {
     if (disk_)
-      if (auto entry = disk_->load(key); entry && entry->size() == 1 &&
-                                         entry->front().shape.size() == 3 &&
-                                         entry->front().shape[1] == row.shape()[1])
-        return std::move(entry->front().values);
+      if (auto entry = disk_->load(key);
+          entry && entry->size() == (kPooled ? 2 : 1) && entry->front().name == "context" &&
+          entry->front().shape.size() == 3 &&
+          entry->front().shape[1] * (kPooled ? 2 : 1) == row.shape()[1] &&
+          (!kPooled || entry->back().name == "pooled"))
+        return {entry->front().shape, std::move(entry->front().values),
+                kPooled ? std::move(entry->back().values) : std::vector<float>{}};
     const Tensor3<float> context = encoder_.encode(row);
-    std::vector<float> values(context.begin(), context.end());
-    if (disk_)
-      disk_->store(key, {{"context", {context.shape().begin(), context.shape().end()}, values}});
-    return values;
+    Outputs out{
+        {context.shape().begin(), context.shape().end()}, {context.begin(), context.end()}, {}};
+    std::vector<CacheTensor> tensors{{"context", out.shape, out.context}};
+    if constexpr (kPooled) {
+      const Tensor<float, 2>& pooled = encoder_.pooled_prompt_embeds();
+      out.pooled.assign(pooled.begin(), pooled.end());
+      tensors.push_back({"pooled", {pooled.shape().begin(), pooled.shape().end()}, out.pooled});
+    }
+    if (disk_) disk_->store(key, tensors);
+    return out;
   }
 
   static constexpr const char* kKind = "text_encoder_outputs";
-  models::ClipTextEncoder& encoder_;
+  E& encoder_;
   bool cache_;
   std::optional<DiskCache> disk_;
   std::string digest_;
-  std::map<std::string, std::vector<float>> memory_;
+  std::map<std::string, Outputs> memory_;
+  Tensor<float, 2> pooled_;
 };
-static_assert(TrainableTextEncoder<CachingTextEncoder>);
+static_assert(TrainableTextEncoder<CachingTextEncoder<models::ClipTextEncoder>> &&
+              !PooledTextEncoder<CachingTextEncoder<models::ClipTextEncoder>>);
+static_assert(PooledTextEncoder<CachingTextEncoder<models::SdxlTextEncoders>>);
 
 namespace fs = std::filesystem;
 constexpr const char* fn = "train";
@@ -957,10 +1006,6 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     inject_adapters(model.unet, o);
   const bool text_encoder_adapted = !inject_text_encoder_adapters(model.text_encoder, o).empty();
   if (model.text_encoder_2) inject_text_encoder_adapters(*model.text_encoder_2, o, 1);
-  if (model.is_sdxl())
-    require(!o.cache_text_encoder_outputs && !o.cache_text_encoder_outputs_to_disk, fn,
-            "--cache_text_encoder_outputs is not supported for SDXL models yet (it would have to "
-            "keep the pooled embeddings too): leave it out");
 
   const std::int64_t micro_per_epoch = std::int64_t(data.steps_per_epoch());
   const train::TrainerOptions t = trainer_options(o, micro_per_epoch);
@@ -977,9 +1022,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     else
       latent_encoder.vae.emplace(*model.vae, RandomStream{t.seed, 0x766165});
   }
-  CachingTextEncoder text_encoder(
-      model.text_encoder, o.cache_text_encoder_outputs,
-      disk_cache(o.cache_text_encoder_outputs_to_disk, "text_encoder_outputs"));
+  // The text-encoder cache's disk part (set below), for the report.
+  const std::optional<DiskCache>* text_encoder_disk = nullptr;
   // The loop, for the step of either objective and text encoder (`text`: SD's ClipTextEncoder
   // or SDXL's two encoders).
   auto train_with = [&](auto& step, auto& text) -> TrainRunResult {
@@ -1071,7 +1115,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                                  " damaged"));
       };
       if (cached) report(cached->disk(), result.latent_cache);
-      report(text_encoder.disk(), result.text_encoder_cache);
+      report(*text_encoder_disk, result.text_encoder_cache);
     };
     CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
     InterruptGuard interrupt;
@@ -1130,11 +1174,19 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
                                        latent_encoder, encoder, t);
     return train_with(step, text);
   };
+  // The run's text encoder: `text`, with --cache_text_encoder_outputs.
+  auto train_text = [&](auto& text) {
+    CachingTextEncoder<std::remove_reference_t<decltype(text)>> encoder(
+        text, o.cache_text_encoder_outputs,
+        disk_cache(o.cache_text_encoder_outputs_to_disk, "text_encoder_outputs"));
+    text_encoder_disk = &encoder.disk();
+    return train_objective(encoder, text);
+  };
   if (model.is_sdxl()) {
     models::SdxlTextEncoders encoders = model.sdxl_text_encoders();
-    return train_objective(encoders, encoders);
+    return train_text(encoders);
   }
-  return train_objective(text_encoder, model.text_encoder);
+  return train_text(model.text_encoder);
 }
 
 void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {

@@ -197,8 +197,10 @@ TEST_CASE("difftrain train on an SDXL folder: kohya SDXL LoRA read back with the
   CHECK(xt::amax(xt::abs(pk - predict(base)))() > 1e-5);
 }
 
-TEST_CASE("difftrain train on an SDXL folder: latents cached, parts that do not fit",
-          "[train_cli][sdxl]") {
+TEST_CASE(
+    "difftrain train on an SDXL folder: cached latents and text-encoder outputs; parts that do not "
+    "fit",
+    "[train_cli][sdxl]") {
   SdxlFixture f;
   {  // --cache_latents gives the time ids of the cached crops
     TrainCommandOptions o = f.options("cached");
@@ -207,11 +209,38 @@ TEST_CASE("difftrain train on an SDXL folder: latents cached, parts that do not 
     const auto r = tools::run_train(o, stdout);
     CHECK(r.global_step == 2);
   }
-  {  // --cache_text_encoder_outputs would lose the pooled embeddings: refused, naming it
-    TrainCommandOptions o = f.options("te_cache");
-    o.cache_text_encoder_outputs = true;
-    CHECK_THROWS_WITH(tools::run_train(o, stdout),
-                      Catch::Contains("--cache_text_encoder_outputs") && Catch::Contains("SDXL"));
+  {  // --cache_text_encoder_outputs(_to_disk) keeps context and pooled embeddings: the result
+     // is the uncached run's, and a second run reads the disk cache
+    auto run = [&](const std::string& out, bool cache) {
+      TrainCommandOptions o = f.options(out);
+      o.cache_text_encoder_outputs_to_disk = cache;
+      // SGD: the weights move with the gradients (AdamW's first steps are lr·sign(g), which turns
+      // round-off in a near-zero gradient into a full step)
+      o.trainer.optimizer = "sgd";
+      o.trainer.learning_rate = 0.5;
+      o.disk_cache_dir = f.dir / "cache";
+      return tools::run_train(o, stdout);
+    };
+    const auto uncached = run("uncached", false), cached = run("cached_te", true),
+               again = run("cached_te_again", true);
+    CHECK(cached.text_encoder_cache.stored > 0);
+    CHECK(again.text_encoder_cache.loaded == cached.text_encoder_cache.stored);
+    CHECK(again.text_encoder_cache.stored == 0);
+    const auto a = io::SafetensorsFile::open(uncached.lora_file.string());
+    for (const auto& r : {cached, again}) {
+      const auto b = io::SafetensorsFile::open(r.lora_file.string());
+      REQUIRE(a.names() == b.names());
+      for (const auto& name : a.names()) {
+        INFO(name);
+        const std::vector<float> x = a.read<float>(name), y = b.read<float>(name);
+        double worst = 0, scale = 0;
+        for (std::size_t i = 0; i < x.size(); ++i) {
+          worst = std::max(worst, double(std::abs(x[i] - y[i])));
+          scale = std::max(scale, double(std::abs(x[i])));
+        }
+        CHECK(worst <= 1e-5 * std::max(scale, 1.0));
+      }
+    }
   }
   // the parts must fit: a UNet without "text_time" beside text_encoder_2, text_encoder_2 alone
   nlohmann::json unet = io::read_json_file("test", f.model / "unet" / "config.json");

@@ -135,6 +135,8 @@ class SdxlTextEncoders {
 
   ClipTextModel<float>& text_encoder() { return *encoders_[0]; }
   ClipTextModel<float>& text_encoder_2() { return *encoders_[1]; }
+  const ClipTextModel<float>& text_encoder() const { return *encoders_[0]; }
+  const ClipTextModel<float>& text_encoder_2() const { return *encoders_[1]; }
   std::size_t clip_skip() const { return clip_skip_; }
 
  private:
