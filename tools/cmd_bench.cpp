@@ -303,12 +303,12 @@ nlohmann::ordered_json run_bench(const BenchOptions& o) {
   BatchExtras extras;
   AddedConditions<float> added;
   if (unet.uses_added_conditions()) {
-    const std::size_t P =
-        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim;
     require(config.projection_class_embeddings_input_dim > 6 * config.addition_time_embed_dim, fn,
             "'", o.config,
             "': projection_class_embeddings_input_dim leaves no text_embeds for 6 "
             "time ids");
+    const std::size_t P =
+        config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim;
     added.text_embeds = random_tensor<2>({B, P}, RandomStream{o.seed, 5});
     added.time_ids = Tensor<float, 2>(std::array<std::size_t, 2>{B, 6}, 0.f);
     const float pixels = static_cast<float>(8 * S);
