@@ -19,6 +19,11 @@
 
 namespace difftrain::tools {
 
+pipeline::ModelFolder load_model(const std::string& path, const SingleFileFlags& flags,
+                                 const pipeline::ModelFolderOptions& options) {
+  return pipeline::load_pipeline(path, {options, flags.single_file_config, flags.tokenizer_name});
+}
+
 void run_sample(const SampleCommandOptions& o) {
   constexpr const char* fn = "sample";
   set_threads("sample", o.threads);
@@ -39,7 +44,7 @@ void run_sample(const SampleCommandOptions& o) {
           "--num_inference_steps is ", o.num_inference_steps, ", expected 1 to 10000");
   std::optional<pipeline::SamplerKind> sampler;
   if (!o.sampler.empty()) sampler = pipeline::parse_sampler_kind(o.sampler);
-  pipeline::ModelFolder model = pipeline::load_model_folder(o.model);
+  pipeline::ModelFolder model = load_model(o.model, o.single_file, {});
   if (!sampler) sampler = pipeline::default_sampler(model.scheduler);  // the model's scheduler
   // Inference only: no gradient buffers for the base weights.
   model.unet.for_each_parameter("", [](const std::string&, auto& p) { p.set_trainable(false); });
@@ -73,7 +78,8 @@ void add_sample_command(CLI::App& app, int& exit_code) {
       "sample",
       "Generate images from a diffusers model folder (DDIM, Euler or flow Euler, CFG) into a PNG "
       "grid");
-  cmd->add_option("--model", o->model, "diffusers pipeline folder (unet/, text_encoder/, ...)")
+  cmd->add_option("--model", o->model,
+                  "diffusers pipeline folder (unet/, text_encoder/, ...) or single-file checkpoint")
       ->required();
   cmd->add_option("--prompt", o->prompts, "prompt (repeat for more rows)")->required();
   cmd->add_option("--negative_prompt", o->negative_prompt,
@@ -94,6 +100,7 @@ void add_sample_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--height", o->height, "image height in pixels (default: the model's)");
   cmd->add_option("--width", o->width, "image width in pixels (default: the model's)");
   add_threads_option(*cmd, o->threads);
+  add_single_file_options(*cmd, o->single_file);
   cmd->add_option("--out", o->out, "output PNG grid")->required();
   cmd->callback([o, &exit_code] { exit_code = run_command("sample", [&] { run_sample(*o); }); });
 }

@@ -983,8 +983,12 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
 
   pipeline::ModelFolderOptions folder_options;
   folder_options.clip_skip = o.clip_skip > 1 ? o.clip_skip - 1 : 0;  // kohya's count → diffusers'
+  require(!o.full_finetune || !fs::is_regular_file(o.pretrained_model_name_or_path), fn,
+          "--full_finetune writes a diffusers folder from the base folder's other components; '",
+          o.pretrained_model_name_or_path,
+          "' is a single file (convert it to a diffusers folder first, or train a LoRA)");
   pipeline::ModelFolder model =
-      pipeline::load_model_folder(o.pretrained_model_name_or_path, folder_options);
+      load_model(o.pretrained_model_name_or_path, o.single_file, folder_options);
   if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
   const bool flow = flow_objective(o, model.scheduler);
   if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
@@ -1193,7 +1197,10 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_option("--config,--config_file", o.config,
                  "JSON or kohya TOML file with the flags as keys (the command line wins)");
   cmd.add_option("--pretrained_model_name_or_path", o.pretrained_model_name_or_path,
-                 "diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)");
+                 "diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/; "
+                 "SDXL: also text_encoder_2/, tokenizer_2/) or an original single-file checkpoint "
+                 "(SD 1.x, 2.x, SDXL)");
+  add_single_file_options(cmd, o.single_file);
   cmd.add_option("--train_data_dir", o.train_data_dir,
                  "images with .txt captions or a metadata.jsonl");
   cmd.add_option("--caption_column", o.caption_column, "metadata.jsonl caption key");

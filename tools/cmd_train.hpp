@@ -33,6 +33,7 @@
 #include "difftrain/schedule/flow_match.hpp"
 #include "difftrain/train/trainer.hpp"
 #include "disk_cache.hpp"
+#include "tool_common.hpp"
 
 namespace CLI {
 class App;
@@ -65,7 +66,8 @@ struct TrainCommandOptions {
   std::vector<DatasetSubset> dataset_subsets;
 
   // Model and data.
-  std::string pretrained_model_name_or_path;
+  std::string pretrained_model_name_or_path;  // a diffusers folder or an original single file
+  SingleFileFlags single_file;                // for a single file: its configs and tokenizer
   std::string train_data_dir;
   std::string caption_column = "text";
   std::string caption_extension = ".txt";

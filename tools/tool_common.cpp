@@ -14,6 +14,16 @@ void add_threads_option(CLI::App& cmd, int& threads) {
   cmd.add_option("--threads", threads, "OpenMP and Eigen threads (default: all)");
 }
 
+void add_single_file_options(CLI::App& cmd, SingleFileFlags& flags) {
+  cmd.add_option("--single_file_config", flags.single_file_config,
+                 "for a single-file model: a diffusers pipeline folder of the same model whose "
+                 "configs, tokenizers and scheduler describe it (diffusers' from_single_file "
+                 "config); default: the detected family's presets");
+  cmd.add_option("--tokenizer_name", flags.tokenizer_name,
+                 "tokenizer folder (vocab.json, merges.txt) for a single-file model; SDXL's "
+                 "second tokenizer is the same, padding with \"!\"");
+}
+
 int set_threads(const char* command, int n) {
   require(n >= 0, command, "--threads is ", n, ", expected >= 0 (0: OpenMP's default)");
   if (n > 0) {

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <exception>
 #include <new>
+#include <string>
 
 namespace CLI {
 class App;
@@ -14,6 +15,17 @@ namespace difftrain::tools {
 /// Registers --threads N on a subcommand, bound to `threads` (0: all; set_threads applies it).
 /// Every subcommand registers it here, once.
 void add_threads_option(CLI::App& cmd, int& threads);
+
+/// A model given as an original single file: where its configs and tokenizer come from
+/// (pipeline::SingleFileOptions).
+struct SingleFileFlags {
+  std::string single_file_config;  // a diffusers pipeline folder of the same model (configs only)
+  std::string tokenizer_name;      // diffusers' --tokenizer_name: a tokenizer folder
+};
+
+/// Registers --single_file_config and --tokenizer_name, bound to `flags` (every command that
+/// loads a pipeline registers them here, once).
+void add_single_file_options(CLI::App& cmd, SingleFileFlags& flags);
 
 /// Sets OpenMP's and Eigen's thread counts to n (n > 0; 0 keeps OpenMP's default) and returns the
 /// count in effect. Throws difftrain::Error naming `command` for n < 0. Definition in

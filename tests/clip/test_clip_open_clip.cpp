@@ -1,13 +1,13 @@
 // Text encoders of SD 2.x and SDXL single files: OpenCLIP names (cond_stage_model.model.*,
 // conditioner.embedders.1.model.*: fused in_proj q/k/v, text_projection transposed) and SDXL's
 // first encoder (conditioner.embedders.0.transformer.*, transformers' names). The files are built
-// here from the golden clip_tiny / clip_proj_tiny weights, renamed by this test's own table, among
-// tensors of the other components; every loaded model must reproduce every golden output.
+// here from the golden clip_tiny / clip_proj_tiny weights, renamed by
+// support/ldm_file_builder.hpp's own table, among tensors of the other components; every loaded
+// model must reproduce every golden output.
 
 #include <catch2/catch.hpp>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <string>
 #include <utility>
@@ -16,117 +16,25 @@
 #include "clip/clip_test_support.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/clip/clip.hpp"
+#include "support/ldm_file_builder.hpp"
 #include "support/tensor_match.hpp"
 
 using namespace difftrain;
 using Catch::Matchers::Contains;
 using models::ClipSingleFileLayout;
+using test::add_open_clip;
+using test::add_transformers;
+using test::FileBuilder;
+using test::OpenClipOptions;
 
 namespace {
 
 constexpr std::size_t kLayers = 3;  // both golden configs
 constexpr std::size_t kD = 32;      // hidden_size of both
 
-// transformers → OpenCLIP below "text_model.encoder.layers.<i>." / "transformer.resblocks.<i>."
-// (q_proj, k_proj, v_proj are fused separately)
-const std::pair<const char*, const char*> kLayerNames[] = {
-    {"layer_norm1.weight", "ln_1.weight"},
-    {"layer_norm1.bias", "ln_1.bias"},
-    {"self_attn.out_proj.weight", "attn.out_proj.weight"},
-    {"self_attn.out_proj.bias", "attn.out_proj.bias"},
-    {"layer_norm2.weight", "ln_2.weight"},
-    {"layer_norm2.bias", "ln_2.bias"},
-    {"mlp.fc1.weight", "mlp.c_fc.weight"},
-    {"mlp.fc1.bias", "mlp.c_fc.bias"},
-    {"mlp.fc2.weight", "mlp.c_proj.weight"},
-    {"mlp.fc2.bias", "mlp.c_proj.bias"},
-};
-const std::pair<const char*, const char*> kTopNames[] = {
-    {"text_model.embeddings.token_embedding.weight", "token_embedding.weight"},
-    {"text_model.embeddings.position_embedding.weight", "positional_embedding"},
-    {"text_model.final_layer_norm.weight", "ln_final.weight"},
-    {"text_model.final_layer_norm.bias", "ln_final.bias"},
-};
-
-// A safetensors file under construction (F32), its values kept alive until written.
-class FileBuilder {
- public:
-  void add(const std::string& name, std::vector<float> values, std::vector<std::size_t> shape) {
-    values_.push_back(std::move(values));
-    list_.push_back(io::TensorToWrite::from_span(name, std::span<const float>(values_.back()),
-                                                 std::move(shape), io::Dtype::F32));
-  }
-  void write(const std::string& path) const { io::save_safetensors(path, list_); }
-
- private:
-  std::deque<std::vector<float>> values_;
-  std::vector<io::TensorToWrite> list_;
-};
-
-struct OpenClipOptions {
-  std::string skip;                   // an OpenCLIP name (below the prefix) left out
-  std::size_t in_proj_rows = 3 * kD;  // rows written for resblocks.0's in_proj_weight
-  bool extra_block = false;           // a resblock beyond the config (SD 2.x's 24th)
-  bool transpose_projection = true;
-};
-
-// The golden model `folder` (transformers names) in OpenCLIP names under `prefix`, with
-// logit_scale and attn_mask; text_projection only when the model has one.
-void add_open_clip(FileBuilder& out, const std::string& folder, const std::string& prefix,
-                   const OpenClipOptions& o = {}) {
-  const auto file = io::SafetensorsFile::open(test::data_path(folder + "/model.safetensors"));
-  auto put = [&](const std::string& name, std::vector<float> values,
-                 std::vector<std::size_t> shape) {
-    if (name != o.skip) out.add(prefix + name, std::move(values), std::move(shape));
-  };
-  for (const auto& [hf, oc] : kTopNames) put(oc, file.read<float>(hf), file.info(hf).shape);
-  for (std::size_t i = 0; i < kLayers + (o.extra_block ? 1 : 0); ++i) {
-    const std::size_t src = i < kLayers ? i : 0;  // the extra block: layer 0's values, scaled
-    const float scale = i < kLayers ? 1.0f : 3.0f;
-    const std::string hf = "text_model.encoder.layers." + std::to_string(src) + ".";
-    const std::string oc = "transformer.resblocks." + std::to_string(i) + ".";
-    auto read = [&](const std::string& name) {
-      auto values = file.read<float>(hf + name);
-      for (auto& v : values) v *= scale;
-      return values;
-    };
-    for (const auto& [h, c] : kLayerNames) put(oc + c, read(h), file.info(hf + h).shape);
-    std::vector<float> weight, bias;  // rows [Wq; Wk; Wv], [bq; bk; bv]
-    for (const char* x : {"q", "k", "v"}) {
-      const auto w = read(std::string("self_attn.") + x + "_proj.weight");
-      const auto b = read(std::string("self_attn.") + x + "_proj.bias");
-      weight.insert(weight.end(), w.begin(), w.end());
-      bias.insert(bias.end(), b.begin(), b.end());
-    }
-    if (i == 0) weight.resize(o.in_proj_rows * kD);
-    put(oc + "attn.in_proj_weight", weight, {i == 0 ? o.in_proj_rows : 3 * kD, kD});
-    put(oc + "attn.in_proj_bias", bias, {3 * kD});
-  }
-  if (file.contains("text_projection.weight")) {  // [P, D] → [D, P]
-    const auto w = file.read<float>("text_projection.weight");
-    const std::size_t P = file.info("text_projection.weight").shape[0];
-    std::vector<float> t(w.size());
-    for (std::size_t p = 0; p < P; ++p)
-      for (std::size_t d = 0; d < kD; ++d) t[d * P + p] = w[p * kD + d];
-    if (o.transpose_projection) {
-      put("text_projection", t, {kD, P});
-    } else {
-      put("text_projection", w, {P, kD});
-    }
-  }
-  put("logit_scale", {4.6052f}, {});
-  std::vector<float> mask(77 * 77, 0.0f);
-  for (std::size_t r = 0; r < 77; ++r)
-    for (std::size_t c = r + 1; c < 77; ++c) mask[r * 77 + c] = -1e30f;
-  put("attn_mask", mask, {77, 77});
-}
-
-// The golden model `folder` with transformers' names under `prefix` (SD 1.x / SDXL first encoder).
-void add_transformers(FileBuilder& out, const std::string& folder, const std::string& prefix) {
-  const auto file = io::SafetensorsFile::open(test::data_path(folder + "/model.safetensors"));
-  for (const auto& name : file.names())
-    if (name != "text_model.embeddings.position_ids")
-      out.add(prefix + name, file.read<float>(name), file.info(name).shape);
+// The golden model `folder`'s weights (transformers names).
+std::string golden_weights(const std::string& folder) {
+  return test::data_path(folder + "/model.safetensors");
 }
 
 // Tensors of the other components of a checkpoint.
@@ -184,8 +92,8 @@ TEST_CASE("single file: SDXL's two text encoders (embedders.0 transformers, embe
   const std::string path = dir.file("sdxl.safetensors");
   FileBuilder file;
   add_other_components(file);
-  add_transformers(file, "clip_tiny", "conditioner.embedders.0.transformer.");
-  add_open_clip(file, "clip_proj_tiny", "conditioner.embedders.1.model.");
+  add_transformers(file, golden_weights("clip_tiny"), "conditioner.embedders.0.transformer.");
+  add_open_clip(file, golden_weights("clip_proj_tiny"), "conditioner.embedders.1.model.");
   file.write(path);
 
   // the second encoder: a CLIPTextModelWithProjection, from the config or from the layout
@@ -222,7 +130,7 @@ TEST_CASE("single file: SD 2.x's OpenCLIP text encoder (cond_stage_model.model.*
     // SD 2.x files hold a text_projection, unused by its CLIPTextModel
     OpenClipOptions options;
     options.extra_block = true;
-    add_open_clip(file, "clip_tiny", "cond_stage_model.model.", options);
+    add_open_clip(file, golden_weights("clip_tiny"), "cond_stage_model.model.", options);
     file.add("cond_stage_model.model.text_projection", std::vector<float>(kD * 16, 0.125f),
              {kD, 16});
     file.write(path);
@@ -241,7 +149,7 @@ TEST_CASE("single file: SD 2.x's OpenCLIP text encoder (cond_stage_model.model.*
     add_other_components(file);
     OpenClipOptions options;
     options.skip = "transformer.resblocks.1.attn.in_proj_weight";
-    add_open_clip(file, "clip_tiny", "cond_stage_model.model.", options);
+    add_open_clip(file, golden_weights("clip_tiny"), "cond_stage_model.model.", options);
     file.write(path);
     CHECK_THROWS_WITH(
         models::load_clip_text_model_single_file<float>(path, config,
@@ -255,7 +163,7 @@ TEST_CASE("single file: SD 2.x's OpenCLIP text encoder (cond_stage_model.model.*
     add_other_components(file);
     OpenClipOptions options;
     options.in_proj_rows = 2 * kD;
-    add_open_clip(file, "clip_tiny", "cond_stage_model.model.", options);
+    add_open_clip(file, golden_weights("clip_tiny"), "cond_stage_model.model.", options);
     file.write(path);
     CHECK_THROWS_WITH(
         models::load_clip_text_model_single_file<float>(path, config,
@@ -267,7 +175,8 @@ TEST_CASE("single file: SD 2.x's OpenCLIP text encoder (cond_stage_model.model.*
   SECTION("a file with no tensor under the prefix names the layouts it has") {
     FileBuilder file;
     add_other_components(file);
-    add_transformers(file, "clip_tiny", "cond_stage_model.transformer.");  // an SD 1.x file
+    add_transformers(file, golden_weights("clip_tiny"),
+                     "cond_stage_model.transformer.");  // an SD 1.x file
     file.write(path);
     CHECK_THROWS_WITH(models::load_clip_text_model_single_file<float>(
                           path, config, ClipSingleFileLayout::open_clip),
@@ -291,7 +200,8 @@ TEST_CASE("single file: SDXL's text_projection must be there, transposed",
     add_other_components(file);
     OpenClipOptions options;
     options.skip = "text_projection";
-    add_open_clip(file, "clip_proj_tiny", "conditioner.embedders.1.model.", options);
+    add_open_clip(file, golden_weights("clip_proj_tiny"), "conditioner.embedders.1.model.",
+                  options);
     file.write(path);
   }
   CHECK_THROWS_WITH(models::load_clip_text_model_single_file<float>(
@@ -301,7 +211,8 @@ TEST_CASE("single file: SDXL's text_projection must be there, transposed",
     FileBuilder file;
     OpenClipOptions options;
     options.transpose_projection = false;
-    add_open_clip(file, "clip_proj_tiny", "conditioner.embedders.1.model.", options);
+    add_open_clip(file, golden_weights("clip_proj_tiny"), "conditioner.embedders.1.model.",
+                  options);
     file.write(path);
   }
   CHECK_THROWS_WITH(

@@ -21,9 +21,9 @@
 #include "difftrain/pipeline/generate_images.hpp"
 #include "difftrain/pipeline/model_folder.hpp"
 #include "image_io.hpp"
-#include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
 #include "support/tensor_match.hpp"
+#include "support/tiny_pipelines.hpp"
 
 namespace fs = std::filesystem;
 using namespace difftrain;
@@ -31,48 +31,15 @@ using difftrain::tools::TrainCommandOptions;
 
 namespace {
 
-void copy_files(const std::string& from, const fs::path& to,
-                const std::vector<std::string>& names) {
-  fs::create_directories(to);
-  for (const auto& name : names) fs::copy_file(test::data_path(from + "/" + name), to / name);
-}
-
-// The SDXL folder and a folder of captioned images of several sizes (so the time ids differ).
+// The SDXL folder (support/tiny_pipelines.hpp) and a folder of captioned images of several sizes
+// (so the time ids differ).
 struct SdxlFixture {
   test::TempDir dir;
   fs::path model, data;
 
   SdxlFixture() {
     model = dir / "sdxl";
-    copy_files("unet_sdxl_tiny", model / "unet",
-               {"config.json", "diffusion_pytorch_model.safetensors"});
-    copy_files("vae_tiny", model / "vae", {"config.json", "diffusion_pytorch_model.safetensors"});
-    copy_files("clip_tiny", model / "text_encoder", {"config.json", "model.safetensors"});
-    // SDXL's configs have eos_token_id 2: the legacy rule, pooled at the highest id (the eos of
-    // tokenizer_tiny; the golden configs name another vocabulary's eos)
-    nlohmann::json te1 = io::read_json_file("test", model / "text_encoder" / "config.json");
-    te1["eos_token_id"] = 2;
-    io::write_json_file(model / "text_encoder" / "config.json", te1);
-    const std::vector<std::string> tokenizer{"vocab.json", "merges.txt", "tokenizer_config.json"};
-    copy_files("tokenizer_tiny", model / "tokenizer", tokenizer);
-    copy_files("tokenizer_tiny", model / "tokenizer_2", tokenizer);
-    nlohmann::json tok =
-        io::read_json_file("test", model / "tokenizer_2" / "tokenizer_config.json");
-    tok["pad_token"] = "!";
-    io::write_json_file(model / "tokenizer_2" / "tokenizer_config.json", tok);
-    // text_encoder_2: pooled width 32 = projection_class_embeddings_input_dim 80 − 6 × 8
-    nlohmann::json te2 = io::read_json_file("test", test::data_path("clip_proj_tiny/config.json"));
-    te2["projection_dim"] = 32;
-    te2["eos_token_id"] = 2;
-    models::ClipTextModel<float> text_encoder_2(models::ClipTextConfig::from_json(te2));
-    nn::init_like_pytorch<float>(text_encoder_2, RandomStream{3, 0});
-    fs::create_directories(model / "text_encoder_2");
-    io::write_json_file(model / "text_encoder_2" / "config.json", te2);
-    pipeline::save_model_weights(text_encoder_2, model / "text_encoder_2" / "model.safetensors");
-    fs::create_directories(model / "scheduler");
-    io::write_json_file(model / "scheduler" / "scheduler_config.json",
-                        shapes::scheduler_config_json(PredictionType::epsilon));
-
+    test::write_tiny_sdxl_folder(model);
     data = dir / "data";
     fs::create_directories(data);
     const std::vector<std::pair<int, int>> sizes{{16, 16}, {24, 16}, {16, 20}, {32, 24}};
@@ -264,4 +231,53 @@ TEST_CASE(
   fs::remove_all(f.model / "text_encoder_2");
   CHECK_THROWS_WITH(pipeline::load_model_folder(f.model.string()),
                     Catch::Contains("no text_encoder_2/"));
+}
+
+TEST_CASE("difftrain train from an SDXL single file: the folder's run, bit for bit",
+          "[train_cli][sdxl]") {
+  SdxlFixture f;
+  const fs::path file = f.dir / "sdxl.safetensors";
+  test::write_tiny_sdxl_file(f.model, file.string());
+  TrainCommandOptions from_folder = f.options("folder");
+  from_folder.train_text_encoder = true;
+  TrainCommandOptions from_file = from_folder;
+  from_file.trainer.output_dir = f.dir / "file";
+  from_file.pretrained_model_name_or_path = file.string();
+  from_file.single_file.single_file_config = f.model.string();  // the configs and tokenizers
+  const auto a = tools::run_train(from_folder, stdout), b = tools::run_train(from_file, stdout);
+  const auto x = io::SafetensorsFile::open(a.lora_file.string()),
+             y = io::SafetensorsFile::open(b.lora_file.string());
+  REQUIRE(x.names() == y.names());
+  for (const auto& name : x.names()) {
+    INFO(name);
+    CHECK(x.read<float>(name) == y.read<float>(name));
+  }
+  CHECK(y.metadata().at("ss_base_model_version") == "sdxl_base_v1-0");
+  CHECK(y.metadata().at("ss_sd_model_name") == "sdxl.safetensors");
+
+  // a single file needs a tokenizer (it holds no vocabulary), and --full_finetune a folder
+  TrainCommandOptions bare = from_file;
+  bare.single_file = {};
+  CHECK_THROWS_WITH(tools::run_train(bare, stdout), Catch::Contains("tokenizer"));
+  TrainCommandOptions full = from_file;
+  full.full_finetune = true;
+  full.train_text_encoder = false;
+  CHECK_THROWS_WITH(tools::run_train(full, stdout),
+                    Catch::Contains("--full_finetune") && Catch::Contains("single file"));
+
+  // difftrain sample takes the file too
+  tools::SampleCommandOptions s;
+  s.model = file.string();
+  s.single_file.single_file_config = f.model.string();
+  s.lora = b.lora_file.string();
+  s.prompts = {"a red circle"};
+  s.num_inference_steps = 2;
+  s.height = s.width = 16;
+  s.out = f.dir / "from_file.png";
+  tools::run_sample(s);
+  s.model = f.model.string();
+  s.single_file = {};
+  s.out = f.dir / "from_folder.png";
+  tools::run_sample(s);
+  CHECK(file_bytes(f.dir / "from_file.png") == file_bytes(f.dir / "from_folder.png"));
 }

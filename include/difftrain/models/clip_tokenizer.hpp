@@ -41,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -73,7 +74,10 @@ class ClipTokenizer {
   /// Loads vocab.json and merges.txt (required) and tokenizer_config.json /
   /// special_tokens_map.json (optional; the latter wins, as in transformers) from a tokenizer
   /// folder. Special tokens default to CLIP's: bos <|startoftext|>, eos = unk = pad <|endoftext|>.
-  static ClipTokenizer from_folder(const std::string& dir) {
+  /// `pad_token`, when given, replaces the folder's (SDXL's tokenizer_2 is CLIP's tokenizer
+  /// padding with "!").
+  static ClipTokenizer from_folder(const std::string& dir,
+                                   const std::optional<std::string>& pad_token = std::nullopt) {
     constexpr std::string_view fn = "ClipTokenizer::from_folder";
     const std::filesystem::path folder(dir);
     require(std::filesystem::is_directory(folder), fn, "tokenizer folder ", dir,
@@ -85,6 +89,7 @@ class ClipTokenizer {
       const auto path = folder / name;
       if (std::filesystem::exists(path)) t.read_special_tokens(path);
     }
+    if (pad_token) t.pad_token_ = *pad_token;
     t.bos_token_id_ = t.special_id("bos_token", t.bos_token_);
     t.eos_token_id_ = t.special_id("eos_token", t.eos_token_);
     t.unk_token_id_ = t.special_id("unk_token", t.unk_token_);

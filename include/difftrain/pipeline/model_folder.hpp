@@ -14,7 +14,8 @@
 // The parts must fit together: the UNet's in/out channels equal the VAE's latent_channels (3 in
 // pixel space) and its cross_attention_dim the text encoder's hidden_size (SDXL: the sum of
 // both, and projection_class_embeddings_input_dim = projection_dim + 6·addition_time_embed_dim);
-// a mismatch or a missing part is an Error naming the folder and the values.
+// a mismatch or a missing part is an Error naming the folder and the values (check_model_parts,
+// also run on an original single-file checkpoint loaded as a ModelFolder: single_file.hpp).
 //
 // save_model_folder writes such a folder (pixel space: no vae/) that load_model_folder and
 // diffusers' StableDiffusionPipeline.from_pretrained read. Weights by their diffusers /
@@ -29,6 +30,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -107,6 +109,13 @@ struct ModelFolder {
 /// Loads a pipeline folder (see the header comment).
 ModelFolder load_model_folder(const std::string& dir, const ModelFolderOptions& options = {});
 
+/// Throws an Error (from `fn`, naming `where`: the folder or file) unless the parts of `model` fit
+/// together as the header comment says. `vae_skipped`: the pipeline has a VAE that was not loaded
+/// (ModelFolderOptions::load_vae false), so the UNet's channels are not checked against it.
+/// load_model_folder and load_model_single_file (single_file.hpp) both end with it.
+void check_model_parts(const ModelFolder& model, std::string_view fn, const std::string& where,
+                       bool vae_skipped);
+
 inline std::array<std::size_t, 3> ModelFolder::latent_shape(std::size_t height,
                                                             std::size_t width) const {
   const std::size_t f = vae_scale_factor() << (unet.config().num_blocks() - 1);
@@ -172,6 +181,54 @@ inline Tensor4<float> ModelFolder::decode(const Tensor4<float>& latents) const {
   return vae ? vae->decode_latents(latents) : latents;
 }
 
+inline void check_model_parts(const ModelFolder& model, std::string_view fn,
+                              const std::string& where, bool vae_skipped) {
+  const auto& u = model.unet.config();
+  if (model.vae) {
+    const std::size_t z = model.vae->config().latent_channels;
+    require(u.in_channels == z && u.out_channels == z, fn, "'", where, "': unet in/out_channels ",
+            u.in_channels, "/", u.out_channels, ", expected the VAE's latent_channels ", z);
+  } else if (!vae_skipped) {
+    require(u.in_channels == 3 && u.out_channels == 3, fn, "'", where,
+            "' has no vae/ (pixel space) but unet in/out_channels are ", u.in_channels, "/",
+            u.out_channels, ", expected 3 (RGB)");
+  }
+  std::size_t hidden = model.text_encoder.model().config().hidden_size;
+  if (model.is_sdxl()) {
+    require(model.tokenizer_2.has_value(), fn, "'", where,
+            "' has SDXL's second text encoder but not its tokenizer (tokenizer_2)");
+    const auto& c2 = model.text_encoder_2->model().config();
+    require(model.text_encoder_2->model().has_projection(), fn, "'", where,
+            "': text_encoder_2 is a CLIPTextModel, expected a CLIPTextModelWithProjection");
+    require(model.tokenizer_2->model_max_length() == model.tokenizer.model_max_length(), fn, "'",
+            where, "': tokenizer_2's model_max_length is ", model.tokenizer_2->model_max_length(),
+            ", expected tokenizer's ", model.tokenizer.model_max_length());
+    require(u.addition_embed_type == models::AdditionEmbedType::text_time, fn, "'", where,
+            "' has text_encoder_2 (SDXL), but unet's addition_embed_type is not \"text_time\"");
+    const std::size_t want = c2.projection_dim + 6 * u.addition_time_embed_dim;
+    require(u.projection_class_embeddings_input_dim == want, fn, "'", where,
+            "': unet projection_class_embeddings_input_dim ",
+            u.projection_class_embeddings_input_dim, ", expected text_encoder_2's projection_dim ",
+            c2.projection_dim, " + 6 × addition_time_embed_dim ", u.addition_time_embed_dim, " = ",
+            want);
+    for (const auto* text_model : {&model.text_encoder.model(), &model.text_encoder_2->model()})
+      require(model.clip_skip < text_model->config().num_hidden_layers, fn, "'", where,
+              "': clip_skip ", model.clip_skip, " leaves no layer of a ",
+              text_model->config().num_hidden_layers, "-layer text encoder");
+    hidden += c2.hidden_size;
+  } else {
+    require(u.addition_embed_type == models::AdditionEmbedType::none, fn, "'", where,
+            "': unet's addition_embed_type is \"text_time\" (SDXL), but there is no "
+            "text_encoder_2/ (SDXL's second text encoder)");
+  }
+  for (const std::size_t d : u.cross_attention_dim) {
+    require(d == hidden, fn, "'", where, "': unet cross_attention_dim ", d, ", expected ",
+            model.is_sdxl() ? "the sum of the text encoders' hidden_size "
+                            : "the text encoder's hidden_size ",
+            hidden);
+  }
+}
+
 inline ModelFolder load_model_folder(const std::string& dir, const ModelFolderOptions& options) {
   namespace fs = std::filesystem;
   constexpr const char* fn = "load_model_folder";
@@ -198,65 +255,27 @@ inline ModelFolder load_model_folder(const std::string& dir, const ModelFolderOp
   auto scheduler =
       SamplingConfig::from_file((root / "scheduler" / "scheduler_config.json").string());
 
-  const auto& u = unet.config();
-  if (vae) {
-    const std::size_t z = vae->config().latent_channels;
-    require(u.in_channels == z && u.out_channels == z, fn, "'", dir, "': unet in/out_channels ",
-            u.in_channels, "/", u.out_channels, ", expected the VAE's latent_channels ", z);
-  } else if (!has_vae) {
-    require(u.in_channels == 3 && u.out_channels == 3, fn, "'", dir,
-            "' has no vae/ (pixel space) but unet in/out_channels are ", u.in_channels, "/",
-            u.out_channels, ", expected 3 (RGB)");
-  }
-  // SDXL: the second text encoder and tokenizer, and the UNet's added conditions.
+  // SDXL: the second text encoder and tokenizer.
   std::optional<models::ClipTextEncoder> text_encoder_2;
   std::optional<ClipTokenizer> tokenizer_2;
-  const bool sdxl = fs::exists(root / "text_encoder_2", ec) || fs::exists(root / "tokenizer_2", ec);
-  std::size_t hidden = text_encoder.model().config().hidden_size;
-  if (sdxl) {
+  if (fs::exists(root / "text_encoder_2", ec) || fs::exists(root / "tokenizer_2", ec)) {
     need(root / "text_encoder_2" / "config.json", "SDXL's second text encoder's config");
     need(root / "tokenizer_2", "SDXL's second tokenizer folder");
     text_encoder_2.emplace(
         models::ClipTextEncoder::from_folder((root / "text_encoder_2").string()));
     tokenizer_2.emplace(ClipTokenizer::from_folder((root / "tokenizer_2").string()));
-    const auto& c2 = text_encoder_2->model().config();
-    require(text_encoder_2->model().has_projection(), fn, "'", dir,
-            "': text_encoder_2 is a CLIPTextModel, expected a CLIPTextModelWithProjection");
-    require(tokenizer_2->model_max_length() == tokenizer.model_max_length(), fn, "'", dir,
-            "': tokenizer_2's model_max_length is ", tokenizer_2->model_max_length(),
-            ", expected tokenizer's ", tokenizer.model_max_length());
-    require(u.addition_embed_type == models::AdditionEmbedType::text_time, fn, "'", dir,
-            "' has text_encoder_2 (SDXL), but unet's addition_embed_type is not \"text_time\"");
-    const std::size_t want = c2.projection_dim + 6 * u.addition_time_embed_dim;
-    require(u.projection_class_embeddings_input_dim == want, fn, "'", dir,
-            "': unet projection_class_embeddings_input_dim ",
-            u.projection_class_embeddings_input_dim, ", expected text_encoder_2's projection_dim ",
-            c2.projection_dim, " + 6 × addition_time_embed_dim ", u.addition_time_embed_dim, " = ",
-            want);
-    for (const auto* model : {&text_encoder.model(), &text_encoder_2->model()})
-      require(options.clip_skip < model->config().num_hidden_layers, fn, "'", dir, "': clip_skip ",
-              options.clip_skip, " leaves no layer of a ", model->config().num_hidden_layers,
-              "-layer text encoder");
-    hidden += c2.hidden_size;
-  } else {
-    require(u.addition_embed_type == models::AdditionEmbedType::none, fn, "'", dir,
-            "': unet's addition_embed_type is \"text_time\" (SDXL), but there is no "
-            "text_encoder_2/ (SDXL's second text encoder)");
   }
-  for (const std::size_t d : u.cross_attention_dim) {
-    require(d == hidden, fn, "'", dir, "': unet cross_attention_dim ", d, ", expected ",
-            sdxl ? "the sum of the text encoders' hidden_size " : "the text encoder's hidden_size ",
-            hidden);
-  }
-  return ModelFolder{root,
-                     std::move(unet),
-                     std::move(vae),
-                     std::move(text_encoder),
-                     std::move(tokenizer),
-                     std::move(scheduler),
-                     std::move(text_encoder_2),
-                     std::move(tokenizer_2),
-                     options.clip_skip};
+  ModelFolder model{root,
+                    std::move(unet),
+                    std::move(vae),
+                    std::move(text_encoder),
+                    std::move(tokenizer),
+                    std::move(scheduler),
+                    std::move(text_encoder_2),
+                    std::move(tokenizer_2),
+                    options.clip_skip};
+  check_model_parts(model, fn, dir, has_vae && !options.load_vae);
+  return model;
 }
 
 /// Every non-adapter parameter of `model` as a safetensors file (F32).

@@ -1,6 +1,6 @@
 #pragma once
 // AutoencoderKLConfig: diffusers' AutoencoderKL configuration (vae/config.json), with the SD 1.x
-// preset.
+// and SDXL presets.
 //
 // Parsing is strict: a key set to a value this implementation does not support throws
 // difftrain::Error naming the key and the value; a key AutoencoderKL does not have throws unless
@@ -59,6 +59,14 @@ struct AutoencoderKLConfig {
     c.block_out_channels = {128, 256, 512, 512};
     c.layers_per_block = 2;
     c.sample_size = 512;
+    return c;
+  }
+  /// stabilityai/stable-diffusion-xl-base-1.0 vae/config.json: sd15()'s architecture, another
+  /// scaling_factor.
+  static AutoencoderKLConfig sdxl() {
+    AutoencoderKLConfig c = sd15();
+    c.scaling_factor = 0.13025;
+    c.sample_size = 1024;
     return c;
   }
 };
