@@ -3,7 +3,9 @@
 // sampled entries of the sample, the context and every parameter. Two tiny configurations cover
 // both Transformer2DModel projections, conv shortcuts, downsample padding 0, odd latent sizes
 // (upsampling to the skip's size), mid_block_scale_factor, center_input_sample and two
-// transformer layers per block.
+// transformer layers per block; a third, SDXL-shaped (addition_embed_type "text_time", three
+// levels the first without attention, 1/2/3 transformer layers reversed for the up blocks), also
+// the pooled text_embeds' gradient.
 
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -65,12 +67,24 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
   fill_normal(w, rng, 1.0);
   const std::vector<std::int64_t> t{917, 33};
   const std::span<const std::int64_t> ts(t);
+  // SDXL: pooled text_embeds [B, P] and time ids (sizes, crops) [B, 6]
+  AddedConditions<double> added;
+  const bool sdxl = model.uses_added_conditions();
+  if (sdxl) {
+    added.text_embeds.resize(
+        {B, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim});
+    fill_normal(added.text_embeds, rng, 1.0);
+    added.time_ids = {{1024, 768, 16, 0, 512, 512}, {64, 96, 0, 8, 64, 64}};
+  }
+  auto forward = [&] {
+    return sdxl ? model.forward(sample, ts, context, added) : model.forward(sample, ts, context);
+  };
 
-  model.forward(sample, ts, context);
+  forward();
   model.backward(w);
   const Tensor4<double> grad_sample = model.grad_sample();
   const Tensor3<double> grad_context = model.grad_encoder_hidden_states();
-  auto loss = [&] { return weighted_sum(model.forward(sample, ts, context), w); };
+  auto loss = [&] { return weighted_sum(forward(), w); };
 
   // the UNet is strongly curved in its early weights (every GroupNorm downstream): with h = 1e-3
   // the fourth-order stencil's truncation error reaches 4e-5; with h = 1e-4 it is ~1e-9
@@ -86,6 +100,12 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
   {
     const auto r = nn::check_gradient(context, grad_context, loss, options);
     INFO("encoder_hidden_states: " << r.message);
+    CHECK(r.max_error <= 1e-6);
+  }
+  if (sdxl) {
+    const Tensor<double, 2> grad_text_embeds = model.grad_text_embeds();
+    const auto r = nn::check_gradient(added.text_embeds, grad_text_embeds, loss, options);
+    INFO("text_embeds: " << r.message);
     CHECK(r.max_error <= 1e-6);
   }
   options.max_checks = 1;
@@ -146,5 +166,27 @@ TEST_CASE(
                              "upsamplers", "mid_block.resnets", "conv_shortcut"})
       if (name.find(part) != std::string::npos) return true;
     return index % 4 == 0;
+  });
+}
+
+TEST_CASE(
+    "UNet2DConditionModel gradients match central differences (SDXL-shaped: text_time added "
+    "conditions, three levels, 1/2/3 transformer layers)",
+    "[models][unet][gradcheck][sdxl]") {
+  auto j = base_config();
+  j["block_out_channels"] = {8, 8, 16};
+  j["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
+  j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"};
+  j["transformer_layers_per_block"] = {1, 2, 3};
+  j["attention_head_dim"] = {2, 2, 4};
+  j["use_linear_projection"] = true;
+  j["addition_embed_type"] = "text_time";
+  j["addition_time_embed_dim"] = 4;
+  j["projection_class_embeddings_input_dim"] = 5 + 6 * 4;  // pooled width 5
+  // the added embedding, the deepest level's third transformer layer, and every sixth parameter
+  check_model_gradients(j, 8, 8, [](std::size_t index, const std::string& name) {
+    for (const char* part : {"add_embedding", "transformer_blocks.2", "up_blocks.0.attentions"})
+      if (name.find(part) != std::string::npos) return true;
+    return index % 6 == 0;
   });
 }
