@@ -292,6 +292,9 @@ ImageCaptionDataSource::ImageCaptionDataSource(std::vector<Example> examples, To
   require(bool(tokenize_), fn, "no tokenizer function");
   require(options_.resolution > 0, fn, "resolution is ", options_.resolution, ", expected > 0");
   require(options_.train_batch_size > 0, fn, "train_batch_size is 0, expected >= 1");
+  require(options_.num_shards >= 1, fn, "num_shards is 0, expected >= 1");
+  require(options_.shard_index < options_.num_shards, fn, "shard_index is ", options_.shard_index,
+          ", expected < num_shards (", options_.num_shards, ")");
   options_.caption.validate();
   for (const CaptionOptions& c : options_.subset_captions) c.validate();
   require(std::isfinite(options_.reg_loss_weight) && options_.reg_loss_weight >= 0, fn,
@@ -363,7 +366,7 @@ std::size_t ImageCaptionDataSource::steps_per_epoch(std::size_t batch_size) cons
 const std::vector<std::vector<std::size_t>>& ImageCaptionDataSource::epoch_batches(
     std::uint64_t epoch) const {
   if (batches_epoch_ == epoch && !batches_.empty()) return batches_;
-  const std::size_t b = options_.train_batch_size;
+  const std::size_t b = global_train_batch_size();
   const RandomStream rs = stream().derive(epoch, StreamPurpose::data_permutation);
   batches_.clear();
   for (std::size_t j = 0; j < bucket_rows_.size(); ++j) {
@@ -383,14 +386,34 @@ const std::vector<std::vector<std::size_t>>& ImageCaptionDataSource::epoch_batch
   return batches_;
 }
 
-std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) const {
-  const std::size_t b = options_.train_batch_size, steps = steps_per_epoch();
+std::vector<std::size_t> ImageCaptionDataSource::global_batch_indices(std::uint64_t m) const {
+  const std::size_t b = global_train_batch_size(), steps = steps_per_epoch();
   const std::uint64_t epoch = m / steps;
   if (options_.buckets) return epoch_batches(epoch)[std::size_t(m % steps)];
   const std::size_t first = std::size_t(m % steps) * b;
   const std::vector<std::size_t>& perm = order(epoch);
   return {perm.begin() + std::ptrdiff_t(first),
           perm.begin() + std::ptrdiff_t(std::min(first + b, perm.size()))};
+}
+
+std::pair<std::size_t, std::size_t> ImageCaptionDataSource::shard_rows(std::uint64_t m) const {
+  const std::size_t n = global_batch_size(m), p = options_.num_shards, r = options_.shard_index;
+  return {r * n / p, (r + 1) * n / p};
+}
+
+std::vector<std::size_t> ImageCaptionDataSource::batch_indices(std::uint64_t m) const {
+  std::vector<std::size_t> rows = global_batch_indices(m);
+  if (options_.num_shards == 1) return rows;
+  const std::size_t n = rows.size(), p = options_.num_shards, r = options_.shard_index;
+  return {rows.begin() + std::ptrdiff_t(r * n / p), rows.begin() + std::ptrdiff_t((r + 1) * n / p)};
+}
+
+void ImageCaptionDataSource::set_global_rows(train::TrainBatch& batch, std::uint64_t m) const {
+  if (options_.num_shards == 1) return;
+  const auto [first, last] = shard_rows(m);
+  batch.global_rows.clear();
+  for (std::size_t j = first; j < last; ++j) batch.global_rows.push_back(j);
+  batch.global_batch_size = global_batch_size(m);
 }
 
 Image ImageCaptionDataSource::example_image(std::size_t i, std::uint64_t epoch, bool class_set,
@@ -417,6 +440,7 @@ Image ImageCaptionDataSource::load_mask(std::size_t k) const {
 
 Tensor4<float> ImageCaptionDataSource::masks(const std::vector<std::size_t>& rows,
                                              std::uint64_t epoch) {
+  if (rows.empty()) return Tensor4<float>(Tensor4<float>::shape_type{0, 1, 0, 0});
   std::vector<Image> masks;
   for (std::size_t i : rows) masks.push_back(example_mask(i, epoch));
   const std::size_t h = std::size_t(masks.at(0).height), w = std::size_t(masks.at(0).width);
@@ -460,18 +484,26 @@ Image ImageCaptionDataSource::preprocess(std::size_t i, std::uint64_t epoch, int
 }
 
 train::TrainBatch ImageCaptionDataSource::operator()(std::uint64_t m) {
+  const std::vector<std::size_t> global = global_batch_indices(m);
   const std::vector<std::size_t> rows = batch_indices(m);
   const std::uint64_t epoch = m / steps_per_epoch();
   train::TrainBatch batch;
   const bool sizes = options_.size_conditioning;
-  batch.images = make_images(rows, epoch, 0, sizes ? &batch.time_ids : nullptr);
+  batch.images = make_images(rows, epoch, 0, global.at(0), sizes ? &batch.time_ids : nullptr);
   batch.token_ids = tokenize(rows, epoch, 0);
   if (with_prior_preservation()) {
-    batch.class_images = make_images(rows, epoch, 1, sizes ? &batch.class_time_ids : nullptr);
+    batch.class_images =
+        make_images(rows, epoch, 1, global.at(0), sizes ? &batch.class_time_ids : nullptr);
     batch.class_token_ids = tokenize(rows, epoch, 1);
   }
   batch.sample_weights = batch_sample_weights(m);
-  if (has_masks()) batch.mask = masks(rows, epoch);
+  if (has_masks()) {
+    batch.mask = masks(rows, epoch);
+    if (rows.empty())  // an empty shard: the images' height and width
+      batch.mask = Tensor4<float>(
+          Tensor4<float>::shape_type{0, 1, batch.images.shape()[2], batch.images.shape()[3]});
+  }
+  set_global_rows(batch, m);
   return batch;
 }
 
@@ -536,10 +568,11 @@ const Image& ImageCaptionDataSource::resized_image(int s, std::size_t k, bool ma
 
 Tensor4<float> ImageCaptionDataSource::make_images(const std::vector<std::size_t>& rows,
                                                    std::uint64_t epoch, int s,
+                                                   std::size_t bucket_row,
                                                    std::optional<Tensor<float, 2>>* time_ids) {
   std::size_t w = std::size_t(options_.resolution), h = w;
-  if (options_.buckets && s == 0 && !rows.empty()) {  // one bucket per micro-batch
-    const BucketSize b = choices_[example_index(0, rows[0])].bucket;
+  if (options_.buckets && s == 0) {  // one bucket per micro-batch
+    const BucketSize b = choices_[example_index(0, bucket_row)].bucket;
     w = std::size_t(b.width), h = std::size_t(b.height);
   }
   Tensor4<float> images(Tensor4<float>::shape_type{rows.size(), 3, h, w});

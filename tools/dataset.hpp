@@ -22,7 +22,12 @@
 // uniform), flip and caption as above.
 // SDXL's size conditioning (DataSourceOptions::size_conditioning): TrainBatch::time_ids row =
 // [original h, w (as decoded), crop top, left (in the flipped image when flipped), target h, w].
-// The definitions are in dataset.cpp.
+// Data-parallel shards (DataSourceOptions::num_shards P, shard_index r; accelerate's convention:
+// train_batch_size is per process): everything above is planned with B = train_batch_size·P,
+// as one process with that batch would (the "global micro-batch" m, of n rows); the source
+// returns its shard, the global rows [⌊r·n/P⌋, ⌊(r+1)·n/P⌋) (shard_rows(m); maybe none when
+// n < P, in a short last micro-batch). All draws are keyed by (seed, epoch, dataset index), so a
+// shard's rows are bitwise the one-process rows. The definitions are in dataset.cpp.
 
 #include <algorithm>
 #include <cstddef>
@@ -149,6 +154,11 @@ struct DataSourceOptions {
   // SDXL: fill TrainBatch::time_ids (and class_time_ids) with models::sdxl_time_ids of the rows
   // (diffusers' add_time_ids: original size, crop top-left, target size), as example_image's size.
   bool size_conditioning = false;
+  // Data-parallel training: the number of processes sharing each micro-batch and this one's
+  // rank (see the top of the file). The micro-batches are planned with train_batch_size ×
+  // num_shards rows; this source returns rows [⌊r·n/P⌋, ⌊(r+1)·n/P⌋) of each.
+  std::size_t num_shards = 1;
+  std::size_t shard_index = 0;
 };
 
 /// Micro-batches of examples (see the top of the file); satisfies train::TrainDataSource.
@@ -162,7 +172,13 @@ class ImageCaptionDataSource {
   std::size_t num_examples() const { return std::max(entries_.size(), sets_[1].size()); }
   /// Micro-batches per epoch: ceil(num_examples / batch_size); with buckets Σ over the buckets.
   std::size_t steps_per_epoch(std::size_t batch_size) const;
-  std::size_t steps_per_epoch() const { return steps_per_epoch(options_.train_batch_size); }
+  /// Micro-batches per epoch of this source: those of global_train_batch_size() (the same for
+  /// every shard).
+  std::size_t steps_per_epoch() const { return steps_per_epoch(global_train_batch_size()); }
+  /// The rows of a (not short) global micro-batch: train_batch_size × num_shards.
+  std::size_t global_train_batch_size() const {
+    return options_.train_batch_size * options_.num_shards;
+  }
   bool with_prior_preservation() const { return !sets_[1].empty(); }
   const std::vector<Example>& examples() const { return sets_[0]; }
   const std::vector<Example>& class_examples() const { return sets_[1]; }
@@ -171,8 +187,22 @@ class ImageCaptionDataSource {
   /// The order of epoch e: a permutation of [0, num_examples) (Fisher–Yates on (seed, e)).
   std::vector<std::size_t> epoch_permutation(std::uint64_t epoch) const { return order(epoch); }
 
-  /// Dataset indices (in [0, num_examples)) of micro-batch m's rows.
+  /// Dataset indices (in [0, num_examples)) of micro-batch m's rows: of this shard's rows
+  /// (global_batch_indices(m) from shard_rows(m).first to .second); every per-batch accessor
+  /// (operator(), batch_token_ids, batch_sample_weights) gives these rows, in this order.
   std::vector<std::size_t> batch_indices(std::uint64_t m) const;
+  /// Dataset indices of the rows of global micro-batch m (of all shards; batch_indices(m) without
+  /// shards).
+  std::vector<std::size_t> global_batch_indices(std::uint64_t m) const;
+  /// The rows n of global micro-batch m (TrainBatch::global_batch_size).
+  std::size_t global_batch_size(std::uint64_t m) const { return global_batch_indices(m).size(); }
+  /// This shard's rows of global micro-batch m, [first, second) = [⌊r·n/P⌋, ⌊(r+1)·n/P⌋)
+  /// (empty when first == second): batch row j is global row first + j. [0, n) without shards.
+  std::pair<std::size_t, std::size_t> shard_rows(std::uint64_t m) const;
+  /// Sets batch.global_rows (first .. second − 1 of shard_rows(m)) and global_batch_size (n), as
+  /// operator() does; leaves them unset (empty, 0) with num_shards 1. For sources that build
+  /// their own batches from batch_indices (e.g. cached latents).
+  void set_global_rows(train::TrainBatch& batch, std::uint64_t m) const;
 
   /// The preprocessed image of dataset index i in epoch e (class_set: the class example paired
   /// with i): crop and flip drawn from (seed, e, i), separately for the two sets. `size` (if
@@ -189,6 +219,7 @@ class ImageCaptionDataSource {
   bool has_masks() const { return options_.alpha_mask || !options_.mask_dir.empty(); }
   /// The masks [B,1,H,W] in [0, 1] of dataset indices `rows` in epoch e (example_mask's red
   /// channel / 255); TrainBatch::mask of a micro-batch is masks(batch_indices(m), epoch).
+  /// No rows: [0,1,0,0] (operator() gives an empty shard the images' H, W).
   Tensor4<float> masks(const std::vector<std::size_t>& rows, std::uint64_t epoch);
 
   /// The caption of dataset index i in epoch e (class_set: of the class example paired with i):
@@ -196,15 +227,18 @@ class ImageCaptionDataSource {
   /// processed by options().caption (process_caption with the stream of (seed, e, i)).
   std::string example_caption(std::size_t i, std::uint64_t epoch, bool class_set = false) const;
 
-  /// Micro-batch m: images [b,3,R,R] in [-1,1] and token ids, plus the paired class rows.
+  /// Micro-batch m: images [b,3,R,R] in [-1,1] and token ids, plus the paired class rows; with
+  /// shards this shard's b rows (maybe 0: images [0,3,H,W], token ids [0,L], ...), and
+  /// global_rows / global_batch_size (set_global_rows). Decodes only the shard's images.
   train::TrainBatch operator()(std::uint64_t m);
 
   /// The token ids of micro-batch m alone (class_set: of its class rows), without decoding any
-  /// image: for sources that replace the images (e.g. cached latents).
+  /// image: for sources that replace the images (e.g. cached latents). This shard's rows.
   TokenIds batch_token_ids(std::uint64_t m, bool class_set = false);
 
   /// The sample weights of micro-batch m (TrainBatch::sample_weights, instance then class rows):
-  /// reg_loss_weight for is_reg rows, 1 otherwise; empty when no example is_reg.
+  /// reg_loss_weight for is_reg rows, 1 otherwise; empty when no example is_reg. This shard's
+  /// rows (its instance rows, then as many class rows).
   std::vector<float> batch_sample_weights(std::uint64_t m) const;
 
   /// The example (index into examples() or class_examples()) of dataset index i.
@@ -244,8 +278,11 @@ class ImageCaptionDataSource {
   // The mask of example k as decoded (before the resize).
   Image load_mask(std::size_t k) const;
 
-  // The rows' images, and their time_ids (sdxl_time_ids) when `time_ids` is given.
+  // The rows' images, and their time_ids (sdxl_time_ids) when `time_ids` is given. With buckets
+  // (s = 0) the images are of the bucket of dataset index `bucket_row` (a row of the global
+  // micro-batch, so that an empty shard has the shape of the others).
   Tensor4<float> make_images(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s,
+                             std::size_t bucket_row,
                              std::optional<Tensor<float, 2>>* time_ids = nullptr);
 
   TokenIds tokenize(const std::vector<std::size_t>& rows, std::uint64_t epoch, int s) const;
