@@ -95,7 +95,8 @@ class CachedLatentSource {
       if (sizes) batch.class_time_ids = time_ids(rows, true);
     }
     batch.sample_weights = data_.batch_sample_weights(m);
-    if (data_.has_masks()) {  // the masks of the cached crops, on the latent grid
+    data_.set_global_rows(batch, m);
+    if (data_.has_masks() && !rows.empty()) {  // the masks of the cached crops, on the latent grid
       std::vector<std::size_t> first;
       for (std::size_t i : rows) first.push_back(data_.first_index_of(data_.example_of(i)));
       const Tensor4<float> mask = data_.masks(first, 0);
@@ -119,8 +120,10 @@ class CachedLatentSource {
     return models::sdxl_time_ids(sizes);
   }
 
+  // Row r draws with the stream of its row in the global micro-batch (data-parallel shards).
   Tensor4<float> latents(const std::vector<std::size_t>& rows, bool class_set, std::uint64_t m) {
     auto& cache = cache_[class_set ? 1 : 0];
+    const std::size_t first_row = data_.shard_rows(m).first;
     std::vector<Tensor4<float>> per_row;
     for (std::size_t r = 0; r < rows.size(); ++r) {
       // One entry per image (not per repeat or pairing), of its first dataset index's epoch-0
@@ -140,9 +143,10 @@ class CachedLatentSource {
       const RandomStream rs =
           stream_.derive(m, purpose_id(class_set ? StreamPurpose::latent_sample_class
                                                  : StreamPurpose::latent_sample_instance) +
-                                4u * std::uint32_t(r));
+                                4u * std::uint32_t(first_row + r));
       per_row.push_back(vae_.scale_latents(it->second.posterior.sample(rs)));
     }
+    if (per_row.empty()) return Tensor4<float>(std::array<std::size_t, 4>{0, 0, 0, 0});
     const auto& s = per_row.front().shape();
     Tensor4<float> out(std::array<std::size_t, 4>{per_row.size(), s[1], s[2], s[3]});
     for (std::size_t r = 0; r < per_row.size(); ++r)
@@ -450,7 +454,8 @@ std::vector<DatasetDir> dataset_dirs(const std::vector<Example>& examples,
 
 /// The captioned images (or the DreamBooth instance and class images) as micro-batches.
 ImageCaptionDataSource make_data_source(const TrainCommandOptions& o,
-                                        const pipeline::ModelFolder& model, std::FILE* log) {
+                                        const pipeline::ModelFolder& model, std::FILE* log,
+                                        const train::Collective* collective) {
   Tokenize tokenize = [&model](const std::vector<std::string>& captions) {
     return model.tokenize(captions);
   };
@@ -461,6 +466,10 @@ ImageCaptionDataSource make_data_source(const TrainCommandOptions& o,
   data_options.interpolation =
       parse_choice("--image_interpolation_mode", o.image_interpolation_mode, kInterpolations);
   data_options.train_batch_size = std::size_t(o.trainer.train_batch_size);
+  if (collective) {  // --train_batch_size per process, as with accelerate
+    data_options.num_shards = std::size_t(collective->size());
+    data_options.shard_index = std::size_t(collective->rank());
+  }
   data_options.seed = o.trainer.seed;
   data_options.cache_images = true;
   data_options.caption = o.caption;
@@ -971,13 +980,16 @@ FlowMatchTimestepOptions flow_timestep_options(const TrainCommandOptions& o) {
 
 }  // namespace
 
-TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
-                         const TrainStepHook& on_step) {
+TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log, const TrainStepHook& on_step,
+                         train::Collective* collective) {
   if (!o.dataset_config.empty() && o.dataset_subsets.empty()) {  // the run the config describes
     TrainCommandOptions resolved = o;
     resolved.dataset_subsets = read_dataset_config(o.dataset_config, resolved);
-    return run_train(resolved, log, on_step);
+    return run_train(resolved, log, on_step, collective);
   }
+  // Data parallelism: every rank trains; rank 0 alone prints, draws and writes files.
+  const bool writer = !collective || collective->rank() == 0;
+  if (!writer) log = nullptr;
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
 
@@ -991,9 +1003,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       load_model(o.pretrained_model_name_or_path, o.single_file, folder_options);
   if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
   const bool flow = flow_objective(o, model.scheduler);
-  if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
-    std::fprintf(log, "difftrain train: drew %zu class images into %s\n", n,
-                 o.class_data_dir.c_str());
+  if (writer)
+    if (const std::size_t n = generate_class_images(o, model); n > 0 && log)
+      std::fprintf(log, "difftrain train: drew %zu class images into %s\n", n,
+                   o.class_data_dir.c_str());
+  if (collective) collective->barrier();  // the class images are there for every rank
   if (flow && !model.scheduler.flow) {  // a DDPM model trained for flow matching: kohya's scheduler
     FlowMatchEulerDiscreteSchedulerConfig config;
     config.num_train_timesteps = model.scheduler.train.num_train_timesteps;
@@ -1001,7 +1015,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     config.validate("--discrete_flow_shift");
     model.scheduler.flow = config;  // validation samples with it; --full_finetune saves it
   }
-  ImageCaptionDataSource data = make_data_source(o, model, log);
+  ImageCaptionDataSource data = make_data_source(o, model, log, collective);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
   if (o.network_train_text_encoder_only)
@@ -1037,6 +1051,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     nn::ModulePair<models::UNet2DConditionModel<float>, std::remove_reference_t<decltype(text)>>
         trained{model.unet, text, "text_encoder"};
     train::Trainer trainer(step, trained, t);
+    if (collective) trainer.set_collective(collective);
 
     {
       std::error_code ec;
@@ -1050,7 +1065,8 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       if (log) std::fprintf(log, "difftrain train: %s\n", line.c_str());
     };
     trainer.set_checkpoint_log(checkpoint_log);
-    train::recover_checkpoints(t.output_dir, checkpoint_log);
+    if (writer) train::recover_checkpoints(t.output_dir, checkpoint_log);
+    if (collective) collective->barrier();  // before any rank reads a checkpoint
     const std::string& from = t.resume_from_checkpoint;
     if (!from.empty() &&
         !(from == "latest" && train::list_checkpoints(t.output_dir, checkpoint_log).empty())) {
@@ -1061,7 +1077,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     TrainRunResult result;
     result.max_train_steps = t.max_train_steps;
     auto validate = [&](std::int64_t step_number) {
-      if (o.validation_prompt.empty()) return;
+      if (o.validation_prompt.empty() || !writer) return;
       trainer.eval_weights();  // schedule-free: sample with the evaluation weights
       result.validation_images.push_back(save_validation_grid(o, model, step_number));
       trainer.train_weights();
@@ -1071,6 +1087,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     auto save_result = [&] {
       trainer.eval_weights();  // schedule-free: the evaluation weights are the result
       if (train::EmaModel* ema = trainer.ema()) ema->copy_to();  // the EMA weights are the result
+      if (!writer) return fs::path();
       if (o.full_finetune) {
         const fs::path unet_file =
             save_finetuned_folder(o.pretrained_model_name_or_path, model.unet, t.output_dir);
@@ -1100,7 +1117,10 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     };
 
     // The masks (--masked_loss) on the latent grid.
-    auto masked = [&data, f = model.vae_scale_factor()](std::uint64_t m) {
+    // The VAE samples micro-batch m's latents with its stream m (encode's call count), also on a
+    // rank whose shard of a micro-batch was empty and did not encode.
+    auto masked = [&data, &latent_encoder, f = model.vae_scale_factor()](std::uint64_t m) {
+      if (latent_encoder.vae) latent_encoder.vae->set_calls(m);
       train::TrainBatch batch = data(m);
       if (batch.mask) batch.mask = area_downsample(*batch.mask, f);
       return batch;
@@ -1121,7 +1141,9 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
       if (cached) report(cached->disk(), result.latent_cache);
       report(*text_encoder_disk, result.text_encoder_cache);
     };
-    CsvLog csv(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0);
+    CsvLog csv =
+        writer ? CsvLog(fs::path(t.output_dir) / "training_log.csv", trainer.global_step() > 0)
+               : CsvLog();
     InterruptGuard interrupt;
     progress.message(message("difftrain train: ", data.num_examples(), " examples, ",
                              micro_per_epoch, " micro-batches of ", t.train_batch_size,
@@ -1146,7 +1168,13 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
         if (epochs % o.validation_epochs == 0 && s.step < t.max_train_steps) validate(s.step);
       }
       if (on_step) on_step(s);
-      if (interrupt.interrupted()) {
+      bool interrupted = interrupt.interrupted();
+      if (collective) {  // every rank stops at the same step (mpirun forwards Ctrl-C to all)
+        double any = interrupted ? 1 : 0;
+        collective->allreduce_sum(std::span<double>(&any, 1));
+        interrupted = any > 0;
+      }
+      if (interrupted) {
         const fs::path where = trainer.save_checkpoint();
         result.lora_file = save_result();
         progress.message(message("interrupted at step ", s.step, ": saved ", where.string(),
@@ -1154,6 +1182,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
         result.interrupted = true;
         result.global_step = trainer.global_step();
         report_caches();
+        if (collective) collective->barrier();  // rank 0's files are written when any returns
         return result;
       }
     }
@@ -1162,6 +1191,7 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log,
     result.global_step = trainer.global_step();
     report_caches();
     progress.message("saved " + result.lora_file.string());
+    if (collective) collective->barrier();
     return result;
   };
   // The step of the run's objective with text encoder `encoder`, trained as module `text`.
@@ -1444,17 +1474,17 @@ void apply_dreambooth_defaults(const CLI::App& cmd, TrainCommandOptions& o) {
   if (unset("--output_dir")) o.trainer.output_dir = "lora-dreambooth-model";
 }
 
-void add_train_command(CLI::App& app, int& exit_code) {
+void add_train_command(CLI::App& app, int& exit_code, train::Collective* collective) {
   auto o = std::make_shared<TrainCommandOptions>();
   CLI::App* cmd = app.add_subcommand(
       "train", "LoRA / DreamBooth fine-tuning of a diffusers model folder (diffusers' flags)");
   add_train_options(*cmd, *o);
-  cmd->callback([cmd, o, &exit_code] {
+  cmd->callback([cmd, o, &exit_code, collective] {
     bool interrupted = false;
     exit_code = run_command("train", [&] {
       if (!o->config.empty()) apply_config_file(*cmd, o->config);
       apply_dreambooth_defaults(*cmd, *o);
-      interrupted = run_train(*o).interrupted;
+      interrupted = run_train(*o, stderr, {}, collective).interrupted;
     });
     if (exit_code == 0 && interrupted) exit_code = 130;
   });

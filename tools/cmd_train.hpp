@@ -217,10 +217,14 @@ std::vector<std::string> inject_text_encoder_adapters(models::ClipTextEncoder& t
                                                       std::uint64_t encoder_index = 0);
 
 /// Runs `difftrain train` (see the top of the file).
+/// With `collective` (dist/mpi.hpp under mpirun): this process is one rank of a data-parallel
+/// run; --train_batch_size is per rank, rank 0 prints, validates and writes every file.
 TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log = stderr,
-                         const TrainStepHook& on_step = {});
+                         const TrainStepHook& on_step = {},
+                         train::Collective* collective = nullptr);
 
-/// Registers `train` on `app`; its callback sets exit_code (130 after Ctrl-C).
-void add_train_command(CLI::App& app, int& exit_code);
+/// Registers `train` on `app`; its callback sets exit_code (130 after Ctrl-C). `collective`: the
+/// ranks of an MPI launch (run_train), or nullptr.
+void add_train_command(CLI::App& app, int& exit_code, train::Collective* collective = nullptr);
 
 }  // namespace difftrain::tools

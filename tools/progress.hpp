@@ -40,15 +40,16 @@ struct ProgressState {
 };
 
 /// Step/total, loss, lr, it/s and ETA; a bar on a TTY, a log line every `log_every` steps (and
-/// on the first and last) otherwise.
+/// on the first and last) otherwise. A null `out` prints nothing (ranks other than 0).
 class ProgressReporter {
  public:
   explicit ProgressReporter(std::FILE* out, bool force_plain = false)
-      : out_(out), tty_(!force_plain && isatty(fileno(out))) {}
+      : out_(out), tty_(out && !force_plain && isatty(fileno(out))) {}
 
   bool is_tty() const { return tty_; }
 
   void update(const ProgressState& s) {
+    if (!out_) return;
     // it/s averaged since the start: single steps are noisy on a shared machine
     const auto now = std::chrono::steady_clock::now();
     if (!started_) {
@@ -85,6 +86,7 @@ class ProgressReporter {
 
   /// Ends a bar line before other output.
   void message(const std::string& text) {
+    if (!out_) return;
     if (tty_) std::fputc('\n', out_);
     std::fputs((text + "\n").c_str(), out_);
     std::fflush(out_);

@@ -234,6 +234,12 @@ struct TrainBatch {
   std::optional<Tensor4<float>> mask;
   // SDXL's size conditioning (models::sdxl_time_ids) [B,6] of the rows, and of the class rows.
   std::optional<Tensor<float, 2>> time_ids, class_time_ids;
+  // Data-parallel shard (a sharded data source, dist/): the micro-batch of all processes has
+  // global_batch_size instance rows (and as many class rows); these rows are its rows
+  // global_rows[i] (class row i pairs with instance row i). Empty: the batch is the whole
+  // micro-batch. A shard may have no rows (a short last micro-batch of an epoch).
+  std::vector<std::uint64_t> global_rows;
+  std::size_t global_batch_size = 0;
 };
 
 /// A source of micro-batches: data(m) is micro-batch m, a function of m only (resume relies on it).

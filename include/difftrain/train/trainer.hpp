@@ -28,6 +28,14 @@
 // depend only on (seed, m)), and data(m) must depend only on m. A checkpoint stores m, so a
 // resumed run repeats the uninterrupted one bit for bit.
 //
+// Data parallelism (set_collective; dist/mpi.hpp over MPI): each of R ranks gets its shard of
+// every micro-batch from its data source (TrainBatch::global_rows: b of the global batch's G
+// rows, class rows paired), runs the step on it with those rows' random numbers and sample
+// weights × b/G, then the ranks agree on errors and non-finite losses and sum their gradients
+// (buckets of ≤ 16 MiB): every rank holds the gradient of the global batch's mean loss, so R
+// ranks × batch B follow the one-process run with batch R·B (up to float summation order) and
+// stay identical. Rank 0 writes the checkpoints, which any number of ranks can resume.
+//
 // One seed: the seed that draws noise and timesteps is the step's. The Trainer records it in
 // checkpoints (and a resume must find the same one): the step's options().seed when the step
 // has one, else TrainerOptions::seed (a step without options).
@@ -67,6 +75,7 @@
 #include "difftrain/nn/parameter.hpp"
 #include "difftrain/schedule/timestep_sampler.hpp"
 #include "difftrain/train/checkpoint.hpp"
+#include "difftrain/train/collective.hpp"
 #include "difftrain/train/configured_timesteps.hpp"
 #include "difftrain/train/diffusion_train_step.hpp"
 #include "difftrain/train/ema.hpp"
@@ -264,11 +273,15 @@ struct ComposedBatch {
   std::vector<float> sample_weights;  // empty when all are 1
   std::size_t num_instance = 0;
   std::optional<Tensor<float, 2>> time_ids;  // SDXL: the rows' size conditioning [B,6]
+  // A shard (TrainBatch::global_rows): the rows' indices in the global micro-batch, instance
+  // rows then class rows (class row i of a global batch of G is row G + i); else empty.
+  std::vector<std::uint64_t> global_rows;
 };
 
 /// Rows and weights for one micro-batch (see the top of the file for the weights). token_ids
 /// with 0 rows (an unconditional model, no text encoder) pass through as they are; class_token_ids
-/// must then have 0 rows too.
+/// must then have 0 rows too. A shard of b of the global batch's G rows has its weights scaled by
+/// b/G: the shards' losses (and gradients) then sum to the global batch's mean.
 inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_preservation,
                                    double prior_loss_weight, std::int64_t accumulation_steps) {
   constexpr const char* fn = "compose_batch";
@@ -325,7 +338,21 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
   require(batch.sample_weights.empty() || batch.sample_weights.size() == b, fn,
           "sample_weights has ", batch.sample_weights.size(), " entries, expected ", b,
           " (instance then class rows)");
-  if (!with_prior_preservation && accumulation_steps == 1) {
+  double shard = 1;  // b/G
+  if (!batch.global_rows.empty()) {
+    const std::size_t g = batch.global_batch_size;
+    require(batch.global_rows.size() == bi && bi <= g, fn, "the shard has ", bi, " rows and ",
+            batch.global_rows.size(), " global_rows of a global batch of ", g,
+            ", expected one global row per row and at most global_batch_size rows");
+    out.global_rows = batch.global_rows;
+    for (std::size_t r = 0; r < bi; ++r) {
+      require(batch.global_rows[r] < g, fn, "global row ", batch.global_rows[r],
+              " is outside the global batch of ", g);
+      if (with_prior_preservation) out.global_rows.push_back(g + batch.global_rows[r]);
+    }
+    shard = double(bi) / double(g);
+  }
+  if (!with_prior_preservation && accumulation_steps == 1 && shard == 1) {
     out.sample_weights = batch.sample_weights;
     return out;
   }
@@ -335,7 +362,7 @@ inline ComposedBatch compose_batch(const TrainBatch& batch, bool with_prior_pres
     double w = batch.sample_weights.empty() ? 1.0 : double(batch.sample_weights[r]);
     if (with_prior_preservation)
       w *= r < bi ? double(b) / double(bi) : prior_loss_weight * double(b) / double(bc);
-    out.sample_weights[r] = static_cast<float>(w / accum);
+    out.sample_weights[r] = static_cast<float>(w * shard / accum);
   }
   return out;
 }
@@ -383,17 +410,25 @@ class Trainer {
     StepLog log;
     log.step = global_step_ + 1;
     zero_grad();
-    std::optional<std::string> non_finite;
+    std::optional<std::string> non_finite, failed;
     try {
       for (std::int64_t k = 0; k < group && !non_finite; ++k) {
         const std::uint64_t m = micro_batch_index_ + std::uint64_t(k);
         const TrainBatch batch = data(m);
+        if (collective_ && collective_->size() > 1) {
+          require(batch.global_batch_size > 0, "Trainer::train_step", "micro-batch ", m,
+                  " is not a shard (TrainBatch::global_rows): with ", collective_->size(),
+                  " ranks every rank would train on the same rows");
+          if (batch.images.dimension() == 4 && batch.images.shape()[0] == 0)
+            continue;  // an empty shard of a short micro-batch: no gradient from this rank
+        }
         const ComposedBatch c = compose_batch(batch, options_.with_prior_preservation,
                                               options_.prior_loss_weight, accum);
         BatchExtras extras;
         extras.sample_weights = c.sample_weights;
         if (batch.mask) extras.mask = &*batch.mask;
         if (c.time_ids) extras.time_ids = &*c.time_ids;
+        extras.global_rows = c.global_rows;
         TrainStepResult r;
         try {
           r = step_.step(c.images, c.token_ids, m, extras);
@@ -411,9 +446,25 @@ class Trainer {
         log.weights.insert(log.weights.end(), r.weights.begin(), r.weights.end());
         log.timesteps.insert(log.timesteps.end(), r.timesteps.begin(), r.timesteps.end());
       }
-    } catch (...) {
+    } catch (const std::exception& e) {
       zero_grad();  // bad input: no partial gradients left behind
+      if (!collective_) throw;
+      failed = e.what();
+    } catch (...) {
+      zero_grad();
       throw;
+    }
+    if (collective_) {
+      // Every rank stops on any rank's error, goes on or skips together, and steps with the sum
+      // of the shards' gradients (each shard's weights carry b/G: the sum is the global mean's).
+      if (const std::optional<RankError> e = collective_->agree(failed))
+        fail("Trainer::train_step", "rank ", e->rank, " of ", collective_->size(),
+             " failed at global step ", log.step, ": ", e->message);
+      double sums[2] = {log.loss, non_finite ? 1.0 : 0.0};
+      collective_->allreduce_sum(std::span<double>(sums));
+      log.loss = sums[0];
+      if (sums[1] > 0 && !non_finite) non_finite = "another rank's micro-batch: loss is not finite";
+      if (!non_finite) allreduce_gradients();
     }
     if (!non_finite) {
       log.grad_norm = clip_grad_norm(params_, options_.max_grad_norm);
@@ -456,7 +507,10 @@ class Trainer {
   template <TrainDataSource D>
   void fit(D&& data, const Callback& callback = {}) {
     // At the start rather than at the first save, so that what is recovered is reported first.
-    if (!options_.output_dir.empty()) recover_checkpoints(options_.output_dir, log_);
+    // With several ranks, rank 0 does the housekeeping before any rank reads a checkpoint.
+    if (!options_.output_dir.empty() && writes_files())
+      recover_checkpoints(options_.output_dir, log_);
+    if (collective_) collective_->barrier();
     const std::string& from = options_.resume_from_checkpoint;
     if (!from.empty() && global_step_ == 0 &&
         !(from == "latest" && list_checkpoints(options_.output_dir, log_).empty()))
@@ -476,6 +530,7 @@ class Trainer {
   /// atomically (checkpoint.hpp); checkpoint_saves_in_progress counts the whole save.
   std::filesystem::path save_checkpoint() {
     require(!options_.output_dir.empty(), "Trainer::save_checkpoint", "output_dir is empty");
+    if (!writes_files()) return checkpoint_path(options_.output_dir, global_step_);  // rank 0 does
     const CheckpointSaveScope saving;
     CheckpointContents c;
     TensorMap& model = c.tensor_files["model.safetensors"];
@@ -640,6 +695,21 @@ class Trainer {
     for (const auto& [name, p] : trainable_) out.push_back(p.view(name));
     return out;
   }
+  /// Data-parallel training over `collective`'s ranks (nullptr: one process). Each rank's data
+  /// source gives its shard of every micro-batch (TrainBatch::global_rows); the trainable
+  /// parameters start as rank 0's (broadcast here); gradients are summed before clipping, so the
+  /// ranks take the same steps. Only rank 0 writes checkpoints; all ranks resume from them.
+  void set_collective(Collective* collective) {
+    collective_ = collective;
+    if (!collective_) return;
+    require(global_step_ == 0, "Trainer::set_collective", "called at global step ", global_step_,
+            ", expected before the first step (and before resume)");
+    for (const ParameterRef& p : params_) collective_->broadcast(p.value(), 0);
+    if (ema_) ema_.emplace(trainable_, options_.ema);  // the shadows of the broadcast weights
+  }
+  Collective* collective() const { return collective_; }
+  /// Whether this process writes checkpoints (and, for a caller, result files): rank 0 or alone.
+  bool writes_files() const { return !collective_ || collective_->rank() == 0; }
   /// Test hook: called before a checkpoint's temporary folder is renamed into place.
   void set_checkpoint_hook(CheckpointHook hook) { hooks_.before_rename = std::move(hook); }
   /// Test hooks of checkpoint saving and pruning (CheckpointHooks: simulated kills).
@@ -720,6 +790,42 @@ class Trainer {
     for (const ParameterRef& p : params_) p.zero_grad();
   }
 
+  // g ← Σ over ranks of g, in buckets of at most kBucket floats (one message per small-parameter
+  // bucket; a larger parameter is reduced in place).
+  void allreduce_gradients() {
+    constexpr std::size_t kBucket = std::size_t(1) << 22;  // 16 MiB
+    std::vector<ParameterRef> pending;
+    std::size_t filled = 0;
+    auto flush = [&] {
+      if (pending.empty()) return;
+      bucket_.resize(filled);
+      std::size_t at = 0;
+      for (const ParameterRef& p : pending) {
+        std::copy(p.grad().begin(), p.grad().end(), bucket_.begin() + std::ptrdiff_t(at));
+        at += p.grad().size();
+      }
+      collective_->allreduce_sum(std::span<float>(bucket_));
+      at = 0;
+      for (const ParameterRef& p : pending) {
+        std::copy_n(bucket_.begin() + std::ptrdiff_t(at), p.grad().size(), p.grad().begin());
+        at += p.grad().size();
+      }
+      pending.clear();
+      filled = 0;
+    };
+    for (const ParameterRef& p : params_) {
+      const std::size_t n = p.grad().size();
+      if (n >= kBucket) {
+        collective_->allreduce_sum(p.grad());
+        continue;
+      }
+      if (filled + n > kBucket) flush();
+      pending.push_back(p);
+      filled += n;
+    }
+    flush();
+  }
+
   // Micro-batches of the next optimizer step: gradient_accumulation_steps, or what is left of
   // the epoch.
   std::int64_t group_size() const {
@@ -750,6 +856,8 @@ class Trainer {
   std::uint64_t micro_batch_index_ = 0;
   CheckpointHooks hooks_;
   CheckpointLog log_;
+  Collective* collective_ = nullptr;
+  std::vector<float> bucket_;  // allreduce_gradients' buffer, kept across steps
 };
 
 }  // namespace difftrain::train

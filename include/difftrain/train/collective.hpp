@@ -1,0 +1,42 @@
+#pragma once
+// Collective: what data-parallel training needs from a group of processes, without naming the
+// transport. The Trainer uses one when it is given one (Trainer::set_collective); dist/mpi.hpp
+// implements it with MPI, so the core library stays free of MPI.
+//
+// Every call is collective: all ranks make it, in the same order, with the same sizes. Results
+// are the same on every rank (bitwise), so that ranks that start equal stay equal.
+
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <string>
+
+namespace difftrain::train {
+
+/// A failure one rank reported, as every rank learns it (Collective::agree).
+struct RankError {
+  int rank = 0;         // the lowest rank that failed
+  std::string message;  // its message
+};
+
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// x ← Σ over ranks of x, elementwise; every rank receives the same sums.
+  virtual void allreduce_sum(std::span<float> x) = 0;
+  virtual void allreduce_sum(std::span<double> x) = 0;
+  /// x ← root's x.
+  virtual void broadcast(std::span<float> x, int root) = 0;
+  /// Every rank says whether it failed (its message) or not; all learn the lowest failing rank
+  /// and its message, or nothing when none failed.
+  virtual std::optional<RankError> agree(const std::optional<std::string>& error) = 0;
+  /// Returns when every rank has called it.
+  virtual void barrier() = 0;
+  /// Bytes this rank has sent through allreduce_sum and broadcast so far (as payload; what the
+  /// transport moves on the wire depends on its algorithm).
+  virtual std::size_t bytes_reduced() const = 0;
+};
+
+}  // namespace difftrain::train
