@@ -394,4 +394,31 @@ inline void fill_uniform(std::span<float> out, RandomStream rs, std::uint64_t of
   random_detail::fill_groups<uniform_group<Arch>>(out, rs, offset);
 }
 
+/// Rows of a batch-major buffer of `size` elements, R = size/rows.size() per row, as rows of a
+/// larger batch (a data-parallel shard): f(b·R, rows[b]·R, R) for each row b, so that element
+/// b·R + i takes number rows[b]·R + i of a stream; f(0, 0, size) when rows is empty (the batch is
+/// the whole batch). Throws difftrain::Error when size is not a multiple of the row count.
+template <class F>
+void for_each_global_row(std::size_t size, std::span<const std::uint64_t> rows, F&& f) {
+  if (rows.empty()) {
+    f(std::size_t{0}, std::uint64_t{0}, size);
+    return;
+  }
+  require(size % rows.size() == 0, "for_each_global_row", "a buffer of ", size,
+          " elements does not split into ", rows.size(), " rows (expected batch-major layout)");
+  const std::size_t per_row = size / rows.size();
+  for (std::size_t b = 0; b < rows.size(); ++b) f(b * per_row, rows[b] * per_row, per_row);
+}
+
+/// out[b·R + i] = standard normal number (rows[b]·R + i) of the stream (for_each_global_row);
+/// fill_normal(out, rs) when rows is empty.
+template <class Arch = xsimd::default_arch>
+inline void fill_normal_rows(std::span<float> out, RandomStream rs,
+                             std::span<const std::uint64_t> rows) {
+  for_each_global_row(out.size(), rows,
+                      [&](std::size_t local, std::uint64_t global, std::size_t n) {
+                        fill_normal<Arch>(out.subspan(local, n), rs, global);
+                      });
+}
+
 }  // namespace difftrain

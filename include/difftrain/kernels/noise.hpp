@@ -43,14 +43,19 @@ struct NoiseOptions {
   }
 };
 
-/// offset[b·C + c] = k_bc·N(0,1) (empty when noise_offset is 0), with k_bc as NoiseOptions says.
+/// offset[b·C + c] = k_bc·n_{g·C + c} (empty when noise_offset is 0), n normal numbers of the
+/// step's offset stream, g = rows[b] (a data-parallel shard's global rows) or b, k_bc as
+/// NoiseOptions says (the random strength is one draw per step, the same in every shard).
 inline std::vector<float> noise_offsets(const NoiseOptions& options, const Tensor4<float>& x0,
-                                        RandomStream step_stream) {
+                                        RandomStream step_stream,
+                                        std::span<const std::uint64_t> rows = {}) {
   if (options.noise_offset == 0) return {};
   const auto& sh = x0.shape();
   const std::size_t bc = sh[0] * sh[1], plane = sh[2] * sh[3];
+  require(rows.empty() || rows.size() == sh[0], "noise_offsets", "rows has ", rows.size(),
+          " entries, expected ", sh[0], " (one global row per sample) or 0");
   std::vector<float> offset(bc);
-  fill_normal(offset, step_stream.derive(0, StreamPurpose::noise_offset));
+  fill_normal_rows(offset, step_stream.derive(0, StreamPurpose::noise_offset), rows);
   float k = options.noise_offset;
   if (options.noise_offset_random_strength)
     k *= static_cast<float>(

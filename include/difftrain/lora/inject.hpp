@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -210,10 +211,11 @@ void for_each_adapter(M& model, F&& f) {
   });
 }
 
-/// Selects the dropout masks of training step `step` in every adapter.
+/// Selects the dropout masks of training step `step` in every adapter, for a batch whose rows b
+/// are rows global_rows[b] of the step's whole batch (a data-parallel shard; empty: 0..B−1).
 template <HasLoraSlots M>
-void set_lora_step(M& model, std::uint64_t step) {
-  for_each_adapter(model, [&](const std::string&, auto& a) { a.set_step(step); });
+void set_lora_step(M& model, std::uint64_t step, std::span<const std::uint64_t> global_rows = {}) {
+  for_each_adapter(model, [&](const std::string&, auto& a) { a.set_step(step, global_rows); });
 }
 /// Training (dropout options active) or eval mode for every adapter.
 template <HasLoraSlots M>

@@ -16,6 +16,10 @@
 // (inject.hpp's set_lora_step does it for a whole model). Re-running a forward with the same step
 // (gradient checkpointing, gradient checks) replays the same masks; give each forward that needs
 // fresh masks (each step, or each micro-batch under gradient accumulation) its own counter.
+// Data-parallel shards: set_step(s, global_rows) says that the input's batch rows b are rows
+// global_rows[b] of the micro-batch of all processes; the elementwise and rank masks of row b are
+// then that row's part of the one-process masks (the input must be batch-major: its leading
+// dimension B or B·L). Module dropout is one draw per step, the same in every shard.
 // Inits (B = 0 in both, so an injected model starts equal to the base):
 //   kaiming_uniform  A ~ U(−1/√fan_in, 1/√fan_in)  (kaiming-uniform with a = √5; PEFT, kohya)
 //   gaussian         A ~ N(0, 1/r²)                  (diffusers training scripts)
@@ -178,8 +182,13 @@ class LoraLayer {
     require(std::isfinite(m), Traits::name, "multiplier is ", m);
     config_.multiplier = m;
   }
-  /// Selects the dropout masks of training step `step`.
-  void set_step(std::uint64_t step) { step_ = step; }
+  /// Selects the dropout masks of training step `step`, for a batch whose rows b are rows
+  /// global_rows[b] of the step's whole batch (empty: rows 0..B−1).
+  void set_step(std::uint64_t step, std::span<const std::uint64_t> global_rows = {}) {
+    step_ = step;
+    global_rows_.assign(global_rows.begin(), global_rows.end());
+  }
+  std::span<const std::uint64_t> global_rows() const { return global_rows_; }
 
   /// base `weight`, `bias`, then `lora_A.weight`, `lora_B.weight`.
   template <class Visitor>
@@ -222,7 +231,7 @@ class LoraLayer {
     if (dropout_used_) {
       input_dropout_.training = true;
       const RandomStream rs = lora_detail::substream(stream_, step_, StreamPurpose::lora_dropout);
-      h = lora_A.forward(input_dropout_.forward(x, rs));
+      h = lora_A.forward(input_dropout_.forward(x, rs, global_rows_));
     } else {
       h = lora_A.forward(x);
     }
@@ -230,7 +239,8 @@ class LoraLayer {
     if (hidden_dropout_used_) {
       hidden_dropout_.training = true;
       h = hidden_dropout_.forward(
-          h, lora_detail::substream(stream_, step_, StreamPurpose::lora_network_dropout));
+          h, lora_detail::substream(stream_, step_, StreamPurpose::lora_network_dropout),
+          global_rows_);
     }
     apply_rank_mask(h);
     X z = lora_B.forward(h);
@@ -309,7 +319,7 @@ class LoraLayer {
     rank_mask_.resize(B * r);
     nn::dropout_mask(std::span<T>(rank_mask_),
                      lora_detail::substream(stream_, step_, StreamPurpose::lora_rank_dropout),
-                     config_.rank_dropout);
+                     config_.rank_dropout, global_rows_);
     multiply_rank_mask(h, B);
   }
   template <class X>
@@ -365,6 +375,7 @@ class LoraLayer {
   LoraConfig config_;
   RandomStream stream_;
   std::uint64_t step_ = 0;
+  std::vector<std::uint64_t> global_rows_;  // of the batch of this step (empty: 0..B−1)
   bool merged_ = false;
   bool active_ = false;
   bool dropout_used_ = false;

@@ -36,6 +36,18 @@ void dropout_mask(std::span<T> mask, RandomStream rs, double p, std::uint64_t of
   }
 }
 
+/// The same for a batch-major mask whose rows b are rows rows[b] of a larger batch (a
+/// data-parallel shard): m[b·R + i] = m_{rows[b]·R + i}, R = mask.size()/rows.size(); rows empty:
+/// the mask above.
+template <class T>
+void dropout_mask(std::span<T> mask, RandomStream rs, double p,
+                  std::span<const std::uint64_t> rows) {
+  for_each_global_row(mask.size(), rows,
+                      [&](std::size_t local, std::uint64_t global, std::size_t n) {
+                        dropout_mask(mask.subspan(local, n), rs, p, global);
+                      });
+}
+
 struct DropoutConfig {
   double p = 0.0;
 };
@@ -59,9 +71,11 @@ class Dropout {
   template <class Visitor>
   void for_each_parameter(const std::string&, Visitor&&) const {}
 
-  // y = x ⊙ m (training, p > 0) or y = x; saves m
+  // y = x ⊙ m (training, p > 0) or y = x; saves m. With `rows`, x's leading rows are rows
+  // rows[b] of a larger batch and draw its mask elements (dropout_mask above).
   template <std::size_t N>
-  Tensor<T, N> forward(const Tensor<T, N>& x, RandomStream rs) {
+  Tensor<T, N> forward(const Tensor<T, N>& x, RandomStream rs,
+                       std::span<const std::uint64_t> rows = {}) {
     saved_shape_.assign(x.shape().begin(), x.shape().end());
     identity_ = is_identity();
     if (identity_) {
@@ -69,7 +83,7 @@ class Dropout {
       return x;
     }
     mask_.resize(x.size());
-    dropout_mask(std::span<T>(mask_), rs, config_.p);
+    dropout_mask(std::span<T>(mask_), rs, config_.p, rows);
     Tensor<T, N> y(x.shape());
     for (std::size_t i = 0; i < x.size(); ++i) y.data()[i] = x.data()[i] * mask_[i];
     return y;

@@ -19,7 +19,26 @@
 // depends only on (seed, s, inputs) — a resumed run repeats the uninterrupted one. A denoiser with
 // LoRA adapters draws its dropout masks for step s (lora::set_lora_step): fresh ones each
 // micro-batch, as kohya draws them each forward, and the same again on resume.
+//
+// Data parallelism (BatchExtras::global_rows): N processes each run the step on a shard of the
+// micro-batch, and the shards' gradients summed equal the one-process step's (sample weights
+// scaled by n_shard/n so that each shard's loss is its part of the global mean). Row b of a shard
+// draws the random numbers of row global_rows[b] of the one-process batch:
+//   τ[b]      = value global_rows[b] of the timestep sampler's draw (samplers are index-pure:
+//               value k depends only on (stream, k) — UniformTimesteps, BiasedTimesteps,
+//               ConfiguredTimesteps, FlowMatchTimesteps all draw element k of the stream for
+//               sample k; a custom sampler must too)
+//   eps, ξ    = normal numbers global_rows[b]·C·H·W + i (fused pass), offsets global_rows[b]·C + c
+//   LoRA      = dropout / network_dropout / rank_dropout masks of that row (lora::set_lora_step
+//               with the rows, denoiser and a trained text encoder); module dropout: per step
+//   latents   = LatentEncoder::encode(images, global_rows) when the encoder has that overload
+//               (models::VaeEncoder); an encoder without it is used as is — it must then be
+//               deterministic (precomputed latents) or row-pure on its own
+// Pyramid noise (normalised over the whole batch) and custom NoiseSamplers (which see no rows)
+// cannot be sharded: with global_rows they throw difftrain::Error. Per-step scalars (noise-offset
+// and input-perturbation random strengths) are the same in every shard.
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstdint>
@@ -58,6 +77,11 @@ struct BatchExtras {
   const Tensor4<float>* mask = nullptr;
   const AddedConditions<float>* added_conditions = nullptr;
   const Tensor<float, 2>* time_ids = nullptr;
+  // Data parallelism: row b of this batch is row global_rows[b] of the micro-batch all processes
+  // share, and draws that row's random numbers (timestep, noise, noise offset, perturbation,
+  // LoRA dropout masks, VAE sampling), so that shards together repeat the one-process step.
+  // Empty: rows 0..B−1.
+  std::span<const std::uint64_t> global_rows;
 };
 
 struct TrainStepResult {
@@ -126,7 +150,8 @@ class DiffusionTrainStep {
   /// given dL/dcontext: its gradients accumulate with the denoiser's.
   TrainStepResult step(const Tensor4<float>& images, const TokenIds& token_ids,
                        std::uint64_t step_index, const BatchExtras& extras = {}) {
-    const Tensor4<float> latents = latent_encoder_.encode(images);
+    check_global_rows(extras.global_rows, images.shape()[0]);
+    const Tensor4<float> latents = encode_latents(images, extras.global_rows);
     if constexpr (TrainableTextEncoder<TextEncoderT>) {
       if constexpr (!DenoiserWithContextGrad<DenoiserT>) {
         require(!text_encoder_.is_training(), "DiffusionTrainStep::step",
@@ -134,7 +159,7 @@ class DiffusionTrainStep {
                 "grad_encoder_hidden_states() to train it with");
       } else if (text_encoder_.is_training()) {
         if constexpr (lora::HasLoraSlots<TextEncoderT>)
-          lora::set_lora_step(text_encoder_, step_index);
+          lora::set_lora_step(text_encoder_, step_index, extras.global_rows);
         const Tensor3<float> context = text_encoder_.encode_train(token_ids);
         AddedConditions<float> added;
         TrainStepResult result =
@@ -169,18 +194,13 @@ class DiffusionTrainStep {
             ", expected batch ", batch, " as the latents ", shape_string(x0.shape()));
     require(extras.sample_weights.empty() || extras.sample_weights.size() == batch, fn,
             "sample_weights has ", extras.sample_weights.size(), " entries, expected ", batch);
+    const std::span<const std::uint64_t> rows = extras.global_rows;
+    check_global_rows(rows, batch);
     const RandomStream step_stream =
         RandomStream{options_.seed, 0}.derive(step_index, StreamPurpose::train_step);
 
-    std::vector<time_type> times(batch);
-    const RandomStream time_stream = step_stream.derive(0, StreamPurpose::step_timesteps);
-    if constexpr (requires { sampler_.sample(std::span<time_type>(times), time_stream, 0, 0); }) {
-      sampler_.sample(std::span<time_type>(times), time_stream,
-                      static_cast<std::int64_t>(x0.shape()[2]),
-                      static_cast<std::int64_t>(x0.shape()[3]));
-    } else {
-      sampler_.sample(std::span<time_type>(times), time_stream);
-    }
+    const std::vector<time_type> times =
+        sample_times(step_stream.derive(0, StreamPurpose::step_timesteps), x0, rows);
     const std::int64_t T = scheduler_.num_train_timesteps();
     TrainStepResult result;
     std::vector<TrainingCoefficients> coefficients(batch);
@@ -211,9 +231,9 @@ class DiffusionTrainStep {
 
     const kernels::DiffusionCoefficients k(coefficients);
     const RandomStream noise_stream = step_stream.derive(0, StreamPurpose::step_noise);
-    make_noisy_input(x0, k, noise_stream);
+    make_noisy_input(x0, k, noise_stream, rows);
 
-    if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index);
+    if constexpr (lora::HasLoraSlots<DenoiserT>) lora::set_lora_step(denoiser_, step_index, rows);
     const Tensor4<float> pred = forward(context, result.timesteps, extras.added_conditions);
     check_same_shape(fn, "prediction", pred.shape(), x0.shape());
     const std::span<const float> c = kernels::uses_huber_c(options_.loss_type)
@@ -248,6 +268,48 @@ class DiffusionTrainStep {
     } else {
       return SamplerT{};
     }
+  }
+
+  // global_rows: empty, or one distinct global row per sample of the batch.
+  static void check_global_rows(std::span<const std::uint64_t> rows, std::size_t batch) {
+    constexpr const char* fn = "DiffusionTrainStep::step";
+    if (rows.empty()) return;
+    require(rows.size() == batch, fn, "global_rows has ", rows.size(), " entries, expected ", batch,
+            " (one per sample of the batch) or 0");
+    std::vector<std::uint64_t> sorted(rows.begin(), rows.end());
+    std::sort(sorted.begin(), sorted.end());
+    const auto twin = std::adjacent_find(sorted.begin(), sorted.end());
+    require(twin == sorted.end(), fn, "global_rows holds row ", twin == sorted.end() ? 0 : *twin,
+            " twice, expected distinct rows");
+  }
+
+  // x0 = LatentEncoder(images), with the shard's rows when the encoder takes them.
+  Tensor4<float> encode_latents(const Tensor4<float>& images, std::span<const std::uint64_t> rows) {
+    if constexpr (requires { latent_encoder_.encode(images, rows); }) {
+      if (!rows.empty()) return latent_encoder_.encode(images, rows);
+    }
+    return latent_encoder_.encode(images);
+  }
+
+  // τ[b] = value rows[b] (or b) of the sampler's draw: it draws max(rows) + 1 values.
+  std::vector<time_type> sample_times(RandomStream time_stream, const Tensor4<float>& x0,
+                                      std::span<const std::uint64_t> rows) const {
+    const std::size_t batch = x0.shape()[0];
+    const std::size_t count =
+        rows.empty() ? batch
+                     : static_cast<std::size_t>(*std::max_element(rows.begin(), rows.end())) + 1;
+    std::vector<time_type> drawn(count);
+    if constexpr (requires { sampler_.sample(std::span<time_type>(drawn), time_stream, 0, 0); }) {
+      sampler_.sample(std::span<time_type>(drawn), time_stream,
+                      static_cast<std::int64_t>(x0.shape()[2]),
+                      static_cast<std::int64_t>(x0.shape()[3]));
+    } else {
+      sampler_.sample(std::span<time_type>(drawn), time_stream);
+    }
+    if (rows.empty()) return drawn;
+    std::vector<time_type> times(batch);
+    for (std::size_t b = 0; b < batch; ++b) times[b] = drawn[rows[b]];
+    return times;
   }
 
   // With a PooledTextEncoder: extras whose added conditions are its pooled output and the
@@ -312,22 +374,38 @@ class DiffusionTrainStep {
     }
   }
 
-  // x_t_ and target_: fused with the noise draw for StandardNoise without pyramid noise.
+  // x_t_ and target_: fused with the noise draw for StandardNoise without pyramid noise; the
+  // shard's rows draw their numbers of the whole batch (global_rows, see the top).
   void make_noisy_input(const Tensor4<float>& x0, const kernels::DiffusionCoefficients& k,
-                        RandomStream noise_stream) {
+                        RandomStream noise_stream, std::span<const std::uint64_t> rows) {
+    constexpr const char* fn = "DiffusionTrainStep::step";
     const kernels::NoiseOptions& noise_options = options_.noise;
     const float gamma = kernels::input_perturbation_strength(noise_options, noise_stream);
     const RandomStream xi_stream = noise_stream.derive(0, StreamPurpose::noise_perturbation);
     constexpr bool standard = std::is_same_v<NoiseT, kernels::StandardNoise>;
     if (standard && noise_options.multires_noise_iterations == 0) {
-      const std::vector<float> offset = kernels::noise_offsets(noise_options, x0, noise_stream);
+      const std::vector<float> offset =
+          kernels::noise_offsets(noise_options, x0, noise_stream, rows);
       const kernels::FusedNoise fused{noise_stream.derive(0, StreamPurpose::noise), offset, gamma,
                                       xi_stream};
-      kernels::fused_noise_forward_target(x0, k, fused, x_t_, target_);
+      kernels::fused_noise_forward_target(x0, k, fused, x_t_, target_, nullptr, rows);
       return;
     }
+    // A shard cannot repeat noise normalised over the whole batch, nor a sampler that sees no
+    // rows; even rows 0..B−1 may be a prefix of a larger batch, so any global_rows is refused.
+    if constexpr (standard) {
+      require(rows.empty(), fn,
+              "multires_noise_iterations with data-parallel shards: pyramid "
+              "noise is normalised over the whole batch, which a shard (global_rows given) does "
+              "not hold; use multires_noise_iterations = 0 or one process");
+    } else {
+      require(rows.empty(), fn,
+              "a custom NoiseSampler with data-parallel shards: it draws for "
+              "the shard's rows 0..B−1, not for its global_rows; use StandardNoise or one "
+              "process");
+    }
     noise_.sample(eps_, x0, noise_stream);
-    check_same_shape("DiffusionTrainStep::step", "noise", eps_.shape(), x0.shape());
+    check_same_shape(fn, "noise", eps_.shape(), x0.shape());
     const Tensor4<float>* perturbation = nullptr;
     if (gamma != 0) {
       xi_.resize(x0.shape());

@@ -8,11 +8,15 @@
 // Deterministic noise rule: the k-th call of encode (k = 0, 1, …; calls() counts them) draws
 // noise[b, i] = normal number (b·N + i) of stream.derive(k, StreamPurpose::vae_noise). The noise of
 // a sample thus depends only on (seed, stream, k, b), not on threads; a resumed run that restores
-// calls() (set_calls) repeats the uninterrupted one.
+// calls() (set_calls) repeats the uninterrupted one. A data-parallel shard whose rows b are rows
+// global_rows[b] of the micro-batch of all processes calls encode(images, global_rows): its noise
+// is noise[global_rows[b], i], the draw of those rows in the one-process call.
 
 #include <cstdint>
+#include <span>
 
 #include "difftrain/concepts.hpp"
+#include "difftrain/core/error.hpp"
 #include "difftrain/core/random.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/models/vae/autoencoder_kl.hpp"
@@ -50,11 +54,20 @@ class VaeEncoder {
   }
 
   /// images [B, Cin, H, W] in [−1, 1] → latents [B, Z, h, w], scaled; advances calls().
-  Tensor4<float> encode(const Tensor4<float>& images) {
+  Tensor4<float> encode(const Tensor4<float>& images) { return encode(images, {}); }
+
+  /// The same for a batch whose rows b are rows global_rows[b] of the whole batch (empty: 0..B−1):
+  /// noise[b, i] = normal number (global_rows[b]·N + i) of call k's stream.
+  Tensor4<float> encode(const Tensor4<float>& images, std::span<const std::uint64_t> global_rows) {
+    require(global_rows.empty() || global_rows.size() == images.shape()[0], "VaeEncoder::encode",
+            "global_rows has ", global_rows.size(), " entries, expected ", images.shape()[0],
+            " (one per image) or 0");
     const DiagonalGaussian<float> posterior = vae_->encode(images);
     const std::uint64_t k = calls_++;
     if (sampling_ == LatentSampling::mode) return vae_->scale_latents(posterior.mean);
-    return vae_->scale_latents(posterior.sample(noise_stream(k)));
+    Tensor4<float> noise(posterior.mean.shape());
+    fill_normal_rows(std::span<float>(noise.data(), noise.size()), noise_stream(k), global_rows);
+    return vae_->scale_latents(posterior.sample(noise));
   }
 
  private:
