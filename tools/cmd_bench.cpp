@@ -31,6 +31,7 @@
 #include "difftrain/models/vae/vae.hpp"
 #include "difftrain/nn/init.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
+#include "difftrain/train/collective.hpp"
 #include "difftrain/train/diffusion_train_step.hpp"
 #include "difftrain/train/identity_encoder.hpp"
 #include "difftrain/train/optimizer.hpp"
@@ -264,7 +265,7 @@ nlohmann::ordered_json encoder_json(const char* name, const EncoderBenchOptions&
 
 }  // namespace
 
-nlohmann::ordered_json run_bench(const BenchOptions& o) {
+nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* collective) {
   constexpr const char* fn = "bench";
   require(o.mode == "lora" || o.mode == "full", fn, "--mode is '", o.mode,
           "', expected lora or full");
@@ -320,9 +321,20 @@ nlohmann::ordered_json run_bench(const BenchOptions& o) {
   const double setup_peak = peak_rss_mb();
   const StepPeakRss step_peak;
   double loss = 0;
+  std::vector<train::ParameterRef> trainable;
+  for (const auto& [name, p] : train::named_trainable_parameters(unet)) trainable.push_back(p);
+  std::vector<float> bucket;
+  std::vector<double> allreduce_ms;
   const StepTimes times = time_steps(o.warmup, o.steps, [&](std::uint64_t s) {
     optimizer.zero_grad();
     loss = step.step(latents, ids, s, extras).loss;
+    if (collective) {
+      const auto start = std::chrono::steady_clock::now();
+      train::allreduce_sum_gradients(*collective, trainable, bucket);
+      allreduce_ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
     optimizer.step();
   });
   const TimeSummary t = summarize(times.wall_ms), cpu = summarize(times.cpu_ms);
@@ -352,6 +364,13 @@ nlohmann::ordered_json run_bench(const BenchOptions& o) {
   j["params"] = parameter_count(unet, false);
   j["trainable_params"] = parameter_count(unet, true);
   j["loss"] = loss;
+  if (collective) {
+    const std::vector<double> timed(allreduce_ms.begin() + o.warmup, allreduce_ms.end());
+    j["ranks"] = collective->size();
+    j["global_batch"] = B * std::size_t(collective->size());
+    j["allreduce_bytes_per_step"] = parameter_count(unet, true) * sizeof(float);
+    j["allreduce_median_ms"] = summarize(timed).median;
+  }
   return j;
 }
 
@@ -438,7 +457,7 @@ nlohmann::ordered_json run_bench_clip(const EncoderBenchOptions& o) {
   return j;
 }
 
-void add_bench_commands(CLI::App& app, int& exit_code) {
+void add_bench_commands(CLI::App& app, int& exit_code, train::Collective* collective) {
   auto o = std::make_shared<BenchOptions>();
   CLI::App* cmd = app.add_subcommand(
       "bench", "Time a UNet training step (random weights) and print one JSON line");
@@ -452,8 +471,11 @@ void add_bench_commands(CLI::App& app, int& exit_code) {
   cmd->add_option("--warmup", o->warmup, "untimed steps first (default 3)");
   add_threads_option(*cmd, o->threads);
   cmd->add_option("--seed", o->seed, "seed of the weights and inputs (default 0)");
-  cmd->callback([o, &exit_code] {
-    exit_code = run_command("bench", [&] { std::printf("%s\n", run_bench(*o).dump().c_str()); });
+  cmd->callback([o, &exit_code, collective] {
+    exit_code = run_command("bench", [&] {
+      const nlohmann::ordered_json j = run_bench(*o, collective);
+      if (!collective || collective->rank() == 0) std::printf("%s\n", j.dump().c_str());
+    });
   });
 
   auto add_encoder = [&](const char* name, const char* what, bool image, auto run) {

@@ -49,6 +49,9 @@ class App;
 namespace difftrain::models {
 struct UNet2DConditionConfig;
 }  // namespace difftrain::models
+namespace difftrain::train {
+class Collective;
+}  // namespace difftrain::train
 
 namespace difftrain::tools {
 
@@ -128,7 +131,10 @@ struct EncoderBenchOptions {
 };
 
 /// bench: the JSON line of the UNet training step (see the header comment).
-nlohmann::ordered_json run_bench(const BenchOptions& o);
+/// With `collective` (mpirun -np R difftrain bench …): every rank steps on its own batch and the
+/// ranks sum their gradients before the optimizer, as data-parallel training does; the JSON adds
+/// ranks, the global batch, the bytes each rank sends per step and the allreduce's time.
+nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* collective = nullptr);
 /// bench-vae: the JSON line of the VAE encoder.
 nlohmann::ordered_json run_bench_vae(const EncoderBenchOptions& o);
 /// bench-clip: the JSON line of the CLIP text encoder.
@@ -136,6 +142,6 @@ nlohmann::ordered_json run_bench_clip(const EncoderBenchOptions& o);
 
 /// Registers `bench`, `bench-vae` and `bench-clip` on `app`; their callbacks print one JSON line
 /// and set exit_code.
-void add_bench_commands(CLI::App& app, int& exit_code);
+void add_bench_commands(CLI::App& app, int& exit_code, train::Collective* collective = nullptr);
 
 }  // namespace difftrain::tools

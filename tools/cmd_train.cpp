@@ -990,6 +990,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log, const Tra
   // Data parallelism: every rank trains; rank 0 alone prints, draws and writes files.
   const bool writer = !collective || collective->rank() == 0;
   if (!writer) log = nullptr;
+  // Pyramid noise is normalised over the whole micro-batch, which no rank holds.
+  require(!collective || collective->size() == 1 || o.trainer.noise.multires_noise_iterations == 0,
+          fn, "--multires_noise_iterations with ", collective ? collective->size() : 1,
+          " ranks: pyramid noise is normalised over the whole micro-batch, which no rank holds; "
+          "train it in one process");
   set_threads(fn, o.threads);
   const lora::LoraFormat format = check_options(o);
 

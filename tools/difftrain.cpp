@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   CLI::App app{"difftrain: the training step of text-to-image diffusion models"};
   app.require_subcommand(1);
   int exit_code = 0;
-  difftrain::tools::add_bench_commands(app, exit_code);
+  difftrain::tools::add_bench_commands(app, exit_code, collective);
   difftrain::tools::add_sample_command(app, exit_code);
   difftrain::tools::add_text_commands(app, exit_code);
   difftrain::tools::add_train_command(app, exit_code, collective);

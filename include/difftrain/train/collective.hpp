@@ -6,10 +6,14 @@
 // Every call is collective: all ranks make it, in the same order, with the same sizes. Results
 // are the same on every rank (bitwise), so that ranks that start equal stay equal.
 
+#include <algorithm>
 #include <cstddef>
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
+
+#include "difftrain/train/parameter_view.hpp"
 
 namespace difftrain::train {
 
@@ -38,5 +42,46 @@ class Collective {
   /// transport moves on the wire depends on its algorithm).
   virtual std::size_t bytes_reduced() const = 0;
 };
+
+/// g ← Σ over ranks of g for every parameter's gradient, in buckets of at most 16 MiB: small
+/// gradients are packed into `bucket` (kept by the caller across steps) and sent together, a
+/// larger one is reduced in place.
+inline void allreduce_sum_gradients(Collective& collective, std::span<const ParameterRef> params,
+                                    std::vector<float>& bucket) {
+  constexpr std::size_t kBucket = std::size_t(1) << 22;  // floats
+  std::size_t first = 0, filled = 0;                     // params[first, i) wait in the bucket
+  auto flush = [&](std::size_t end) {
+    if (filled == 0) return;
+    bucket.resize(filled);
+    std::size_t at = 0;
+    for (std::size_t k = first; k < end; ++k) {
+      std::copy(params[k].grad().begin(), params[k].grad().end(),
+                bucket.begin() + std::ptrdiff_t(at));
+      at += params[k].grad().size();
+    }
+    collective.allreduce_sum(std::span<float>(bucket));
+    at = 0;
+    for (std::size_t k = first; k < end; ++k) {
+      std::copy_n(bucket.begin() + std::ptrdiff_t(at), params[k].grad().size(),
+                  params[k].grad().begin());
+      at += params[k].grad().size();
+    }
+    filled = 0;
+  };
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const std::size_t n = params[i].grad().size();
+    if (n >= kBucket || filled + n > kBucket) {
+      flush(i);
+      first = i;
+    }
+    if (n >= kBucket) {
+      collective.allreduce_sum(params[i].grad());
+      first = i + 1;
+      continue;
+    }
+    filled += n;
+  }
+  flush(params.size());
+}
 
 }  // namespace difftrain::train

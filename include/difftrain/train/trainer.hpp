@@ -464,7 +464,7 @@ class Trainer {
       collective_->allreduce_sum(std::span<double>(sums));
       log.loss = sums[0];
       if (sums[1] > 0 && !non_finite) non_finite = "another rank's micro-batch: loss is not finite";
-      if (!non_finite) allreduce_gradients();
+      if (!non_finite) allreduce_sum_gradients(*collective_, params_, bucket_);
     }
     if (!non_finite) {
       log.grad_norm = clip_grad_norm(params_, options_.max_grad_norm);
@@ -790,42 +790,6 @@ class Trainer {
     for (const ParameterRef& p : params_) p.zero_grad();
   }
 
-  // g ← Σ over ranks of g, in buckets of at most kBucket floats (one message per small-parameter
-  // bucket; a larger parameter is reduced in place).
-  void allreduce_gradients() {
-    constexpr std::size_t kBucket = std::size_t(1) << 22;  // 16 MiB
-    std::vector<ParameterRef> pending;
-    std::size_t filled = 0;
-    auto flush = [&] {
-      if (pending.empty()) return;
-      bucket_.resize(filled);
-      std::size_t at = 0;
-      for (const ParameterRef& p : pending) {
-        std::copy(p.grad().begin(), p.grad().end(), bucket_.begin() + std::ptrdiff_t(at));
-        at += p.grad().size();
-      }
-      collective_->allreduce_sum(std::span<float>(bucket_));
-      at = 0;
-      for (const ParameterRef& p : pending) {
-        std::copy_n(bucket_.begin() + std::ptrdiff_t(at), p.grad().size(), p.grad().begin());
-        at += p.grad().size();
-      }
-      pending.clear();
-      filled = 0;
-    };
-    for (const ParameterRef& p : params_) {
-      const std::size_t n = p.grad().size();
-      if (n >= kBucket) {
-        collective_->allreduce_sum(p.grad());
-        continue;
-      }
-      if (filled + n > kBucket) flush();
-      pending.push_back(p);
-      filled += n;
-    }
-    flush();
-  }
-
   // Micro-batches of the next optimizer step: gradient_accumulation_steps, or what is left of
   // the epoch.
   std::int64_t group_size() const {
@@ -857,7 +821,7 @@ class Trainer {
   CheckpointHooks hooks_;
   CheckpointLog log_;
   Collective* collective_ = nullptr;
-  std::vector<float> bucket_;  // allreduce_gradients' buffer, kept across steps
+  std::vector<float> bucket_;  // allreduce_sum_gradients' buffer, kept across steps
 };
 
 }  // namespace difftrain::train
