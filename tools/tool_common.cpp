@@ -5,6 +5,8 @@
 
 #include <CLI/CLI.hpp>
 #include <Eigen/Core>
+#include <algorithm>
+#include <cstdlib>
 
 #include "difftrain/core/error.hpp"
 
@@ -26,6 +28,13 @@ void add_single_file_options(CLI::App& cmd, SingleFileFlags& flags) {
 
 int set_threads(const char* command, int n) {
   require(n >= 0, command, "--threads is ", n, ", expected >= 0 (0: OpenMP's default)");
+  // Several ranks of an MPI job on one machine (Open MPI says how many): by default each takes
+  // its share of the cores, not all of them (OMP_NUM_THREADS, when set, still decides).
+  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+      n == 0 && local && !std::getenv("OMP_NUM_THREADS")) {
+    const int ranks = std::max(1, std::atoi(local));
+    n = std::max(1, omp_get_num_procs() / ranks);
+  }
   if (n > 0) {
     omp_set_num_threads(n);
     Eigen::setNbThreads(n);

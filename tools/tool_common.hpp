@@ -27,8 +27,9 @@ struct SingleFileFlags {
 /// loads a pipeline registers them here, once).
 void add_single_file_options(CLI::App& cmd, SingleFileFlags& flags);
 
-/// Sets OpenMP's and Eigen's thread counts to n (n > 0; 0 keeps OpenMP's default) and returns the
-/// count in effect. Throws difftrain::Error naming `command` for n < 0. Definition in
+/// Sets OpenMP's and Eigen's thread counts to n (n > 0; 0 keeps OpenMP's default, or under an
+/// MPI job without OMP_NUM_THREADS the cores divided by the ranks on this machine) and returns
+/// the count in effect. Throws difftrain::Error naming `command` for n < 0. Definition in
 /// tool_common.cpp.
 int set_threads(const char* command, int n);
 
