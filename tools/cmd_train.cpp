@@ -43,6 +43,10 @@ struct FolderLatentEncoder {
   using output_type = Tensor4<float>;
   std::optional<models::VaeEncoder> vae;
   Tensor4<float> encode(const Tensor4<float>& images) { return vae ? vae->encode(images) : images; }
+  // A data-parallel shard: each row samples with its global row's noise (VaeEncoder).
+  Tensor4<float> encode(const Tensor4<float>& images, std::span<const std::uint64_t> global_rows) {
+    return vae ? vae->encode(images, global_rows) : images;
+  }
 };
 static_assert(LatentEncoder<FolderLatentEncoder>);
 

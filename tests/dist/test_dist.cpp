@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -21,6 +22,7 @@
 #include "image_io.hpp"
 #include "shapes_pipeline.hpp"
 #include "support/temp_dir.hpp"
+#include "support/tiny_pipelines.hpp"
 
 namespace fs = std::filesystem;
 using namespace difftrain;
@@ -30,30 +32,36 @@ namespace {
 
 dist::MpiCollective* world = nullptr;
 
-// A tiny pixel-space model folder and `n` captioned images, written by rank 0 into its
-// temporary folder, whose path every rank then receives.
-struct Fixture {
+// A temporary folder that rank 0 creates and fills with `write`, whose path every rank receives.
+struct SharedDir {
   std::optional<test::TempDir> owned;
   fs::path dir;
-  std::string model, data;
 
-  explicit Fixture(std::size_t n = 5) {
+  explicit SharedDir(const std::function<void(const fs::path&)>& write) {
     std::string path;
     if (world->rank() == 0) {
       owned.emplace("dist");
       path = owned->str();
-      write(fs::path(path), n);
+      write(fs::path(path));
     }
     std::uint64_t length = path.size();
     MPI_Bcast(&length, 1, MPI_UINT64_T, 0, world->communicator());
     path.resize(length);
     MPI_Bcast(path.data(), int(length), MPI_CHAR, 0, world->communicator());
     dir = path;
-    model = (dir / "model").string();
-    data = (dir / "data").string();
     world->barrier();
   }
-  ~Fixture() { world->barrier(); }  // no rank still reads when rank 0 removes the folder
+  ~SharedDir() { world->barrier(); }  // no rank still reads when rank 0 removes the folder
+};
+
+// A tiny pixel-space model folder and `n` captioned images.
+struct Fixture : SharedDir {
+  std::string model, data;
+
+  explicit Fixture(std::size_t n = 5)
+      : SharedDir([n](const fs::path& dir) { write(dir, n); }),
+        model((dir / "model").string()),
+        data((dir / "data").string()) {}
 
   static void write(const fs::path& dir, std::size_t n) {
     shapes::ModelSizes sizes;
@@ -116,7 +124,7 @@ std::map<std::string, std::vector<float>> read_all(const fs::path& path) {
 }
 
 // Rank 0's LoRA file of run `out`, as every rank sees it (the folder is shared).
-std::map<std::string, std::vector<float>> lora_of(const Fixture& f, const std::string& out) {
+std::map<std::string, std::vector<float>> lora_of(const SharedDir& f, const std::string& out) {
   return read_all(f.dir / out / "pytorch_lora_weights.safetensors");
 }
 
@@ -210,6 +218,52 @@ TEST_CASE("checkpoints move between rank counts", "[dist]") {
     CHECK(r.global_step == 4);
     INFO("relative difference " << relative_difference(lora_of(f, "moved"), whole));
     CHECK(relative_difference(lora_of(f, "moved"), whole) < 1e-5);
+  }
+}
+
+// A latent model (the VAE samples each row's latents with its global row's noise), SDXL's time ids
+// and pooled embeddings, both text encoders trained: 2 ranks × 1 repeat 1 process × 2, also with
+// cached latents.
+TEST_CASE("an SDXL folder with its text encoders, on two ranks", "[dist]") {
+  const SharedDir f([](const fs::path& dir) {
+    test::write_tiny_sdxl_folder(dir / "sdxl");
+    fs::create_directories(dir / "data");
+    const std::vector<std::pair<int, int>> sizes{{16, 16}, {24, 16}, {16, 20}, {32, 24}};
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      tools::Image image(sizes[i].first, sizes[i].second);
+      for (std::size_t p = 0; p < image.rgb.size(); ++p)
+        image.rgb[p] = std::uint8_t((p * (37 + 11 * i)) % 251);
+      const fs::path stem = dir / "data" / ("img" + std::to_string(i));
+      tools::save_png(stem.string() + ".png", image);
+      std::ofstream(stem.string() + ".txt") << (i % 2 ? "a red circle" : "a blue square") << "\n";
+    }
+  });
+  auto options = [&](const std::string& out, std::int64_t batch, bool cache) {
+    TrainCommandOptions o;
+    o.pretrained_model_name_or_path = (f.dir / "sdxl").string();
+    o.train_data_dir = (f.dir / "data").string();
+    o.trainer.output_dir = (f.dir / out).string();
+    o.resolution = 16;
+    o.trainer.train_batch_size = batch;
+    o.max_train_steps = 3;
+    o.trainer.checkpointing_steps = 0;
+    o.lr_warmup_steps = 0;
+    o.trainer.optimizer = "sgd";
+    o.trainer.learning_rate = 0.05;
+    o.trainer.seed = 5;
+    o.train_text_encoder = true;
+    o.random_flip = true;
+    o.cache_latents = cache;
+    o.plain_log = true;
+    return o;
+  };
+  for (const bool cache : {false, true}) {
+    const std::string tag = cache ? "_cached" : "";
+    tools::run_train(options("two" + tag, 1, cache), nullptr, {}, world);
+    single(options("one" + tag, 2, cache));
+    const auto a = lora_of(f, "two" + tag), b = lora_of(f, "one" + tag);
+    INFO("cache_latents " << cache << ": relative difference " << relative_difference(a, b));
+    CHECK(relative_difference(a, b) < 1e-5);
   }
 }
 
