@@ -55,6 +55,7 @@ void check_rows(const char* what, const T& whole, std::size_t first, std::size_t
   REQUIRE(part.dimension() == whole.dimension());
   REQUIRE(part.shape()[0] == last - first);
   for (std::size_t d = 1; d < whole.dimension(); ++d) REQUIRE(part.shape()[d] == whole.shape()[d]);
+  if (part.size() == 0) return;  // an empty shard: memcmp may not be given its null data
   const std::size_t row = whole.size() / whole.shape()[0];
   REQUIRE(std::memcmp(part.data(), whole.data() + first * row,
                       part.size() * sizeof(*part.data())) == 0);
