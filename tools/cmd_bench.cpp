@@ -298,6 +298,7 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
   const TokenIds ids(std::array<std::size_t, 2>{B, L}, 0);
   TrainStepOptions options;
   options.seed = o.seed;
+  options.gradient_checkpointing = o.gradient_checkpointing;
   DiffusionTrainStep step(DdpmScheduler::sd15(), unet, latents_as_is, text, loss::MinSnr(5.0),
                           options);
   // SDXL: a pooled embedding and the time ids of an uncropped image of the latent's size
@@ -354,6 +355,7 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
   j["step_peak_rss_mb"] = step_peak.mb();
   j["threads"] = threads;
   j["mode"] = o.mode;
+  j["gradient_checkpointing"] = o.gradient_checkpointing;
   j["config"] = o.config;
   j["batch"] = B;
   j["latent"] = S;
@@ -471,6 +473,8 @@ void add_bench_commands(CLI::App& app, int& exit_code, train::Collective* collec
   cmd->add_option("--warmup", o->warmup, "untimed steps first (default 3)");
   add_threads_option(*cmd, o->threads);
   cmd->add_option("--seed", o->seed, "seed of the weights and inputs (default 0)");
+  cmd->add_flag("--gradient_checkpointing", o->gradient_checkpointing,
+                "recompute block activations in backward (as difftrain train)");
   cmd->callback([o, &exit_code, collective] {
     exit_code = run_command("bench", [&] {
       const nlohmann::ordered_json j = run_bench(*o, collective);

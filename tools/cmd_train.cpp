@@ -607,6 +607,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   r.lr_scheduler = t.lr_scheduler;
   r.lr_warmup_steps = o.lr_warmup_steps;
   r.max_grad_norm = t.max_grad_norm;
+  r.gradient_checkpointing = t.gradient_checkpointing;
   r.max_train_steps = t.max_train_steps;
   const std::int64_t updates_per_epoch =
       (micro_per_epoch + t.gradient_accumulation_steps - 1) / t.gradient_accumulation_steps;
@@ -1377,6 +1378,8 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_flag("--use_ema", o.trainer.use_ema,
                "keep an EMA of the trained weights (EMAModel defaults) and save it");
   cmd.add_option("--max_grad_norm", o.trainer.max_grad_norm, "gradient clipping norm (<= 0: off)");
+  cmd.add_flag("--gradient_checkpointing", o.trainer.gradient_checkpointing,
+               "recompute the UNet's block activations in backward: less memory, same gradients");
   cmd.add_option("--snr_gamma,--min_snr_gamma", o.snr_gamma, "Min-SNR-γ weighting (0: off)");
   cmd.add_option("--p2_gamma", o.p2_gamma, "P2 loss weighting strength (0: off)");
   cmd.add_option("--v_pred_like_loss", o.v_pred_like_loss,

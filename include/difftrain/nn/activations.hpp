@@ -108,6 +108,10 @@ class SavedInput {
     check_same_shape(function, "dy", dy.shape(), shape_);
   }
   const T* data() const { return values_.data(); }
+  void clear() {
+    values_ = {};
+    shape_ = {};
+  }
 
  private:
   std::vector<T> values_;
@@ -144,6 +148,8 @@ class SiLU {
                                     [](T v) { return silu_grad(v); });
     return dx;
   }
+  /// Drops the saved forward context (frees its memory).
+  void clear_saved() { saved_.clear(); }
 
  private:
   activation_detail::SavedInput<T> saved_;

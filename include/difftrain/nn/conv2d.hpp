@@ -28,6 +28,7 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/ordered_sum.hpp"
 #include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/linear.hpp"  // RowMatrix maps
@@ -340,9 +341,10 @@ class Conv2d {
         }
         if (bias_grad) {
           if (t == 0) {
-            db += dyb.rowwise().sum();
+            for (std::size_t o = 0; o < O; ++o) db.data()[o] += ordered_sum(dyb.data() + o * P, P);
           } else {
-            db_part_[t - 1] += dyb.rowwise().sum();
+            T* part = db_part_[t - 1].data();
+            for (std::size_t o = 0; o < O; ++o) part[o] += ordered_sum(dyb.data() + o * P, P);
           }
         }
         if (input_grad) {
@@ -383,7 +385,9 @@ class Conv2d {
             ConstRowMatrixMap<T> colm(g.identity_columns() ? xb : buffer, K, P);
             dW.middleRows(r0, nr).noalias() += dyb.middleRows(r0, nr) * colm.transpose();
           }
-          if (bias_grad) db.segment(r0, nr) += dyb.middleRows(r0, nr).rowwise().sum();
+          if (bias_grad)
+            for (std::size_t o = rows.begin; o < rows.end; ++o)
+              db.data()[o] += ordered_sum(dyp + o * P, P);
           if (input_grad) {
             T* dxb = dx.data() + b * sample;
             const auto dy_cols = conv_detail::column_block(dyp, O, P, cols);

@@ -129,6 +129,13 @@ class GroupNorm {
     return dx;
   }
 
+  /// Drops the saved forward context (frees its memory).
+  void clear_saved() {
+    x_hat_ = {};
+    rstd_ = {};
+    saved_shape_ = {};
+  }
+
  private:
   template <std::size_t N>
   Tensor<T, N> run(const Tensor<T, N>& x, std::vector<T>* x_hat_out,

@@ -136,6 +136,13 @@ class LayerNorm {
     return dx;
   }
 
+  /// Drops the saved forward context (frees its memory).
+  void clear_saved() {
+    x_hat_ = {};
+    rstd_ = {};
+    saved_shape_ = {};
+  }
+
  private:
   // y, and x̂ and rstd when the outputs are given
   template <std::size_t N>

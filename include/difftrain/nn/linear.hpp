@@ -19,6 +19,7 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
+#include "difftrain/core/ordered_sum.hpp"
 #include "difftrain/core/tensor.hpp"
 #include "difftrain/nn/parameter.hpp"
 
@@ -109,8 +110,7 @@ class Linear {
       dW.noalias() += dY.transpose() * X;
     }
     if (config_.bias && bias.trainable) {
-      VectorMap<T> db(bias.grad.data(), out_features());
-      db.noalias() += dY.colwise().sum().transpose();
+      add_column_sums(dy, rows, out_features(), bias.grad.data());
     }
   }
 

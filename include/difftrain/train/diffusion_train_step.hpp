@@ -66,6 +66,9 @@ struct TrainStepOptions {
   kernels::LossType loss_type = kernels::LossType::l2;
   loss::HuberOptions huber;  // for huber / smooth_l1
   std::uint64_t seed = 0;
+  // diffusers --gradient_checkpointing: the step turns it on in a denoiser that has
+  // set_gradient_checkpointing (UNet2DConditionModel); bitwise the same gradients, less memory.
+  bool gradient_checkpointing = false;
 };
 
 /// Per-batch extras: per-sample weights (DreamBooth prior preservation: λ on class images, kohya's
@@ -143,6 +146,12 @@ class DiffusionTrainStep {
       require(!options_.prediction_type, "DiffusionTrainStep", "prediction_type is ",
               to_string(options_.prediction_type.value_or(PredictionType::epsilon)),
               ", but the schedule has no prediction type (flow matching trains eps − x0)");
+    if constexpr (requires { denoiser_.set_gradient_checkpointing(true); }) {
+      if (options_.gradient_checkpointing) denoiser_.set_gradient_checkpointing(true);
+    } else {
+      require(!options_.gradient_checkpointing, "DiffusionTrainStep",
+              "gradient_checkpointing is on, but the denoiser has no set_gradient_checkpointing");
+    }
   }
 
   /// Encodes images and token ids, then runs the step. A TrainableTextEncoder with trainable

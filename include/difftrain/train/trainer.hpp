@@ -162,6 +162,9 @@ struct TrainerOptions {
   bool with_prior_preservation = false;
   double prior_loss_weight = 1.0;
   std::optional<PredictionType> prediction_type;  // unset: the scheduler's (parse_prediction_type)
+  // diffusers --gradient_checkpointing (TrainStepOptions): recompute the denoiser's block
+  // activations in backward instead of keeping them.
+  bool gradient_checkpointing = false;
   // The seed of make_train_step / train_step_options (noise and timesteps); the Trainer records
   // the step's own seed when the step has options(), this one otherwise.
   std::uint64_t seed = 0;
@@ -211,6 +214,7 @@ inline TrainStepOptions train_step_options(const TrainerOptions& o) {
   s.huber.huber_scale = o.huber_scale;
   if (kernels::uses_huber_c(s.loss_type)) s.huber.validate();
   s.seed = o.seed;
+  s.gradient_checkpointing = o.gradient_checkpointing;
   return s;
 }
 

@@ -92,6 +92,15 @@ class Attention : public CompositeModule<Attention<T>> {
     return grads;
   }
 
+  /// Drops the saved forward context (here and in the projections).
+  void clear_saved() {
+    q_ = {};
+    k_ = {};
+    v_ = {};
+    saved_ = false;
+    for (lora::LinearSlot<T>* p : {&to_q, &to_k, &to_v, &to_out}) p->clear_saved();
+  }
+
  private:
   static std::size_t context_dim(const nn::AttentionConfig& c) {
     return c.cross_attention_dim != 0 ? c.cross_attention_dim : c.query_dim;
@@ -185,6 +194,11 @@ class GEGLU : public CompositeModule<GEGLU<T>> {
       }
     }
     return proj.backward(dh);
+  }
+
+  void clear_saved() {
+    h_ = {};
+    proj.clear_saved();
   }
 
  private:

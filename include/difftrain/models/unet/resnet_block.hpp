@@ -133,6 +133,14 @@ class ResnetBlock2D : public CompositeModule<ResnetBlock2D<T>> {
     return dx;
   }
 
+  /// Drops the saved forward context of every layer.
+  void clear_saved() {
+    for (nn::GroupNorm<T>* n : {&norm1, &norm2}) n->clear_saved();
+    for (lora::Conv2dSlot<T>* c : {&conv1, &conv2, &conv_shortcut}) c->clear_saved();
+    time_emb_proj.clear_saved();
+    for (nn::SiLU<T>* a : {&act1_, &act2_, &act_temb_}) a->clear_saved();
+  }
+
  private:
   ResnetBlock2DConfig config_{};
   nn::SiLU<T> act1_, act2_, act_temb_;

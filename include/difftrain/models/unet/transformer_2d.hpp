@@ -26,6 +26,7 @@
 #include "difftrain/lora/inject.hpp"
 #include "difftrain/models/unet/attention.hpp"
 #include "difftrain/models/unet/module_tree.hpp"
+#include "difftrain/nn/checkpoint.hpp"
 #include "difftrain/nn/conv2d.hpp"
 #include "difftrain/nn/group_norm.hpp"
 #include "difftrain/nn/layer_norm.hpp"
@@ -133,6 +134,17 @@ class BasicTransformerBlock : public CompositeModule<BasicTransformerBlock<T>> {
     return d;
   }
 
+  /// Drops the saved forward context of every layer.
+  void clear_saved() {
+    norm1.clear_saved();
+    attn1.clear_saved();
+    norm2.clear_saved();
+    attn2.clear_saved();
+    norm3.clear_saved();
+    ff_in.clear_saved();
+    ff_out.clear_saved();
+  }
+
  private:
   BasicTransformerBlockConfig config_{};
 };
@@ -190,6 +202,8 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
   }
 
   const Transformer2DModelConfig& config() const { return config_; }
+  /// Gradient checkpointing of each transformer block (nn/checkpoint.hpp).
+  void set_gradient_checkpointing(bool on) { checkpoints_.set_enabled(on); }
 
   template <class Self, class F>
   static void walk(Self& self, const std::string& prefix, F&& f) {
@@ -217,7 +231,9 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
     const Tensor4<T> normed = norm.forward(x);
     Tensor3<T> h = config_.use_linear_projection ? proj_in_linear.forward(to_tokens(normed))
                                                  : to_tokens(proj_in_conv.forward(normed));
-    for (auto& block : transformer_blocks) h = block.forward(h, context);
+    checkpoints_.begin(context);
+    for (std::size_t j = 0; j < transformer_blocks.size(); ++j)
+      h = checkpoints_.forward(transformer_blocks[j], j, h, context);
     Tensor4<T> y = config_.use_linear_projection ? from_tokens(proj_out_linear.forward(h), H, W)
                                                  : proj_out_conv.forward(from_tokens(h, H, W));
     y += x;
@@ -230,8 +246,8 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
     const std::size_t H = dy.shape()[2], W = dy.shape()[3];
     Tensor3<T> d = config_.use_linear_projection ? proj_out_linear.backward(to_tokens(dy))
                                                  : to_tokens(proj_out_conv.backward(dy));
-    for (auto it = transformer_blocks.rbegin(); it != transformer_blocks.rend(); ++it)
-      d = it->backward(d, dcontext);
+    for (std::size_t j = transformer_blocks.size(); j-- > 0;)
+      d = checkpoints_.backward(transformer_blocks[j], j, d, dcontext);
     Tensor4<T> dnormed = config_.use_linear_projection
                              ? from_tokens(proj_in_linear.backward(d), H, W)
                              : proj_in_conv.backward(from_tokens(d, H, W));
@@ -242,6 +258,7 @@ class Transformer2DModel : public CompositeModule<Transformer2DModel<T>> {
 
  private:
   Transformer2DModelConfig config_{};
+  nn::Checkpoints<Tensor3<T>, Tensor3<T>> checkpoints_;  // block inputs and context
 };
 
 }  // namespace difftrain::models

@@ -196,6 +196,17 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   /// Whether forward needs AddedConditions (addition_embed_type "text_time").
   bool uses_added_conditions() const { return !add_embedding.empty(); }
 
+  /// diffusers' enable_gradient_checkpointing(): every resnet and transformer block keeps only
+  /// its input in forward and recomputes its activations in backward (nn/checkpoint.hpp); the
+  /// gradients are bitwise the same.
+  void set_gradient_checkpointing(bool on) {
+    gradient_checkpointing_ = on;
+    for (auto& b : down_blocks) b.set_gradient_checkpointing(on);
+    for (auto& b : mid_block) b.set_gradient_checkpointing(on);
+    for (auto& b : up_blocks) b.set_gradient_checkpointing(on);
+  }
+  bool gradient_checkpointing() const { return gradient_checkpointing_; }
+
   /// Back-propagates grad_output (dL/d output) through the last forward.
   void backward(const Tensor4<T>& grad_output);
 
@@ -231,6 +242,7 @@ class UNet2DConditionModel : public CompositeModule<UNet2DConditionModel<T>> {
   UNet2DConditionConfig config_;
   Allocation allocation_ = Allocation::parameters;
   nn::SiLU<T> conv_act_;
+  bool gradient_checkpointing_ = false;
   // forward bookkeeping for backward
   bool has_forward_ = false;
   std::size_t batch_ = 0;

@@ -31,6 +31,7 @@
 #include "difftrain/models/unet/resnet_block.hpp"
 #include "difftrain/models/unet/transformer_2d.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
+#include "difftrain/nn/checkpoint.hpp"
 #include "difftrain/nn/concat.hpp"
 
 namespace difftrain::models {
@@ -100,6 +101,11 @@ class UNetDownBlock2D : public CompositeModule<UNetDownBlock2D<T>> {
   }
 
   const UNetDownBlock2DConfig& config() const { return config_; }
+  /// Gradient checkpointing of each resnet and transformer block (nn/checkpoint.hpp).
+  void set_gradient_checkpointing(bool on) {
+    checkpoints_.set_enabled(on);
+    for (auto& a : attentions) a.set_gradient_checkpointing(on);
+  }
   /// Output states per forward (skip connections): num_layers (+1 with a downsampler).
   std::size_t num_states() const { return resnets.size() + downsamplers.size(); }
 
@@ -121,8 +127,9 @@ class UNetDownBlock2D : public CompositeModule<UNetDownBlock2D<T>> {
     std::vector<Tensor4<T>> states;
     states.reserve(num_states());
     Tensor4<T> h = x;
+    checkpoints_.begin(temb);
     for (std::size_t j = 0; j < resnets.size(); ++j) {
-      h = resnets[j].forward(h, temb);
+      h = checkpoints_.forward(resnets[j], j, h, temb);
       if (!attentions.empty()) h = attentions[j].forward(h, context);
       states.push_back(h);
     }
@@ -143,7 +150,7 @@ class UNetDownBlock2D : public CompositeModule<UNetDownBlock2D<T>> {
     }
     for (std::size_t j = m; j-- > 0;) {
       if (!attentions.empty()) g = attentions[j].backward(g, dcontext);
-      g = resnets[j].backward(g, dtemb);
+      g = checkpoints_.backward(resnets[j], j, g, dtemb);
       if (j > 0) g += d_states[j - 1];
     }
     return g;
@@ -151,6 +158,7 @@ class UNetDownBlock2D : public CompositeModule<UNetDownBlock2D<T>> {
 
  private:
   UNetDownBlock2DConfig config_{};
+  nn::Checkpoints<Tensor4<T>, Tensor<T, 2>> checkpoints_;  // resnet inputs and temb
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -190,6 +198,11 @@ class UNetMidBlock2DCrossAttn : public CompositeModule<UNetMidBlock2DCrossAttn<T
   }
 
   const UNetMidBlock2DCrossAttnConfig& config() const { return config_; }
+  /// Gradient checkpointing of each resnet and transformer block (nn/checkpoint.hpp).
+  void set_gradient_checkpointing(bool on) {
+    checkpoints_.set_enabled(on);
+    for (auto& a : attentions) a.set_gradient_checkpointing(on);
+  }
 
   template <class Self, class F>
   static void walk(Self& self, const std::string& prefix, F&& f) {
@@ -203,21 +216,23 @@ class UNetMidBlock2DCrossAttn : public CompositeModule<UNetMidBlock2DCrossAttn<T
 
   // h = resnets.0(x); h = resnets.i+1(attentions.i(h))
   Tensor4<T> forward(const Tensor4<T>& x, const Tensor<T, 2>& temb, const Tensor3<T>& context) {
-    Tensor4<T> h = resnets[0].forward(x, temb);
+    checkpoints_.begin(temb);
+    Tensor4<T> h = checkpoints_.forward(resnets[0], 0, x, temb);
     for (std::size_t i = 0; i < attentions.size(); ++i)
-      h = resnets[i + 1].forward(attentions[i].forward(h, context), temb);
+      h = checkpoints_.forward(resnets[i + 1], i + 1, attentions[i].forward(h, context), temb);
     return h;
   }
 
   Tensor4<T> backward(const Tensor4<T>& dy, Tensor<T, 2>& dtemb, Tensor3<T>& dcontext) {
     Tensor4<T> g = dy;
     for (std::size_t i = attentions.size(); i-- > 0;)
-      g = attentions[i].backward(resnets[i + 1].backward(g, dtemb), dcontext);
-    return resnets[0].backward(g, dtemb);
+      g = attentions[i].backward(checkpoints_.backward(resnets[i + 1], i + 1, g, dtemb), dcontext);
+    return checkpoints_.backward(resnets[0], 0, g, dtemb);
   }
 
  private:
   UNetMidBlock2DCrossAttnConfig config_{};
+  nn::Checkpoints<Tensor4<T>, Tensor<T, 2>> checkpoints_;  // resnet inputs and temb
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -277,6 +292,11 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
   }
 
   const UNetUpBlock2DConfig& config() const { return config_; }
+  /// Gradient checkpointing of each resnet and transformer block (nn/checkpoint.hpp).
+  void set_gradient_checkpointing(bool on) {
+    checkpoints_.set_enabled(on);
+    for (auto& a : attentions) a.set_gradient_checkpointing(on);
+  }
   std::size_t num_skips() const { return resnets.size(); }
 
   template <class Self, class F>
@@ -301,9 +321,11 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
             " skip connections, expected ", m);
     hidden_channels_.assign(m, 0);
     Tensor4<T> h = x;
+    checkpoints_.begin(temb);
     for (std::size_t j = 0; j < m; ++j) {
       hidden_channels_[j] = h.shape()[1];
-      h = resnets[j].forward(nn::concat_channels_forward(h, skips[m - 1 - j]), temb);
+      h = checkpoints_.forward(resnets[j], j, nn::concat_channels_forward(h, skips[m - 1 - j]),
+                               temb);
       if (!attentions.empty()) h = attentions[j].forward(h, context);
     }
     if (!upsamplers.empty()) {
@@ -323,7 +345,8 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
     for (std::size_t j = m; j-- > 0;) {
       if (!attentions.empty()) g = attentions[j].backward(g, dcontext);
       auto [dh, dskip] =
-          nn::concat_channels_backward(resnets[j].backward(g, dtemb), hidden_channels_[j]);
+          nn::concat_channels_backward(checkpoints_.backward(resnets[j], j, g, dtemb),
+                                       hidden_channels_[j]);
       grads.skips[m - 1 - j] = std::move(dskip);
       g = std::move(dh);
     }
@@ -334,6 +357,7 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
  private:
   UNetUpBlock2DConfig config_{};
   std::vector<std::size_t> hidden_channels_;  // channels of h before each concat
+  nn::Checkpoints<Tensor4<T>, Tensor<T, 2>> checkpoints_;  // resnet inputs (concatenated), temb
 };
 
 }  // namespace difftrain::models
