@@ -21,6 +21,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -233,9 +234,12 @@ class Conv2d {
   }
 
   // y[b, o] = Σ_{c,i,j} W[o, c, i, j] · x_pad[b, c, s·oh + i, s·ow + j] + bias[o], saving x
+  // when the weight is trainable (the input gradient of a frozen layer needs only W)
   Tensor4<T> forward(const Tensor4<T>& x) {
     Tensor4<T> y = forward_inference(x);
-    saved_input_ = x;
+    saved_shape_ = x.shape();
+    input_saved_ = weight.trainable;
+    saved_input_ = input_saved_ ? x : Tensor4<T>();
     has_saved_ = true;
     return y;
   }
@@ -290,13 +294,16 @@ class Conv2d {
   Tensor4<T> backward(const Tensor4<T>& dy, bool input_grad = true) {
     require(has_saved_, "Conv2d::backward", "no saved forward (call forward first)");
     check_parameters("Conv2d::backward", true);
-    const auto& x = saved_input_;
-    const auto g = geometry("Conv2d::backward", x.shape());
-    const std::size_t B = x.shape()[0], O = out_channels(), K = g.K(), P = g.P();
-    check_shape("Conv2d::backward", "dy", dy.shape(), {B, O, g.Ho, g.Wo});
     const bool weight_grad = weight.trainable, bias_grad = config_.bias && bias.trainable;
+    require(!weight_grad || input_saved_, "Conv2d::backward",
+            "the weight was frozen during the forward, which therefore kept no input; run the "
+            "forward again after making it trainable");
+    const auto g = geometry("Conv2d::backward", saved_shape_);
+    const std::size_t B = saved_shape_[0], O = out_channels(), K = g.K(), P = g.P();
+    check_shape("Conv2d::backward", "dy", dy.shape(), {B, O, g.Ho, g.Wo});
+    const T* x = weight_grad ? saved_input_.data() : nullptr;  // read only for dW
     Tensor4<T> dx;
-    if (input_grad) dx = Tensor4<T>(x.shape());
+    if (input_grad) dx = Tensor4<T>(saved_shape_);
     if (!input_grad && !weight_grad && !bias_grad) return dx;
 
     const int threads = conv_detail::thread_count(B * O * K * P);
@@ -324,7 +331,7 @@ class Conv2d {
       for (std::int64_t b = 0; b < batch; ++b) {
         const int t = parallel::thread_id();
         T* buffer = workspace_[t].data();
-        const T* xb = x.data() + b * sample;
+        const T* xb = x ? x + b * sample : nullptr;
         ConstRowMatrixMap<T> dyb(dy.data() + b * O * P, O, P);
         if (weight_grad) {
           const T* col = xb;
@@ -375,7 +382,7 @@ class Conv2d {
         const auto r0 = static_cast<Eigen::Index>(rows.begin);
         const auto nr = static_cast<Eigen::Index>(rows.size());
         for (std::size_t b = 0; b < B; ++b) {
-          const T* xb = x.data() + b * sample;
+          const T* xb = x ? x + b * sample : nullptr;
           const T* dyp = dy.data() + b * O * P;
           ConstRowMatrixMap<T> dyb(dyp, O, P);
           if (weight_grad) {
@@ -409,7 +416,7 @@ class Conv2d {
 
   void clear_saved() {
     saved_input_ = Tensor4<T>();
-    has_saved_ = false;
+    has_saved_ = input_saved_ = false;
   }
 
  private:
@@ -462,8 +469,9 @@ class Conv2d {
   }
 
   Conv2dConfig config_{};
-  Tensor4<T> saved_input_;
-  bool has_saved_ = false;
+  Tensor4<T> saved_input_;  // empty when the weight was frozen in the forward
+  std::array<std::size_t, 4> saved_shape_{};
+  bool has_saved_ = false, input_saved_ = false;
   mutable std::vector<std::vector<T>> workspace_;  // per-thread column buffers, reused
   std::vector<RowMatrix<T>> dW_part_;              // per-thread dW partials (threads 1..)
   std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> db_part_;

@@ -98,7 +98,6 @@ class Linear {
   // dX[R, I] = dY · W (skipped when dx is null); dW += dYᵀ · X; db += Σ_R dY (each unless frozen)
   void backward_rows(const T* x, const T* dy, std::size_t rows, T* dx) {
     check_parameters("Linear::backward", true);
-    ConstRowMatrixMap<T> X(x, rows, in_features());
     ConstRowMatrixMap<T> dY(dy, rows, out_features());
     ConstRowMatrixMap<T> W(weight.value.data(), out_features(), in_features());
     if (dx != nullptr) {
@@ -107,7 +106,7 @@ class Linear {
     }
     if (weight.trainable) {
       RowMatrixMap<T> dW(weight.grad.data(), out_features(), in_features());
-      dW.noalias() += dY.transpose() * X;
+      dW.noalias() += dY.transpose() * ConstRowMatrixMap<T>(x, rows, in_features());
     }
     if (config_.bias && bias.trainable) {
       add_column_sums(dy, rows, out_features(), bias.grad.data());
@@ -116,11 +115,16 @@ class Linear {
 
   // ---- tensor API: any rank ≥ 1, last dim I → O ----
 
-  // y = x Wᵀ + b, saving x for backward
+  // y = x Wᵀ + b, saving x for backward when the weight is trainable (dx needs only W)
   template <std::size_t N>
   Tensor<T, N> forward(const Tensor<T, N>& x) {
     Tensor<T, N> y = forward_inference(x);
-    saved_input_.assign(x.begin(), x.end());
+    input_saved_ = weight.trainable;
+    if (input_saved_) {
+      saved_input_.assign(x.begin(), x.end());
+    } else {
+      saved_input_ = {};
+    }
     saved_shape_.assign(x.shape().begin(), x.shape().end());
     return y;
   }
@@ -143,6 +147,9 @@ class Linear {
   Tensor<T, N> backward(const Tensor<T, N>& dy, bool input_grad = true) {
     require(saved_shape_.size() == N, "Linear::backward", "no saved forward of rank ", N,
             " (call forward first)");
+    require(!weight.trainable || input_saved_, "Linear::backward",
+            "the weight was frozen during the forward, which therefore kept no input; run the "
+            "forward again after making it trainable");
     auto expected = dy.shape();
     std::copy(saved_shape_.begin(), saved_shape_.end(), expected.begin());
     expected[N - 1] = out_features();
@@ -162,6 +169,7 @@ class Linear {
   void clear_saved() {
     saved_input_ = {};
     saved_shape_ = {};
+    input_saved_ = false;
   }
 
  private:
@@ -177,8 +185,9 @@ class Linear {
   }
 
   LinearConfig config_{};
-  std::vector<T> saved_input_;
+  std::vector<T> saved_input_;  // empty when the weight was frozen in the forward
   std::vector<std::size_t> saved_shape_;
+  bool input_saved_ = false;
 };
 
 }  // namespace difftrain::nn
