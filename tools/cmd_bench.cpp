@@ -16,6 +16,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -29,6 +30,7 @@
 #include "difftrain/models/unet/unet2d_condition.hpp"
 #include "difftrain/models/unet/unet_config.hpp"
 #include "difftrain/models/vae/vae.hpp"
+#include "difftrain/nn/bf16_weight.hpp"
 #include "difftrain/nn/init.hpp"
 #include "difftrain/schedule/ddpm_scheduler.hpp"
 #include "difftrain/train/collective.hpp"
@@ -276,8 +278,12 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
   const bool full = o.mode == "full";
   const int threads = set_threads("bench", o.threads);
 
+  const bool bf16 = nn::parse_mixed_precision(o.mixed_precision);
   const auto config = models::UNet2DConditionConfig::from_file(o.config);
+  std::optional<nn::FrozenConstruction> frozen;  // LoRA: no gradient per base weight, ever
+  if (!full) frozen.emplace();
   models::UNet2DConditionModel<float> unet(config);
+  frozen.reset();
   nn::init_like_pytorch<float>(unet, RandomStream{o.seed, 1});
   if (!full) {
     const lora::LoraConfig lora_config{
@@ -285,6 +291,8 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
     lora::inject_lora(unet, kBenchLoraTargets, lora_config, RandomStream{o.seed, 2});
   }
   const UnetMacs macs = model_forward_macs(unet, o.batch, o.latent, o.seq_len);
+  const std::size_t params = parameter_count(unet, false);
+  if (bf16) nn::store_frozen_weights_bf16(unet);
 
   train::ParamGroup hyper;  // lr 1e-4, betas (0.9, 0.999), weight_decay 1e-2, eps 1e-8
   train::AdamW optimizer(train::make_param_groups(unet, hyper));
@@ -356,6 +364,7 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
   j["threads"] = threads;
   j["mode"] = o.mode;
   j["gradient_checkpointing"] = o.gradient_checkpointing;
+  j["mixed_precision"] = o.mixed_precision;
   j["config"] = o.config;
   j["batch"] = B;
   j["latent"] = S;
@@ -363,7 +372,7 @@ nlohmann::ordered_json run_bench(const BenchOptions& o, train::Collective* colle
   j["rank"] = full ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(o.rank);
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
-  j["params"] = parameter_count(unet, false);
+  j["params"] = params;
   j["trainable_params"] = parameter_count(unet, true);
   j["loss"] = loss;
   if (collective) {
@@ -475,6 +484,8 @@ void add_bench_commands(CLI::App& app, int& exit_code, train::Collective* collec
   cmd->add_option("--seed", o->seed, "seed of the weights and inputs (default 0)");
   cmd->add_flag("--gradient_checkpointing", o->gradient_checkpointing,
                 "recompute block activations in backward (as difftrain train)");
+  cmd->add_option("--mixed_precision", o->mixed_precision,
+                  "no (fp32) or bf16: frozen weights stored in bf16 (as difftrain train)");
   cmd->callback([o, &exit_code, collective] {
     exit_code = run_command("bench", [&] {
       const nlohmann::ordered_json j = run_bench(*o, collective);

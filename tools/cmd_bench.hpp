@@ -5,6 +5,7 @@
 //
 //   bench --config UNET.json --batch B --latent S --seq-len L --mode lora|full [--rank 4]
 //         [--steps 20] [--warmup 3] [--threads N] [--seed 0] [--gradient_checkpointing]
+//         [--mixed_precision no|bf16]
 //     One step = what a user's training step is: zero_grad, DiffusionTrainStep::step (identity
 //     "VAE" on random latents [B, in_channels, S, S], a text encoder returning a fixed random
 //     context [B, L, cross_attention_dim], SD 1.5 DDPM schedule, Min-SNR-5 weighted MSE, forward
@@ -120,7 +121,8 @@ struct BenchOptions {
   std::size_t batch = 1, latent = 64, seq_len = 77, rank = 4;
   int steps = 20, warmup = 3, threads = 0;
   std::uint64_t seed = 0;
-  bool gradient_checkpointing = false;  // as difftrain train's flag
+  bool gradient_checkpointing = false;  // as difftrain train's flags
+  std::string mixed_precision = "no";
 };
 
 struct EncoderBenchOptions {

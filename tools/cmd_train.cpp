@@ -348,6 +348,7 @@ lora::LoraFormat check_options(const TrainCommandOptions& o) {
           "(DreamBooth) and --dataset_config (kohya's dataset TOML)");
   if (dreambooth)
     require(!o.instance_prompt.empty(), fn, "--instance_data_dir needs --instance_prompt");
+  (void)nn::parse_mixed_precision(o.mixed_precision);
   require(o.reg_data_dir.empty() || !o.trainer.with_prior_preservation, fn,
           "--reg_data_dir (kohya's regularisation images) and --with_prior_preservation "
           "(diffusers' class images) are two forms of the same thing: give one");
@@ -608,6 +609,7 @@ std::map<std::string, std::string> lora_metadata(const TrainCommandOptions& o,
   r.lr_warmup_steps = o.lr_warmup_steps;
   r.max_grad_norm = t.max_grad_norm;
   r.gradient_checkpointing = t.gradient_checkpointing;
+  r.mixed_precision = o.mixed_precision;
   r.max_train_steps = t.max_train_steps;
   const std::int64_t updates_per_epoch =
       (micro_per_epoch + t.gradient_accumulation_steps - 1) / t.gradient_accumulation_steps;
@@ -1009,8 +1011,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log, const Tra
           "--full_finetune writes a diffusers folder from the base folder's other components; '",
           o.pretrained_model_name_or_path,
           "' is a single file (convert it to a diffusers folder first, or train a LoRA)");
-  pipeline::ModelFolder model =
-      load_model(o.pretrained_model_name_or_path, o.single_file, folder_options);
+  pipeline::ModelFolder model = [&] {
+    // frozen while loading (no gradient per weight); --full_finetune unfreezes the UNet below
+    const nn::FrozenConstruction frozen;
+    return load_model(o.pretrained_model_name_or_path, o.single_file, folder_options);
+  }();
   if (o.zero_terminal_snr) model.scheduler.train.rescale_betas_zero_snr = true;
   const bool flow = flow_objective(o, model.scheduler);
   if (writer)
@@ -1028,10 +1033,11 @@ TrainRunResult run_train(const TrainCommandOptions& o, std::FILE* log, const Tra
   ImageCaptionDataSource data = make_data_source(o, model, log, collective);
   (void)model.latent_shape(std::size_t(o.resolution), std::size_t(o.resolution));
 
-  if (o.network_train_text_encoder_only)
-    nn::set_trainable<float>(model.unet, false);
-  else if (!o.full_finetune)
+  if (o.full_finetune)
+    nn::set_trainable<float>(model.unet, true);
+  else if (!o.network_train_text_encoder_only)
     inject_adapters(model.unet, o);
+  if (nn::parse_mixed_precision(o.mixed_precision)) nn::store_frozen_weights_bf16(model.unet);
   const bool text_encoder_adapted = !inject_text_encoder_adapters(model.text_encoder, o).empty();
   if (model.text_encoder_2) inject_text_encoder_adapters(*model.text_encoder_2, o, 1);
 
@@ -1378,6 +1384,8 @@ void add_train_options(CLI::App& cmd, TrainCommandOptions& o) {
   cmd.add_flag("--use_ema", o.trainer.use_ema,
                "keep an EMA of the trained weights (EMAModel defaults) and save it");
   cmd.add_option("--max_grad_norm", o.trainer.max_grad_norm, "gradient clipping norm (<= 0: off)");
+  cmd.add_option("--mixed_precision", o.mixed_precision,
+                 "no (fp32, default) or bf16: the UNet's frozen weights stored in bf16");
   cmd.add_flag("--gradient_checkpointing", o.trainer.gradient_checkpointing,
                "recompute the UNet's block activations in backward: less memory, same gradients");
   cmd.add_option("--snr_gamma,--min_snr_gamma", o.snr_gamma, "Min-SNR-γ weighting (0: off)");

@@ -119,6 +119,8 @@ struct TrainCommandOptions {
   bool network_train_unet_only = false;          // kohya: no text-encoder LoRA (the default here)
   bool network_train_text_encoder_only = false;  // kohya: the text encoder's LoRA only
   bool full_finetune = false;  // every UNet weight; a model folder instead of a LoRA
+  // diffusers --mixed_precision: no (fp32) or bf16 (the UNet's frozen weights stored in bf16)
+  std::string mixed_precision = "no";
 
   // The loop and the step: every TrainerOptions member with a flag of its own is bound to it
   // directly (add_train_command), with diffusers' script defaults where they differ from the

@@ -18,7 +18,7 @@
 
 #include "clip/clip_test_support.hpp"
 #include "difftrain/core/random.hpp"
-#include "difftrain/io/half.hpp"
+#include "difftrain/core/half.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/clip/clip.hpp"
 #include "support/tensor_match.hpp"
@@ -326,7 +326,7 @@ TEST_CASE("loading: strict names, position_ids accepted, F16 converted", "[clip]
     const auto& ref = state.at(name);
     bool same = true;
     for (std::size_t i = 0; i < ref.size(); ++i)
-      same = same && p.value.data()[i] == io::f16_to_float(io::float_to_f16(ref.data()[i]));
+      same = same && p.value.data()[i] == f16_to_float(float_to_f16(ref.data()[i]));
     INFO(name);
     CHECK(same);
     ++checked;

@@ -7,8 +7,9 @@
 #include <limits>
 #include <random>
 
-#include "difftrain/io/half.hpp"
+#include "difftrain/core/half.hpp"
 
+using namespace difftrain;
 using namespace difftrain::io;
 
 namespace {

@@ -51,7 +51,7 @@
 
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/tensor.hpp"
-#include "difftrain/io/half.hpp"
+#include "difftrain/core/half.hpp"
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/io/regular_file.hpp"
 

@@ -14,6 +14,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -64,5 +65,29 @@ class Bf16Weight {
   }
   std::vector<std::uint16_t> bits_;
 };
+
+/// diffusers' --mixed_precision on the CPU: "no" (fp32, the default) or "bf16" (true: frozen
+/// weights stored in bf16); fp16 is refused.
+inline bool parse_mixed_precision(const std::string& value,
+                                  std::string_view option = "--mixed_precision") {
+  require(value == "no" || value == "bf16", option, " is '", value, "', expected no or bf16",
+          value == "fp16" ? " (fp16 is not supported on the CPU; use bf16)" : "");
+  return value == "bf16";
+}
+
+/// Stores every frozen Linear and Conv2d weight of `model` (visited by for_each_linear and
+/// for_each_conv2d) in bf16; returns how many. Trainable weights (and LoRA adapters) stay T.
+template <class M>
+std::size_t store_frozen_weights_bf16(M& model) {
+  std::size_t stored = 0;
+  auto store = [&](const std::string&, auto& layer) {
+    if (layer.weight.trainable || layer.weight_in_bf16()) return;
+    layer.store_weight_bf16();
+    ++stored;
+  };
+  model.for_each_linear("", store);
+  model.for_each_conv2d("", store);
+  return stored;
+}
 
 }  // namespace difftrain::nn

@@ -15,9 +15,10 @@
 // threads) the threads share each sample: im2col/col2im by channels, forward and dcol GEMMs by
 // column blocks of P, dW/db by output rows; every GEMM stays single-threaded inside the region.
 // A 1×1, stride-1, unpadded conv uses x_b itself as col. Asymmetric padding covers the VAE's
-// pad (0,1,0,1) + stride-2 downsample in one layer. forward saves a copy of x; one context is kept.
-// The per-thread column buffers are a reused member workspace: one layer object must not run two
-// forwards/backwards concurrently (different layers may).
+// pad (0,1,0,1) + stride-2 downsample in one layer. forward saves a copy of x when the weight is
+// trainable (one context is kept). The column buffers are shared by all Conv2d<T> layers run from
+// one thread (thread_local): layers of one model run one after the other; one layer object must
+// not run two forwards/backwards concurrently.
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -32,6 +33,7 @@
 #include "difftrain/core/ordered_sum.hpp"
 #include "difftrain/core/parallel.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/nn/bf16_weight.hpp"
 #include "difftrain/nn/linear.hpp"  // RowMatrix maps
 #include "difftrain/nn/parameter.hpp"
 
@@ -249,29 +251,29 @@ class Conv2d {
     check_parameters("Conv2d::forward", false);
     const auto g = geometry("Conv2d::forward", x.shape());
     const std::size_t B = x.shape()[0], O = out_channels(), K = g.K(), P = g.P();
+    const T* w = bf16_.data(weight);  // once, outside the parallel regions
     Tensor4<T> y({B, O, g.Ho, g.Wo});
     const int threads = conv_detail::thread_count(B * O * K * P);
     const std::size_t col_size = g.identity_columns() ? 0 : K * P;
     const std::size_t sample = g.C * g.H * g.W;
     if (split_batch(B, threads)) {
-      ensure_workspace(threads, col_size);
+      std::vector<std::vector<T>>& workspace = column_workspace(threads, col_size);
       const auto batch = static_cast<std::int64_t>(B);
 #pragma omp parallel for num_threads(threads) schedule(static)
       for (std::int64_t b = 0; b < batch; ++b) {
         const T* xb = x.data() + b * sample;
         const T* col = xb;
         if (!g.identity_columns()) {
-          T* buffer = workspace_[parallel::thread_id()].data();
+          T* buffer = workspace[parallel::thread_id()].data();
           conv_detail::im2col(xb, g, buffer);
           col = buffer;
         }
-        forward_columns(col, g, y.data() + b * O * P, {0, P});
+        forward_columns(w, col, g, y.data() + b * O * P, {0, P});
       }
     } else {
       // Fewer samples than threads (or an uneven split): the threads share each sample, im2col
       // by channels, then the GEMM by column blocks, in one shared column buffer.
-      ensure_workspace(1, col_size);
-      T* buffer = workspace_[0].data();
+      T* buffer = column_workspace(1, col_size)[0].data();
 #pragma omp parallel num_threads(threads)
       {
         const int t = parallel::thread_id(), n = parallel::team_size();
@@ -282,7 +284,7 @@ class Conv2d {
           if (!g.identity_columns())
             conv_detail::im2col(xb, g, buffer, channels.begin, channels.end);
 #pragma omp barrier
-          forward_columns(g.identity_columns() ? xb : buffer, g, y.data() + b * O * P, cols);
+          forward_columns(w, g.identity_columns() ? xb : buffer, g, y.data() + b * O * P, cols);
 #pragma omp barrier
         }
       }
@@ -310,12 +312,12 @@ class Conv2d {
     // one buffer per thread: col for dW, then reused for dcol = Wᵀ·dy (col is no longer needed)
     const std::size_t col_size = g.identity_columns() || (!weight_grad && !input_grad) ? 0 : K * P;
     const std::size_t sample = g.C * g.H * g.W;
-    ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
+    ConstRowMatrixMap<T> Wm(bf16_.data(weight), O, K);
     RowMatrixMap<T> dW(weight_grad ? weight.grad.data() : nullptr, O, K);
     VectorMap<T> db(bias_grad ? bias.grad.data() : nullptr, O);
 
     if (split_batch(B, threads)) {
-      ensure_workspace(threads, col_size);
+      std::vector<std::vector<T>>& workspace = column_workspace(threads, col_size);
       // thread 0 accumulates straight into the gradients; the others into partials, summed after
       const std::size_t parts = threads > 1 ? static_cast<std::size_t>(threads - 1) : 0;
       if (weight_grad) {
@@ -330,7 +332,7 @@ class Conv2d {
 #pragma omp parallel for num_threads(threads) schedule(static)
       for (std::int64_t b = 0; b < batch; ++b) {
         const int t = parallel::thread_id();
-        T* buffer = workspace_[t].data();
+        T* buffer = workspace[t].data();
         const T* xb = x ? x + b * sample : nullptr;
         ConstRowMatrixMap<T> dyb(dy.data() + b * O * P, O, P);
         if (weight_grad) {
@@ -371,8 +373,7 @@ class Conv2d {
     } else {
       // The threads share each sample: im2col and col2im by channels, dW and db by output rows
       // (no partials), dcol = Wᵀ·dy by column blocks, all in one shared buffer.
-      ensure_workspace(1, col_size);
-      T* buffer = workspace_[0].data();
+      T* buffer = column_workspace(1, col_size)[0].data();
 #pragma omp parallel num_threads(threads)
       {
         const int t = parallel::thread_id(), n = parallel::team_size();
@@ -414,6 +415,11 @@ class Conv2d {
     return dx;
   }
 
+  /// --mixed_precision bf16: keeps the frozen weight as bfloat16 (nn/bf16_weight.hpp); weight.value
+  /// is left empty.
+  void store_weight_bf16() { bf16_.store(weight, "Conv2d::store_weight_bf16"); }
+  bool weight_in_bf16() const { return bf16_.stored(); }
+
   void clear_saved() {
     saved_input_ = Tensor4<T>();
     has_saved_ = input_saved_ = false;
@@ -436,7 +442,13 @@ class Conv2d {
 
   void check_parameters(std::string_view function, bool grads) const {
     const std::size_t k = kernel_size();
-    check_shape(function, "weight", weight.value.shape(), {out_channels(), in_channels(), k, k});
+    if (bf16_.stored()) {
+      require(bf16_.size() == out_channels() * in_channels() * k * k, function,
+              "the bf16 weight has ", bf16_.size(), " elements, expected ", out_channels(), "x",
+              in_channels(), "x", k, "x", k);
+    } else {
+      check_shape(function, "weight", weight.value.shape(), {out_channels(), in_channels(), k, k});
+    }
     if (grads && weight.trainable)
       check_shape(function, "weight.grad", weight.grad.shape(),
                   {out_channels(), in_channels(), k, k});
@@ -452,28 +464,33 @@ class Conv2d {
     return threads == 1 || batch % static_cast<std::size_t>(threads) == 0;
   }
 
-  // y_b[:, cols] = W · col[:, cols] + b, for a row-major col [K, P] and y_b [O, P]
-  void forward_columns(const T* col, const conv_detail::Geometry& g, T* yb,
+  // y_b[:, cols] = W · col[:, cols] + b, for W = w [O, K], a row-major col [K, P] and y_b [O, P]
+  void forward_columns(const T* w, const T* col, const conv_detail::Geometry& g, T* yb,
                        parallel::Span cols) const {
     const std::size_t O = out_channels(), K = g.K(), P = g.P();
-    ConstRowMatrixMap<T> Wm(weight.value.data(), O, K);
+    ConstRowMatrixMap<T> Wm(w, O, K);
     auto y = conv_detail::column_block(yb, O, P, cols);
     y.noalias() = Wm * conv_detail::column_block(col, K, P, cols);
     if (config_.bias) y.colwise() += ConstVectorMap<T>(bias.value.data(), O);
   }
 
-  void ensure_workspace(int threads, std::size_t size) const {
-    if (workspace_.size() < static_cast<std::size_t>(threads)) workspace_.resize(threads);
+  // Per-thread column buffers shared by every Conv2d<T> run from the calling thread (layers run one
+  // at a time): one per layer held ~1 GiB of im2col columns in SD 1.5. Taken on the calling
+  // thread, before the parallel region that uses them.
+  static std::vector<std::vector<T>>& column_workspace(int threads, std::size_t size) {
+    thread_local std::vector<std::vector<T>> workspace;
+    if (workspace.size() < static_cast<std::size_t>(threads)) workspace.resize(threads);
     for (int t = 0; t < threads; ++t)
-      if (workspace_[t].size() < size) workspace_[t].resize(size);
+      if (workspace[t].size() < size) workspace[t].resize(size);
+    return workspace;
   }
 
   Conv2dConfig config_{};
+  Bf16Weight<T> bf16_;
   Tensor4<T> saved_input_;  // empty when the weight was frozen in the forward
   std::array<std::size_t, 4> saved_shape_{};
   bool has_saved_ = false, input_saved_ = false;
-  mutable std::vector<std::vector<T>> workspace_;  // per-thread column buffers, reused
-  std::vector<RowMatrix<T>> dW_part_;              // per-thread dW partials (threads 1..)
+  std::vector<RowMatrix<T>> dW_part_;  // per-thread dW partials (threads 1..)
   std::vector<Eigen::Matrix<T, Eigen::Dynamic, 1>> db_part_;
   // Column blocks of the shared-sample split start on multiples of this (SIMD alignment).
   static constexpr std::size_t kColumnAlign = 16;

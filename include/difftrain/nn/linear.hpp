@@ -21,6 +21,7 @@
 #include "difftrain/core/error.hpp"
 #include "difftrain/core/ordered_sum.hpp"
 #include "difftrain/core/tensor.hpp"
+#include "difftrain/nn/bf16_weight.hpp"
 #include "difftrain/nn/parameter.hpp"
 
 namespace difftrain::nn {
@@ -86,7 +87,7 @@ class Linear {
   void forward_rows(const T* x, std::size_t rows, T* y) const {
     check_parameters("Linear::forward", false);
     ConstRowMatrixMap<T> X(x, rows, in_features());
-    ConstRowMatrixMap<T> W(weight.value.data(), out_features(), in_features());
+    ConstRowMatrixMap<T> W(bf16_.data(weight), out_features(), in_features());
     RowMatrixMap<T> Y(y, rows, out_features());
     Y.noalias() = X * W.transpose();
     if (config_.bias) {
@@ -99,10 +100,9 @@ class Linear {
   void backward_rows(const T* x, const T* dy, std::size_t rows, T* dx) {
     check_parameters("Linear::backward", true);
     ConstRowMatrixMap<T> dY(dy, rows, out_features());
-    ConstRowMatrixMap<T> W(weight.value.data(), out_features(), in_features());
     if (dx != nullptr) {
       RowMatrixMap<T> dX(dx, rows, in_features());
-      dX.noalias() = dY * W;
+      dX.noalias() = dY * ConstRowMatrixMap<T>(bf16_.data(weight), out_features(), in_features());
     }
     if (weight.trainable) {
       RowMatrixMap<T> dW(weight.grad.data(), out_features(), in_features());
@@ -165,6 +165,11 @@ class Linear {
     return dx;
   }
 
+  /// --mixed_precision bf16: keeps the frozen weight as bfloat16 (nn/bf16_weight.hpp); weight.value
+  /// is left empty.
+  void store_weight_bf16() { bf16_.store(weight, "Linear::store_weight_bf16"); }
+  bool weight_in_bf16() const { return bf16_.stored(); }
+
   /// Drops the saved forward context (frees its memory).
   void clear_saved() {
     saved_input_ = {};
@@ -174,7 +179,12 @@ class Linear {
 
  private:
   void check_parameters(std::string_view function, bool grads) const {
-    check_shape(function, "weight", weight.value.shape(), {out_features(), in_features()});
+    if (bf16_.stored()) {
+      require(bf16_.size() == out_features() * in_features(), function, "the bf16 weight has ",
+              bf16_.size(), " elements, expected ", out_features(), "x", in_features());
+    } else {
+      check_shape(function, "weight", weight.value.shape(), {out_features(), in_features()});
+    }
     if (grads && weight.trainable)
       check_shape(function, "weight.grad", weight.grad.shape(), {out_features(), in_features()});
     if (config_.bias) {
@@ -185,6 +195,7 @@ class Linear {
   }
 
   LinearConfig config_{};
+  Bf16Weight<T> bf16_;
   std::vector<T> saved_input_;  // empty when the weight was frozen in the forward
   std::vector<std::size_t> saved_shape_;
   bool input_saved_ = false;

@@ -19,6 +19,25 @@
 
 namespace difftrain::nn {
 
+/// While a FrozenConstruction lives, the parameters this thread creates start frozen, without
+/// gradient storage: a model loaded to be adapted, frozen or sampled never holds a gradient per
+/// weight on the way (PyTorch allocates .grad lazily; here it comes with the parameter, and
+/// building SD 1.5 trainable and then freezing it peaked at twice its weights).
+class FrozenConstruction {
+ public:
+  FrozenConstruction() { ++depth(); }
+  ~FrozenConstruction() { --depth(); }
+  FrozenConstruction(const FrozenConstruction&) = delete;
+  FrozenConstruction& operator=(const FrozenConstruction&) = delete;
+  static bool active() { return depth() > 0; }
+
+ private:
+  static int& depth() {
+    thread_local int d = 0;
+    return d;
+  }
+};
+
 template <class T>
 struct Parameter {
   xt::xarray<T> value;
@@ -27,7 +46,9 @@ struct Parameter {
 
   Parameter() = default;
   explicit Parameter(std::vector<std::size_t> shape, bool is_trainable = true)
-      : value(xt::zeros<T>(shape)), grad(no_grad()), trainable(is_trainable) {
+      : value(xt::zeros<T>(shape)),
+        grad(no_grad()),
+        trainable(is_trainable && !FrozenConstruction::active()) {
     if (trainable) grad = xt::zeros<T>(shape);
   }
 

@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-namespace difftrain::io {
+namespace difftrain {
 
 namespace half_detail {
 
@@ -132,4 +132,4 @@ constexpr std::uint16_t float_to_bf16(float x) {
   return static_cast<std::uint16_t>((bits + rounding) >> 16);
 }
 
-}  // namespace difftrain::io
+}  // namespace difftrain
