@@ -17,8 +17,8 @@
 #include <xtensor/xview.hpp>
 
 #include "clip/clip_test_support.hpp"
-#include "difftrain/core/random.hpp"
 #include "difftrain/core/half.hpp"
+#include "difftrain/core/random.hpp"
 #include "difftrain/io/safetensors.hpp"
 #include "difftrain/models/clip/clip.hpp"
 #include "support/tensor_match.hpp"

@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <csignal>
 #include <cstring>
 #include <fstream>
@@ -1387,4 +1388,47 @@ TEST_CASE("difftrain train: the flow-matching flags reach their options") {
   CHECK(o.flow.timestep_shift == 2);
   CHECK(o.flow.min_noising_strength == 0.1);
   CHECK(o.flow.max_noising_strength == 0.9);
+}
+
+TEST_CASE(
+    "difftrain train: --gradient_checkpointing gives the same LoRA, --mixed_precision bf16 a "
+    "close one") {
+  Fixture f;
+  auto run = [&](const std::string& name, auto&& configure) {
+    TrainCommandOptions o = f.options(f.dir / name);
+    o.trainer.checkpointing_steps = 0;
+    o.max_train_steps = 3;
+    configure(o);
+    return tools::run_train(o).lora_file;
+  };
+  const fs::path plain = run("plain", [](TrainCommandOptions&) {});
+  const fs::path checkpointed =
+      run("ckpt", [](TrainCommandOptions& o) { o.trainer.gradient_checkpointing = true; });
+  const fs::path bf16 = run("bf16", [](TrainCommandOptions& o) {
+    o.mixed_precision = "bf16";
+    o.trainer.gradient_checkpointing = true;
+  });
+  const auto expected = read_all(plain);
+  CHECK(read_all(checkpointed) == expected);  // a recomputation: bitwise the same weights
+  // bf16 weights: the LoRA moves as in fp32 to within the rounding of the frozen weights
+  const auto got = read_all(bf16);
+  REQUIRE(got.size() == expected.size());
+  double diff = 0, norm = 0;
+  for (const auto& [name, v] : expected) {
+    const auto& w = got.at(name);
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      diff += (double(w[i]) - v[i]) * (double(w[i]) - v[i]);
+      norm += double(v[i]) * v[i];
+    }
+  }
+  INFO("relative difference of the bf16 LoRA: " << std::sqrt(diff / norm));
+  CHECK(diff > 0);
+  CHECK(std::sqrt(diff / norm) < 2e-2);
+  const auto meta = io::SafetensorsFile::open(bf16.string()).metadata();
+  CHECK(meta.at("ss_mixed_precision") == "bf16");
+  CHECK(meta.at("ss_gradient_checkpointing") == "True");
+
+  TrainCommandOptions wrong = f.options(f.dir / "fp16");
+  wrong.mixed_precision = "fp16";
+  CHECK_THROWS_WITH(tools::run_train(wrong), Catch::Contains("--mixed_precision"));
 }
