@@ -50,8 +50,8 @@
 #include <xtensor/xtensor.hpp>
 
 #include "difftrain/core/error.hpp"
-#include "difftrain/core/tensor.hpp"
 #include "difftrain/core/half.hpp"
+#include "difftrain/core/tensor.hpp"
 #include "difftrain/io/json_file.hpp"
 #include "difftrain/io/regular_file.hpp"
 

@@ -344,9 +344,8 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
     Tensor4<T> g = upsamplers.empty() ? dy : upsamplers[0].backward(dy);
     for (std::size_t j = m; j-- > 0;) {
       if (!attentions.empty()) g = attentions[j].backward(g, dcontext);
-      auto [dh, dskip] =
-          nn::concat_channels_backward(checkpoints_.backward(resnets[j], j, g, dtemb),
-                                       hidden_channels_[j]);
+      auto [dh, dskip] = nn::concat_channels_backward(
+          checkpoints_.backward(resnets[j], j, g, dtemb), hidden_channels_[j]);
       grads.skips[m - 1 - j] = std::move(dskip);
       g = std::move(dh);
     }
@@ -356,7 +355,7 @@ class UNetUpBlock2D : public CompositeModule<UNetUpBlock2D<T>> {
 
  private:
   UNetUpBlock2DConfig config_{};
-  std::vector<std::size_t> hidden_channels_;  // channels of h before each concat
+  std::vector<std::size_t> hidden_channels_;               // channels of h before each concat
   nn::Checkpoints<Tensor4<T>, Tensor<T, 2>> checkpoints_;  // resnet inputs (concatenated), temb
 };
 
