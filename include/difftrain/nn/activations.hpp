@@ -109,8 +109,8 @@ class SavedInput {
   }
   const T* data() const { return values_.data(); }
   void clear() {
-    values_ = {};
-    shape_ = {};
+    values_ = std::vector<T>();  // (= {} would keep the capacity)
+    shape_ = std::vector<std::size_t>();
   }
 
  private:

@@ -25,7 +25,7 @@ class Checkpoints {
   void set_enabled(bool on) {
     enabled_ = on;
     if (!on) {
-      inputs_ = {};
+      inputs_ = std::vector<Input>();
       condition_ = Condition();
     }
   }

@@ -131,9 +131,9 @@ class GroupNorm {
 
   /// Drops the saved forward context (frees its memory).
   void clear_saved() {
-    x_hat_ = {};
-    rstd_ = {};
-    saved_shape_ = {};
+    x_hat_ = std::vector<T>();  // (= {} would keep the capacity)
+    rstd_ = std::vector<T>();
+    saved_shape_ = std::vector<std::size_t>();
   }
 
  private:

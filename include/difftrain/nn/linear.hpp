@@ -123,7 +123,7 @@ class Linear {
     if (input_saved_) {
       saved_input_.assign(x.begin(), x.end());
     } else {
-      saved_input_ = {};
+      saved_input_ = std::vector<T>();
     }
     saved_shape_.assign(x.shape().begin(), x.shape().end());
     return y;
@@ -172,8 +172,8 @@ class Linear {
 
   /// Drops the saved forward context (frees its memory).
   void clear_saved() {
-    saved_input_ = {};
-    saved_shape_ = {};
+    saved_input_ = std::vector<T>();  // (= {} would keep the capacity)
+    saved_shape_ = std::vector<std::size_t>();
     input_saved_ = false;
   }
 

@@ -94,9 +94,7 @@ class Attention : public CompositeModule<Attention<T>> {
 
   /// Drops the saved forward context (here and in the projections).
   void clear_saved() {
-    q_ = {};
-    k_ = {};
-    v_ = {};
+    q_ = k_ = v_ = Tensor3<T>();
     saved_ = false;
     for (lora::LinearSlot<T>* p : {&to_q, &to_k, &to_v, &to_out}) p->clear_saved();
   }
@@ -197,7 +195,7 @@ class GEGLU : public CompositeModule<GEGLU<T>> {
   }
 
   void clear_saved() {
-    h_ = {};
+    h_ = Tensor3<T>();
     proj.clear_saved();
   }
 
