@@ -19,6 +19,7 @@
 #include "difftrain/models/models.hpp"
 #include "difftrain/nn/init.hpp"
 #include "single_threaded.hpp"
+#include "tiny_unet_configs.hpp"
 
 using namespace difftrain;
 using models::UNet2DConditionConfig;
@@ -38,18 +39,6 @@ bool same_bits(const A& a, const B& b) {
   for (std::size_t i = 0; i < a.size(); ++i)
     if (a.data()[i] != b.data()[i]) return false;
   return true;
-}
-
-nlohmann::json checkpointing_config() {
-  return {{"block_out_channels", {8, 16}},
-          {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-          {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-          {"layers_per_block", 1},
-          {"attention_head_dim", 2},
-          {"norm_num_groups", 4},
-          {"cross_attention_dim", 6},
-          {"in_channels", 3},
-          {"out_channels", 2}};
 }
 
 enum class Training { lora, full };
@@ -163,15 +152,15 @@ void check_checkpointing_is_exact(const nlohmann::json& config_json, Training tr
 
 TEST_CASE("UNet gradient checkpointing: bitwise the gradients without it (conv projections)",
           "[models][unet][checkpointing]") {
-  check_checkpointing_is_exact(checkpointing_config(), Training::lora, 6, 6);
-  check_checkpointing_is_exact(checkpointing_config(), Training::full, 6, 6);
+  check_checkpointing_is_exact(test::tiny_unet_config(), Training::lora, 6, 6);
+  check_checkpointing_is_exact(test::tiny_unet_config(), Training::full, 6, 6);
 }
 
 TEST_CASE(
     "UNet gradient checkpointing: bitwise the gradients without it (linear projections, two "
     "transformer layers, two resnets per block, conv shortcuts, odd size)",
     "[models][unet][checkpointing]") {
-  auto j = checkpointing_config();
+  auto j = test::tiny_unet_config();
   j["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
   j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
   j["use_linear_projection"] = true;
@@ -186,16 +175,7 @@ TEST_CASE(
     "UNet gradient checkpointing: bitwise the gradients without it (SDXL-shaped, added "
     "conditions)",
     "[models][unet][checkpointing][sdxl]") {
-  auto j = checkpointing_config();
-  j["block_out_channels"] = {8, 8, 16};
-  j["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
-  j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"};
-  j["transformer_layers_per_block"] = {1, 2, 3};
-  j["attention_head_dim"] = {2, 2, 4};
-  j["use_linear_projection"] = true;
-  j["addition_embed_type"] = "text_time";
-  j["addition_time_embed_dim"] = 4;
-  j["projection_class_embeddings_input_dim"] = 5 + 6 * 4;
+  auto j = test::tiny_sdxl_unet_config();
   check_checkpointing_is_exact(j, Training::lora, 8, 8);
   check_checkpointing_is_exact(j, Training::full, 8, 8);
 }

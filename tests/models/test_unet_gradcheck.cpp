@@ -18,6 +18,7 @@
 #include "difftrain/models/models.hpp"
 #include "difftrain/nn/gradcheck.hpp"
 #include "single_threaded.hpp"
+#include "tiny_unet_configs.hpp"
 
 using namespace difftrain;
 using models::UNet2DConditionConfig;
@@ -127,30 +128,19 @@ void check_model_gradients(const nlohmann::json& config_json, std::size_t H, std
   CHECK(checked >= 60);
 }
 
-nlohmann::json base_config() {
-  return {{"block_out_channels", {8, 16}},
-          {"down_block_types", {"CrossAttnDownBlock2D", "DownBlock2D"}},
-          {"up_block_types", {"UpBlock2D", "CrossAttnUpBlock2D"}},
-          {"layers_per_block", 1},
-          {"attention_head_dim", 2},
-          {"norm_num_groups", 4},
-          {"cross_attention_dim", 6},
-          {"in_channels", 3},
-          {"out_channels", 2}};
-}
-
 }  // namespace
 
 TEST_CASE("UNet2DConditionModel gradients match central differences (conv projections)",
           "[models][unet][gradcheck]") {
-  check_model_gradients(base_config(), 6, 6, [](std::size_t, const std::string&) { return true; });
+  check_model_gradients(test::tiny_unet_config(), 6, 6,
+                        [](std::size_t, const std::string&) { return true; });
 }
 
 TEST_CASE(
     "UNet2DConditionModel gradients match central differences (linear projections, odd "
     "size, padding 0, two transformer layers, mid scale, centered input)",
     "[models][unet][gradcheck]") {
-  auto j = base_config();
+  auto j = test::tiny_unet_config();
   j["down_block_types"] = {"CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
   j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D"};
   j["use_linear_projection"] = true;
@@ -173,16 +163,7 @@ TEST_CASE(
     "UNet2DConditionModel gradients match central differences (SDXL-shaped: text_time added "
     "conditions, three levels, 1/2/3 transformer layers)",
     "[models][unet][gradcheck][sdxl]") {
-  auto j = base_config();
-  j["block_out_channels"] = {8, 8, 16};
-  j["down_block_types"] = {"DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"};
-  j["up_block_types"] = {"CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"};
-  j["transformer_layers_per_block"] = {1, 2, 3};
-  j["attention_head_dim"] = {2, 2, 4};
-  j["use_linear_projection"] = true;
-  j["addition_embed_type"] = "text_time";
-  j["addition_time_embed_dim"] = 4;
-  j["projection_class_embeddings_input_dim"] = 5 + 6 * 4;  // pooled width 5
+  auto j = test::tiny_sdxl_unet_config();
   // the added embedding, the deepest level's third transformer layer, and every sixth parameter
   check_model_gradients(
       j, 8, 8,
